@@ -1,0 +1,431 @@
+"""One typed configuration tree: YAML in, `a.b=c` overrides, strict validation, YAML out.
+
+Every section is a dataclass; `load_config` turns a YAML file plus command-line overrides into a
+`Config`, rejecting unknown keys (with the closest valid key), wrong types (with the expected type
+and the value) and impossible combinations (with the reason). `save_config` writes the resolved
+tree beside a run so it can be reproduced with `real-megatron train run/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the source."""
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # HF checkpoint directory (config.json + safetensors)
+    tokenizer: Optional[str] = None  # defaults to `path`
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    recompute_activations: bool = False
+    # An HF checkpoint is authoritative for the architecture; these build a fresh model when no
+    # checkpoint exists yet (tiny models in tests and the CPU quickstart).
+    hf_config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1  # trainer processes per node (CPU processes on a machine without GPU)
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
+    cp: int = 1  # context parallel (needs Transformer Engine)
+    sequence_parallel: bool = False
+    timeout_s: float = 600.0  # deadline of every collective
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size, derived: world / (tp * pp * cp)."""
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["local", "sglang"] = "local"
+    n_samples: int = 8  # G: rollouts per prompt
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    stop_token_ids: list[int] = field(default_factory=list)
+    use_engine_logprobs: bool = False  # default: the actor recomputes exact old log-probs
+    # SGLang fleet: attach to `server_urls`, or launch `num_servers` servers.
+    server_urls: list[str] = field(default_factory=list)
+    num_servers: int = 1
+    server_tp: int = 1
+    server_host: str = "127.0.0.1"
+    server_base_port: int = 30000
+    server_python: Optional[str] = None  # interpreter of SGLang's own environment
+    server_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    health_timeout_s: float = 600.0
+    request_timeout_s: float = 1800.0
+    max_retries: int = 3
+
+
+@dataclass
+class AlgorithmConfig:
+    name: Literal["real", "real_no_anchor", "real_bce", "grpo", "dapo", "gspo"] = "real"
+    tau: float = 0.5  # REAL temperature
+    skip_uniform_groups: bool = True  # groups whose rewards are all equal give no loss
+    clip_low: Optional[float] = None  # baselines; None = the algorithm's published default
+    clip_high: Optional[float] = None
+    kl: Literal["none", "reference", "old"] = "none"
+    kl_coef: float = 0.0
+    updates_per_batch: int = 1  # passes over each rollout batch
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # verl parquet or jsonl
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    answer_key: str = "reward_model.ground_truth"
+    max_prompt_tokens: int = 1024
+    skip_malformed: bool = False  # default: a malformed row is an error naming file and row
+    shuffle: bool = True
+    reward_fn: str = "real_megatron.rewards:math_reward"  # module:function
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # RL steps (rollout batches)
+    prompts_per_step: int = 128  # global rollout batch, in prompts
+    prompts_per_mini_batch: int = 32  # one optimizer step
+    prompts_per_micro_batch: int = 8  # one forward/backward, whole groups, spread over DP ranks
+    max_tokens_per_micro_batch: Optional[int] = None  # token budget per rank (packing)
+    seed: int = 1
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = never during training
+    files: list[str] = field(default_factory=list)
+    k: int = 16  # samples per problem for pass@1
+    temperature: float = 0.6
+    max_new_tokens: int = 8192
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <output_dir>/checkpoints
+    every_steps: int = 50
+    keep_last: int = 3
+    resume: str = "auto"  # "auto" (latest in dir), "none", or a checkpoint path
+    save_hf_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    progress_bar: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tree from plain data, strictly.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (dataclasses built)."""
+
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad()
+        return _build(tp, value, key, source)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for key '{key}'")
+
+
+def _unknown_key(cls: type, key: str, path: str, source: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
+    return ConfigError(
+        f"{source}: unknown key '{full}'{hint} (valid keys{' of ' + path if path else ''}: "
+        f"{', '.join(valid)})"
+    )
+
+
+def _build(cls: type, data: dict, path: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in names:
+            raise _unknown_key(cls, str(key), path, source)
+        full = f"{path}.{key}" if path else key
+        kwargs[key] = _convert(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads 1e-6 as a float (YAML 1.1 insists on 1.0e-6), as users write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `a.b=c`, the value parsed as YAML (so 1e-6, true, [1,2] and null work).
+
+
+def apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{override}': expected the form section.key=value")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({exc})") from None
+    parts = key.split(".")
+    node = data
+    cls: Any = Config
+    for depth, part in enumerate(parts[:-1]):
+        path = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            raise _unknown_key(cls, part, path, f"override '{override}'")
+        cls = typing.get_type_hints(cls)[part]
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or defaults when `path` is None), apply `a.b=c` overrides, validate."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(data, override)
+    if overrides:
+        source = f"{source} with overrides {' '.join(overrides)}"
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Combinations that cannot work, each with the reason.
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    errors = []
+    p, t, r, a = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm
+
+    def positive(section: str, obj: Any, *names: str) -> None:
+        for name in names:
+            if getattr(obj, name) <= 0:
+                errors.append(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
+
+    positive("parallel", p, "nodes", "gpus_per_node", "tp", "pp", "cp", "timeout_s")
+    positive("train", t, "steps", "prompts_per_step", "prompts_per_mini_batch", "prompts_per_micro_batch")
+    positive("rollout", r, "n_samples", "max_new_tokens", "num_servers", "server_tp")
+    positive("algorithm", a, "tau", "updates_per_batch")
+    positive("optim", cfg.optim, "lr")
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+
+    model_parallel = p.tp * p.pp * p.cp
+    if p.world_size % model_parallel:
+        errors.append(
+            f"world size {p.world_size} (parallel.nodes={p.nodes} x parallel.gpus_per_node={p.gpus_per_node}) "
+            f"is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel}"
+        )
+    if p.vpp is not None and (p.vpp < 1 or (p.vpp > 1 and p.pp < 2)):
+        errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 and vpp >= 1")
+    if p.sequence_parallel and p.tp < 2:
+        errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
+    if t.prompts_per_step % t.prompts_per_mini_batch:
+        errors.append(
+            f"train.prompts_per_step={t.prompts_per_step} is not divisible into mini-batches of "
+            f"train.prompts_per_mini_batch={t.prompts_per_mini_batch} whole prompt groups"
+        )
+    if t.prompts_per_mini_batch % t.prompts_per_micro_batch:
+        errors.append(
+            f"train.prompts_per_mini_batch={t.prompts_per_mini_batch} is not divisible into micro-batches of "
+            f"train.prompts_per_micro_batch={t.prompts_per_micro_batch} whole prompt groups (REAL's group "
+            "log-sum-exp needs every group inside one micro-batch)"
+        )
+    if not errors and p.dp > 0:
+        rollouts_per_micro = t.prompts_per_micro_batch * r.n_samples
+        if rollouts_per_micro < p.dp:
+            errors.append(
+                f"a micro-batch holds {t.prompts_per_micro_batch} prompts x {r.n_samples} rollouts = "
+                f"{rollouts_per_micro} rollouts, fewer than the {p.dp} data-parallel ranks: some rank would "
+                "have no data; raise train.prompts_per_micro_batch"
+            )
+    if a.name in ("real", "real_no_anchor", "real_bce") and r.n_samples < 2 and a.skip_uniform_groups:
+        errors.append(
+            f"rollout.n_samples={r.n_samples} with algorithm.skip_uniform_groups: every group of one rollout "
+            "is uniform, so every group would be skipped"
+        )
+    if a.name in ("grpo", "dapo", "gspo") and r.n_samples < 2:
+        errors.append(f"algorithm.name={a.name} normalises rewards within a group and needs rollout.n_samples >= 2")
+    if a.kl != "none" and a.kl_coef <= 0:
+        errors.append(f"algorithm.kl={a.kl!r} needs algorithm.kl_coef > 0")
+    if a.kl == "none" and a.kl_coef > 0:
+        errors.append(f"algorithm.kl_coef={a.kl_coef} has no effect with algorithm.kl='none'; choose 'reference' or 'old'")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        errors.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+    if cfg.optim.warmup_steps > t.steps:
+        errors.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}")
+    if r.backend == "sglang" and r.weight_sync == "distributed" and not r.server_urls and r.num_servers < 1:
+        errors.append("rollout.weight_sync='distributed' needs at least one server")
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))

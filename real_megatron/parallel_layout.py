@@ -1,0 +1,52 @@
+"""Where each trainer rank sits in the (tp, cp, dp, pp) grid, in megatron-core's default order.
+
+megatron-core's parallel_state orders ranks "tp-cp-ep-dp-pp" (tensor parallel fastest), so
+global rank = tp + TP * (cp + CP * (dp + DP * pp)). Tensor-parallel peers share a node whenever
+TP divides the GPUs per node, which is what the high-bandwidth links are for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    rank: int
+    node: int
+    local_rank: int
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+
+
+def rank_places(p: ParallelConfig) -> list[RankPlace]:
+    places = []
+    for rank in range(p.world_size):
+        tp, rest = rank % p.tp, rank // p.tp
+        cp, rest = rest % p.cp, rest // p.cp
+        dp, pp = rest % p.dp, rest // p.dp
+        places.append(RankPlace(rank, rank // p.gpus_per_node, rank % p.gpus_per_node, tp, cp, dp, pp))
+    return places
+
+
+def describe_layout(p: ParallelConfig, max_rows: int = 64) -> str:
+    lines = [
+        f"world size {p.world_size} = {p.nodes} node(s) x {p.gpus_per_node} process(es); "
+        f"tp={p.tp} pp={p.pp}{f' (vpp={p.vpp})' if p.vpp else ''} cp={p.cp} dp={p.dp} (derived)"
+        f"{' +sequence-parallel' if p.sequence_parallel else ''}",
+    ]
+    if p.tp > p.gpus_per_node:
+        lines.append(f"note: tp={p.tp} spans nodes (gpus_per_node={p.gpus_per_node}); TP traffic will cross the network")
+    places = rank_places(p)
+    lines.append(f"{'rank':>5} {'node':>5} {'local':>5} {'tp':>4} {'cp':>4} {'dp':>4} {'pp':>4}")
+    for place in places[:max_rows]:
+        lines.append(
+            f"{place.rank:>5} {place.node:>5} {place.local_rank:>5} {place.tp:>4} {place.cp:>4} {place.dp:>4} {place.pp:>4}"
+        )
+    if len(places) > max_rows:
+        lines.append(f"... {len(places) - max_rows} more ranks")
+    return "\n".join(lines)
