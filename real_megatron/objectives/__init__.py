@@ -1,5 +1,6 @@
 """Policy objectives: REAL and its variants, and the GRPO/DAPO/GSPO baselines, by name."""
 
+from .distributed import real_loss_across_ranks
 from .kl import k3_kl, sequence_kl
 from .policy_gradient import group_advantages
 from .real import real_loss, sequence_scores
@@ -15,6 +16,7 @@ __all__ = [
     "normalise",
     "objective_from_config",
     "real_loss",
+    "real_loss_across_ranks",
     "sequence_kl",
     "sequence_scores",
 ]

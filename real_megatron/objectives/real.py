@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import segment_sum as token_segment_sum
 from .segments import dense_group_index, segment_count, segment_logsumexp, segment_sum
 
 VARIANTS = ("real", "no_anchor", "bce")
@@ -45,8 +46,9 @@ def sequence_scores(
     dtype = torch.promote_types(token_logprobs.dtype, torch.float32)
     mask = loss_mask.to(dtype)
     ratio = (token_logprobs.to(dtype) - old_token_logprobs.to(dtype).detach()) * mask
-    total = segment_sum(ratio, seq_index, num_sequences)
-    length = segment_sum(mask, seq_index, num_sequences)
+    # token -> sequence sums: a Triton kernel on CUDA, index_add elsewhere
+    total = token_segment_sum(ratio, seq_index, num_sequences)
+    length = token_segment_sum(mask, seq_index, num_sequences)
     return total / length.clamp_min(1.0)
 
 

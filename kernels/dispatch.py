@@ -1,0 +1,44 @@
+"""Which implementation runs: Triton on CUDA, the torch reference elsewhere.
+
+`impl="triton"` on CPU tensors works only under TRITON_INTERPRET=1 (Triton's interpreter), which
+is how CI runs the Triton kernels on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import reference
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend(impl: str, tensor: torch.Tensor):
+    """The module (`triton_kernels` or `reference`) that implements `impl` for `tensor`'s device."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if tensor.is_cuda and triton_available() else "torch"
+    if impl == "torch":
+        return reference
+    if not triton_available():
+        raise RuntimeError("impl='triton' needs the `triton` package (pip install triton)")
+    if not tensor.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"impl='triton' got {tensor.device.type} tensors: Triton compiles for CUDA only; set TRITON_INTERPRET=1 "
+            "(before importing real_megatron.kernels) to run the kernels in Triton's interpreter"
+        )
+    from . import triton_kernels
+
+    return triton_kernels

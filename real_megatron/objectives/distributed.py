@@ -1,0 +1,62 @@
+"""REAL when a prompt group's rollouts are spread over data-parallel ranks.
+
+Built on `group_logsumexp`: positives of group g are members of slot g with value -s/tau,
+negatives are members of slot G+g with value s/tau, so one collective of 2G (max, sum-exp)
+partials serves both sides of every group. The anchor logit 0 is added after the collective
+(log(1 + e^lse) = logaddexp(lse, 0)), once, identically on every rank.
+
+The returned loss is the full-batch value on every rank; its gradient reaches only this rank's
+scores. Summing parameter gradients over DP ranks (what DDP's all-reduce does, before any
+averaging) therefore gives exactly the gradient of the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import group_logsumexp
+from ..kernels.collectives import all_reduce_sum_
+from .real import VARIANTS, _softplus
+from .segments import segment_sum
+
+
+def real_loss_across_ranks(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    group_index: torch.Tensor,
+    num_groups: int,
+    *,
+    tau: float = 0.5,
+    variant: str = "real",
+    skip_uniform_groups: bool = False,
+    dp_group=None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Sum over all `num_groups` groups of the REAL loss, with group members on any DP rank.
+
+    group_index: global group number of each local rollout, in [0, num_groups). Equals
+    `real_loss` on the gathered batch (tested), with one small collective.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown REAL variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    positive = labels.bool()
+    logits = scores / tau
+    slot = group_index + (~positive).long() * num_groups
+    side_values = torch.where(positive, -logits, logits)
+    if variant == "bce":
+        side_values = torch.zeros_like(side_values).detach()  # only which sides are present matters
+    lse = group_logsumexp(side_values, slot, 2 * num_groups, dp_group=dp_group, impl=impl)
+    lse_pos, lse_neg = lse[:num_groups], lse[num_groups:]
+    mixed = torch.isfinite(lse_pos) & torch.isfinite(lse_neg)
+
+    if variant == "real":
+        per_group = _softplus(lse_pos) + _softplus(lse_neg)
+    elif variant == "no_anchor":
+        per_group = _softplus(lse_pos + lse_neg)
+    else:
+        local = segment_sum(torch.where(positive, _softplus(-logits), _softplus(logits)), group_index, num_groups)
+        total = all_reduce_sum_(local.detach().clone(), dp_group, "real_loss_across_ranks (bce): per-group sums")
+        per_group = local + (total - local).detach()  # full-batch value, local gradient
+    if skip_uniform_groups:
+        per_group = torch.where(mixed, per_group, torch.zeros_like(per_group))
+    return per_group.to(scores.dtype).sum()
