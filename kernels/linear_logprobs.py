@@ -1,8 +1,12 @@
 """The output layer fused with token log-probs: [T, V] logits never exist at once.
 
-Forward walks token chunks: logits_c = hidden_c @ weight^T, then the same per-token partials as
-`token_logprobs`; one all_gather of all partials at the end. Backward recomputes each chunk's
-logits, overwrites them with their gradient, and accumulates into grad_hidden and grad_weight.
+Tokens are processed in chunks and, within a chunk, the vocabulary in blocks, so one tile of
+logits (chunk x block, at most CHUNK_LOGITS elements) exists at a time. Forward: each tile's
+per-token partials (as in `token_logprobs`) are merged online; one all_gather over the TP group
+at the end. Backward recomputes each tile, overwrites it with its gradient, accumulates grad_hidden
+and writes that tile's contribution to grad_weight. Walking the vocabulary in blocks streams the
+weight once per token chunk instead of once per small token chunk.
+
 `hidden` is taken as replicated over the TP group (Megatron's output-layer input); its gradient
 is summed over the group in backward, as Megatron's copy-to-TP-region does.
 """
@@ -13,13 +17,22 @@ import torch
 
 from .collectives import all_reduce_sum_, group_rank, group_size
 from .dispatch import backend
-from .token_logprobs import check_targets, combine_partials
+from .token_logprobs import check_targets, combine_partials, merge_partials
 
-CHUNK_LOGITS = 1 << 24  # default budget: float32 elements of one chunk of logits (64 MB)
+CHUNK_LOGITS = 1 << 25  # float32 elements of one tile of logits (128 MB)
+MAX_CHUNK_TOKENS = 8192  # default token chunk: all tokens up to this
 
 
-def default_chunk_tokens(vocab_local: int) -> int:
-    return max(1, CHUNK_LOGITS // vocab_local)
+def default_chunk_tokens(num_tokens: int) -> int:
+    return max(1, min(num_tokens, MAX_CHUNK_TOKENS))
+
+
+def _tiles(num_tokens: int, vocab: int, chunk: int):
+    """(token slice, [(vocab start, vocab end), ...]) per token chunk."""
+    block = max(1, min(vocab, CHUNK_LOGITS // max(1, min(chunk, num_tokens))))
+    blocks = [(b, min(vocab, b + block)) for b in range(0, vocab, block)]
+    for s in range(0, num_tokens, chunk):
+        yield slice(s, min(num_tokens, s + chunk)), blocks
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -28,12 +41,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         ops = backend(impl, hidden)
         vocab_start = group_rank(tp_group) * weight.shape[0]
         parts = torch.empty(hidden.shape[0], 4, dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk):
-            logits = hidden[s : s + chunk] @ weight.t()
-            parts[s : s + chunk] = ops.lse_partials(
-                logits, targets[s : s + chunk], vocab_start, entropy=want_entropy, inplace=True
-            )
-            del logits
+        for rows, blocks in _tiles(hidden.shape[0], weight.shape[0], chunk):
+            pieces = []
+            for b0, b1 in blocks:
+                logits = hidden[rows] @ weight[b0:b1].t()
+                pieces.append(ops.lse_partials(logits, targets[rows], vocab_start + b0, entropy=want_entropy, inplace=True))
+                del logits
+            parts[rows] = merge_partials(torch.stack(pieces))
         lse, logprobs, mean_logit, entropy = combine_partials(parts, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
         ctx.ops, ctx.vocab_start, ctx.chunk, ctx.want_entropy, ctx.tp_group = ops, vocab_start, chunk, want_entropy, tp_group
@@ -51,29 +65,35 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp
         grad_ent = grad_ent if ctx.want_entropy else None
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # low-precision weights accumulate their gradient over chunks in float32
-        acc_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
-        chunk = ctx.chunk
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s : s + chunk]
-            logits = h @ weight.t()
-            g = ctx.ops.logprob_grad(
-                logits, targets[s : s + chunk], ctx.vocab_start, lse[s : s + chunk],
-                None if mean_logit is None else mean_logit[s : s + chunk],
-                grad_lp[s : s + chunk], None if grad_ent is None else grad_ent[s : s + chunk], out=logits,
-            )
-            if need_hidden:
-                torch.mm(g, weight, out=grad_hidden[s : s + chunk])
-            if need_weight:
-                if g.dtype == acc_dtype:
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight.addmm_(g.t().to(acc_dtype), h.to(acc_dtype))
-            del logits, g
+        low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
+        single_chunk = ctx.chunk >= hidden.shape[0]
+        # sums over vocabulary blocks (dh) or token chunks (dW) accumulate in float32 for bf16/fp16
+        h_dtype = torch.float32 if low_precision else hidden.dtype
+        w_dtype = torch.float32 if low_precision and not single_chunk else weight.dtype
+        grad_hidden = torch.zeros(hidden.shape, dtype=h_dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty(weight.shape, dtype=w_dtype, device=weight.device) if need_weight else None
+        for chunk_index, (rows, blocks) in enumerate(_tiles(hidden.shape[0], weight.shape[0], ctx.chunk)):
+            h = hidden[rows]
+            for b0, b1 in blocks:
+                w = weight[b0:b1]
+                logits = h @ w.t()
+                g = ctx.ops.logprob_grad(
+                    logits, targets[rows], ctx.vocab_start + b0, lse[rows],
+                    None if mean_logit is None else mean_logit[rows], grad_lp[rows],
+                    None if grad_ent is None else grad_ent[rows], out=logits,
+                )
+                if need_hidden:
+                    grad_hidden[rows].addmm_(g.to(h_dtype), w.to(h_dtype))
+                if need_weight:
+                    gt, hw = (g.t(), h) if w_dtype == g.dtype else (g.t().to(w_dtype), h.to(w_dtype))
+                    if chunk_index == 0:
+                        torch.mm(gt, hw, out=grad_weight[b0:b1])
+                    else:
+                        grad_weight[b0:b1].addmm_(gt, hw)
+                del logits, g
         if need_hidden:
             all_reduce_sum_(grad_hidden, ctx.tp_group, "linear_token_logprobs backward: grad of the replicated hidden states")
+            grad_hidden = grad_hidden.to(hidden.dtype)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
@@ -85,7 +105,8 @@ def linear_token_logprobs(
     """log p(target) per token of (hidden [T, H] @ weight[V_local, H]^T), never materialising [T, V].
 
     Same outputs as token_logprobs(hidden @ weight.T, ...); gradients for hidden and weight.
-    chunk_tokens: tokens per chunk (default: 64 MB of float32 logits per chunk).
+    chunk_tokens: tokens per chunk (default: all, up to 8192); the vocabulary is walked in blocks
+    so that one tile of logits holds at most CHUNK_LOGITS (2^25) elements.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -93,8 +114,8 @@ def linear_token_logprobs(
             f"and {tuple(weight.shape)}"
         )
     check_targets(targets, hidden.shape[0], weight.shape[0] * group_size(tp_group), "linear_token_logprobs")
-    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    if chunk < 1:
+    if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_token_logprobs: chunk_tokens must be >= 1, got {chunk_tokens}")
+    chunk = chunk_tokens or default_chunk_tokens(hidden.shape[0])
     logprobs, entropy = _LinearTokenLogprobs.apply(hidden, weight, targets, tp_group, chunk, return_entropy, impl)
     return (logprobs, entropy) if return_entropy else logprobs

@@ -48,6 +48,7 @@ def lse_partials(
         m = x.amax(dim=1)
         centred = x.sub_(m[:, None]) if inplace or fresh else x - m[:, None]
         p = centred.exp()
+        centred.clamp_(min=torch.finfo(torch.float32).min)  # -inf (masked columns) has p = 0: no 0 * inf
         out[s:e, 0] = m
         out[s:e, 1] = p.sum(dim=1)
         out[s:e, 2] = torch.bmm(p.unsqueeze(1), centred.unsqueeze(2)).flatten()  # no [rows, V] product
@@ -75,6 +76,7 @@ def logprob_grad(
         else:
             work.sub_(mean_logit[s:e, None])  # x - E[x]
             p = torch.exp(work + (mean_logit[s:e] - lse[s:e])[:, None])
+            work.masked_fill_(p == 0, 0.0)  # masked (-inf) columns have p = 0: keep 0 * inf out
             work.mul_(grad_ent[s:e, None].float()).add_(g_lp).mul_(p).neg_()
         local = targets[s:e] - vocab_start
         here = (local >= 0) & (local < V)

@@ -14,17 +14,23 @@ from .collectives import all_gather_stack, group_rank, group_size
 from .dispatch import backend
 
 
-def combine_partials(parts: torch.Tensor, tp_group) -> tuple[torch.Tensor, ...]:
-    """Gather [T, 4] partials over the TP group; return (lse, logprob, mean_logit, entropy), each [T]."""
-    gathered = all_gather_stack(parts, tp_group, "token_logprobs: vocab-parallel (max, sum-exp) partials")
-    m, s, moment, target = gathered.unbind(-1)  # each [tp, T]
+def merge_partials(parts: torch.Tensor) -> torch.Tensor:
+    """Merge [k, T, 4] partials of disjoint vocabulary pieces into [T, 4] (about the common max)."""
+    m, s, moment, target = parts.unbind(-1)
     top = m.amax(dim=0)
     weight = torch.exp(m - top)
     total = (weight * s).sum(dim=0)
     total_moment = (weight * (moment + (m - top) * s)).sum(dim=0)  # sum_v e^(x_v - top) (x_v - top)
+    return torch.stack([top, total, total_moment, target.sum(dim=0)], dim=-1)
+
+
+def combine_partials(parts: torch.Tensor, tp_group) -> tuple[torch.Tensor, ...]:
+    """Gather [T, 4] partials over the TP group; return (lse, logprob, mean_logit, entropy), each [T]."""
+    gathered = all_gather_stack(parts, tp_group, "token_logprobs: vocab-parallel (max, sum-exp) partials")
+    top, total, total_moment, target = merge_partials(gathered).unbind(-1)
     lse = top + torch.log(total)
     mean_over_total = total_moment / total
-    return lse, target.sum(dim=0) - lse, top + mean_over_total, torch.log(total) - mean_over_total
+    return lse, target - lse, top + mean_over_total, torch.log(total) - mean_over_total
 
 
 def check_targets(targets: torch.Tensor, rows: int, vocab: int, name: str) -> None:

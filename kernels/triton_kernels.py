@@ -39,7 +39,8 @@ def _lse_partials_kernel(
         new_max = tl.maximum(run_max, tl.max(x, axis=0))
         scale = tl.exp(run_max - new_max)
         e = tl.where(valid, tl.exp(x - new_max), 0.0)
-        centred = tl.where(valid, x - new_max, 0.0)
+        # e == 0 where x = -inf (a masked, e.g. padded, vocabulary column): keep 0 * inf out
+        centred = tl.where(e > 0, x - new_max, 0.0)
         # moment about the new max: scale * (old moment + (old max - new max) * old sum)
         shift = tl.where(run_sum > 0, run_max - new_max, 0.0) * run_sum
         run_moment = scale * (run_moment + shift) + tl.sum(e * centred, axis=0)
@@ -91,7 +92,7 @@ def _logprob_grad_kernel(
         p = tl.exp(x - lse)
         grad = tl.where(cols == target, g_lp, 0.0) - g_lp * p
         if HAS_ENTROPY:
-            grad -= g_ent * p * (x - mean_logit)  # dH/dx = -p (x - E_p[x])
+            grad -= g_ent * p * tl.where(p > 0, x - mean_logit, 0.0)  # dH/dx = -p (x - E_p[x])
         tl.store(grad_ptr + row * stride_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 

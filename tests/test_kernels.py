@@ -57,8 +57,10 @@ def test_triton_matches_torch_and_logprob_only_gradient(T, V):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [1, 5, None])
-def test_linear_token_logprobs_against_float64(impl, dtype, chunk):
+@pytest.mark.parametrize("chunk,tile", [(1, None), (5, None), (None, None), (5, 100), (None, 1000)])
+def test_linear_token_logprobs_against_float64(impl, dtype, chunk, tile, monkeypatch):
+    if tile:  # small tiles: many vocabulary blocks per token chunk, as at full scale
+        monkeypatch.setattr("real_megatron.kernels.linear_logprobs.CHUNK_LOGITS", tile)
     gen = torch.Generator().manual_seed(3)
     T, H, V = 13, 24, 1100
     hidden = torch.randn(T, H, generator=gen).to(dtype)
@@ -88,6 +90,18 @@ def test_linear_equals_token_logprobs_on_materialised_logits():
     a = linear_token_logprobs(hidden, weight, targets, chunk_tokens=3, impl="torch")
     b = token_logprobs(hidden @ weight.t(), targets, impl="torch")
     assert rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_vocabulary_columns(impl):
+    """-inf logits (e.g. vocabulary padding for TP) are exactly absent: no NaN, zero gradient."""
+    logits, targets, g_lp, g_ent = fresh_inputs(9, 6, 300, torch.float32)
+    padded = torch.cat([logits, torch.full((6, 20), float("-inf"))], dim=1).requires_grad_(True)
+    lp, ent = token_logprobs(padded, targets, return_entropy=True, impl=impl)
+    (grad,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), padded)
+    ref_lp, ref_ent = naive_logprobs(logits, targets)
+    assert rel_err(lp, ref_lp) <= 1e-5 and rel_err(ent, ref_ent) <= 1e-5
+    assert torch.isfinite(grad).all() and (grad[:, 300:] == 0).all()
 
 
 def test_gradients_only_where_asked():
