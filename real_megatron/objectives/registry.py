@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
+from .distributed import real_loss_across_ranks
 from .kl import sequence_kl
 from .policy_gradient import group_advantages, sequence_clip_loss, token_clip_loss
 from .real import real_loss, sequence_scores
@@ -30,6 +31,9 @@ class PolicyBatch:
     group_ids: torch.Tensor  # [N] prompt group of each sequence
     ref_logprobs: Optional[torch.Tensor] = None  # [T] log pi_ref, for kl="reference"
     advantages: Optional[torch.Tensor] = None  # [N]; computed from rewards within the batch if None
+    # Set when a group's rollouts may sit on several data-parallel ranks: group_ids are then
+    # group numbers in [0, num_groups), the same on every rank, and REAL reduces over dp_group.
+    num_groups: Optional[int] = None
 
     @property
     def num_sequences(self) -> int:
@@ -44,8 +48,8 @@ class Objective:
             raise ValueError(f"kl must be 'none', 'reference' or 'old', got {kl!r}")
         self.kl, self.kl_coef = kl, kl_coef
 
-    def __call__(self, batch: PolicyBatch) -> dict[Unit, torch.Tensor]:
-        terms = self.policy_terms(batch)
+    def __call__(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
+        terms = self.policy_terms(batch, dp_group)
         if self.kl != "none" and self.kl_coef > 0:
             target = batch.old_logprobs if self.kl == "old" else batch.ref_logprobs
             if target is None:
@@ -54,7 +58,7 @@ class Objective:
             terms["sequences"] = terms.get("sequences", 0.0) + self.kl_coef * kl.sum()
         return terms
 
-    def policy_terms(self, batch: PolicyBatch) -> dict[Unit, torch.Tensor]:
+    def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -63,12 +67,15 @@ class RealObjective(Objective):
         super().__init__(**kl)
         self.variant, self.tau, self.skip_uniform_groups = variant, tau, skip_uniform_groups
 
-    def policy_terms(self, batch: PolicyBatch) -> dict[Unit, torch.Tensor]:
+    def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         scores = sequence_scores(batch.logprobs, batch.old_logprobs, batch.loss_mask, batch.seq_index, batch.num_sequences)
-        loss = real_loss(
-            scores, batch.rewards, batch.group_ids,
-            tau=self.tau, variant=self.variant, skip_uniform_groups=self.skip_uniform_groups,
-        )
+        options = dict(tau=self.tau, variant=self.variant, skip_uniform_groups=self.skip_uniform_groups)
+        if batch.num_groups is None:
+            loss = real_loss(scores, batch.rewards, batch.group_ids, **options)
+        else:
+            loss = real_loss_across_ranks(
+                scores, batch.rewards, batch.group_ids, batch.num_groups, dp_group=dp_group, **options
+            )
         return {"groups": loss}
 
 
@@ -79,7 +86,7 @@ class ClipObjective(Objective):
         super().__init__(**kl)
         self.kind, self.clip_low, self.clip_high = kind, clip_low, clip_high
 
-    def policy_terms(self, batch: PolicyBatch) -> dict[Unit, torch.Tensor]:
+    def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         adv = batch.advantages if batch.advantages is not None else group_advantages(batch.rewards, batch.group_ids)
         adv = adv.detach().to(batch.logprobs.dtype)
         args = (batch.logprobs, batch.old_logprobs, adv, batch.loss_mask, batch.seq_index, batch.num_sequences)

@@ -1,0 +1,277 @@
+"""The policy on megatron-core: recompute old log-probs, then REAL (or a baseline) updates.
+
+One `train_step(rollouts)` is lines 5-11 of Algorithm 1: the rollout batch becomes group-aligned
+micro-batches (batching.py); log pi_old is recomputed by a forward-only pass (so s = 0 at the first
+update); each mini-batch runs megatron-core's forward/backward schedule (no pipelining, 1F1B or
+interleaved) whose last stage computes vocab-parallel token log-probs -> sequence scores -> the
+objective (REAL through a group log-sum-exp across DP), then the (distributed) optimizer steps.
+
+Loss scaling: each micro-batch's loss is sum_unit terms[unit] / count[unit], with counts over the
+whole mini-batch (all micro-batches, all DP ranks). megatron-core divides the returned loss by the
+number of micro-batches and DDP averages gradients over DP, so the returned loss is multiplied by
+both: the gradient is then exactly that of the mini-batch loss, whatever TP, PP, DP and M are.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import token_logprobs
+from ..objectives import PolicyBatch, normalise
+from ..objectives.registry import Objective, RealObjective
+from .batching import MiniBatch, Rollout, build_mini_batches
+from .model import ArchSpec, build_model_chunks, transformer_config
+from .weights import iter_hf_tensors, load_hf_weights
+
+
+@dataclass
+class ActorSettings:
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    sequence_parallel: bool = False
+    dtype: torch.dtype = torch.float32
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    total_steps: int = 1000  # optimizer steps, for the lr schedule
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    groups_per_mini_batch: int = 32
+    groups_per_micro_batch: int = 8
+    updates_per_batch: int = 1
+    use_engine_logprobs: bool = False
+    recompute_activations: bool = False
+    pad_id: int = 0
+
+
+class Actor:
+    def __init__(self, spec: ArchSpec, settings: ActorSettings, objective: Objective,
+                 hf_tensor: Callable[[str], torch.Tensor]):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.spec, self.settings, self.objective = spec, settings, objective
+        s = settings
+        self.config = transformer_config(
+            spec, tp=s.tp, pp=s.pp, vpp=s.vpp, sequence_parallel=s.sequence_parallel, dtype=s.dtype,
+            recompute=s.recompute_activations,
+        )
+        chunks = build_model_chunks(spec, self.config)
+        load_hf_weights(chunks, spec, hf_tensor)  # before the optimizer copies them to main params
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=s.use_distributed_optimizer
+        )
+        self.chunks = [
+            DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)
+        ]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay, adam_beta1=s.adam_beta1,
+                adam_beta2=s.adam_beta2, adam_eps=s.adam_eps, clip_grad=s.clip_grad, bf16=s.dtype == torch.bfloat16,
+                fp16=s.dtype == torch.float16, params_dtype=s.dtype, use_distributed_optimizer=s.use_distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if s.warmup_steps else s.lr, max_lr=s.lr, min_lr=s.min_lr,
+            lr_warmup_steps=s.warmup_steps, lr_decay_steps=max(s.total_steps, s.warmup_steps + 1),
+            lr_decay_style=s.lr_schedule, start_wd=s.weight_decay, end_wd=s.weight_decay,
+            wd_incr_steps=max(s.total_steps, 1), wd_incr_style="constant",
+        )
+        self.ps = ps
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_group = ps.get_data_parallel_group()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.optimizer_steps = 0
+
+    # --- one RL step -------------------------------------------------------------------------
+
+    def train_step(self, rollouts: list[Rollout]) -> dict:
+        """Old log-probs, then `updates_per_batch` passes of one optimizer step per mini-batch."""
+        s = self.settings
+        timings = {}
+        start = time.perf_counter()
+        minis = build_mini_batches(
+            rollouts, s.groups_per_mini_batch, s.groups_per_micro_batch, self.dp_size, self.dp_rank,
+            pad_id=s.pad_id, pad_to_multiple=s.tp if s.sequence_parallel else 1, uniform_shape=s.pp > 1,
+        )
+        timings["batch_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        for mini in minis:
+            if s.use_engine_logprobs:
+                for mb in mini.micro_batches:
+                    if mb.engine_logprobs is None:
+                        raise ValueError("rollout.use_engine_logprobs is set but the rollouts carry no engine log-probs")
+                    mb.old_logprobs = mb.engine_logprobs
+            else:
+                self.compute_old_logprobs(mini)
+        timings["old_logprobs_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        records = []
+        for _ in range(s.updates_per_batch):
+            for mini in minis:
+                records.append(self._update(mini))
+        timings["update_s"] = time.perf_counter() - start
+        metrics = self._reduce_metrics(records)
+        tokens = sum(r.num_tokens for r in rollouts)
+        metrics.update(timings)
+        metrics["tokens_per_s"] = tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
+        return metrics
+
+    @torch.no_grad()
+    def compute_old_logprobs(self, mini: MiniBatch) -> None:
+        """log pi_old of every response token, by a forward-only pass (kept on the last stage)."""
+        outputs = self._schedule(mini, forward_only=True, mode="logprobs")
+        if self.is_last_stage:
+            for mb, out in zip(mini.micro_batches, outputs):
+                mb.old_logprobs = out["logprobs"]
+
+    def _update(self, mini: MiniBatch) -> list[dict]:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._schedule(mini, forward_only=False, mode="train")
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+            self.optimizer_steps += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        return [dict(o, grad_norm=torch.tensor(float(grad_norm or 0.0)), lr=torch.tensor(lr),
+                     skipped=torch.tensor(0.0 if ok else 1.0)) for o in outputs]
+
+    def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens}
+        num_micro = len(mini.micro_batches)
+        seq = max(mb.tokens.shape[1] for mb in mini.micro_batches)
+        mbs = max(mb.tokens.shape[0] for mb in mini.micro_batches)
+        vpp = len(self.chunks)
+        iterators = [iter(mini.micro_batches) for _ in range(vpp)] if vpp > 1 else iter(mini.micro_batches)
+        step = partial(self._forward_step, mode=mode, counts=counts, num_micro=num_micro)
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iterators, model=self.chunks if vpp > 1 else self.chunks[0],
+            num_microbatches=num_micro, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+        )
+
+    def _forward_step(self, data_iterator, model, *, mode: str, counts: dict, num_micro: int):
+        mb = next(data_iterator)
+        output = model(mb.tokens, mb.position_ids, None)  # logits [b, s, V/tp] on the last stage
+        return output, partial(self._loss, mb, mode, counts, num_micro)
+
+    def _token_logprobs(self, mb, logits: torch.Tensor):
+        picked = logits[mb.rows, mb.cols]  # [N, V/tp]: only positions that predict response tokens
+        vocab_local = picked.shape[1]
+        first = self.tp_rank * vocab_local
+        if first + vocab_local > self.spec.vocab_size:  # vocabulary padding for TP: not a real token
+            keep = max(0, self.spec.vocab_size - first)
+            picked = torch.cat([picked[:, :keep], picked.new_full((picked.shape[0], vocab_local - keep), float("-inf"))], 1)
+        return token_logprobs(picked, mb.targets, tp_group=self.tp_group, return_entropy=True)
+
+    def _loss(self, mb, mode: str, counts: dict, num_micro: int, logits: torch.Tensor):
+        logprobs, entropy = self._token_logprobs(mb, logits)
+        if mode == "logprobs":
+            return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
+        n_seq = mb.rewards.numel()
+        batch = PolicyBatch(
+            logprobs=logprobs, old_logprobs=mb.old_logprobs, loss_mask=torch.ones_like(logprobs, dtype=torch.bool),
+            seq_index=mb.seq_index, rewards=mb.rewards, group_ids=mb.group_index, ref_logprobs=mb.ref_logprobs,
+            advantages=mb.advantages, num_groups=mb.num_groups,
+        )
+        terms = self.objective(batch, dp_group=self.dp_group)
+        loss = normalise(terms, counts)
+        # megatron divides by the micro-batch count and DDP averages over DP: undo both (see top)
+        scaled = loss * (num_micro * self.dp_size)
+        with torch.no_grad():
+            from ..objectives import sequence_scores
+
+            scores = sequence_scores(logprobs, mb.old_logprobs, batch.loss_mask, mb.seq_index, n_seq)
+            pos = mb.rewards > 0.5
+            inf = torch.tensor(float("inf"))
+            record = {
+                # REAL's value is the full mini-batch value on every DP rank; the baselines' are local
+                "loss": loss.detach() / (self.dp_size if isinstance(self.objective, RealObjective) else 1),
+                "entropy_sum": entropy.sum(), "tokens": torch.tensor(float(logprobs.numel())),
+                "score_pos_sum": scores[pos].sum(), "score_pos_n": pos.sum().float(),
+                "score_neg_sum": scores[~pos].sum(), "score_neg_n": (~pos).sum().float(),
+                "score_pos_min": scores[pos].min() if pos.any() else inf,
+                "score_pos_max": scores[pos].max() if pos.any() else -inf,
+                "score_neg_min": scores[~pos].min() if (~pos).any() else inf,
+                "score_neg_max": scores[~pos].max() if (~pos).any() else -inf,
+            }
+        return scaled, record
+
+    def _reduce_metrics(self, records: list[list[dict]]) -> dict:
+        """Sum micro-batch records over mini-batches and DP ranks, on the last stage, then share."""
+        flat = [r for mini in records for r in mini]
+        out = {}
+        if self.is_last_stage and flat:
+            sums = torch.stack([sum(r[k] for r in flat) for k in
+                                ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n")])
+            mins = torch.stack([min(r[k] for r in flat) for k in ("score_pos_min", "score_neg_min")])
+            maxs = torch.stack([max(r[k] for r in flat) for k in ("score_pos_max", "score_neg_max")])
+            if self.dp_size > 1:
+                dist.all_reduce(sums, group=self.dp_group)
+                dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=self.dp_group)
+                dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=self.dp_group)
+            updates = len(records)
+            loss, ent, tok, ps_, pn, ns, nn = sums.tolist()
+            out = {
+                "loss": loss / updates, "entropy": ent / max(tok, 1),
+                "score_pos_mean": ps_ / pn if pn else float("nan"), "score_neg_mean": ns / nn if nn else float("nan"),
+                "score_pos_min": mins[0].item(), "score_pos_max": maxs[0].item(),
+                "score_neg_min": mins[1].item(), "score_neg_max": maxs[1].item(),
+                "grad_norm": float(sum(mini[0]["grad_norm"] for mini in records if mini) / updates),
+                "lr": float(records[-1][0]["lr"]) if records[-1] else 0.0,
+                "skipped_updates": float(sum(mini[0]["skipped"] for mini in records if mini)),
+            }
+        # every rank returns the same dict: broadcast from the last stage's first rank
+        holder = [out]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # global rank of (last pipeline stage, tp 0, cp 0, dp 0) in megatron's tp-cp-dp-pp order
+            world, pp = dist.get_world_size(), self.ps.get_pipeline_model_parallel_world_size()
+            dist.broadcast_object_list(holder, src=world // pp * (pp - 1))
+        return holder[0]
+
+    # --- weights out ---------------------------------------------------------------------------
+
+    def hf_tensors(self):
+        """HF-named full tensors of this rank's pipeline stage (see weights.iter_hf_tensors)."""
+        return iter_hf_tensors(self.chunks, self.spec)
+
+    def gather_hf_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All parameters as full HF tensors on global rank 0 (None elsewhere); small models only."""
+        mine = {k: v.clone() for k, v in self.hf_tensors()}
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return mine
+        keep = self.dp_rank == 0 and self.tp_rank == 0
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine if keep else {}, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        return merged

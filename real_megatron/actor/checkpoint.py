@@ -1,0 +1,192 @@
+"""Actor checkpoints: megatron dist_checkpointing for model + optimizer, plus trainer state.
+
+Layout of one checkpoint directory (written as `<name>.tmp`, renamed when complete, so a crash
+never leaves a half checkpoint under the real name):
+    <dist_checkpointing files>      model and optimizer, sharded (reshardable over TP/PP/DP)
+    trainer_state.json              step, data position, rollout state, lr scheduler (rank 0)
+    rng/rank00000.pt ...            every rank's RNG states
+A checkpoint saved under one layout loads under another (dist_checkpointing reshards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .weights import unwrap
+
+STATE_FILE = "trainer_state.json"
+# Model weights always reshard freely (dist_checkpointing). The distributed optimizer's state is
+# saved DP-reshardable: megatron-core 0.16's fully_reshardable loader fails with torch's Adam
+# (it copies a 'step' entry it never saved), the optimizer used wherever Apex/TE are absent.
+OPTIMIZER_SHARDING = "dp_reshardable"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer its Adam state tensors before loading into them.
+
+    torch's Adam creates its state at the first step, and DistributedOptimizer.state_dict() needs
+    it (with Apex/TE's FusedAdam it exists from the start). A step with zero gradients creates it;
+    every value it touches (params, moments, step) is overwritten by the checkpoint right after.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(opt).__name__ != "DistributedOptimizer" or inner is None or inner.state:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if param.numel():
+                    param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Put the saved Adam step back into every parameter's state (torch-Adam path).
+
+    DistributedOptimizer keeps torch Adam's per-parameter 'step' as one number in the param
+    groups; on load (megatron-core 0.16) the per-parameter tensors keep the dummy step of
+    `_materialise_optimizer_state` instead, or all share one tensor, which torch's Adam would then
+    advance once per parameter. Each parameter gets its own tensor holding the saved step.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+
+
+def _sharded_state_dict(actor, is_loading: bool = False) -> dict:
+    state = {}
+    for index, chunk in enumerate(actor.chunks):
+        state[f"model{index}" if len(actor.chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
+    kwargs = {"is_loading": is_loading}
+    if actor.settings.use_distributed_optimizer:
+        kwargs["metadata"] = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+    state["optimizer"] = actor.optimizer.sharded_state_dict(state, **kwargs)
+    return state
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])
+
+
+def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict) -> Path:
+    """Write model, optimizer, scheduler, RNG and `trainer_state` atomically to `directory`."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state_dict(actor), str(tmp))
+    torch.save(_rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+    if _rank() == 0:
+        state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,
+                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
+    """Restore everything `save_checkpoint` wrote; return the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    state_file = directory / STATE_FILE
+    if not state_file.exists():
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {STATE_FILE})")
+    trainer_state = json.loads(state_file.read_text())
+    _materialise_optimizer_state(actor.optimizer)
+    loaded = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True), str(directory))
+    for index, chunk in enumerate(actor.chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{index}" if len(actor.chunks) > 1 else "model"])
+    with torch.no_grad():  # fp32 main params are views of the (leaf) model params
+        actor.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(actor.optimizer)
+    actor.scheduler.load_state_dict(trainer_state.pop("scheduler"))
+    actor.optimizer_steps = trainer_state.pop("optimizer_steps")
+    rng_file = directory / "rng" / f"rank{_rank():05d}.pt"
+    if rng_file.exists() and trainer_state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under root, oldest first (step_000123 directories with a state file)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints (rank 0 deletes)."""
+    if _rank() != 0 or keep_last <= 0:
+        return
+    for old in checkpoint_dirs(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,115 @@
+"""Let megatron-core run on a machine without CUDA (gloo, CPU tensors).
+
+megatron-core (0.16-0.19) hard-codes CUDA in a handful of places that the CPU path reaches. Each
+redirect below names the megatron-core call that needs it. `enable()` does nothing when CUDA is
+available, so GPU runs take megatron-core's own paths untouched. It must run before megatron-core
+builds models, optimizers or schedules (the actor calls it first).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_enabled = False
+
+
+class _NullStream:
+    """Stands in for torch.cuda.current_stream(): every wait or sync is already done on CPU."""
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _CudaFactoryToCpu(TorchFunctionMode):
+    """Tensor factories called with device="cuda" get the CPU instead.
+
+    Needed by: pipeline schedules (total_num_tokens = torch.zeros(..., device="cuda")), the default
+    causal mask (get_default_causal_mask), the optimizer's found_inf / _scale tensors, and
+    clip_grads' total-norm tensor.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None:
+            device = torch.device(device) if not isinstance(device, torch.device) else device
+            if device.type == "cuda":
+                kwargs["device"] = _CPU
+        return func(*args, **kwargs)
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32 without its assertion that
+    grads are torch.cuda.FloatTensor (and without the multi_tensor_applier CUDA kernel): same math."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def enable() -> bool:
+    """Install the redirects when CUDA is unavailable; return whether they are active."""
+    global _enabled
+    if torch.cuda.is_available():
+        return False
+    if _enabled:
+        return True
+
+    # `device=torch.cuda.current_device()`: core attention's buffers, RoPE inv_freq, TP gather
+    # buffers, pipeline p2p shape tensors, DDP grad buffers.
+    torch.cuda.current_device = lambda: _CPU
+    # torch.cuda.synchronize(): after pipeline p2p (p2p_communication) and in DDP helpers.
+    torch.cuda.synchronize = lambda device=None: None
+    # tensor.cuda(): the tied embedding/output weight with PP > 1 (GPTModel's
+    # setup_embeddings_and_output_layer) and optimizer state reload.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # torch.cuda.current_stream(): DDP's start_grad_sync (0.19) and param-gather overlap.
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+
+    # tensor_parallel.random's CUDA RNG tracker (model_parallel_cuda_manual_seed, dropout forks):
+    # the "CUDA" generator becomes the CPU default generator, which CPU dropout draws from.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    # ...which makes CudaRNGStatesTracker.fork()'s "CPU RNG state changed" warning expected noise.
+    logging.getLogger(mcore_random.__name__).addFilter(lambda record: "CPU RNG state changed" not in record.getMessage())
+
+    # tensor.type() == 'torch.cuda.FloatTensor' picks the main-param layout in DistributedOptimizer
+    # (_build_model_and_main_param_groups) and Float16OptimizerWithFloat16Params: CPU tensors
+    # answer with the CUDA name (only megatron-core compares these strings).
+    plain_type = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            name = plain_type(self)  # may re-enter through the factory mode: rename once
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return plain_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+
+    # clip_grads asserts grads are torch.cuda.FloatTensor (optimizer.clip_grad_norm).
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    # Literal device="cuda" in factory calls, for the rest of the process (main thread).
+    _CudaFactoryToCpu().__enter__()
+    _enabled = True
+    return True

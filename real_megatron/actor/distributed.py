@@ -1,0 +1,107 @@
+"""Process-group setup from torchrun or Slurm, then megatron-core's model-parallel groups.
+
+Rank, world size and the master address come from torchrun's variables (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT) or, under srun, from Slurm's (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST). nccl on GPU, gloo on CPU. Every
+collective inherits the group timeout, so a missing peer is an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    # "node[01-04,07]" -> "node01" without scontrol
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def launch_env(environ: dict | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        master = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        # a port derived from the job id: concurrent jobs on one node do not collide
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         master, port, "slurm")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+
+def init_distributed(
+    *, tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, timeout_s: float = 600.0,
+    expected_world_size: int | None = None, seed: int = 1234,
+) -> LaunchEnv:
+    """Join (or create) the default process group and megatron-core's TP/PP/DP/CP groups."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from .cpu_compat import enable as enable_cpu_compat
+
+    enable_cpu_compat()
+    env = launch_env()
+    if expected_world_size is not None and env.world_size != expected_world_size:
+        raise RuntimeError(
+            f"the launcher started {env.world_size} processes ({env.source}) but the config asks for "
+            f"parallel.nodes x parallel.gpus_per_node = {expected_world_size}"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        # env:// lets torchrun's workers share its agent's store; Slurm's values are exported first
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            init_method="env://",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+            context_parallel_size=cp,
+            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,242 @@
+"""A megatron-core GPTModel from a Hugging Face `config.json` (Qwen2/2.5, Llama 3.x, Qwen3 dense).
+
+`ArchSpec` reads the architecture facts once (with clear errors for what is not supported);
+`transformer_config` and `build_model_chunks` turn them into megatron-core objects. The
+Transformer Engine layer spec is used when TE imports and CUDA is present, the pure-torch local
+spec otherwise (CPU, tests). RoPE frequencies are set from the HF formulas, so Llama 3 scaling
+with any (factor, low/high frequency factors, original length) matches transformers exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_FAMILIES = ("qwen2", "llama", "qwen3")  # HF model_type
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    qkv_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    initializer_range: float
+
+    @classmethod
+    def from_hf(cls, config: dict | Any, source: str = "<config>") -> "ArchSpec":
+        cfg = config if isinstance(config, dict) else config.to_dict()
+        family = cfg.get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            arch = cfg.get("architectures") or family
+            raise UnsupportedModelError(
+                f"{source}: unsupported architecture {arch!r} (model_type={family!r}); supported model types: "
+                f"{', '.join(SUPPORTED_FAMILIES)} (Qwen2/Qwen2.5 incl. DeepSeek-R1-Distill-Qwen, Llama 3.x, Qwen3 dense)"
+            )
+        if cfg.get("num_experts") or cfg.get("num_local_experts"):
+            raise UnsupportedModelError(f"{source}: mixture-of-experts models are not supported (dense only)")
+
+        def need(key):
+            if key not in cfg or cfg[key] is None:
+                raise UnsupportedModelError(f"{source}: config has no {key!r}")
+            return cfg[key]
+
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise UnsupportedModelError(f"{source}: rope scaling {kind!r} is not supported (supported: llama3)")
+        return cls(
+            family=family,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=dict(scaling) if scaling else None,
+            qkv_bias=True if family == "qwen2" else bool(cfg.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            initializer_range=float(cfg.get("initializer_range", 0.02)),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ArchSpec":
+        config_file = Path(path) / "config.json"
+        try:
+            return cls.from_hf(json.loads(config_file.read_text()), str(config_file))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json in {path} (expected a Hugging Face checkpoint directory)") from None
+
+    def padded_vocab(self, tp: int) -> int:
+        """Megatron splits the vocabulary evenly over TP ranks: pad to a multiple of tp."""
+        return math.ceil(self.vocab_size / tp) * tp
+
+    def check_parallel(self, tp: int, pp: int, vpp: int | None = None) -> None:
+        problems = []
+        if self.num_heads % tp:
+            problems.append(f"num_attention_heads={self.num_heads} is not divisible by tp={tp}")
+        if self.num_kv_heads % tp:
+            problems.append(f"num_key_value_heads={self.num_kv_heads} is not divisible by tp={tp}")
+        if self.intermediate_size % tp:
+            problems.append(f"intermediate_size={self.intermediate_size} is not divisible by tp={tp}")
+        stages = pp * (vpp or 1)
+        if self.num_layers % stages:
+            problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp*vpp={stages}")
+        if problems:
+            raise ValueError(f"{self.family} model cannot be split this way: " + "; ".join(problems))
+
+
+def rope_inv_freq(spec: ArchSpec) -> torch.Tensor:
+    """inv_freq exactly as transformers computes it (default and llama3 rope types)."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = spec.rope_scaling
+    if not s:
+        return inv_freq
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def use_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(
+    spec: ArchSpec,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    cp: int = 1,
+    sequence_parallel: bool = False,
+    dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
+):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    spec.check_parallel(tp, pp, vpp)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.intermediate_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.initializer_range,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        # fusions are CUDA kernels; on GPU TE provides its own
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def layer_spec(spec: ArchSpec):
+    if use_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+
+
+def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
+    """This rank's model chunks (one, or vpp of them for the interleaved pipeline schedule)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for stage in range(vpp):
+        vp_stage = stage if vpp > 1 else None
+        kwargs = {"vp_stage": vp_stage} if vpp > 1 else {}
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(spec),
+            vocab_size=spec.padded_vocab(config.tensor_model_parallel_size),
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta),
+            **kwargs,
+        )
+        if getattr(model, "rotary_pos_emb", None) is not None:
+            model.rotary_pos_emb.inv_freq = rope_inv_freq(spec).to(model.rotary_pos_emb.inv_freq.device)
+        chunks.append(model)
+    return chunks

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""REAL updates of a fixed tiny Qwen2-style model under any (TP, PP, DP, micro-batch) layout.
+
+    python tools/parity_step.py --tp 1 --pp 1 --micro-batches 1 --out a.safetensors
+    torchrun --nproc_per_node 2 tools/parity_step.py --tp 2 --pp 1 --micro-batches 1 --out b.safetensors
+
+The model (4 layers, untied embeddings, GQA) comes from the seed alone, in HF layout, so every
+layout starts from the same weights. Each step is one rollout batch of 8 prompt groups x 4 rollouts
+(mixed labels, different lengths, made from seed + step), groups split over DP ranks when DP > 1;
+old log-probs are recomputed, then one REAL update (tau 0.5, AdamW, fp32, grad clip 1.0). Rank 0 writes all
+parameters, gathered to full HF-named tensors, to --out (safetensors). --steps 0 writes the initial
+parameters. Files of different layouts must agree to max relative difference <= 1e-5.
+--save/--load write/read a checkpoint after/before the steps (resume check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+GROUPS, ROLLOUTS, VOCAB = 8, 4, 256
+MODEL = dict(
+    model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+    rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.05,
+)
+
+
+def synthetic_rollouts(seed: int, step: int):
+    from real_megatron.actor.batching import Rollout
+
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    rollouts = []
+    for g in range(GROUPS):
+        prompt = torch.randint(1, VOCAB, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen).tolist()
+        rewards = [1.0, 0.0] + [float(x) for x in torch.randint(0, 2, (ROLLOUTS - 2,), generator=gen)]
+        if g == GROUPS - 1:
+            rewards = [1.0] * ROLLOUTS  # one uniform group
+        for reward in rewards:
+            length = int(torch.randint(2, 11, (1,), generator=gen))
+            response = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
+            rollouts.append(Rollout(prompt, response, reward, g))
+    return rollouts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1)
+    # Small lr: Adam's first steps are about +-lr wherever |grad| >> eps, so rounding noise in
+    # near-zero gradients moves parameters by up to ~lr; 2e-5 keeps that far below 1e-5 relative.
+    parser.add_argument("--lr", type=float, default=2e-5)
+    # --adam-eps 1 makes the update ~ lr * grad (|grad| << eps): parameters then check gradients
+    # themselves, including their scale, which Adam's normalised first step would hide.
+    # (with --clip-grad 0: clipping would normalise the gradient's scale away again)
+    parser.add_argument("--adam-eps", type=float, default=1e-8)
+    parser.add_argument("--clip-grad", type=float, default=1.0)
+    parser.add_argument("--save", help="write a checkpoint here after the steps")
+    parser.add_argument("--load", help="resume from this checkpoint before the steps")
+    args = parser.parse_args()
+    if GROUPS % args.micro_batches:
+        parser.error(f"--micro-batches must divide the {GROUPS} prompt groups")
+
+    from safetensors.torch import save_file
+
+    from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+    from real_megatron.actor.distributed import init_distributed, shutdown
+    from real_megatron.actor.model import ArchSpec
+    from real_megatron.actor.weights import init_hf_state_dict
+    from real_megatron.objectives import build_objective
+
+    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=300, seed=args.seed)
+    spec = ArchSpec.from_hf(MODEL, "parity model")
+    # Non-zero biases: the k_proj bias has an exactly zero gradient (softmax is shift-invariant), so
+    # Adam turns its rounding noise into +-lr steps; from zero that noise would be the whole tensor.
+    weights = init_hf_state_dict(spec, args.seed, bias_std=spec.initializer_range)
+    settings = ActorSettings(
+        tp=args.tp, pp=args.pp, vpp=args.vpp, lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad,
+        groups_per_mini_batch=GROUPS, groups_per_micro_batch=GROUPS // args.micro_batches, total_steps=100,
+    )
+    actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), weights.__getitem__)
+    start = 0
+    if args.load:
+        start = load_checkpoint(actor, args.load)["step"]
+    for step in range(start, start + args.steps):
+        metrics = actor.train_step(synthetic_rollouts(args.seed, step))
+        if torch.distributed.get_rank() == 0:
+            print(f"step {step}: loss {metrics['loss']:.6f} grad_norm {metrics['grad_norm']:.6f}", flush=True)
+    if args.save:
+        save_checkpoint(actor, args.save, {"step": start + args.steps})
+    state = actor.gather_hf_state_dict()
+    if state is not None:
+        save_file({k: v.contiguous() for k, v in state.items()}, args.out)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
