@@ -32,6 +32,38 @@ def _train(args: argparse.Namespace) -> int:
     return 2
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """Run in a process group of tp * pp ranks; started alone, relaunch under torchrun."""
+    import os
+    import subprocess
+
+    from .actor.distributed import init_distributed, launch_env, shutdown
+
+    ranks = args.tp * args.pp
+    if launch_env().world_size == 1 and ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "real_megatron.cli"] + sys.argv[1:]
+        return subprocess.run(cmd, env=dict(os.environ)).returncode
+    from .convert.convert import hf_to_megatron, megatron_to_hf
+
+    from .actor.model import UnsupportedModelError
+
+    init_distributed(tp=args.tp, pp=args.pp, expected_world_size=ranks, timeout_s=args.timeout)
+    try:
+        if args.direction == "hf-to-megatron":
+            out = hf_to_megatron(args.hf, args.out)
+        else:
+            out = megatron_to_hf(args.ckpt, args.out, args.hf_config, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (UnsupportedModelError, KeyError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"convert error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    if launch_env().rank == 0:
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="real-megatron",
@@ -46,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and layout, exit")
     train.add_argument("--output-dir", help="run directory (same as train.output_dir=...)")
     train.set_defaults(func=_train)
+
+    convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron")
+    directions = convert.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    to_mcore = directions.add_parser("hf-to-megatron", help="HF safetensors -> megatron dist checkpoint")
+    to_mcore.add_argument("--hf", required=True, help="HF checkpoint directory")
+    to_hf = directions.add_parser("megatron-to-hf", help="megatron dist checkpoint -> HF safetensors")
+    to_hf.add_argument("--ckpt", required=True, help="converted or training checkpoint directory")
+    to_hf.add_argument("--hf-config", help="directory with config.json (default: the checkpoint's hf/)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    for p in (to_mcore, to_hf):
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to run with")
+        p.add_argument("--pp", type=int, default=1, help="pipeline stages to run with")
+        p.add_argument("--timeout", type=float, default=600.0, help="deadline of every collective, seconds")
+        p.set_defaults(func=_convert)
     return parser
 
 
@@ -55,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     # leaves those after an option unparsed, so collect every leftover of the form a.b=c.
     args, extra = parser.parse_known_args(argv)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown or (extra and args.command != "train"):
+    if unknown or (extra and args.command != "train"):  # only train takes a.b=c overrides
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

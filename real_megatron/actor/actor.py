@@ -56,6 +56,34 @@ class ActorSettings:
     pad_id: int = 0
 
 
+def rollout_stats(rollouts: list[Rollout]) -> dict:
+    """Reward mean and the fraction of prompt groups whose rewards are all equal (no signal)."""
+    groups: dict[int, set] = {}
+    for r in rollouts:
+        groups.setdefault(r.group, set()).add(r.reward)
+    return {
+        "reward_mean": sum(r.reward for r in rollouts) / max(1, len(rollouts)),
+        "uniform_group_fraction": sum(len(v) == 1 for v in groups.values()) / max(1, len(groups)),
+        "response_length_mean": sum(len(r.response_ids) for r in rollouts) / max(1, len(rollouts)),
+    }
+
+
+def device_memory() -> dict:
+    """Peak GPU memory of this process (torch) and the device's use (nvidia-ml-py, if installed)."""
+    if not torch.cuda.is_available():
+        return {}
+    out = {"gpu_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        out["gpu_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30
+    except Exception:  # nvidia-ml-py absent or no NVML: torch's figure is still there
+        pass
+    return out
+
+
 class Actor:
     def __init__(self, spec: ArchSpec, settings: ActorSettings, objective: Objective,
                  hf_tensor: Callable[[str], torch.Tensor]):
@@ -66,6 +94,8 @@ class Actor:
 
         self.spec, self.settings, self.objective = spec, settings, objective
         s = settings
+        if ps.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("context parallelism is not wired into the loss path yet (cp must be 1)")
         self.config = transformer_config(
             spec, tp=s.tp, pp=s.pp, vpp=s.vpp, sequence_parallel=s.sequence_parallel, dtype=s.dtype,
             recompute=s.recompute_activations,
@@ -135,8 +165,10 @@ class Actor:
                 records.append(self._update(mini))
         timings["update_s"] = time.perf_counter() - start
         metrics = self._reduce_metrics(records)
-        tokens = sum(r.num_tokens for r in rollouts)
+        metrics.update(rollout_stats(rollouts))
         metrics.update(timings)
+        metrics.update(device_memory())
+        tokens = sum(r.num_tokens for r in rollouts)
         metrics["tokens_per_s"] = tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
         return metrics
 

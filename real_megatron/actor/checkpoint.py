@@ -129,9 +129,12 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict) ->
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: dist_checkpointing treats leftovers as a corrupt checkpoint
     _barrier()
     dist_checkpointing.save(_sharded_state_dict(actor), str(tmp))
+    if _rank() == 0:
+        (tmp / "rng").mkdir()
+    _barrier()
     torch.save(_rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
     if _rank() == 0:
         state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,

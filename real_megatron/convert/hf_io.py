@@ -49,3 +49,68 @@ class HFCheckpointReader:
         if file not in self._handles:
             self._handles[file] = safe_open(self.path / file, framework="pt")
         return self._handles[file].get_tensor(name)
+
+
+# Files a serving engine needs beside the weights; copied as they are.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+)
+
+
+def copy_side_files(source: str | Path, target: str | Path) -> list[str]:
+    import shutil
+
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(source) / name).exists():
+            shutil.copy2(Path(source) / name, Path(target) / name)
+            copied.append(name)
+    return copied
+
+
+class HFCheckpointWriter:
+    """Writes tensors as they arrive into safetensors shards of at most `max_shard_bytes`, with
+    model.safetensors.index.json when there is more than one shard. Memory: one shard."""
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous().clone()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, self.out / name, metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            (self.out / self.files[0][0]).rename(self.out / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for k, (part, tensors) in enumerate(self.files):
+            final = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / part).rename(self.out / final)
+            names.append(final)
+            weight_map.update({t: final for t in tensors})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
