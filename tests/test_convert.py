@@ -37,12 +37,14 @@ def make_tokenizer(path: Path):
     (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-@pytest.mark.parametrize("family,layout", [("qwen2_tied", ["--tp", 2]), ("llama3_scaled", ["--tp", 2]),
-                                           ("qwen3_qknorm", ["--tp", 2]), ("qwen2_tied", ["--pp", 2]),
-                                           ("llama3_scaled", ["--tp", 1])])
-def test_round_trip_is_bit_identical(tmp_path, family, layout):
+@pytest.mark.parametrize("family,layout,dtype", [
+    ("qwen2_tied", ["--tp", 2], torch.float32), ("llama3_scaled", ["--tp", 2], torch.float32),
+    ("qwen3_qknorm", ["--tp", 2], torch.bfloat16), ("qwen2_tied", ["--pp", 2], torch.float32),
+    ("llama3_scaled", ["--tp", 1], torch.bfloat16),
+])
+def test_round_trip_is_bit_identical(tmp_path, family, layout, dtype):
     src = tmp_path / "hf"
-    make_checkpoint(src, family)
+    make_checkpoint(src, family, dtype)
     make_tokenizer(src)
     out = cli("hf-to-megatron", "--hf", src, "--out", tmp_path / "mcore", *layout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -113,3 +115,17 @@ def test_buckets_keep_order_and_size():
     assert [n for b in buckets for n, _ in b] == [n for n, _ in tensors]
     with pytest.raises(ValueError):
         list(iter_buckets(tensors, 0))
+
+
+def test_trainer_starts_from_a_converted_checkpoint_in_another_layout(tmp_path):
+    """HF -> megatron at TP=2, then the actor loads it at PP=2: the same weights as from the HF file."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "parity_step.py"
+    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, timeout=600, cwd=tmp_path)  # noqa: E731
+    out = run(tool, "--steps", 0, "--out", tmp_path / "seed.safetensors", "--write-hf", tmp_path / "hf")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert cli("hf-to-megatron", "--hf", tmp_path / "hf", "--out", tmp_path / "mcore", "--tp", 2).returncode == 0
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", tool, "--pp", 2, "--steps", 0,
+              "--init-from", tmp_path / "mcore", "--out", tmp_path / "loaded.safetensors")
+    assert out.returncode == 0, out.stderr[-3000:]
+    seed, loaded = load_file(tmp_path / "seed.safetensors"), load_file(tmp_path / "loaded.safetensors")
+    assert set(seed) == set(loaded) and all(torch.equal(seed[k], loaded[k]) for k in seed)

@@ -20,7 +20,7 @@ FAMILIES = {
 }
 
 
-def make_checkpoint(path, family):
+def make_checkpoint(path, family, dtype=torch.float32):
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
@@ -28,7 +28,7 @@ def make_checkpoint(path, family):
         vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, **extra)
     torch.manual_seed(0)
-    getattr(transformers, model_cls)(config).save_pretrained(path)
+    getattr(transformers, model_cls)(config).to(dtype).save_pretrained(path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,6 +16,7 @@ parameters. Files of different layouts must agree to max relative difference <= 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -67,6 +68,9 @@ def main() -> int:
     parser.add_argument("--clip-grad", type=float, default=1.0)
     parser.add_argument("--save", help="write a checkpoint here after the steps")
     parser.add_argument("--load", help="resume from this checkpoint before the steps")
+    parser.add_argument("--init-from", help="start from these weights instead of the seed: an HF checkpoint "
+                        "directory or a megatron dist checkpoint (e.g. from `real-megatron convert`)")
+    parser.add_argument("--write-hf", help="also write the seed's initial model as an HF checkpoint here")
     args = parser.parse_args()
     if GROUPS % args.micro_batches:
         parser.error(f"--micro-batches must divide the {GROUPS} prompt groups")
@@ -78,6 +82,7 @@ def main() -> int:
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict
+    from real_megatron.convert.hf_io import HFCheckpointReader
     from real_megatron.objectives import build_objective
 
     init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=300, seed=args.seed)
@@ -89,7 +94,18 @@ def main() -> int:
         tp=args.tp, pp=args.pp, vpp=args.vpp, lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad,
         groups_per_mini_batch=GROUPS, groups_per_micro_batch=GROUPS // args.micro_batches, total_steps=100,
     )
-    actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), weights.__getitem__)
+    if args.write_hf and torch.distributed.get_rank() == 0:
+        os.makedirs(args.write_hf, exist_ok=True)
+        save_file(weights, os.path.join(args.write_hf, "model.safetensors"))
+        with open(os.path.join(args.write_hf, "config.json"), "w") as f:
+            json.dump(dict(MODEL, architectures=["Qwen2ForCausalLM"], torch_dtype="float32"), f, indent=1)
+    source = weights.__getitem__
+    if args.init_from:
+        if os.path.exists(os.path.join(args.init_from, "metadata.json")):
+            source = args.init_from  # megatron dist checkpoint
+        else:
+            source = HFCheckpointReader(args.init_from, spec).get
+    actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), source)
     start = 0
     if args.load:
         start = load_checkpoint(actor, args.load)["step"]

@@ -86,7 +86,9 @@ def device_memory() -> dict:
 
 class Actor:
     def __init__(self, spec: ArchSpec, settings: ActorSettings, objective: Objective,
-                 hf_tensor: Callable[[str], torch.Tensor]):
+                 weights: Callable[[str], torch.Tensor] | str):
+        """weights: HF tensors by name (a checkpoint reader, or a fresh initialisation), or the
+        directory of a megatron dist checkpoint (converted, or saved by training) to load."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -101,7 +103,13 @@ class Actor:
             recompute=s.recompute_activations,
         )
         chunks = build_model_chunks(spec, self.config)
-        load_hf_weights(chunks, spec, hf_tensor)  # before the optimizer copies them to main params
+        # weights go in before the optimizer copies them into its main params
+        if callable(weights):
+            load_hf_weights(chunks, spec, weights)
+        else:
+            from ..convert.convert import load_model_weights
+
+            load_model_weights(chunks, weights)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=s.use_distributed_optimizer
         )

@@ -119,7 +119,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
             items = holder[0]
         for name, tensor in items:
             if writer is not None:
-                writer.add(name, tensor)
+                writer.add(name, tensor.to(dtype))  # megatron may keep norms in float32
     if writer is not None:
         writer.close()
         copy_side_files(side, out)
