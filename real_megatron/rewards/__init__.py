@@ -1,0 +1,28 @@
+"""Rewards: the math verifier, and custom reward functions named by import path."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from .math import extract_answer, math_reward, math_rewards
+
+RewardFn = Callable[..., float]
+
+
+def load_reward_fn(path: str) -> RewardFn:
+    """`module:function` -> the function; same signature as math_reward(response, ground_truth, ...)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {path!r}: expected the form module.path:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward function {path!r}: cannot import {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {path!r}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+__all__ = ["extract_answer", "load_reward_fn", "math_reward", "math_rewards"]

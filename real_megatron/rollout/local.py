@@ -1,0 +1,85 @@
+"""The embedded engine (`rollout.backend: local`): transformers' generate in this process.
+
+For one machine without a GPU: the policy's weights arrive in memory through the same streaming
+export the SGLang fleet uses (HF-named tensors), generation uses the KV cache and sampling of
+transformers' `generate`, and each token's log-prob under the model (before temperature) comes back
+with it, like SGLang's return_logprob.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .types import Sample, SamplingParams
+
+
+class LocalEngine:
+    def __init__(self, hf_config, *, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
+                 max_batch_sequences: int = 256, seed: int = 0):
+        import transformers
+
+        config = hf_config if not isinstance(hf_config, dict) else transformers.AutoConfig.for_model(**hf_config)
+        self.model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+        self.pad_token_id = pad_token_id
+        self.max_batch_sequences = max_batch_sequences
+        self.version = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        state = self.model.state_dict()
+        seen = set()
+        for name, tensor in tensors:
+            if name not in state:
+                raise KeyError(f"embedded engine: the exported tensor {name!r} is not a parameter of the model")
+            if state[name].shape != tensor.shape:
+                raise ValueError(f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}")
+            state[name].copy_(tensor)
+            seen.add(name)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        missing = set(state) - seen - tied
+        if missing:
+            raise KeyError(f"embedded engine: the update lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+        jobs = [(p, k) for p in range(len(prompts)) for k in range(n)]
+        results: list[list[Sample]] = [[None] * n for _ in prompts]  # type: ignore[list-item]
+        per_call = max(1, self.max_batch_sequences)
+        for start in range(0, len(jobs), per_call):
+            chunk = jobs[start : start + per_call]
+            for (p, k), sample in zip(chunk, self._generate([prompts[p] for p, _ in chunk], params)):
+                sample.prompt_index, sample.sample_index = p, k
+                results[p][k] = sample
+        return results
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        stop = list(params.stop_token_ids)
+        sampling = params.temperature > 0
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
+            temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None, eos_token_id=stop or None, pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True, output_logits=True,
+        )
+        new = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1).float()  # [batch, steps, vocab], before temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(2, new.unsqueeze(2)).squeeze(2)
+        samples = []
+        for i in range(len(prompts)):
+            tokens = new[i].tolist()
+            end = next((j + 1 for j, t in enumerate(tokens) if t in stop), None)
+            finish = "stop" if end is not None else "length"
+            end = end or len(tokens)
+            samples.append(Sample(-1, -1, tokens[:end], logprobs[i, :end].tolist(), finish, self.version))
+        return samples
