@@ -4,6 +4,7 @@
 #   tools/install.sh                       # CPU machine: torch 2.13.0 (CPU build), package + test extras
 #   tools/install.sh --system-site-packages   # GPU cluster: reuse the image's torch (and TE, if any)
 #   tools/install.sh --extras test,gpu     # choose extras (default: test)
+#   tools/install.sh --with-sglang         # also SGLang's own environment (tools/install_sglang.sh)
 #
 # Order matters: torch goes in first and is then pinned by a constraint file, so no dependency
 # can replace it with a multi-GB CUDA build. An already importable torch (a cluster image's) is kept.
@@ -16,6 +17,7 @@ python="${PYTHON:-python3}"
 extras="test"
 venv_flags=()
 cpu_torch="2.13.0"
+with_sglang=0
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -23,7 +25,8 @@ while [[ $# -gt 0 ]]; do
     --extras) extras="$2"; shift ;;
     --venv) venv="$2"; shift ;;
     --python) python="$2"; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --with-sglang) with_sglang=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -31,6 +34,9 @@ done
 
 stamp="$venv/.real-megatron-install"
 want="$(cat "$root/pyproject.toml" "$root/tools/install.sh" | sha256sum | cut -d' ' -f1) extras=$extras"
+if [[ $with_sglang == 1 ]]; then
+  "$root/tools/install_sglang.sh" >/dev/null
+fi
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -x "$venv/bin/real-megatron" ]]; then
   echo "install.sh: $venv is up to date"
   exit 0

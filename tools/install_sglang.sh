@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real SGLang server in its own virtual environment (.venv-sglang by default).
+# A real SGLang server in its own virtual environment (~/.cache/real-megatron/venv-sglang-<version>).
 #
 # SGLang's PyPI wheel imports only beside PyPI's torch 2.14.1, while the trainer keeps its own torch
 # (2.13.0+cpu on CPU machines), so the two never share an environment. The lean install below
@@ -9,13 +9,16 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${SGLANG_VENV:-$root/.venv-sglang}"
-python="${PYTHON:-python3}"
 version="0.5.23"
+# Outside the checkout, so that a machine keeps it between clean checkouts (CI caches it this way).
+cache="${REAL_MEGATRON_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/real-megatron}"
+venv="${SGLANG_VENV:-$cache/venv-sglang-$version}"
+python="${PYTHON:-python3}"
 stamp="$venv/.installed-sglang-$version"
 
 if [[ -f "$stamp" ]] && "$venv/bin/python" -c "import sglang" 2>/dev/null; then
   echo "install_sglang.sh: $venv is up to date (sglang $version)"
+  echo "$venv/bin/python"
   exit 0
 fi
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
@@ -30,3 +33,4 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
   xxhash zstandard distro easydict 'compressed-tensors==0.18.0' dill loguru ml_dtypes 'soundfile==0.13.1'
 "$venv/bin/python" -c "import sglang; print('install_sglang.sh: sglang', sglang.__version__, 'in', '$venv')"
 touch "$stamp"
+echo "$venv/bin/python"

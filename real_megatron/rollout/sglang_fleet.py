@@ -1,0 +1,265 @@
+"""The SGLang fleet (`rollout.backend: sglang`): launch or attach servers, generate, fail over.
+
+Each sample is one /generate request (token ids in, ids + log-probs + finish reason out), many in
+flight, each sent to the live server with the least outstanding work. A server that dies or times
+out mid-batch is taken out; its unfinished requests go to the others (nothing lost, nothing twice:
+every request has one slot in the result); a launched server is restarted in the background, an
+attached one dropped with a warning; with no server left the batch fails with a clear error.
+Weight sync pauses generation (a lock), loads the new weights on every server, flushes the prefix
+cache and records the version each server holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .types import Sample, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class FleetError(RuntimeError):
+    pass
+
+
+def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0) -> dict:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if payload is None else "POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    try:
+        return json.loads(body) if body.strip() else {}
+    except json.JSONDecodeError:  # some endpoints (/flush_cache) answer in plain text
+        return {"text": body.decode(errors="replace")}
+
+
+@dataclass
+class Server:
+    index: int
+    url: str
+    process: Optional[subprocess.Popen] = None  # None: attached, not ours to stop or restart
+    log_path: Optional[Path] = None
+    alive: bool = True
+    outstanding: int = 0  # tokens of requests in flight
+    weight_version: int = 0
+    restarts: int = 0
+    command: list[str] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class SGLangFleet:
+    def __init__(self, *, model_path: Optional[str] = None, urls: Optional[list[str]] = None, num_servers: int = 1,
+                 server_tp: int = 1, host: str = "127.0.0.1", base_port: int = 30000, server_python: str = "python3",
+                 server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
+                 health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0, max_in_flight: int = 64,
+                 max_restarts: int = 2):
+        if not urls and not model_path:
+            raise ValueError("SGLangFleet needs server urls to attach to, or a model_path to launch servers with")
+        self.health_timeout_s, self.request_timeout_s = health_timeout_s, request_timeout_s
+        self.max_in_flight, self.max_restarts = max_in_flight, max_restarts
+        self.log_dir = Path(log_dir)
+        self._lock = threading.Lock()  # guards server load bookkeeping
+        self._weights = threading.Lock()  # held while weights change: no generation meanwhile
+        self.servers: list[Server] = []
+        self.weight_version, self.weights_path = 0, None  # what every server in rotation holds
+        self.last_throughput = 0.0  # generated tokens per second of the last batch
+        if urls:
+            self.servers = [Server(i, u.rstrip("/")) for i, u in enumerate(urls)]
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(num_servers):
+                port = base_port + i * max(1, server_tp) * 2
+                command = [server_python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host,
+                           "--port", str(port), "--tp-size", str(server_tp), *(server_args or [])]
+                self.servers.append(Server(i, f"http://{host}:{port}", log_path=self.log_dir / f"sglang_{i}.log",
+                                           command=command))
+            self._env = dict(os.environ, **(env or {}))
+            for server in self.servers:
+                self._launch(server)
+        self.wait_healthy(self.servers)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def _launch(self, server: Server) -> None:
+        log_file = open(server.log_path, "a")
+        server.process = subprocess.Popen(server.command, stdout=log_file, stderr=subprocess.STDOUT, env=self._env,
+                                          start_new_session=True)  # its own process group: we stop all of it
+        server.alive = True
+
+    def wait_healthy(self, servers: list[Server]) -> None:
+        deadline = time.monotonic() + self.health_timeout_s
+        pending = list(servers)
+        while pending:
+            for server in list(pending):
+                if server.process is not None and server.process.poll() is not None:
+                    raise FleetError(f"SGLang server {server.index} ({server.url}) exited with code "
+                                     f"{server.process.returncode} while starting; log tail:\n{server.log_tail()}")
+                try:
+                    http_json(server.url + "/health", timeout=5)
+                    pending.remove(server)
+                except (urllib.error.URLError, OSError, ValueError):
+                    pass
+            if pending and time.monotonic() > deadline:
+                s = pending[0]
+                raise FleetError(f"SGLang server {s.index} ({s.url}) not healthy after {self.health_timeout_s:.0f}s; "
+                                 f"log tail:\n{s.log_tail()}")
+            if pending:
+                time.sleep(1.0)
+
+    def stop(self) -> None:
+        """Stop the servers this fleet launched (and only those)."""
+        for server in self.servers:
+            if server.process is not None and server.process.poll() is None:
+                try:
+                    os.killpg(server.process.pid, signal.SIGTERM)
+                    server.process.wait(timeout=30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(server.process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            server.alive = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def _pick(self, cost: int) -> Server:
+        with self._lock:
+            live = [s for s in self.servers if s.alive]
+            if not live:
+                raise FleetError("no SGLang server is left alive (" + ", ".join(s.url for s in self.servers) + ")")
+            server = min(live, key=lambda s: (s.outstanding, s.index))
+            server.outstanding += cost
+            return server
+
+    def _release(self, server: Server, cost: int) -> None:
+        with self._lock:
+            server.outstanding -= cost
+
+    def _fail(self, server: Server, reason: str) -> None:
+        with self._lock:
+            if not server.alive:
+                return
+            server.alive = False
+        if server.process is None:
+            log.warning("dropping attached SGLang server %s: %s", server.url, reason)
+            return
+        log.warning("SGLang server %d (%s) failed (%s); restarting it", server.index, server.url, reason)
+        if server.restarts < self.max_restarts:
+            server.restarts += 1
+            threading.Thread(target=self._restart, args=(server,), daemon=True).start()
+
+    def _restart(self, server: Server) -> None:
+        try:
+            if server.process is not None and server.process.poll() is None:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                server.process.wait(timeout=30)
+            self._launch(server)
+            server.alive = False  # not in rotation until healthy and on the current weights
+            self.wait_healthy([server])
+            if self.weights_path is not None:
+                self._load(server, self.weights_path, self.weight_version)
+            with self._lock:
+                server.alive = True
+        except Exception as exc:  # noqa: BLE001 - a failed restart leaves the server out
+            log.warning("restart of SGLang server %d failed: %s", server.index, exc)
+
+    def _request(self, server: Server, prompt: list[int], params: SamplingParams) -> dict:
+        payload = {
+            "input_ids": prompt,
+            "sampling_params": {"temperature": params.temperature, "top_p": params.top_p,
+                                "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids),
+                                "skip_special_tokens": False, "no_stop_trim": True},
+            "return_logprob": True,
+        }
+        return http_json(server.url + "/generate", payload, timeout=self.request_timeout_s)
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+        """n samples per prompt; returns when every sample is done (or raises FleetError)."""
+        with self._weights:
+            results: list[list[Optional[Sample]]] = [[None] * n for _ in prompts]
+            queue = [(p, k) for p in range(len(prompts)) for k in range(n)]
+            start, tokens = time.monotonic(), 0
+            with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
+                running = {}
+                while queue or running:
+                    while queue and len(running) < self.max_in_flight:
+                        p, k = queue.pop(0)
+                        cost = len(prompts[p]) + params.max_new_tokens
+                        server = self._pick(cost)
+                        running[pool.submit(self._request, server, prompts[p], params)] = (p, k, server, cost)
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        p, k, server, cost = running.pop(future)
+                        self._release(server, cost)
+                        try:
+                            reply = future.result()
+                            results[p][k] = self._sample(reply, p, k, server)
+                            tokens += len(results[p][k].output_ids)
+                        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
+                            self._fail(server, f"{type(exc).__name__}: {exc}")
+                            queue.append((p, k))  # re-sent to another server
+            elapsed = time.monotonic() - start
+            self.last_throughput = tokens / max(elapsed, 1e-9)
+            return results  # type: ignore[return-value]
+
+    def _sample(self, reply: dict, p: int, k: int, server: Server) -> Sample:
+        meta = reply.get("meta_info", {})
+        ids = reply.get("output_ids")
+        logprob_items = meta.get("output_token_logprobs") or []
+        if ids is None:
+            ids = [int(item[1]) for item in logprob_items]
+        logprobs = [float(item[0]) for item in logprob_items] if logprob_items else None
+        finish = meta.get("finish_reason") or {}
+        kind = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
+        served = str(meta.get("weight_version", "default"))
+        expected = str(self.weight_version)
+        # once this fleet has set the weights, every sample must come from them
+        if self.weights_path is not None and served != expected:
+            raise ValueError(f"SGLang server {server.url} sampled with weight version {served!r}, expected {expected!r}")
+        return Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", self.weight_version)
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def _load(self, server: Server, path: str | Path, version: int) -> None:
+        """One server loads an HF checkpoint, tagged `version`; the prefix cache is flushed."""
+        reply = http_json(server.url + "/update_weights_from_disk",
+                          {"model_path": str(path), "weight_version": str(version), "flush_cache": True},
+                          timeout=self.request_timeout_s)
+        if reply.get("success") is False:
+            raise FleetError(f"SGLang server {server.url} refused the weights at {path}: {reply.get('message')}")
+        server.weight_version = version
+
+    def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        """Every live server loads the HF checkpoint at `path`; generation waits meanwhile."""
+        with self._weights:
+            for server in [s for s in self.servers if s.alive]:
+                try:
+                    self._load(server, path, version)
+                except (urllib.error.URLError, OSError) as exc:
+                    self._fail(server, f"weight update failed: {exc}")
+            self.weight_version, self.weights_path = version, path
+            if not any(s.alive for s in self.servers):
+                raise FleetError(f"no SGLang server took the weights of version {version}")

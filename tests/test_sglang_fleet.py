@@ -1,0 +1,154 @@
+"""A real SGLang server fleet on CPU (SGLang's own environment, see tools/install_sglang.sh).
+
+Two servers of a tiny Qwen2 checkpoint; the only stand-in is tests/support/sgl_kernel (the CPU
+kernels PyPI lacks). Checks: greedy ids equal transformers', log-probs equal the actor's, a weight
+update from disk switches to exactly the new model's outputs, and killing a server mid-batch loses
+and duplicates nothing.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from real_megatron.rollout.sglang_env import default_server_python
+from real_megatron.rollout.sglang_fleet import FleetError, SGLangFleet
+from real_megatron.rollout.types import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow]
+CPU_SERVER_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--max-total-tokens", "4096", "--dtype", "float32",
+                   "--skip-tokenizer-init"]
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23]]
+
+
+def make_model(path, seed):
+    config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=False, initializer_range=0.1, torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def assert_greedy_of(model, prompt, output):
+    """output is model's greedy continuation of prompt: every token is the argmax given the ones
+    before it, except at an exact-enough tie (top-2 logits within 1e-4), after which paths may part."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1].double()
+    for step, token in enumerate(output):
+        best = int(logits[step].argmax())
+        if token != best:
+            margin = float(logits[step, best] - logits[step, token])
+            assert margin < 1e-4, f"step {step}: server chose {token}, argmax {best} is ahead by {margin:.2e}"
+            return False
+    return True
+
+
+def greedy(model, prompt, n):
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    python = default_server_python()
+    assert python != "python3", "SGLang's environment is missing: run tools/install_sglang.sh (or tools/install.sh --with-sglang)"
+    root = tmp_path_factory.mktemp("sglang")
+    a, b = make_model(root / "a", 0), make_model(root / "b", 1)
+    env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support")}
+    fleet = SGLangFleet(model_path=str(root / "a"), num_servers=2, base_port=31200 + os.getpid() % 500 * 4,
+                        server_python=python, server_args=CPU_SERVER_ARGS, env=env, log_dir=root / "logs",
+                        health_timeout_s=300, request_timeout_s=120, max_in_flight=8)
+    try:
+        yield fleet, a, b, root
+    finally:
+        fleet.stop()
+        assert all(s.process.poll() is not None for s in fleet.servers)
+
+
+def test_greedy_ids_equal_transformers_and_logprobs_equal_the_actors(fleet):
+    fleet, model_a, _, root = fleet
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    groups = fleet.generate(PROMPTS, n=2, params=params)
+    pairs = []
+    exact = 0
+    for prompt, group in zip(PROMPTS, groups):
+        expect = greedy(model_a, prompt, 12)
+        for sample in group:
+            assert sample.finish_reason == "length" and len(sample.logprobs) == 12
+            exact += sample.output_ids == expect
+            assert_greedy_of(model_a, prompt, sample.output_ids)
+        pairs.append([prompt, group[0].output_ids])
+    assert exact >= len(PROMPTS)  # most identical outright; any difference only after a tie
+    (root / "pairs.json").write_text(json.dumps(pairs))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "actor_logprobs.py"), "--hf", str(root / "a"),
+                           "--pairs", str(root / "pairs.json"), "--out", str(root / "actor.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    actor = json.loads((root / "actor.json").read_text())
+    diff = max(abs(x - y) for group, ref in zip(groups, actor) for x, y in zip(group[0].logprobs, ref))
+    print(f"max |engine log-prob - actor log-prob| = {diff:.2e}")
+    assert diff <= 1e-4  # measured 1.4e-6 (fp32 server; SGLang's default dtype on CPU is bf16)
+    assert fleet.last_throughput > 0
+
+
+def test_weight_update_from_disk_switches_to_the_new_model_exactly(fleet):
+    fleet, model_a, model_b, root = fleet
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    fleet.update_weights_from_disk(root / "b", version=1)
+    groups = fleet.generate(PROMPTS, n=2, params=params)
+    for p, g in zip(PROMPTS, groups):
+        for sample in g:
+            assert sample.weight_version == 1
+            assert_greedy_of(model_b, p, sample.output_ids)
+    assert any(greedy(model_a, p, 10) != greedy(model_b, p, 10) for p in PROMPTS)  # the switch is visible
+    fleet.update_weights_from_disk(root / "a", version=2)
+    back = fleet.generate(PROMPTS[:1], 1, params)[0][0]
+    assert back.weight_version == 2 and assert_greedy_of(model_a, PROMPTS[0], back.output_ids)
+
+
+def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet):
+    fleet, _, _, _ = fleet
+    prompts = [[i % 120 + 1, (i * 7) % 120 + 1] for i in range(24)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=200)
+    victim = fleet.servers[0]
+    killer = threading.Timer(1.0, lambda: os.killpg(victim.process.pid, signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    groups = fleet.generate(prompts, n=4, params=params)
+    killer.join()
+    assert victim.restarts == 1  # launched mode: it is being restarted
+    assert [len(g) for g in groups] == [4] * 24
+    assert all(s is not None and s.prompt_index == p and s.sample_index == k and 0 < len(s.output_ids) <= 200
+               for p, g in enumerate(groups) for k, s in enumerate(g))
+    assert time.monotonic() - start < 300
+    # the restarted server comes back on the current weights and serves again
+    deadline = time.monotonic() + 240
+    while not victim.alive and time.monotonic() < deadline:
+        time.sleep(2)
+    assert victim.alive and victim.weight_version == fleet.weight_version
+
+
+def test_attached_mode_and_no_server_left(fleet):
+    fleet, _, _, _ = fleet
+    attached = SGLangFleet(urls=[s.url for s in fleet.servers], health_timeout_s=60)
+    out = attached.generate([[5, 6]], 1, SamplingParams(temperature=0.0, max_new_tokens=3))
+    assert len(out[0][0].output_ids) == 3
+    attached.stop()  # attached servers are not ours: they keep running
+    assert all(s.process.poll() is None for s in fleet.servers)
+    dead = SGLangFleet.__new__(SGLangFleet)
+    dead.__dict__.update(attached.__dict__)
+    for s in dead.servers:
+        s.alive = False
+    with pytest.raises(FleetError, match="no SGLang server is left alive"):
+        dead.generate([[5, 6]], 1, SamplingParams(max_new_tokens=3))
