@@ -103,13 +103,23 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
         reason = "; ".join(str(f[0] if isinstance(f, tuple) else f) for f in failures.values()) if failures else str(exc)
         raise RuntimeError(f"{ckpt}: could not load its model weights into a {spec.family} model built from "
                            f"{side / 'config.json'} (a checkpoint of another model?): {reason}") from None
-    # Stage by stage to global rank 0. Every rank of a stage iterates (the TP gathers need all of
-    # them); with PP a stage's tensors then travel to rank 0 as one message.
-    out = Path(out_dir)
-    writer = HFCheckpointWriter(out, max_shard_bytes) if _rank() == 0 else None
+    out = write_hf_checkpoint(chunks, spec, Path(out_dir), side, dtype, max_shard_bytes)
+    _barrier()
+    return out
+
+
+def write_hf_checkpoint(chunks, spec: ArchSpec, out: Path, side_dir: Path | None, dtype: torch.dtype,
+                        max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Stream a live, sharded model into an HF checkpoint at `out` (global rank 0 writes).
+
+    Every rank of a stage iterates (the TP gathers need all of them); with PP a stage's tensors
+    then travel to rank 0 as one message. Used by the converter and by weight sync to servers.
+    """
     from megatron.core import parallel_state as ps
 
+    pp = ps.get_pipeline_model_parallel_world_size()
     stage = ps.get_pipeline_model_parallel_rank()
+    writer = HFCheckpointWriter(out, max_shard_bytes) if _rank() == 0 else None
     for source_stage in range(pp):
         if pp == 1:
             items = iter_hf_tensors(chunks, spec)
@@ -122,8 +132,8 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
                 writer.add(name, tensor.to(dtype))  # megatron may keep norms in float32
     if writer is not None:
         writer.close()
-        copy_side_files(side, out)
-    _barrier()
+        if side_dir is not None:
+            copy_side_files(side_dir, out)
     return out
 
 
