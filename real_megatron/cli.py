@@ -24,12 +24,37 @@ def _train(args: argparse.Namespace) -> int:
         print(describe_layout(cfg.parallel))
         print("config OK")
         return 0
-    print(
-        "real-megatron train: the training loop (megatron actor + rollouts) is not in this release yet; "
-        "use --dry-run to validate a config.",
-        file=sys.stderr,
-    )
-    return 2
+    import logging
+
+    from .train import train
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("real_megatron").setLevel(logging.INFO)  # megatron-core's INFO lists every parameter
+    summary = train(cfg)
+    if summary and _is_rank0():
+        print(closing_table(summary, cfg.train.output_dir))
+    return 0
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def closing_table(summary: dict, run_dir: str) -> str:
+    rows = [
+        ("algorithm", summary["algorithm"]),
+        ("steps", str(summary["steps"])),
+        ("pass@1 before RL", f"{summary['baseline_pass1']:.3f} ± {summary['baseline_stderr']:.3f}"),
+        ("pass@1 after RL", f"{summary['final_pass1']:.3f} ± {summary['stderr']:.3f}"),
+        ("gain", f"{summary['gain']:+.3f}"),
+        ("eval samples", f"{summary['eval_samples']} ({summary['eval_problems']} problems)"),
+        ("wall time", f"{summary['seconds'] / 60:.1f} min"),
+        ("run directory", run_dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _convert(args: argparse.Namespace) -> int:

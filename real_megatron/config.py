@@ -105,6 +105,21 @@ class DataConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A built-in synthetic task: its data, tokenizer and warm-start model are made offline."""
+
+    name: Optional[Literal["arithmetic"]] = None  # None: use data.* files and model.path
+    train_prompts: int = 20000
+    eval_prompts: int = 500
+    max_operand: int = 55  # operands drawn from 1..max_operand
+    tokenizer_vocab: int = 48
+    warmstart_steps: int = 2200
+    warmstart_batch: int = 64
+    warmstart_lr: float = 3e-3
+    cache_dir: Optional[str] = None  # default: ~/.cache/real-megatron/tasks
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-6
     min_lr: float = 0.0
@@ -163,6 +178,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

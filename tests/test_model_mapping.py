@@ -93,4 +93,5 @@ def test_launch_env_from_torchrun_and_slurm():
                       "SLURM_JOB_NODELIST": "gpu[07-08]"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.source) == (5, 16, 1, "gpu07", "slurm")
     assert env.master_port == 20000 + 4242
-    assert launch_env({}).source == "single"
+    alone = launch_env({})
+    assert alone.source == "single" and alone.world_size == 1 and alone.master_port > 0

@@ -1,0 +1,300 @@
+"""REAL training, Algorithm 1: generate -> verify -> update the actor -> sync weights -> evaluate.
+
+    for step:
+        prompts  <- next P prompts of the (resumable, shuffled) dataset
+        rollouts <- G samples per prompt from the engine (embedded, or the SGLang fleet)
+        labels   <- verifier(rollout, ground truth) in {0, 1}
+        actor.train_step(rollouts): old log-probs, then REAL over group-aligned micro-batches
+        engine   <- actor's new weights (streaming export)
+        log metrics; evaluate and checkpoint every so often
+
+Everything a run leaves is in its output directory: config.yaml, metrics.jsonl, TensorBoard events,
+checkpoints/, final_hf/, summary.json and curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, save_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    model_dir: Path  # HF checkpoint the actor starts from
+    tokenizer: object
+    train_set: object  # PromptDataset
+    eval_sets: dict  # name -> PromptDataset
+    reward_fn: Callable
+    stop_ids: tuple
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _broadcast(obj):
+    """Rank 0's object on every rank (rollouts are made once, by rank 0)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def prepare_inputs(cfg: Config) -> Inputs:
+    from transformers import AutoTokenizer
+
+    from .data import PromptDataset
+    from .rewards import load_reward_fn
+
+    if cfg.task.name == "arithmetic":
+        return _arithmetic_inputs(cfg)
+    if not cfg.model.path:
+        raise ValueError("model.path is required (an HF checkpoint directory) unless task.name is set")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    common = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, prompt_key=cfg.data.prompt_key,
+                  answer_key=cfg.data.answer_key, skip_malformed=cfg.data.skip_malformed)
+    train_set = PromptDataset(cfg.data.train_files, tokenizer, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **common)
+    evals = {Path(f).stem: PromptDataset([f], tokenizer, shuffle=False, **common) for f in cfg.eval.files}
+    stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    return Inputs(Path(cfg.model.path), tokenizer, train_set, evals, load_reward_fn(cfg.data.reward_fn), stop)
+
+
+def _arithmetic_inputs(cfg: Config) -> Inputs:
+    from .data import PromptDataset
+    from .tasks import arithmetic as task
+
+    t = cfg.task
+    cache = Path(t.cache_dir or Path.home() / ".cache" / "real-megatron" / "tasks")
+    model_config = dict(cfg.model.hf_config_overrides)
+    key = task.settings_key(t.train_prompts, t.eval_prompts, t.max_operand, t.tokenizer_vocab, t.warmstart_steps,
+                            t.warmstart_batch, t.warmstart_lr, model_config, cfg.train.seed)
+    root = cache / f"arithmetic-{key}"
+    train, held = task.split(t.train_prompts, t.eval_prompts, seed=cfg.train.seed, max_operand=t.max_operand)
+    model_dir = root / "warmstart"
+    if _rank0():
+        tokenizer = task.build_tokenizer(root / "tokenizer", [p + s for p, s, _ in train[:4000]], t.tokenizer_vocab)
+        task.write_jsonl(root / "train.jsonl", train)
+        task.write_jsonl(root / "heldout.jsonl", held)
+        model_config.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        task.warm_start(model_dir, model_config, tokenizer, train, steps=t.warmstart_steps, batch=t.warmstart_batch,
+                        lr=t.warmstart_lr, seed=cfg.train.seed, progress=cfg.logging.progress_bar)
+    if dist.is_initialized():
+        dist.barrier()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_set = PromptDataset([root / "train.jsonl"], tokenizer, seed=cfg.train.seed, max_prompt_tokens=10_000)
+    held_set = PromptDataset([root / "heldout.jsonl"], tokenizer, shuffle=False, max_prompt_tokens=10_000)
+    return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, task.reward, (tokenizer.eos_token_id,))
+
+
+def make_engine(cfg: Config, inputs: Inputs, run_dir: Path):
+    from .rollout.local import LocalEngine
+
+    if cfg.rollout.backend == "local":
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(inputs.model_dir)
+        return LocalEngine(config, pad_token_id=inputs.tokenizer.pad_token_id or 0, seed=cfg.train.seed)
+    from .rollout.sglang_env import default_server_python
+    from .rollout.sglang_fleet import SGLangFleet
+
+    r = cfg.rollout
+    return SGLangFleet(
+        model_path=str(inputs.model_dir), urls=r.server_urls or None, num_servers=r.num_servers, server_tp=r.server_tp,
+        host=r.server_host, base_port=r.server_base_port, server_python=r.server_python or default_server_python(),
+        server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
+        request_timeout_s=r.request_timeout_s,
+    )
+
+
+def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path) -> float:
+    from .rollout.local import LocalEngine
+    from .rollout.weight_sync import sync_to_fleet_from_disk
+
+    start = time.perf_counter()
+    if isinstance(engine, LocalEngine):
+        state = actor.gather_hf_state_dict()  # the full model on rank 0 (small models only)
+        if _rank0():
+            engine.update_weights(state.items(), version)
+    else:
+        sync_to_fleet_from_disk(actor, engine, run_dir / "weights", version, model_dir)
+    return time.perf_counter() - start
+
+
+def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_s: float):
+    """(rollouts, metrics) on rank 0: samples, decoded responses, verifier labels."""
+    from .actor.batching import Rollout
+
+    start = time.perf_counter()
+    prompts = [ex.prompt_ids for ex in examples]
+    groups = engine.generate(prompts, n, params)
+    gen_s = time.perf_counter() - start
+    start = time.perf_counter()
+    texts = [inputs.tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
+    truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
+    rewards = _rewards(inputs.reward_fn, texts, truths, timeout_s)
+    rollouts, k = [], 0
+    for p, (ex, group) in enumerate(zip(examples, groups)):
+        for sample in group:
+            rollouts.append(Rollout(ex.prompt_ids, sample.output_ids or list(inputs.stop_ids[:1]), rewards[k], p,
+                                    sample.logprobs, sample.truncated))
+            k += 1
+    solved = [all(r.reward > 0 for r in rollouts[i * n : (i + 1) * n]) for i in range(len(examples))]
+    return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start,
+                      "solved_all_ratio": sum(solved) / len(solved),
+                      "truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts)}
+
+
+def _rewards(fn, texts, truths, timeout_s) -> list[float]:
+    from .rewards.math import math_reward, math_rewards
+
+    if fn is math_reward:
+        return math_rewards(texts, truths, timeout_s=timeout_s)  # all verifier workers at once
+    return [float(fn(t, g)) for t, g in zip(texts, truths)]
+
+
+def evaluate(engine, inputs: Inputs, cfg: Config) -> dict:
+    """pass@1 averaged over k samples per problem, per eval set and overall, with its standard error."""
+    from .rollout.types import SamplingParams
+
+    params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
+                            stop_token_ids=inputs.stop_ids)
+    out, all_scores = {}, []
+    for name, dataset in inputs.eval_sets.items():
+        examples = dataset.examples
+        rollouts, _ = generate_rollouts(engine, inputs, examples, cfg.eval.k, params, 5.0)
+        per_problem = [sum(r.reward for r in rollouts[i * cfg.eval.k : (i + 1) * cfg.eval.k]) / cfg.eval.k
+                       for i in range(len(examples))]
+        out[name] = sum(per_problem) / len(per_problem)
+        all_scores += per_problem
+    mean = sum(all_scores) / len(all_scores)
+    var = sum((x - mean) ** 2 for x in all_scores) / max(1, len(all_scores) - 1)
+    out.update(pass1=mean, stderr=math.sqrt(var / len(all_scores)), problems=len(all_scores),
+               samples=len(all_scores) * cfg.eval.k)
+    return out
+
+
+def train(cfg: Config) -> dict:
+    from .actor.actor import Actor, ActorSettings
+    from .actor.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+    from .actor.distributed import init_distributed, shutdown
+    from .actor.model import ArchSpec
+    from .convert.hf_io import HFCheckpointReader, copy_side_files
+    from .metrics import MetricsLogger, plot_curves
+    from .objectives import objective_from_config
+    from .rollout.types import SamplingParams
+
+    p, t, r = cfg.parallel, cfg.train, cfg.rollout
+    init_distributed(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=p.timeout_s,
+                     expected_world_size=p.world_size, seed=t.seed)
+    run_dir = Path(t.output_dir)
+    ckpt_root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    if _rank0():
+        save_config(cfg, run_dir / "config.yaml")
+    started = time.time()
+
+    inputs = prepare_inputs(cfg)
+    spec = ArchSpec.from_pretrained(inputs.model_dir)
+    dtype = getattr(torch, cfg.model.dtype)
+    micro_groups = t.prompts_per_micro_batch
+    settings = ActorSettings(
+        tp=p.tp, pp=p.pp, vpp=p.vpp, sequence_parallel=p.sequence_parallel, dtype=dtype, lr=cfg.optim.lr,
+        min_lr=cfg.optim.min_lr, lr_schedule=cfg.optim.lr_schedule, warmup_steps=cfg.optim.warmup_steps,
+        total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * cfg.algorithm.updates_per_batch,
+        weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2,
+        adam_eps=cfg.optim.adam_eps, clip_grad=cfg.optim.clip_grad,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, groups_per_mini_batch=t.prompts_per_mini_batch,
+        groups_per_micro_batch=micro_groups, updates_per_batch=cfg.algorithm.updates_per_batch,
+        use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
+        pad_id=inputs.tokenizer.pad_token_id or 0,
+    )
+    actor = Actor(spec, settings, objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get)
+    engine = make_engine(cfg, inputs, run_dir) if _rank0() else None
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard) if _rank0() else None
+
+    start_step, history = 0, {}
+    resume = None if cfg.checkpoint.resume == "none" else (
+        latest_checkpoint(ckpt_root) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    if resume is not None:
+        state = load_checkpoint(actor, resume)
+        start_step = state["step"]
+        inputs.train_set.load_state_dict(state["data"])
+        history = state.get("history", {})
+        if _rank0():
+            log.info("resumed from %s at step %d", resume, start_step)
+    sync_weights(actor, engine, run_dir, start_step, inputs.model_dir)
+
+    if "baseline" not in history:
+        history["baseline"] = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
+        if logger:
+            logger.log(start_step, {"val_pass1": history["baseline"]["pass1"]})
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                            stop_token_ids=inputs.stop_ids)
+    bar = _progress(cfg, start_step)
+    for step in range(start_step, t.steps):
+        examples = inputs.train_set.next_batch(t.prompts_per_step)  # every rank: the position stays in step
+        made = generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0) if _rank0() else None
+        rollouts, rollout_metrics = _broadcast(made)
+        metrics = actor.train_step(rollouts)
+        metrics.update(rollout_metrics)
+        metrics["sync_s"] = sync_weights(actor, engine, run_dir, step + 1, inputs.model_dir)
+        if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < t.steps:
+            result = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
+            metrics["val_pass1"] = result["pass1"]
+        if logger:
+            logger.log(step + 1, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
+        if cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0:
+            save_checkpoint(actor, ckpt_root / f"step_{step + 1:06d}",
+                            {"step": step + 1, "data": inputs.train_set.state_dict(), "history": history})
+            prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+    if bar is not None:
+        bar.close()
+
+    final = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
+    if cfg.checkpoint.save_hf_final:
+        from .convert.convert import write_hf_checkpoint
+
+        write_hf_checkpoint(actor.chunks, spec, run_dir / "final_hf", inputs.model_dir, dtype)
+    summary = {
+        "baseline_pass1": history["baseline"]["pass1"], "final_pass1": final["pass1"],
+        "gain": final["pass1"] - history["baseline"]["pass1"], "eval_samples": final["samples"],
+        "eval_problems": final["problems"], "stderr": final["stderr"], "baseline_stderr": history["baseline"]["stderr"],
+        "steps": t.steps, "algorithm": cfg.algorithm.name, "seconds": time.time() - started,
+    }
+    if _rank0():
+        logger.log(t.steps, {"val_pass1": final["pass1"]})
+        logger.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if cfg.logging.plot:
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
+        copy_side_files(inputs.model_dir, run_dir / "final_hf") if cfg.checkpoint.save_hf_final else None
+        if hasattr(engine, "stop"):
+            engine.stop()
+    shutdown()
+    return summary
+
+
+def _progress(cfg: Config, start: int):
+    if not (cfg.logging.progress_bar and _rank0()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.algorithm.name} RL", unit="step")
