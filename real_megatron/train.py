@@ -194,7 +194,7 @@ def train(cfg: Config) -> dict:
     from .actor.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
     from .actor.distributed import init_distributed, shutdown
     from .actor.model import ArchSpec
-    from .convert.hf_io import HFCheckpointReader, copy_side_files
+    from .convert.hf_io import HFCheckpointReader
     from .metrics import MetricsLogger, plot_curves
     from .objectives import objective_from_config
     from .rollout.types import SamplingParams
@@ -285,7 +285,6 @@ def train(cfg: Config) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.logging.plot:
             plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
-        copy_side_files(inputs.model_dir, run_dir / "final_hf") if cfg.checkpoint.save_hf_final else None
         if hasattr(engine, "stop"):
             engine.stop()
     shutdown()

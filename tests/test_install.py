@@ -20,7 +20,7 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_second():
     quickstart, tests = readme_commands()
     assert "\n" not in quickstart and "\n" not in tests
     assert quickstart.startswith("tools/install.sh && ") and "real-megatron train configs/quickstart.yaml" in quickstart
-    assert tests.startswith("tools/install.sh && ")
+    assert tests.startswith("tools/install.sh ") and tests.endswith(".venv/bin/python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == tests  # verbatim
 

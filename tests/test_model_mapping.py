@@ -42,7 +42,7 @@ def test_llama3_rope_frequencies_match_transformers():
 def test_every_layout_round_trips_exactly(tp):
     spec = ArchSpec.from_hf(dict(QWEN2, num_attention_heads=8, num_key_value_heads=4))
     hf = init_hf_state_dict(spec, seed=3, bias_std=0.1)
-    rules = {**{k: v for k, v in _LAYER_RULES.items()}, **_MODEL_RULES}
+    rules = {**_LAYER_RULES, **_MODEL_RULES}
     for name, rule in rules.items():
         if "layer_norm_weight" in name:
             continue  # TE's fused-norm alias of the same tensor
