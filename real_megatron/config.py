@@ -113,7 +113,7 @@ class TaskConfig:
     eval_prompts: int = 500
     max_operand: int = 55  # operands drawn from 1..max_operand
     tokenizer_vocab: int = 48
-    warmstart_steps: int = 2200
+    warmstart_steps: int = 3000
     warmstart_batch: int = 64
     warmstart_lr: float = 3e-3
     cache_dir: Optional[str] = None  # default: ~/.cache/real-megatron/tasks

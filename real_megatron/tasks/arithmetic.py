@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, *, steps: in
 
         iterator = tqdm(iterator, desc="warm-start (supervised)", leave=False)
     for step in iterator:
-        lr_now = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        lr_now = lr * min(1.0, (step + 1) / 100)  # constant after warm-up: RL continues from a live lr
         for group in opt.param_groups:
             group["lr"] = lr_now
         rows, labels = [], []
@@ -129,5 +128,8 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, *, steps: in
     return out_dir
 
 
+WARMSTART_RECIPE = 2  # bump when warm_start changes, so cached checkpoints are not reused
+
+
 def settings_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([WARMSTART_RECIPE, *parts], sort_keys=True, default=str).encode()).hexdigest()[:12]
