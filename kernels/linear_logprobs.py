@@ -17,7 +17,7 @@ import torch
 
 from .collectives import all_reduce_sum_, group_rank, group_size
 from .dispatch import backend
-from .token_logprobs import check_targets, combine_partials, merge_partials
+from .token_logprobs import check_targets, combine_partials, finish_forward, merge_partials, upstream_grads
 
 CHUNK_LOGITS = 1 << 25  # float32 elements of one tile of logits (128 MB)
 MAX_CHUNK_TOKENS = 8192  # default token chunk: all tokens up to this
@@ -51,19 +51,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         lse, logprobs, mean_logit, entropy = combine_partials(parts, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
         ctx.ops, ctx.vocab_start, ctx.chunk, ctx.want_entropy, ctx.tp_group = ops, vocab_start, chunk, want_entropy, tp_group
-        ctx.set_materialize_grads(False)
-        if not want_entropy:
-            entropy = torch.zeros_like(logprobs)
-            ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
+        return finish_forward(ctx, logprobs, entropy, want_entropy)
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
             return (None,) * 7
-        grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp
-        grad_ent = grad_ent if ctx.want_entropy else None
+        grad_lp, grad_ent = upstream_grads(ctx, lse, grad_lp, grad_ent)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
         single_chunk = ctx.chunk >= hidden.shape[0]

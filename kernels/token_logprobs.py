@@ -44,6 +44,21 @@ def check_targets(targets: torch.Tensor, rows: int, vocab: int, name: str) -> No
         raise ValueError(f"{name}: target id {int(targets[first])} at position {first} is outside the vocabulary [0, {vocab})")
 
 
+def finish_forward(ctx, logprobs: torch.Tensor, entropy: torch.Tensor, want_entropy: bool):
+    """Shared end of both autograd forwards: optional grads in backward, entropy only if asked."""
+    ctx.set_materialize_grads(False)
+    if not want_entropy:
+        entropy = torch.zeros_like(logprobs)
+        ctx.mark_non_differentiable(entropy)
+    return logprobs, entropy
+
+
+def upstream_grads(ctx, lse: torch.Tensor, grad_lp, grad_ent):
+    """(grad of log-probs, grad of entropy or None) as the backward kernels take them."""
+    grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp
+    return grad_lp, grad_ent if ctx.want_entropy else None
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, tp_group, want_entropy, impl):
@@ -53,19 +68,14 @@ class _TokenLogprobs(torch.autograd.Function):
         lse, logprobs, mean_logit, entropy = combine_partials(parts, tp_group)
         ctx.save_for_backward(logits, targets, lse, mean_logit)
         ctx.ops, ctx.vocab_start, ctx.want_entropy = ops, vocab_start, want_entropy
-        ctx.set_materialize_grads(False)
-        if not want_entropy:
-            entropy = torch.zeros_like(logprobs)
-            ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
+        return finish_forward(ctx, logprobs, entropy, want_entropy)
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         logits, targets, lse, mean_logit = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
             return None, None, None, None, None
-        grad_lp = torch.zeros_like(lse) if grad_lp is None else grad_lp
-        grad_ent = grad_ent if ctx.want_entropy else None
+        grad_lp, grad_ent = upstream_grads(ctx, lse, grad_lp, grad_ent)
         grad = ctx.ops.logprob_grad(logits, targets, ctx.vocab_start, lse, mean_logit, grad_lp, grad_ent)
         return grad, None, None, None, None
 
