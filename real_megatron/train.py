@@ -213,12 +213,9 @@ def train(cfg: Config) -> dict:
     dtype = getattr(torch, cfg.model.dtype)
     micro_groups = t.prompts_per_micro_batch
     settings = ActorSettings(
-        tp=p.tp, pp=p.pp, vpp=p.vpp, sequence_parallel=p.sequence_parallel, dtype=dtype, lr=cfg.optim.lr,
-        min_lr=cfg.optim.min_lr, lr_schedule=cfg.optim.lr_schedule, warmup_steps=cfg.optim.warmup_steps,
+        tp=p.tp, pp=p.pp, vpp=p.vpp, sequence_parallel=p.sequence_parallel, dtype=dtype, optim=cfg.optim,
         total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * cfg.algorithm.updates_per_batch,
-        weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2,
-        adam_eps=cfg.optim.adam_eps, clip_grad=cfg.optim.clip_grad,
-        use_distributed_optimizer=cfg.optim.use_distributed_optimizer, groups_per_mini_batch=t.prompts_per_mini_batch,
+        groups_per_mini_batch=t.prompts_per_mini_batch,
         groups_per_micro_batch=micro_groups, updates_per_batch=cfg.algorithm.updates_per_batch,
         use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
         pad_id=inputs.tokenizer.pad_token_id or 0,

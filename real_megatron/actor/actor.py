@@ -15,13 +15,14 @@ both: the gradient is then exactly that of the mini-batch loss, whatever TP, PP,
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..config import OptimConfig
 from ..kernels import token_logprobs
 from ..objectives import PolicyBatch, normalise
 from ..objectives.registry import Objective, RealObjective
@@ -37,17 +38,8 @@ class ActorSettings:
     vpp: Optional[int] = None
     sequence_parallel: bool = False
     dtype: torch.dtype = torch.float32
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, clipping, lr schedule
     total_steps: int = 1000  # optimizer steps, for the lr schedule
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
     groups_per_mini_batch: int = 32
     groups_per_micro_batch: int = 8
     updates_per_batch: int = 1
@@ -95,7 +87,7 @@ class Actor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.spec, self.settings, self.objective = spec, settings, objective
-        s = settings
+        s, o = settings, settings.optim
         if ps.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism is not wired into the loss path yet (cp must be 1)")
         self.config = transformer_config(
@@ -111,7 +103,7 @@ class Actor:
 
             load_model_weights(chunks, weights)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=s.use_distributed_optimizer
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=o.use_distributed_optimizer
         )
         self.chunks = [
             DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
@@ -121,16 +113,16 @@ class Actor:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay, adam_beta1=s.adam_beta1,
-                adam_beta2=s.adam_beta2, adam_eps=s.adam_eps, clip_grad=s.clip_grad, bf16=s.dtype == torch.bfloat16,
-                fp16=s.dtype == torch.float16, params_dtype=s.dtype, use_distributed_optimizer=s.use_distributed_optimizer,
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=s.dtype == torch.bfloat16,
+                fp16=s.dtype == torch.float16, params_dtype=s.dtype, use_distributed_optimizer=o.use_distributed_optimizer,
             ),
             self.chunks,
         )
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if s.warmup_steps else s.lr, max_lr=s.lr, min_lr=s.min_lr,
-            lr_warmup_steps=s.warmup_steps, lr_decay_steps=max(s.total_steps, s.warmup_steps + 1),
-            lr_decay_style=s.lr_schedule, start_wd=s.weight_decay, end_wd=s.weight_decay,
+            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(s.total_steps, o.warmup_steps + 1),
+            lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(s.total_steps, 1), wd_incr_style="constant",
         )
         self.ps = ps

@@ -82,7 +82,7 @@ def _sharded_state_dict(actor, is_loading: bool = False) -> dict:
     for index, chunk in enumerate(actor.chunks):
         state[f"model{index}" if len(actor.chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
     kwargs = {"is_loading": is_loading}
-    if actor.settings.use_distributed_optimizer:
+    if actor.settings.optim.use_distributed_optimizer:
         kwargs["metadata"] = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
     state["optimizer"] = actor.optimizer.sharded_state_dict(state, **kwargs)
     return state
