@@ -31,9 +31,47 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("real_megatron").setLevel(logging.INFO)  # megatron-core's INFO lists every parameter
     summary = train(cfg)
-    if summary and _is_rank0():
+    if "preempted_at" in summary:
+        from .preemption import REQUEUE_EXIT_CODE
+
+        if _is_rank0():
+            print(f"stopped at step {summary['preempted_at']} on a cluster signal; checkpoint written, "
+                  f"exit {REQUEUE_EXIT_CODE} asks for a requeue")
+        return REQUEUE_EXIT_CODE
+    if _is_rank0():
         print(closing_table(summary, cfg.train.output_dir))
     return 0
+
+
+def _launch_plan(args: argparse.Namespace) -> int:
+    """What a launcher needs from a config, as shell assignments (slurm/train.sbatch evals them)."""
+    import shlex
+
+    cfg = load_config(args.config, list(args.overrides))
+    p, r = cfg.parallel, cfg.rollout
+    plan = {
+        "TRAINER_NODES": p.nodes, "TRAINER_TASKS_PER_NODE": p.gpus_per_node,
+        "ROLLOUT_BACKEND": r.backend, "FLEET_SERVERS": r.num_servers if r.backend == "sglang" and not r.server_urls else 0,
+        "SERVER_TP": r.server_tp, "OUTPUT_DIR": cfg.train.output_dir,
+    }
+    for key, value in plan.items():
+        print(f"{key}={shlex.quote(str(value))}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    from pathlib import Path
+
+    from .rollout.serve import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, list(args.overrides))
+    index = args.index if args.index is not None else int(os.environ.get("SLURM_PROCID", 0))
+    run_dir = Path(cfg.train.output_dir)
+    registry = Path(cfg.rollout.server_registry or run_dir / "servers")
+    return serve(cfg, registry, index, args.host, Path(args.log_dir or run_dir / "logs"))
 
 
 def _is_rank0() -> bool:
@@ -104,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="run directory (same as train.output_dir=...)")
     train.set_defaults(func=_train)
 
+    serve = sub.add_parser("serve", help="run one SGLang server for a config's trainer and register its URL")
+    serve.add_argument("config", help="the training YAML config (its rollout.* and model settings)")
+    serve.add_argument("overrides", nargs="*", metavar="a.b=c")
+    serve.add_argument("--index", type=int, help="server number (default: $SLURM_PROCID)")
+    serve.add_argument("--host", help="address to bind (default: rollout.server_host)")
+    serve.add_argument("--log-dir", help="where the server's log goes (default: <output_dir>/logs)")
+    serve.set_defaults(func=_serve)
+
+    plan = sub.add_parser("launch-plan", help="print a config's process counts as shell variables")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*", metavar="a.b=c")
+    plan.set_defaults(func=_launch_plan)
+
     convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron")
     directions = convert.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
     to_mcore = directions.add_parser("hf-to-megatron", help="HF safetensors -> megatron dist checkpoint")
@@ -127,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # leaves those after an option unparsed, so collect every leftover of the form a.b=c.
     args, extra = parser.parse_known_args(argv)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown or (extra and args.command != "train"):  # only train takes a.b=c overrides
+    if unknown or (extra and args.command not in ("train", "serve", "launch-plan")):  # these take a.b=c
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

@@ -66,8 +66,11 @@ class RolloutConfig:
     max_new_tokens: int = 8192
     stop_token_ids: list[int] = field(default_factory=list)
     use_engine_logprobs: bool = False  # default: the actor recomputes exact old log-probs
-    # SGLang fleet: attach to `server_urls`, or launch `num_servers` servers.
+    # SGLang fleet: attach to `server_urls`, or to the `num_servers` servers that register in
+    # `server_registry` (a directory; slurm/train.sbatch starts them as their own job step),
+    # or launch `num_servers` servers from the trainer.
     server_urls: list[str] = field(default_factory=list)
+    server_registry: Optional[str] = None
     num_servers: int = 1
     server_tp: int = 1
     server_host: str = "127.0.0.1"
@@ -441,6 +444,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}")
+    if r.server_urls and r.server_registry:
+        errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
+    if (r.server_urls or r.server_registry) and r.backend != "sglang":
+        errors.append(f"rollout.server_urls / server_registry need rollout.backend='sglang' (is {r.backend!r})")
     if r.backend == "sglang" and r.weight_sync == "distributed" and not r.server_urls and r.num_servers < 1:
         errors.append("rollout.weight_sync='distributed' needs at least one server")
     if errors:

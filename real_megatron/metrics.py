@@ -11,15 +11,22 @@ CURVES = (("reward_mean", "reward"), ("entropy", "entropy"), ("val_pass1", "vali
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        """resume_step: a run continuing from a checkpoint drops what it logged after that step
+        (a crash between checkpoints would otherwise log those steps twice)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (self.run_dir / "metrics.jsonl").open("a")
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(kept))
+        self.file = path.open("a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}

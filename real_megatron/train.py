@@ -77,11 +77,8 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     from .tasks import arithmetic as task
 
     t = cfg.task
-    cache = Path(t.cache_dir or Path.home() / ".cache" / "real-megatron" / "tasks")
     model_config = dict(cfg.model.hf_config_overrides)
-    key = task.settings_key(t.train_prompts, t.eval_prompts, t.max_operand, t.tokenizer_vocab, t.warmstart_steps,
-                            t.warmstart_batch, t.warmstart_lr, model_config, cfg.train.seed)
-    root = cache / f"arithmetic-{key}"
+    root = task_root(cfg)
     train, held = task.split(t.train_prompts, t.eval_prompts, seed=cfg.train.seed, max_operand=t.max_operand)
     model_dir = root / "warmstart"
     if _rank0():
@@ -102,6 +99,26 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, task.reward, (tokenizer.eos_token_id,))
 
 
+def task_root(cfg: Config) -> Path:
+    """Where a built-in task keeps its data, tokenizer and warm-start model (keyed by its settings)."""
+    from .tasks import arithmetic as task
+
+    t = cfg.task
+    cache = Path(t.cache_dir or Path.home() / ".cache" / "real-megatron" / "tasks")
+    key = task.settings_key(t.train_prompts, t.eval_prompts, t.max_operand, t.tokenizer_vocab, t.warmstart_steps,
+                            t.warmstart_batch, t.warmstart_lr, dict(cfg.model.hf_config_overrides), cfg.train.seed)
+    return cache / f"arithmetic-{key}"
+
+
+def initial_model_dir(cfg: Config) -> Path:
+    """The HF checkpoint RL starts from: model.path, or the task's warm-start (made by the trainer)."""
+    if cfg.task.name == "arithmetic":
+        return task_root(cfg) / "warmstart"
+    if not cfg.model.path:
+        raise ValueError("model.path is required (an HF checkpoint directory) unless task.name is set")
+    return Path(cfg.model.path)
+
+
 def make_engine(cfg: Config, inputs: Inputs, run_dir: Path):
     from .rollout.local import LocalEngine
 
@@ -114,8 +131,13 @@ def make_engine(cfg: Config, inputs: Inputs, run_dir: Path):
     from .rollout.sglang_fleet import SGLangFleet
 
     r = cfg.rollout
+    urls = r.server_urls or None
+    if r.server_registry:  # servers of another job step (slurm/train.sbatch) announce themselves here
+        from .rollout.registry import wait_for_servers
+
+        urls = wait_for_servers(r.server_registry, r.num_servers, r.health_timeout_s)
     return SGLangFleet(
-        model_path=str(inputs.model_dir), urls=r.server_urls or None, num_servers=r.num_servers, server_tp=r.server_tp,
+        model_path=str(inputs.model_dir), urls=urls, num_servers=r.num_servers, server_tp=r.server_tp,
         host=r.server_host, base_port=r.server_base_port, server_python=r.server_python or default_server_python(),
         server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
         request_timeout_s=r.request_timeout_s,
@@ -197,6 +219,7 @@ def train(cfg: Config) -> dict:
     from .convert.hf_io import HFCheckpointReader
     from .metrics import MetricsLogger, plot_curves
     from .objectives import objective_from_config
+    from .preemption import PreemptionGuard
     from .rollout.types import SamplingParams
 
     p, t, r = cfg.parallel, cfg.train, cfg.rollout
@@ -222,7 +245,6 @@ def train(cfg: Config) -> dict:
     )
     actor = Actor(spec, settings, objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get)
     engine = make_engine(cfg, inputs, run_dir) if _rank0() else None
-    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard) if _rank0() else None
 
     start_step, history = 0, {}
     resume = None if cfg.checkpoint.resume == "none" else (
@@ -234,6 +256,9 @@ def train(cfg: Config) -> dict:
         history = state.get("history", {})
         if _rank0():
             log.info("resumed from %s at step %d", resume, start_step)
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
+                           resume_step=start_step if resume is not None else None) if _rank0() else None
+    guard = PreemptionGuard()
     sync_weights(actor, engine, run_dir, start_step, inputs.model_dir)
 
     if "baseline" not in history:
@@ -258,10 +283,17 @@ def train(cfg: Config) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
-        if cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0:
+        stopping = guard.should_stop()  # a cluster signal on any rank: all stop after this step
+        if stopping or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
             save_checkpoint(actor, ckpt_root / f"step_{step + 1:06d}",
                             {"step": step + 1, "data": inputs.train_set.state_dict(), "history": history})
             prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        if stopping and step + 1 < t.steps:
+            if _rank0():
+                log.warning("stopped at step %d with a checkpoint in %s, for a requeue", step + 1, ckpt_root)
+            _close(bar, logger, engine)
+            shutdown()
+            return {"preempted_at": step + 1}
     if bar is not None:
         bar.close()
 
@@ -278,14 +310,22 @@ def train(cfg: Config) -> dict:
     }
     if _rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})
-        logger.close()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        if cfg.logging.plot:
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
-        if hasattr(engine, "stop"):
-            engine.stop()
+    _close(None, logger, engine)
+    if _rank0() and cfg.logging.plot:
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
     shutdown()
+    guard.restore()
     return summary
+
+
+def _close(bar, logger, engine) -> None:
+    if bar is not None:
+        bar.close()
+    if logger is not None:
+        logger.close()
+    if hasattr(engine, "stop"):
+        engine.stop()  # only servers this process launched; attached ones keep running
 
 
 def _progress(cfg: Config, start: int):

@@ -2,7 +2,7 @@
 
 Rank, world size and the master address come from torchrun's variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT) or, under srun, from Slurm's (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST). nccl on GPU, gloo on CPU. Every
+SLURM_LOCALID; master = $MASTER_ADDR, else the first host of the step's nodes). nccl on GPU, gloo on CPU. Every
 collective inherits the group timeout, so a missing peer is an error, not a hang.
 """
 
@@ -48,7 +48,9 @@ def launch_env(environ: dict | None = None) -> LaunchEnv:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        master = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        # the step's nodes: in a job that also runs servers, the job's first node may not be a trainer's
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        master = env.get("MASTER_ADDR") or _first_slurm_host(nodes)
         # a port derived from the job id: concurrent jobs on one node do not collide
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),

@@ -1,0 +1,169 @@
+"""slurm/train.sbatch on a real Slurm cluster on localhost (tools/slurm_local.sh: slurmctld, two
+slurmd virtual nodes, munge). The fleet component runs a real CPU SGLang server on node n1 and the
+trainer runs on n2, both as steps of one job.
+
+Checks: a short quickstart completes (COMPLETED, exit 0, checkpoint, metrics, a log per
+component); USR1 to the batch script makes the trainer checkpoint at a step boundary, the job
+requeues itself and resumes from that step to the same final step count; scancel mid-run leaves no
+process of the job behind.
+"""
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from real_megatron.rollout.sglang_env import default_server_python
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+SHORT = ["task.warmstart_steps=20", "task.eval_prompts=24", "task.train_prompts=400", "eval.k=2", "eval.every_steps=0",
+         "optim.warmup_steps=1", "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "train.prompts_per_step=8",
+         "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2", "logging.progress_bar=false"]
+CPU_SERVER = ("rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
+              "--dtype, float32, --skip-tokenizer-init]")
+HAVE_SGLANG = default_server_python() != "python3"
+
+
+def run(cmd, env=None, timeout=120, check=True):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    script = ROOT / "tools" / "slurm_local.sh"
+    was_up = "slurmctld: up" in run(["bash", str(script), "status"], check=False).stdout
+    out = run(["bash", str(script), "up"], timeout=600).stdout.strip().splitlines()
+    assert out[-1].startswith("export SLURM_CONF="), out  # the last line of `up` is for `eval`
+    env = dict(os.environ, SLURM_CONF=out[-1].split("=", 1)[1])
+    again = run(["bash", str(script), "up"], timeout=120).stdout.strip().splitlines()  # idempotent
+    assert again[-1] == out[-1]
+    yield env
+    if not was_up:
+        run(["bash", str(script), "down"], timeout=120, check=False)
+
+
+class Job:
+    def __init__(self, env, tmp: Path, steps: int, *overrides):
+        self.env, self.run_dir = env, tmp / "run"
+        backend = ["rollout.backend=sglang", CPU_SERVER] if HAVE_SGLANG else ["rollout.backend=local"]
+        submit_env = dict(env, RUN_DIR=str(self.run_dir), SERVER_HOST="127.0.0.1", REAL_MEGATRON_HOME=str(ROOT),
+                          SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=str(ROOT / "tests" / "support"))
+        out = run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                   "--time=30", f"--output={tmp / 'job.out'}", str(ROOT / "slurm" / "train.sbatch"),
+                   str(ROOT / "configs" / "quickstart.yaml"), f"task.cache_dir={tmp.parent / 'task-cache'}",
+                   f"train.steps={steps}", *SHORT, *backend, *overrides], env=submit_env)
+        self.id = out.stdout.strip().split(";")[0]
+        self.tmp = tmp
+
+    def show(self) -> str:
+        return run(["scontrol", "-o", "show", "job", self.id], env=self.env).stdout
+
+    def field(self, name: str) -> str:
+        return re.search(rf"\b{name}=(\S+)", self.show()).group(1)
+
+    def wait(self, timeout=900) -> int:
+        proc = run(["bash", str(ROOT / "tools" / "slurm_local.sh"), "wait", self.id, str(timeout)], env=self.env,
+                   timeout=timeout + 30, check=False)
+        return proc.returncode
+
+    def wait_for(self, what, predicate, timeout=600):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.field("JobState") in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"), self.diagnostics()
+            assert time.monotonic() < deadline, f"job {self.id}: no {what} after {timeout}s\n{self.diagnostics()}"
+            time.sleep(1)
+
+    def steps_logged(self) -> list[int]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if "reward_mean" in line]
+
+    def diagnostics(self) -> str:
+        parts = [self.show()]
+        for path in [self.tmp / "job.out", *sorted((self.run_dir / "logs").glob("*.log"))]:
+            if path.exists():
+                parts.append(f"== {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-25:]))
+        return "\n".join(parts)
+
+
+def test_quickstart_job_completes_with_checkpoint_metrics_and_a_log_per_component(cluster, tmp_path):
+    if not HAVE_SGLANG:
+        print("SGLang's environment is not installed: the job uses the embedded engine (no fleet step)")
+    job = Job(cluster, tmp_path, 4, "checkpoint.every_steps=2")
+    assert job.wait() == 0, job.diagnostics()
+    assert job.field("JobState") == "COMPLETED" and job.field("ExitCode") == "0:0"
+    run_dir = job.run_dir
+    assert job.steps_logged() == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_samples"] == 48
+    trainer_log = (run_dir / "logs" / "trainer.log").read_text()
+    assert "pass@1 after RL" in trainer_log
+    if HAVE_SGLANG:
+        fleet_log = (run_dir / "logs" / "fleet.log").read_text()
+        assert "SGLang server 0 ready at http://127.0.0.1:" in fleet_log and "stopped on SIGTERM" in fleet_log
+        assert "POST /generate" in (run_dir / "logs" / "sglang_0.log").read_text()
+        assert "POST /update_weights_from_disk" in (run_dir / "logs" / "sglang_0.log").read_text()
+        assert not list((run_dir / "servers").glob("*.json"))  # the server unregistered itself
+    assert "trainer exited with code 0" in (run_dir / "logs" / "job.log").read_text()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_final_step(cluster, tmp_path):
+    job = Job(cluster, tmp_path, 8, "checkpoint.every_steps=100")  # the only checkpoint: the signal's
+    job.wait_for("step 2 in metrics.jsonl", lambda: len(job.steps_logged()) >= 2)
+    # what --signal=B:USR1@300 does before the time limit: USR1 to the batch script only
+    run(["scancel", "--signal=USR1", "--batch", job.id], env=cluster)
+    job.wait_for("requeue", lambda: job.field("Restarts") == "1")
+    job.wait_for("the job back in the queue", lambda: job.field("JobState") in ("PENDING", "RUNNING"))
+    # a requeued job is held for ~2 minutes by slurmctld (its begin time): release it now
+    run(["scontrol", "update", f"jobid={job.id}", "StartTime=now"], env=cluster, check=False)
+    assert job.wait() == 0, job.diagnostics()
+    assert job.field("JobState") == "COMPLETED" and job.field("Restarts") == "1"
+    checkpoints = sorted(p.name for p in (job.run_dir / "checkpoints").iterdir())
+    assert len(checkpoints) == 1, checkpoints
+    stopped_at = int(checkpoints[0].split("_")[1])
+    assert 2 <= stopped_at < 8
+    log = (job.run_dir / "logs" / "trainer.log").read_text()
+    assert f"stopped at step {stopped_at} with a checkpoint" in log
+    assert f"resumed from {job.run_dir / 'checkpoints' / checkpoints[0]} at step {stopped_at}" in log
+    assert job.steps_logged() == list(range(1, 9))  # every step once, through the restart
+    job_log = (job.run_dir / "logs" / "job.log").read_text()
+    assert "trainer exited with code 75" in job_log and "requeueing" in job_log and "restart 1]" in job_log
+    assert json.loads((job.run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def job_processes(job_id: str) -> list[str]:
+    """Command lines of live processes that belong to the job (its id in their environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if f"SLURM_JOB_ID={job_id}".encode() in environ:
+                found.append(f"{proc.name}: " + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+def test_scancel_mid_run_leaves_no_process_of_the_job(cluster, tmp_path):
+    job = Job(cluster, tmp_path, 50)
+    job.wait_for("step 1 in metrics.jsonl", lambda: len(job.steps_logged()) >= 1)
+    assert job_processes(job.id), "the running job's processes should be visible"
+    run(["scancel", job.id], env=cluster)
+    job.wait()
+    assert job.field("JobState") == "CANCELLED"
+    deadline = time.monotonic() + 60
+    while job_processes(job.id) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert job_processes(job.id) == [], "left behind:\n" + "\n".join(job_processes(job.id))
