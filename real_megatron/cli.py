@@ -43,6 +43,69 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Pass@1 of an HF checkpoint on benchmark files (embedded engine or an SGLang fleet)."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .data import PromptDataset
+    from .data.dataset import DataError
+    from .evaluation import evaluate_sets, table_rows
+    from .rewards import load_reward_fn
+    from .rollout.types import SamplingParams
+
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(f"eval error: {model} is not an HF checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+    sets = {}
+    try:
+        for path in args.data:
+            dataset = PromptDataset([path], tokenizer, shuffle=False, max_prompt_tokens=args.max_prompt_tokens or 10**9,
+                                    prompt_key=args.prompt_key, answer_key=args.answer_key)
+            sets[Path(path).stem] = dataset.examples[: args.limit] if args.limit else dataset.examples
+    except (DataError, FileNotFoundError) as exc:
+        print(f"eval error: {exc}", file=sys.stderr)
+        return 2
+    stop = tuple(args.stop_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            stop_token_ids=stop)
+    if args.backend == "local":
+        from .rollout.local import LocalEngine
+
+        engine = LocalEngine.from_pretrained(model, pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
+                                             dtype=getattr(torch, args.dtype))
+    else:
+        from .rollout.sglang_env import default_server_python
+        from .rollout.sglang_fleet import SGLangFleet
+
+        engine = SGLangFleet(model_path=str(model), urls=args.server_url or None, num_servers=args.num_servers,
+                             server_tp=args.server_tp, server_python=default_server_python(),
+                             server_args=shlex.split(args.server_args), log_dir=Path(args.out or ".").parent / "logs")
+    try:
+        report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
+                               progress=True)
+    finally:
+        if hasattr(engine, "stop"):
+            engine.stop()
+    report.update(model=str(model), temperature=args.temperature, top_p=args.top_p,
+                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(table_rows({model.name: report}))
+    for name, b in report["benchmarks"].items():
+        print(f"{name}: pass@1 {b['pass1']:.4f} ± {b['stderr']:.4f} over {b['problems']} problems x {args.k} "
+              f"= {b['samples']} samples, {b['truncated_ratio']:.1%} truncated")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _launch_plan(args: argparse.Namespace) -> int:
     """What a launcher needs from a config, as shell assignments (slurm/train.sbatch evals them)."""
     import shlex
@@ -141,6 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate, print the resolved config and layout, exit")
     train.add_argument("--output-dir", help="run directory (same as train.output_dir=...)")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="pass@1 of an HF checkpoint on benchmark files (the paper's Table 1 rows)")
+    ev.add_argument("--model", required=True, help="HF checkpoint directory")
+    ev.add_argument("--data", required=True, nargs="+", metavar="FILE", help="verl parquet or jsonl files")
+    ev.add_argument("--k", type=int, default=16, help="samples per problem")
+    ev.add_argument("--temperature", type=float, default=0.6)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--max-new-tokens", type=int, default=8192)
+    ev.add_argument("--max-prompt-tokens", type=int, default=0, help="drop longer prompts (0: keep every problem)")
+    ev.add_argument("--limit", type=int, help="first N problems of each file (quick checks)")
+    ev.add_argument("--out", help="write the report as JSON here")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--tokenizer", help="default: the model directory")
+    ev.add_argument("--prompt-key", default="prompt")
+    ev.add_argument("--answer-key", default="reward_model.ground_truth")
+    ev.add_argument("--reward-fn", default="real_megatron.rewards:math_reward", help="module:function")
+    ev.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="default: the tokenizer's eos")
+    ev.add_argument("--backend", choices=["local", "sglang"], default="local",
+                    help="local: transformers in this process; sglang: launch or attach SGLang servers")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="local engine")
+    ev.add_argument("--server-url", nargs="*", default=[], help="attach to these SGLang servers")
+    ev.add_argument("--num-servers", type=int, default=1, help="servers to launch (without --server-url)")
+    ev.add_argument("--server-tp", type=int, default=1)
+    ev.add_argument("--server-args", default="", help="extra sglang.launch_server arguments, one string")
+    ev.set_defaults(func=_eval)
 
     serve = sub.add_parser("serve", help="run one SGLang server for a config's trainer and register its URL")
     serve.add_argument("config", help="the training YAML config (its rollout.* and model settings)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +160,7 @@ def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path) ->
 def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_s: float):
     """(rollouts, metrics) on rank 0: samples, decoded responses, verifier labels."""
     from .actor.batching import Rollout
+    from .rewards import score_responses
 
     start = time.perf_counter()
     prompts = [ex.prompt_ids for ex in examples]
@@ -169,7 +169,7 @@ def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_
     start = time.perf_counter()
     texts = [inputs.tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
     truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
-    rewards = _rewards(inputs.reward_fn, texts, truths, timeout_s)
+    rewards = score_responses(inputs.reward_fn, texts, truths, timeout_s)
     rollouts, k = [], 0
     for p, (ex, group) in enumerate(zip(examples, groups)):
         for sample in group:
@@ -182,33 +182,15 @@ def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_
                       "truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts)}
 
 
-def _rewards(fn, texts, truths, timeout_s) -> list[float]:
-    from .rewards.math import math_reward, math_rewards
-
-    if fn is math_reward:
-        return math_rewards(texts, truths, timeout_s=timeout_s)  # all verifier workers at once
-    return [float(fn(t, g)) for t, g in zip(texts, truths)]
-
-
 def evaluate(engine, inputs: Inputs, cfg: Config) -> dict:
-    """pass@1 averaged over k samples per problem, per eval set and overall, with its standard error."""
+    """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
+    from .evaluation import evaluate_sets
     from .rollout.types import SamplingParams
 
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
                             stop_token_ids=inputs.stop_ids)
-    out, all_scores = {}, []
-    for name, dataset in inputs.eval_sets.items():
-        examples = dataset.examples
-        rollouts, _ = generate_rollouts(engine, inputs, examples, cfg.eval.k, params, 5.0)
-        per_problem = [sum(r.reward for r in rollouts[i * cfg.eval.k : (i + 1) * cfg.eval.k]) / cfg.eval.k
-                       for i in range(len(examples))]
-        out[name] = sum(per_problem) / len(per_problem)
-        all_scores += per_problem
-    mean = sum(all_scores) / len(all_scores)
-    var = sum((x - mean) ** 2 for x in all_scores) / max(1, len(all_scores) - 1)
-    out.update(pass1=mean, stderr=math.sqrt(var / len(all_scores)), problems=len(all_scores),
-               samples=len(all_scores) * cfg.eval.k)
-    return out
+    sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
+    return evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
 
 
 def train(cfg: Config) -> dict:

@@ -25,4 +25,11 @@ def load_reward_fn(path: str) -> RewardFn:
     return fn
 
 
-__all__ = ["extract_answer", "load_reward_fn", "math_reward", "math_rewards"]
+def score_responses(fn: RewardFn, texts: list[str], truths: list, timeout_s: float = 5.0) -> list[float]:
+    """fn over (response, ground truth) pairs; the math verifier scores all of them in parallel."""
+    if fn is math_reward:
+        return math_rewards(texts, truths, timeout_s=timeout_s)  # every verifier worker at once
+    return [float(fn(text, truth)) for text, truth in zip(texts, truths)]
+
+
+__all__ = ["extract_answer", "load_reward_fn", "math_reward", "math_rewards", "score_responses"]

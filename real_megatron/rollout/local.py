@@ -27,6 +27,17 @@ class LocalEngine:
         self.version = 0
         self.generator = torch.Generator().manual_seed(seed)
 
+    @classmethod
+    def from_pretrained(cls, path, *, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
+                        max_batch_sequences: int = 256, seed: int = 0) -> "LocalEngine":
+        """An engine holding an HF checkpoint's weights (evaluation of a saved model)."""
+        import transformers
+
+        engine = cls(transformers.AutoConfig.from_pretrained(path), pad_token_id=pad_token_id, dtype=dtype,
+                     max_batch_sequences=max_batch_sequences, seed=seed)
+        engine.model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
+        return engine
+
     @torch.no_grad()
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         state = self.model.state_dict()

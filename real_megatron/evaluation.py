@@ -1,0 +1,61 @@
+"""Pass@1 on benchmark files, as the paper reports it: k samples per problem, the fraction correct
+averaged over the problems of each benchmark, and the average over benchmarks (Table 1's "Avg.").
+
+Used by the trainer (held-out pass@1 before, during and after RL) and by `real-megatron eval`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .rewards import score_responses
+from .rollout.types import SamplingParams
+
+
+def pass_at_1(per_problem: list[float]) -> tuple[float, float]:
+    """Mean over problems of the per-problem fraction correct, and its standard error."""
+    n = len(per_problem)
+    mean = sum(per_problem) / n
+    var = sum((x - mean) ** 2 for x in per_problem) / max(1, n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: SamplingParams,
+                  timeout_s: float = 5.0, progress: bool = False) -> dict:
+    """sets: name -> list of Example. Returns per-benchmark results, their average, and the pooled
+    pass@1 over every problem (`pass1`, `stderr`), with problem and sample counts."""
+    benchmarks, pooled = {}, []
+    items = sets.items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"pass@1 (k={k})", unit="benchmark")
+    for name, examples in items:
+        start = time.perf_counter()
+        groups = engine.generate([ex.prompt_ids for ex in examples], k, params)
+        texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
+        truths = [ex.ground_truth for ex in examples for _ in range(k)]
+        rewards = score_responses(reward_fn, texts, truths, timeout_s)
+        per_problem = [sum(rewards[i * k : (i + 1) * k]) / k for i in range(len(examples))]
+        mean, stderr = pass_at_1(per_problem)
+        lengths = [len(s.output_ids) for g in groups for s in g]
+        benchmarks[name] = {
+            "pass1": mean, "stderr": stderr, "problems": len(examples), "samples": len(rewards),
+            "truncated_ratio": sum(s.finish_reason == "length" for g in groups for s in g) / len(rewards),
+            "response_length_mean": sum(lengths) / len(lengths), "seconds": time.perf_counter() - start,
+        }
+        pooled += per_problem
+    mean, stderr = pass_at_1(pooled)
+    return {"benchmarks": benchmarks, "average": sum(b["pass1"] for b in benchmarks.values()) / len(benchmarks),
+            "pass1": mean, "stderr": stderr, "problems": len(pooled), "samples": len(pooled) * k, "k": k}
+
+
+def table_rows(reports: dict[str, dict]) -> str:
+    """Markdown rows like the paper's Table 1: one row per model, pass@1 in % per benchmark and Avg."""
+    names = list(next(iter(reports.values()))["benchmarks"])
+    lines = ["| Model | " + " | ".join(names) + " | Avg. |", "|---" * (len(names) + 2) + "|"]
+    for model, report in reports.items():
+        cells = [f"{100 * report['benchmarks'][n]['pass1']:.1f}" for n in names]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * report['average']:.1f} |")
+    return "\n".join(lines)
