@@ -22,6 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print("# parallel layout")
         print(describe_layout(cfg.parallel))
+        print(_memory_report(cfg))
         print("config OK")
         return 0
     import logging
@@ -86,7 +87,8 @@ def _eval(args: argparse.Namespace) -> int:
 
         engine = SGLangFleet(model_path=str(model), urls=args.server_url or None, num_servers=args.num_servers,
                              server_tp=args.server_tp, server_python=default_server_python(),
-                             server_args=shlex.split(args.server_args), log_dir=Path(args.out or ".").parent / "logs")
+                             server_args=shlex.split(args.server_args), log_dir=Path(args.out or ".").parent / "logs",
+                             assign_gpus=torch.cuda.is_available())
     try:
         report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
                                progress=True)
@@ -135,6 +137,20 @@ def _serve(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.train.output_dir)
     registry = Path(cfg.rollout.server_registry or run_dir / "servers")
     return serve(cfg, registry, index, args.host, Path(args.log_dir or run_dir / "logs"))
+
+
+def _memory_report(cfg) -> str:
+    from .memory import architecture_of, estimate_memory, server_memory
+
+    arch = architecture_of(cfg)
+    if arch is None:
+        return ("# memory per GPU: unknown (model.path has no config.json here and model.hf_config_overrides "
+                "lacks the architecture)")
+    capacity = cfg.parallel.gpu_memory_gb
+    lines = [f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)", estimate_memory(cfg, arch, capacity).describe()]
+    if cfg.rollout.backend == "sglang":
+        lines.append(server_memory(cfg, arch, capacity))
+    return "\n".join(lines)
 
 
 def _is_rank0() -> bool:

@@ -32,7 +32,8 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     recompute_activations: bool = False
     # An HF checkpoint is authoritative for the architecture; these build a fresh model when no
-    # checkpoint exists yet (tiny models in tests and the CPU quickstart).
+    # checkpoint exists yet (tiny models in tests and the CPU quickstart), and give --dry-run's
+    # memory estimate the architecture when the checkpoint is not on this machine.
     hf_config_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,6 +47,7 @@ class ParallelConfig:
     cp: int = 1  # context parallel (needs Transformer Engine)
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # deadline of every collective
+    gpu_memory_gb: float = 80.0  # per GPU, for the --dry-run memory estimate
 
     @property
     def world_size(self) -> int:
@@ -357,12 +359,33 @@ def _read_yaml(path: Path) -> dict:
     return data if data is not None else {}
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_with_base(path: Path, chain: tuple = ()) -> dict:
+    """A file may start from another: `base: other.yaml` (relative to it); its keys win."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, chain + (path,)))}")
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / str(base)
+    if not base_path.exists():
+        raise ConfigError(f"{path}: base file {base_path} does not exist")
+    return _merge(_read_with_base(base_path, chain + (path.resolve(),)), data)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or defaults when `path` is None), apply `a.b=c` overrides, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_with_base(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
     for override in overrides:
         apply_override(data, override)
     if overrides:

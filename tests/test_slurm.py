@@ -167,3 +167,62 @@ def test_scancel_mid_run_leaves_no_process_of_the_job(cluster, tmp_path):
     while job_processes(job.id) and time.monotonic() < deadline:
         time.sleep(1)
     assert job_processes(job.id) == [], "left behind:\n" + "\n".join(job_processes(job.id))
+
+
+def submit(cluster, tmp_path, script, *args, options=()) -> str:
+    env = dict(cluster, REAL_MEGATRON_HOME=str(ROOT))
+    out = run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
+               f"--output={tmp_path / (script + '.out')}", *options, str(ROOT / "slurm" / script), *map(str, args)], env=env)
+    return out.stdout.strip().split(";")[0]
+
+
+def finish(cluster, tmp_path, script, job_id, timeout=600) -> str:
+    proc = run(["bash", str(ROOT / "tools" / "slurm_local.sh"), "wait", job_id, str(timeout)], env=cluster,
+               timeout=timeout + 30, check=False)
+    log = (tmp_path / (script + ".out")).read_text(errors="replace")
+    assert proc.returncode == 0, f"{script} job {job_id}: {proc.stderr}\n{log[-4000:]}"
+    return log
+
+
+def test_convert_job_round_trips_across_two_nodes_bit_identical(cluster, tmp_path):
+    from test_convert import hf_tensors, make_tokenizer
+    from test_logits_parity import make_checkpoint
+
+    src = tmp_path / "hf"
+    make_checkpoint(src, "qwen2_tied")
+    make_tokenizer(src)
+    # hf -> megatron with TP=2: two tasks, one on each virtual node
+    job = submit(cluster, tmp_path, "convert.sbatch", "hf-to-megatron", "--hf", src, "--out", tmp_path / "mcore",
+                 "--tp", 2, options=["--ntasks=2", "--nodes=2"])
+    log = finish(cluster, tmp_path, "convert.sbatch", job)
+    assert "2 task(s)" in log and "exit code 0" in log
+    job = submit(cluster, tmp_path, "convert.sbatch", "megatron-to-hf", "--ckpt", tmp_path / "mcore",
+                 "--out", tmp_path / "back", options=["--ntasks=1"])
+    finish(cluster, tmp_path, "convert.sbatch", job)
+    original, back = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert set(original) == set(back)
+    assert all(torch_equal(original[name], back[name]) for name in original)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_eval_job_writes_the_report(cluster, tmp_path):
+    from test_convert import make_tokenizer
+    from test_logits_parity import make_checkpoint
+
+    model = tmp_path / "model"
+    make_checkpoint(model, "qwen2_tied")
+    make_tokenizer(model)
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 2 =", "answer": str(i + 2)}) + "\n" for i in range(5)))
+    report = tmp_path / "report.json"
+    job = submit(cluster, tmp_path, "eval.sbatch", model, "--data", data, "--answer-key", "answer", "--k", 3,
+                 "--max-new-tokens", 4, "--out", report, options=["--export=ALL,BACKEND=local"])
+    log = finish(cluster, tmp_path, "eval.sbatch", job)
+    result = json.loads(report.read_text())
+    assert result["benchmarks"]["tiny"]["samples"] == 15 and result["k"] == 3
+    assert "| Model | tiny | Avg. |" in log

@@ -69,8 +69,9 @@ class SGLangFleet:
                  server_tp: int = 1, host: str = "127.0.0.1", base_port: int = 30000, server_python: str = "python3",
                  server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
                  health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0, max_in_flight: int = 64,
-                 max_restarts: int = 2, first_index: int = 0):
-        """first_index: number of the first launched server (its log is sglang_<index>.log)."""
+                 max_restarts: int = 2, first_index: int = 0, assign_gpus: bool = False):
+        """first_index: number of the first launched server (its log is sglang_<index>.log).
+        assign_gpus: launched servers on one node take GPUs [i * server_tp, (i + 1) * server_tp)."""
         if not urls and not model_path:
             raise ValueError("SGLangFleet needs server urls to attach to, or a model_path to launch servers with")
         self.health_timeout_s, self.request_timeout_s = health_timeout_s, request_timeout_s
@@ -89,6 +90,8 @@ class SGLangFleet:
                 port = base_port + (i - first_index) * max(1, server_tp) * 2
                 command = [server_python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host,
                            "--port", str(port), "--tp-size", str(server_tp), *(server_args or [])]
+                if assign_gpus:
+                    command += ["--base-gpu-id", str((i - first_index) * server_tp)]
                 self.servers.append(Server(i, f"http://{host}:{port}", log_path=self.log_dir / f"sglang_{i}.log",
                                            command=command))
             self._env = dict(os.environ, **(env or {}))

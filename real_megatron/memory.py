@@ -1,0 +1,148 @@
+"""How much memory one trainer GPU needs, before renting the GPUs: `real-megatron train --dry-run`.
+
+A first-order estimate for the heaviest pipeline stage, in the style of Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models"), for megatron-core with the
+distributed optimizer:
+  weights      params on this GPU x bytes of model.dtype
+  gradients    fp32 main_grad buffer (Megatron DDP accumulates and reduces in fp32)
+  optimizer    fp32 master copy (when the model is not fp32) + Adam m and v, sharded over DP
+  activations  per token per layer: 2h bytes (bf16 layer input) with full recompute plus one
+               layer's working set; 34h/t bytes (flash attention, sequence parallel) without;
+               1F1B keeps up to pp micro-batches in flight on the first stage
+  logits       the fused output layer's tiles (never [T, V]) and fp32 hidden states
+  reserve      CUDA context, NCCL buffers, allocator fragmentation
+The architecture comes from model.path/config.json, or from model.hf_config_overrides when the
+checkpoint is not on this machine (the shipped configs carry their model's public numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+RESERVE_GB = 4.0
+LOGITS_TILE_ELEMENTS = 2**25  # linear_token_logprobs' largest tile
+
+
+@dataclass
+class Architecture:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    tied: bool
+    head_dim: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "Architecture":
+        heads = c["num_attention_heads"]
+        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                   kv_heads=c.get("num_key_value_heads", heads), ffn=c["intermediate_size"], vocab=c["vocab_size"],
+                   tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+                   qkv_bias=bool(c.get("attention_bias", c.get("model_type", "qwen2") == "qwen2")),
+                   qk_norm=c.get("model_type") == "qwen3")
+
+    def layer_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attention = h * q + 2 * h * kv + q * h  # q, k, v, o
+        attention += (q + 2 * kv) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
+        return attention + 3 * h * self.ffn + 2 * h  # gated MLP, two norms
+
+    def total_params(self) -> int:
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+
+def architecture_of(cfg) -> Architecture | None:
+    if cfg.model.path and (Path(cfg.model.path) / "config.json").exists():
+        return Architecture.from_hf(json.loads((Path(cfg.model.path) / "config.json").read_text()))
+    facts = dict(cfg.model.hf_config_overrides)
+    if cfg.task.name:  # a built-in task's vocabulary is its tokenizer's
+        facts.setdefault("vocab_size", cfg.task.tokenizer_vocab)
+    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    return Architecture.from_hf(facts) if all(k in facts for k in needed) else None
+
+
+@dataclass
+class MemoryEstimate:
+    rows: list[tuple[str, float, str]]  # (what, GB, how)
+    total_gb: float
+    capacity_gb: float
+    params_total: int
+    params_here: int
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb <= self.capacity_gb
+
+    def describe(self) -> str:
+        lines = [f"parameters: {_count(self.params_total)} in all, {_count(self.params_here)} on the heaviest GPU"]
+        width = max(len(r[0]) for r in self.rows)
+        lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
+        verdict = "fits" if self.fits else "does NOT fit: raise tp/pp, enable recompute or shrink the micro-batch"
+        lines.append(f"  {'total':<{width}}  {self.total_gb:7.1f} GB  of {self.capacity_gb:.0f} GB per GPU: {verdict}")
+        return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> MemoryEstimate:
+    p, t, r = cfg.parallel, cfg.train, cfg.rollout
+    tp, pp, dp = p.tp, p.pp, max(1, p.dp)
+    per_stage_layers = math.ceil(arch.layers / pp)
+    embed = arch.vocab * arch.hidden
+    # the first stage holds the embedding, the last the output layer: one matrix on either end
+    # stage when pp > 1 (tied embeddings keep a copy on each), both on the one stage when pp == 1
+    ends = embed * (2 if pp == 1 and not arch.tied else 1)
+    here = (per_stage_layers * arch.layer_params() + ends) // tp
+    model_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
+    weights = here * model_bytes
+    grads = here * 4
+    optimizer_per_param = (8 if model_bytes == 4 else 12)  # (fp32 master +) Adam m, v
+    shard = dp if cfg.optim.use_distributed_optimizer else 1
+    optimizer = here * optimizer_per_param / shard
+
+    sequences = math.ceil(t.prompts_per_micro_batch * r.n_samples / dp)
+    seq_len = cfg.data.max_prompt_tokens + r.max_new_tokens
+    tokens = t.max_tokens_per_micro_batch or sequences * seq_len
+    sp = tp if p.sequence_parallel else 1
+    full_layer = 34 * arch.hidden / sp if p.sequence_parallel else arch.hidden * (10 + 24 / tp)
+    if cfg.model.recompute_activations:
+        per_token = 2 * arch.hidden / sp * per_stage_layers + full_layer
+        how_act = "full recompute"
+    else:
+        per_token = full_layer * per_stage_layers
+        how_act = "no recompute"
+    in_flight = min(pp, max(1, t.prompts_per_mini_batch // t.prompts_per_micro_batch))
+    activations = tokens * per_token * in_flight
+    logits = 3 * 4 * LOGITS_TILE_ELEMENTS + tokens * arch.hidden * 4 * 2
+    rows = [
+        (f"weights ({cfg.model.dtype})", weights / GB, f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage"),
+        ("gradients (fp32 main_grad)", grads / GB, "full buffer on every DP rank"),
+        ("optimizer (Adam)", optimizer / GB,
+         f"{optimizer_per_param} B/param" + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")),
+        ("activations", activations / GB,
+         f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len}), {how_act}, {in_flight} in flight"),
+        ("output layer and loss", logits / GB, "fused log-prob tiles, fp32 hidden states"),
+        ("reserve", RESERVE_GB, "CUDA context, NCCL, fragmentation"),
+    ]
+    total = sum(gb for _, gb, _ in rows)
+    return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here)
+
+
+def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> str:
+    r = cfg.rollout
+    weights = arch.total_params() * 2 / r.server_tp / GB
+    kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 / r.server_tp
+    room = max(0.0, capacity_gb * 0.85 - weights)  # SGLang's static memory fraction, roughly
+    return (f"SGLang server GPU: weights {weights:.1f} GB (bf16, tp={r.server_tp}); about {room:.0f} GB of KV cache "
+            f"= {room * GB / kv_per_token / 1e3:.0f}k tokens")

@@ -1,0 +1,59 @@
+"""The --dry-run memory estimate: parameter counts against real models, and the fit verdict."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from real_megatron.config import load_config
+from real_megatron.memory import Architecture, architecture_of, estimate_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("config", [
+    transformers.Qwen2Config(**SMALL, tie_word_embeddings=True),
+    transformers.Qwen2Config(**SMALL, tie_word_embeddings=False),
+    transformers.LlamaConfig(**SMALL, tie_word_embeddings=False),
+    transformers.Qwen3Config(**SMALL, head_dim=24, tie_word_embeddings=True),
+], ids=["qwen2-tied", "qwen2", "llama", "qwen3-qknorm"])
+def test_parameter_count_equals_the_real_models(config):
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert Architecture.from_hf(config.to_dict()).total_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_shipped_paper_configs_know_their_models_and_fit_80gb():
+    for name, billions in (("real_r1distill_qwen_1p5b", 1.78), ("real_r1distill_qwen_7b", 7.62)):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        estimate = estimate_memory(cfg, architecture_of(cfg), 80)
+        assert estimate.params_total / 1e9 == pytest.approx(billions, abs=0.01)  # the published sizes
+        assert estimate.fits, estimate.describe()
+
+
+def test_the_estimate_follows_the_layout():
+    cfg = load_config(ROOT / "configs" / "real_r1distill_qwen_7b.yaml")
+    arch = architecture_of(cfg)
+    tp2 = estimate_memory(cfg, arch)
+    wide = load_config(ROOT / "configs" / "real_r1distill_qwen_7b.yaml", ["parallel.tp=4", "parallel.gpus_per_node=8"])
+    tp4 = estimate_memory(wide, arch)
+    weights = {r[0]: r[1] for r in tp2.rows}, {r[0]: r[1] for r in tp4.rows}
+    assert weights[1]["weights (bfloat16)"] == pytest.approx(weights[0]["weights (bfloat16)"] / 2, rel=0.01)
+    no_recompute = estimate_memory(load_config(ROOT / "configs" / "real_r1distill_qwen_7b.yaml",
+                                               ["model.recompute_activations=false"]), arch)
+    assert no_recompute.total_gb > tp2.total_gb
+
+
+def test_dry_run_prints_the_estimate_and_says_when_it_does_not_fit():
+    cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(ROOT / "configs" / "real_r1distill_qwen_7b.yaml"),
+           "--dry-run"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "memory per trainer GPU" in out.stdout and "fits" in out.stdout
+    assert "SGLang server GPU: weights" in out.stdout
+    crammed = subprocess.run(cmd + ["parallel.tp=1", "parallel.nodes=1", "parallel.sequence_parallel=false",
+                                    "model.recompute_activations=false", "optim.use_distributed_optimizer=false"],
+                             capture_output=True, text=True, timeout=120)
+    assert crammed.returncode == 0 and "does NOT fit" in crammed.stdout, crammed.stdout[-2000:]
