@@ -80,6 +80,10 @@ class RolloutConfig:
     server_python: Optional[str] = None  # interpreter of SGLang's own environment
     server_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
     weight_sync: Literal["disk", "distributed"] = "disk"
+    # distributed: the address servers reach trainer rank 0 at (default $MASTER_ADDR, else
+    # 127.0.0.1), and the size of one broadcast bucket
+    weight_sync_address: Optional[str] = None
+    weight_sync_bucket_mb: int = 512
     health_timeout_s: float = 600.0
     request_timeout_s: float = 1800.0
     max_retries: int = 3
@@ -467,6 +471,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}")
+    if r.weight_sync == "distributed" and r.backend != "sglang":
+        errors.append("rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'")
     if r.server_urls and r.server_registry:
         errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
     if (r.server_urls or r.server_registry) and r.backend != "sglang":

@@ -143,15 +143,37 @@ def make_engine(cfg: Config, inputs: Inputs, run_dir: Path):
     )
 
 
-def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path) -> float:
+def make_broadcaster(cfg: Config, engine):
+    """rollout.weight_sync: distributed -> the broadcast group to the fleet (on rank 0)."""
+    import os
+
+    from .rollout.broadcast_sync import BroadcastWeightSync
+
+    r = cfg.rollout
+    if r.backend != "sglang" or r.weight_sync != "distributed" or not _rank0():
+        return None
+    address = r.weight_sync_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return BroadcastWeightSync(engine, address=address, bucket_bytes=r.weight_sync_bucket_mb * 2**20,
+                               timeout_s=cfg.parallel.timeout_s)
+
+
+def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cfg: Config, broadcaster=None) -> float:
+    from .convert.convert import iter_whole_model
     from .rollout.local import LocalEngine
     from .rollout.weight_sync import sync_to_fleet_from_disk
 
     start = time.perf_counter()
-    if isinstance(engine, LocalEngine):
+    if isinstance(engine, LocalEngine) or (engine is None and cfg.rollout.backend == "local"):
         state = actor.gather_hf_state_dict()  # the full model on rank 0 (small models only)
         if _rank0():
             engine.update_weights(state.items(), version)
+    elif cfg.rollout.weight_sync == "distributed":
+        tensors = iter_whole_model(actor.chunks, actor.spec)  # a collective: every rank drains it
+        if broadcaster is not None:
+            broadcaster.push(tensors, version, actor.settings.dtype)
+        else:
+            for _ in tensors:
+                pass
     else:
         sync_to_fleet_from_disk(actor, engine, run_dir / "weights", version, model_dir)
     return time.perf_counter() - start
@@ -241,7 +263,8 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
                            resume_step=start_step if resume is not None else None) if _rank0() else None
     guard = PreemptionGuard()
-    sync_weights(actor, engine, run_dir, start_step, inputs.model_dir)
+    broadcaster = make_broadcaster(cfg, engine)
+    sync_weights(actor, engine, run_dir, start_step, inputs.model_dir, cfg, broadcaster)
 
     if "baseline" not in history:
         history["baseline"] = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
@@ -251,12 +274,14 @@ def train(cfg: Config) -> dict:
                             stop_token_ids=inputs.stop_ids)
     bar = _progress(cfg, start_step)
     for step in range(start_step, t.steps):
+        step_start = time.perf_counter()
         examples = inputs.train_set.next_batch(t.prompts_per_step)  # every rank: the position stays in step
         made = generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0) if _rank0() else None
         rollouts, rollout_metrics = _broadcast(made)
         metrics = actor.train_step(rollouts)
         metrics.update(rollout_metrics)
-        metrics["sync_s"] = sync_weights(actor, engine, run_dir, step + 1, inputs.model_dir)
+        metrics["sync_s"] = sync_weights(actor, engine, run_dir, step + 1, inputs.model_dir, cfg, broadcaster)
+        metrics["step_s"] = time.perf_counter() - step_start  # one rollout batch, evaluation excluded
         if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < t.steps:
             result = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
             metrics["val_pass1"] = result["pass1"]
@@ -273,7 +298,7 @@ def train(cfg: Config) -> dict:
         if stopping and step + 1 < t.steps:
             if _rank0():
                 log.warning("stopped at step %d with a checkpoint in %s, for a requeue", step + 1, ckpt_root)
-            _close(bar, logger, engine)
+            _close(bar, logger, engine, broadcaster)
             shutdown()
             return {"preempted_at": step + 1}
     if bar is not None:
@@ -293,7 +318,7 @@ def train(cfg: Config) -> dict:
     if _rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    _close(None, logger, engine)
+    _close(None, logger, engine, broadcaster)
     if _rank0() and cfg.logging.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
     shutdown()
@@ -301,7 +326,9 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _close(bar, logger, engine) -> None:
+def _close(bar, logger, engine, broadcaster=None) -> None:
+    if broadcaster is not None:
+        broadcaster.close()
     if bar is not None:
         bar.close()
     if logger is not None:

@@ -115,26 +115,32 @@ def write_hf_checkpoint(chunks, spec: ArchSpec, out: Path, side_dir: Path | None
     Every rank of a stage iterates (the TP gathers need all of them); with PP a stage's tensors
     then travel to rank 0 as one message. Used by the converter and by weight sync to servers.
     """
-    from megatron.core import parallel_state as ps
-
-    pp = ps.get_pipeline_model_parallel_world_size()
-    stage = ps.get_pipeline_model_parallel_rank()
     writer = HFCheckpointWriter(out, max_shard_bytes) if _rank() == 0 else None
-    for source_stage in range(pp):
-        if pp == 1:
-            items = iter_hf_tensors(chunks, spec)
-        else:
-            holder = [list(iter_hf_tensors(chunks, spec)) if source_stage == stage else None]
-            dist.broadcast_object_list(holder, src=_stage_first_rank(source_stage))
-            items = holder[0]
-        for name, tensor in items:
-            if writer is not None:
-                writer.add(name, tensor.to(dtype))  # megatron may keep norms in float32
+    for name, tensor in iter_whole_model(chunks, spec):
+        if writer is not None:
+            writer.add(name, tensor.to(dtype))  # megatron may keep norms in float32
     if writer is not None:
         writer.close()
         if side_dir is not None:
             copy_side_files(side_dir, out)
     return out
+
+
+def iter_whole_model(chunks, spec: ArchSpec):
+    """Every HF tensor of the model, stage after stage, on every rank (a collective: drain it on
+    all ranks). TP shards are gathered one tensor at a time; with PP a stage's tensors travel to
+    the other ranks as one message."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        yield from iter_hf_tensors(chunks, spec)
+        return
+    stage = ps.get_pipeline_model_parallel_rank()
+    for source_stage in range(pp):
+        holder = [list(iter_hf_tensors(chunks, spec)) if source_stage == stage else None]
+        dist.broadcast_object_list(holder, src=_stage_first_rank(source_stage))
+        yield from holder[0]
 
 
 def _stage_first_rank(stage: int) -> int:

@@ -57,6 +57,8 @@ class Server:
     weight_version: int = 0
     restarts: int = 0
     command: list[str] = field(default_factory=list)
+    tp: int = 1  # ranks this server has in a weight broadcast group
+    awaiting_weights: bool = False  # restarted, healthy, not in rotation until the next broadcast
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -81,9 +83,10 @@ class SGLangFleet:
         self._weights = threading.Lock()  # held while weights change: no generation meanwhile
         self.servers: list[Server] = []
         self.weight_version, self.weights_path = 0, None  # what every server in rotation holds
+        self.weights_set = False  # True once this fleet has pushed weights (disk or broadcast)
         self.last_throughput = 0.0  # generated tokens per second of the last batch
         if urls:
-            self.servers = [Server(i, u.rstrip("/")) for i, u in enumerate(urls)]
+            self.servers = [Server(i, u.rstrip("/"), tp=server_tp) for i, u in enumerate(urls)]
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             for i in range(first_index, first_index + num_servers):
@@ -93,7 +96,7 @@ class SGLangFleet:
                 if assign_gpus:
                     command += ["--base-gpu-id", str((i - first_index) * server_tp)]
                 self.servers.append(Server(i, f"http://{host}:{port}", log_path=self.log_dir / f"sglang_{i}.log",
-                                           command=command))
+                                           command=command, tp=server_tp))
             self._env = dict(os.environ, **(env or {}))
             for server in self.servers:
                 self._launch(server)
@@ -183,6 +186,10 @@ class SGLangFleet:
             self._launch(server)
             server.alive = False  # not in rotation until healthy and on the current weights
             self.wait_healthy([server])
+            if self.weights_set and self.weights_path is None:
+                # the current weights came by broadcast: this server rejoins at the next push
+                server.awaiting_weights = True
+                return
             if self.weights_path is not None:
                 self._load(server, self.weights_path, self.weight_version)
             with self._lock:
@@ -241,7 +248,7 @@ class SGLangFleet:
         served = str(meta.get("weight_version", "default"))
         expected = str(self.weight_version)
         # once this fleet has set the weights, every sample must come from them
-        if self.weights_path is not None and served != expected:
+        if self.weights_set and served != expected:
             raise ValueError(f"SGLang server {server.url} sampled with weight version {served!r}, expected {expected!r}")
         return Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", self.weight_version)
 
@@ -256,6 +263,17 @@ class SGLangFleet:
             raise FleetError(f"SGLang server {server.url} refused the weights at {path}: {reply.get('message')}")
         server.weight_version = version
 
+    def weights_lock(self) -> threading.Lock:
+        """Held while weights change: generation waits."""
+        return self._weights
+
+    def weights_received(self, servers: list[Server], version: int) -> None:
+        """`servers` now hold weights `version` (by broadcast): all of them go (back) in rotation."""
+        with self._lock:
+            for server in servers:
+                server.weight_version, server.awaiting_weights, server.alive = version, False, True
+        self.weight_version, self.weights_path, self.weights_set = version, None, True
+
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
         """Every live server loads the HF checkpoint at `path`; generation waits meanwhile."""
         with self._weights:
@@ -264,6 +282,6 @@ class SGLangFleet:
                     self._load(server, path, version)
                 except (urllib.error.URLError, OSError) as exc:
                     self._fail(server, f"weight update failed: {exc}")
-            self.weight_version, self.weights_path = version, path
+            self.weight_version, self.weights_path, self.weights_set = version, path, True
             if not any(s.alive for s in self.servers):
                 raise FleetError(f"no SGLang server took the weights of version {version}")
