@@ -50,16 +50,22 @@ def cluster():
         run(["bash", str(script), "down"], timeout=120, check=False)
 
 
+PLAIN = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+# heterogeneous: component 0 (the fleet) and component 1 (the trainer), one node each
+HETEROGENEOUS = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", ":",
+                 "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
 class Job:
-    def __init__(self, env, tmp: Path, steps: int, *overrides):
+    def __init__(self, env, tmp: Path, steps: int, *overrides, layout=PLAIN):
         self.env, self.run_dir = env, tmp / "run"
         backend = ["rollout.backend=sglang", CPU_SERVER] if HAVE_SGLANG else ["rollout.backend=local"]
         if not HAVE_SGLANG:
             overrides = tuple(o for o in overrides if not o.startswith("rollout.weight_sync"))
         submit_env = dict(env, RUN_DIR=str(self.run_dir), SERVER_HOST="127.0.0.1", REAL_MEGATRON_HOME=str(ROOT),
                           SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=str(ROOT / "tests" / "support"))
-        out = run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                   "--time=30", f"--output={tmp / 'job.out'}", str(ROOT / "slurm" / "train.sbatch"),
+        out = run(["sbatch", "--parsable", "--time=30", f"--output={tmp / 'job.out'}", *layout,
+                   str(ROOT / "slurm" / "train.sbatch"),
                    str(ROOT / "configs" / "quickstart.yaml"), f"task.cache_dir={tmp.parent / 'task-cache'}",
                    f"train.steps={steps}", *SHORT, *backend, *overrides], env=submit_env)
         self.id = out.stdout.strip().split(";")[0]
@@ -119,6 +125,18 @@ def test_quickstart_job_completes_with_checkpoint_metrics_and_a_log_per_componen
         assert "POST /update_weights_from_distributed" in (run_dir / "logs" / "sglang_0.log").read_text()
         assert not list((run_dir / "servers").glob("*.json"))  # the server unregistered itself
     assert "trainer exited with code 0" in (run_dir / "logs" / "job.log").read_text()
+
+
+@pytest.mark.skipif(not HAVE_SGLANG, reason="a heterogeneous job's first component is the SGLang fleet: "
+                                            "run tools/install_sglang.sh")
+def test_heterogeneous_job_runs_the_fleet_and_the_trainer_as_its_two_components(cluster, tmp_path):
+    job = Job(cluster, tmp_path, 2, layout=HETEROGENEOUS)
+    assert job.wait() == 0, job.diagnostics()
+    assert re.findall(r"JobState=(\S+)", job.show()) == ["COMPLETED", "COMPLETED"]
+    job_log = (job.run_dir / "logs" / "job.log").read_text()
+    assert "trainer 1x1 on n2" in job_log and "trainer exited with code 0" in job_log
+    assert "SGLang server 0 ready" in (job.run_dir / "logs" / "fleet.log").read_text()
+    assert job.steps_logged() == [1, 2]
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_final_step(cluster, tmp_path):
