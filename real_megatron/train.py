@@ -314,6 +314,9 @@ def train(cfg: Config) -> dict:
         "gain": final["pass1"] - history["baseline"]["pass1"], "eval_samples": final["samples"],
         "eval_problems": final["problems"], "stderr": final["stderr"], "baseline_stderr": history["baseline"]["stderr"],
         "steps": t.steps, "algorithm": cfg.algorithm.name, "seconds": time.time() - started,
+        # per eval file, as Table 1 reports it
+        "baseline_benchmarks": {n: b["pass1"] for n, b in history["baseline"].get("benchmarks", {}).items()},
+        "final_benchmarks": {n: b["pass1"] for n, b in final["benchmarks"].items()},
     }
     if _rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})

@@ -40,6 +40,7 @@ def test_quickstart_shaped_run_leaves_every_artefact_and_resumes(tmp_path):
     assert sum("val_pass1" in r for r in rows) >= 3  # baseline, mid-run, final
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_samples"] == 48 and 0 <= summary["final_pass1"] <= 1 and summary["stderr"] >= 0
+    assert summary["final_benchmarks"] == {"heldout": summary["final_pass1"]}  # one eval set: pooled == per set
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000004"]  # keep_last=1
     # the final HF checkpoint loads in transformers
     import transformers

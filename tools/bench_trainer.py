@@ -84,7 +84,7 @@ def trl_worker(work: Path, steps: int, warmup: int) -> None:
         learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.clip_grad,
         beta=0.0, max_steps=(steps + warmup) * cfg.algorithm.updates_per_batch, use_cpu=True, bf16=False,
         report_to=[], save_strategy="no", logging_steps=1, seed=cfg.train.seed, disable_tqdm=True,
-        dataloader_num_workers=0, shuffle_dataset=True,
+        dataloader_num_workers=0, shuffle_dataset=True, loss_type="grpo",
     )
     trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args,
                           train_dataset=datasets.Dataset.from_list(prompts), processing_class=tokenizer)
