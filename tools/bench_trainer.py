@@ -32,7 +32,8 @@ CONFIG = ROOT / "configs" / "quickstart.yaml"
 def run_ours(steps: int, warmup: int, work: Path) -> dict:
     run = work / "ours"
     cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(CONFIG), "--output-dir", str(run),
-           f"train.steps={steps + warmup}", "eval.every_steps=0", "eval.k=1", "checkpoint.every_steps=0",
+           f"train.steps={steps + warmup}", "optim.warmup_steps=0", "eval.every_steps=0", "eval.k=1",
+           "checkpoint.every_steps=0",
            "checkpoint.save_hf_final=false", "logging.plot=false", "logging.tensorboard=false",
            "logging.progress_bar=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

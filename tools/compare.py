@@ -82,7 +82,9 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (ax_val, ax_reward) = plt.subplots(1, 2, figsize=(12, 4.5))
     for algorithm, runs in results.items():
-        curves = [[(r["step"], r["val_pass1"]) for r in rows if "val_pass1" in r] for _, rows in runs]
+        # gain over each seed's own warm-start: seeds start from different models
+        curves = [[(r["step"], r["val_pass1"] - summary["baseline_pass1"]) for r in rows if "val_pass1" in r]
+                  for summary, rows in runs]
         steps = [s for s, _ in curves[0]]
         per_step = [[c[i][1] for c in curves if i < len(c)] for i in range(len(steps))]
         means = [statistics.mean(v) for v in per_step]
@@ -95,7 +97,7 @@ def plot(results: dict, path: Path) -> None:
         window = 10
         smooth = [statistics.mean(mean_reward[max(0, i - window + 1) : i + 1]) for i in range(length)]
         ax_reward.plot(range(1, length + 1), smooth, label=algorithm, color=line.get_color())
-    ax_val.set(xlabel="RL step", ylabel="held-out pass@1 (mean over seeds, band: min-max)")
+    ax_val.set(xlabel="RL step", ylabel="held-out pass@1 gain over the warm-start\n(mean over seeds, band: min-max)")
     ax_reward.set(xlabel="RL step", ylabel="training reward (mean over seeds, 10-step average)")
     for ax in (ax_val, ax_reward):
         ax.grid(alpha=0.3)
