@@ -21,6 +21,13 @@ def pass_at_1(per_problem: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = 5.0) -> list[float]:
+    """The verifier's label of every sample of every group (groups[i] answers examples[i]), flat."""
+    texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
+    truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
+    return score_responses(reward_fn, texts, truths, timeout_s)
+
+
 def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: SamplingParams,
                   timeout_s: float = 5.0, progress: bool = False) -> dict:
     """sets: name -> list of Example. Returns per-benchmark results, their average, and the pooled
@@ -34,9 +41,7 @@ def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: Samp
     for name, examples in items:
         start = time.perf_counter()
         groups = engine.generate([ex.prompt_ids for ex in examples], k, params)
-        texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
-        truths = [ex.ground_truth for ex in examples for _ in range(k)]
-        rewards = score_responses(reward_fn, texts, truths, timeout_s)
+        rewards = score_groups(groups, examples, tokenizer, reward_fn, timeout_s)
         per_problem = [sum(rewards[i * k : (i + 1) * k]) / k for i in range(len(examples))]
         mean, stderr = pass_at_1(per_problem)
         lengths = [len(s.output_ids) for g in groups for s in g]

@@ -159,11 +159,10 @@ def make_broadcaster(cfg: Config, engine):
 
 def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cfg: Config, broadcaster=None) -> float:
     from .convert.convert import iter_whole_model
-    from .rollout.local import LocalEngine
     from .rollout.weight_sync import sync_to_fleet_from_disk
 
     start = time.perf_counter()
-    if isinstance(engine, LocalEngine) or (engine is None and cfg.rollout.backend == "local"):
+    if cfg.rollout.backend == "local":  # the config decides: ranks > 0 hold no engine
         state = actor.gather_hf_state_dict()  # the full model on rank 0 (small models only)
         if _rank0():
             engine.update_weights(state.items(), version)
@@ -182,16 +181,14 @@ def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cf
 def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_s: float):
     """(rollouts, metrics) on rank 0: samples, decoded responses, verifier labels."""
     from .actor.batching import Rollout
-    from .rewards import score_responses
+    from .evaluation import score_groups
 
     start = time.perf_counter()
     prompts = [ex.prompt_ids for ex in examples]
     groups = engine.generate(prompts, n, params)
     gen_s = time.perf_counter() - start
     start = time.perf_counter()
-    texts = [inputs.tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
-    truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
-    rewards = score_responses(inputs.reward_fn, texts, truths, timeout_s)
+    rewards = score_groups(groups, examples, inputs.tokenizer, inputs.reward_fn, timeout_s)
     rollouts, k = [], 0
     for p, (ex, group) in enumerate(zip(examples, groups)):
         for sample in group:

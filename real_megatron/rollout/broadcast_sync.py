@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import socket
 import threading
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from ..actor.distributed import free_port
 from ..convert.export import iter_buckets
 from .sglang_fleet import FleetError, SGLangFleet, Server, http_json
 
@@ -45,12 +45,6 @@ def new_group(backend: str, address: str, port: int, world_size: int, rank: int,
                                          group_name=group_name, timeout=timeout)
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -124,7 +118,7 @@ class BroadcastWeightSync:
             raise FleetError("no SGLang server is up to receive weights")
         sizes = [self._server_tp(s) for s in members]
         world = 1 + sum(sizes)
-        port = _free_port(self.address)
+        port = free_port(self.address)
         offsets = [1 + sum(sizes[:i]) for i in range(len(members))]
         calls = _Calls([(s, "/init_weights_update_group",
                          {"master_address": self.address, "master_port": port, "rank_offset": offset,
