@@ -17,7 +17,7 @@ from .dispatch import backend
 def _check_index(index: torch.Tensor, n: int, num_segments: int, name: str) -> None:
     if index.shape != (n,) or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: index must be an integer tensor of shape [{n}], got {index.dtype} {tuple(index.shape)}")
-    if n and (bool((index < 0).any()) or bool((index >= num_segments).any())):
+    if n and not index.is_meta and (bool((index < 0).any()) or bool((index >= num_segments).any())):  # meta: no values
         raise ValueError(f"{name}: index values must lie in [0, {num_segments}), got min {int(index.min())} max {int(index.max())}")
 
 

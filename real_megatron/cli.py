@@ -26,9 +26,15 @@ def _train(args: argparse.Namespace) -> int:
         print("config OK")
         return 0
     import logging
+    import os
 
+    import torch
+
+    from .actor.distributed import trainer_environment
     from .train import train
 
+    for key, value in trainer_environment(cfg, torch.cuda.is_available()).items():
+        os.environ.setdefault(key, value)  # before CUDA starts; a user's own value wins
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("real_megatron").setLevel(logging.INFO)  # megatron-core's INFO lists every parameter
     summary = train(cfg)
@@ -83,12 +89,12 @@ def _eval(args: argparse.Namespace) -> int:
                                              dtype=getattr(torch, args.dtype))
     else:
         from .rollout.sglang_env import default_server_python
-        from .rollout.sglang_fleet import SGLangFleet
+        from .rollout.sglang_fleet import SGLangFleet, visible_gpus
 
         engine = SGLangFleet(model_path=str(model), urls=args.server_url or None, num_servers=args.num_servers,
                              server_tp=args.server_tp, server_python=default_server_python(),
                              server_args=shlex.split(args.server_args), log_dir=Path(args.out or ".").parent / "logs",
-                             assign_gpus=torch.cuda.is_available())
+                             gpus=None if args.server_url else (visible_gpus() or None))
     try:
         report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
                                progress=True)

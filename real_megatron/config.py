@@ -87,6 +87,12 @@ class RolloutConfig:
     health_timeout_s: float = 600.0
     request_timeout_s: float = 1800.0
     max_retries: int = 3
+    # requests in flight per server: SGLang batches hundreds of sequences per GPU; the fleet's
+    # bound is this times the number of servers
+    max_requests_per_server: int = 256
+    # GPUs (ids as the trainer sees them) for servers the trainer launches, server_tp each; empty:
+    # the GPUs of this node after the trainer's parallel.gpus_per_node
+    server_gpus: list[int] = field(default_factory=list)
 
 
 @dataclass

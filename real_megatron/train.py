@@ -139,8 +139,25 @@ def make_engine(cfg: Config, inputs: Inputs, run_dir: Path):
         model_path=str(inputs.model_dir), urls=urls, num_servers=r.num_servers, server_tp=r.server_tp,
         host=r.server_host, base_port=r.server_base_port, server_python=r.server_python or default_server_python(),
         server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
-        request_timeout_s=r.request_timeout_s,
+        request_timeout_s=r.request_timeout_s, max_requests_per_server=r.max_requests_per_server,
+        gpus=None if urls else launched_server_gpus(cfg),
     )
+
+
+def launched_server_gpus(cfg: Config, environ: dict | None = None) -> list[str] | None:
+    """GPUs for the servers this trainer launches: rollout.server_gpus, else this node's GPUs after
+    the trainer ranks' (local rank i uses GPU i). None on a machine without GPUs."""
+    from .rollout.sglang_fleet import visible_gpus
+
+    visible = visible_gpus(environ)
+    if not visible:
+        return None
+    if cfg.rollout.server_gpus:
+        unknown = [g for g in cfg.rollout.server_gpus if g >= len(visible)]
+        if unknown:
+            raise ValueError(f"rollout.server_gpus names GPU(s) {unknown}; this process sees {len(visible)}")
+        return [visible[g] for g in cfg.rollout.server_gpus]
+    return visible[cfg.parallel.gpus_per_node:]
 
 
 def make_broadcaster(cfg: Config, engine):

@@ -68,7 +68,8 @@ def fleet(tmp_path_factory):
     env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support")}
     fleet = SGLangFleet(model_path=str(root / "a"), num_servers=2, base_port=31200 + os.getpid() % 500 * 4,
                         server_python=python, server_args=CPU_SERVER_ARGS, env=env, log_dir=root / "logs",
-                        health_timeout_s=300, request_timeout_s=120, max_in_flight=8)
+                        health_timeout_s=300, request_timeout_s=120, max_requests_per_server=4,
+                        gpus=["3", "5"])  # CPU servers ignore them; each must get its own
     try:
         yield fleet, a, b, root
     finally:
@@ -191,3 +192,13 @@ def test_broadcast_weight_sync_over_gloo_reaches_every_server_and_a_restarted_on
                 assert_greedy_of(model_a, p, sample.output_ids)
     finally:
         sync.close()
+
+
+def test_each_launched_server_keeps_its_own_gpus_and_the_request_bound_follows_the_fleet(fleet):
+    """Servers launched outside Slurm get disjoint CUDA_VISIBLE_DEVICES (restarted ones too, after the
+    kill test above); in-flight requests scale with the number of servers."""
+    fleet, *_ = fleet
+    assert fleet.max_in_flight == 4 * len(fleet.servers)
+    for server, want in zip(fleet.servers, ["3", "5"]):
+        environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+        assert f"CUDA_VISIBLE_DEVICES={want}".encode() in environ, (server.index, server.restarts)

@@ -28,7 +28,7 @@ from ..objectives import PolicyBatch, normalise
 from ..objectives.registry import Objective, RealObjective
 from .batching import MiniBatch, Rollout, build_mini_batches
 from .model import ArchSpec, build_model_chunks, transformer_config
-from .weights import iter_hf_tensors, load_hf_weights
+from .weights import iter_hf_tensors, load_hf_weights, unwrap
 
 
 @dataclass
@@ -133,6 +133,8 @@ class Actor:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.optimizer_steps = 0
+        # where the model lives: micro-batches and metric tensors go here (NCCL reduces CUDA tensors only)
+        self.device = next(unwrap(self.chunks[0]).parameters()).device
 
     # --- one RL step -------------------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class Actor:
             for mb, out in zip(mini.micro_batches, outputs):
                 mb.old_logprobs = out["logprobs"]
 
-    def _update(self, mini: MiniBatch) -> list[dict]:
+    def _update(self, mini: MiniBatch) -> dict:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -189,9 +191,9 @@ class Actor:
         if ok:
             self.scheduler.step(increment=1)
             self.optimizer_steps += 1
-        lr = self.optimizer.param_groups[0]["lr"]
-        return [dict(o, grad_norm=torch.tensor(float(grad_norm or 0.0)), lr=torch.tensor(lr),
-                     skipped=torch.tensor(0.0 if ok else 1.0)) for o in outputs]
+        # host numbers (the optimizer already reduced the norm): never stacked with device tensors
+        return {"records": outputs, "grad_norm": float(grad_norm or 0.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "skipped": 0.0 if ok else 1.0}
 
     def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -209,7 +211,7 @@ class Actor:
         )
 
     def _forward_step(self, data_iterator, model, *, mode: str, counts: dict, num_micro: int):
-        mb = next(data_iterator)
+        mb = next(data_iterator).to(self.device)  # the one place a micro-batch leaves the host
         output = model(mb.tokens, mb.position_ids, None)  # logits [b, s, V/tp] on the last stage
         return output, partial(self._loss, mb, mode, counts, num_micro)
 
@@ -241,50 +243,62 @@ class Actor:
 
             scores = sequence_scores(logprobs, mb.old_logprobs, batch.loss_mask, mb.seq_index, n_seq)
             pos = mb.rewards > 0.5
-            inf = torch.tensor(float("inf"))
+            # every entry a tensor on the actor's device, computed without a host sync
+            inf = torch.full((1,), float("inf"), device=scores.device, dtype=scores.dtype)
+            pos_scores, neg_scores = scores.where(pos, inf[0]), scores.where(~pos, inf[0])
             record = {
                 # REAL's value is the full mini-batch value on every DP rank; the baselines' are local
                 "loss": loss.detach() / (self.dp_size if isinstance(self.objective, RealObjective) else 1),
-                "entropy_sum": entropy.sum(), "tokens": torch.tensor(float(logprobs.numel())),
-                "score_pos_sum": scores[pos].sum(), "score_pos_n": pos.sum().float(),
-                "score_neg_sum": scores[~pos].sum(), "score_neg_n": (~pos).sum().float(),
-                "score_pos_min": scores[pos].min() if pos.any() else inf,
-                "score_pos_max": scores[pos].max() if pos.any() else -inf,
-                "score_neg_min": scores[~pos].min() if (~pos).any() else inf,
-                "score_neg_max": scores[~pos].max() if (~pos).any() else -inf,
+                "entropy_sum": entropy.sum(), "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
+                "score_pos_sum": (scores * pos).sum(), "score_pos_n": pos.sum().float(),
+                "score_neg_sum": (scores * ~pos).sum(), "score_neg_n": (~pos).sum().float(),
+                "score_pos_min": torch.cat([pos_scores, inf]).min(),
+                "score_pos_max": -torch.cat([-scores.where(pos, -inf[0]), inf]).min(),
+                "score_neg_min": torch.cat([neg_scores, inf]).min(),
+                "score_neg_max": -torch.cat([-scores.where(~pos, -inf[0]), inf]).min(),
             }
         return scaled, record
 
-    def _reduce_metrics(self, records: list[list[dict]]) -> dict:
+    SUM_KEYS = ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n")
+    MIN_KEYS, MAX_KEYS = ("score_pos_min", "score_neg_min"), ("score_pos_max", "score_neg_max")
+
+    def _metric_tensors(self, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sums, mins, maxs) of micro-batch records, on the actor's device, reduced over DP."""
+        def stacked(keys):
+            return torch.stack([torch.stack([r[k] for r in records]) for k in keys])
+
+        sums = stacked(self.SUM_KEYS).sum(1)
+        mins = stacked(self.MIN_KEYS).amin(1)
+        maxs = stacked(self.MAX_KEYS).amax(1)
+        if self.dp_size > 1:
+            dist.all_reduce(sums, group=self.dp_group)
+            dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=self.dp_group)
+            dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return sums, mins, maxs
+
+    def _reduce_metrics(self, updates: list[dict]) -> dict:
         """Sum micro-batch records over mini-batches and DP ranks, on the last stage, then share."""
-        flat = [r for mini in records for r in mini]
+        flat = [r for u in updates for r in u["records"]]
         out = {}
         if self.is_last_stage and flat:
-            sums = torch.stack([sum(r[k] for r in flat) for k in
-                                ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n")])
-            mins = torch.stack([min(r[k] for r in flat) for k in ("score_pos_min", "score_neg_min")])
-            maxs = torch.stack([max(r[k] for r in flat) for k in ("score_pos_max", "score_neg_max")])
-            if self.dp_size > 1:
-                dist.all_reduce(sums, group=self.dp_group)
-                dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=self.dp_group)
-                dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=self.dp_group)
-            updates = len(records)
+            sums, mins, maxs = self._metric_tensors(flat)
             loss, ent, tok, ps_, pn, ns, nn = sums.tolist()
+            n = len(updates)
             out = {
-                "loss": loss / updates, "entropy": ent / max(tok, 1),
+                "loss": loss / n, "entropy": ent / max(tok, 1),
                 "score_pos_mean": ps_ / pn if pn else float("nan"), "score_neg_mean": ns / nn if nn else float("nan"),
                 "score_pos_min": mins[0].item(), "score_pos_max": maxs[0].item(),
                 "score_neg_min": mins[1].item(), "score_neg_max": maxs[1].item(),
-                "grad_norm": float(sum(mini[0]["grad_norm"] for mini in records if mini) / updates),
-                "lr": float(records[-1][0]["lr"]) if records[-1] else 0.0,
-                "skipped_updates": float(sum(mini[0]["skipped"] for mini in records if mini)),
+                "grad_norm": sum(u["grad_norm"] for u in updates) / n,
+                "lr": updates[-1]["lr"],
+                "skipped_updates": sum(u["skipped"] for u in updates),
             }
         # every rank returns the same dict: broadcast from the last stage's first rank
         holder = [out]
         if dist.is_initialized() and dist.get_world_size() > 1:
             # global rank of (last pipeline stage, tp 0, cp 0, dp 0) in megatron's tp-cp-dp-pp order
             world, pp = dist.get_world_size(), self.ps.get_pipeline_model_parallel_world_size()
-            dist.broadcast_object_list(holder, src=world // pp * (pp - 1))
+            dist.broadcast_object_list(holder, src=world // pp * (pp - 1), device=self.device)
         return holder[0]
 
     # --- weights out ---------------------------------------------------------------------------

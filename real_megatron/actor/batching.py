@@ -13,6 +13,7 @@ the logits at the positions that predict response tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,6 +56,15 @@ class MicroBatch:
     @property
     def num_response_tokens(self) -> int:
         return int(self.targets.numel())
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """This micro-batch with every tensor on `device` (batches are built on the host)."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                # pinned host memory would allow non_blocking; these tensors are small (ids, not activations)
+                moved[name] = value.to(device)
+        return MicroBatch(**moved)
 
 
 @dataclass

@@ -20,13 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .weights import unwrap
+from .model_state import load_model_state, model_sharded_state_dict
 
 STATE_FILE = "trainer_state.json"
 # Model weights always reshard freely (dist_checkpointing). The distributed optimizer's state is
-# saved DP-reshardable: megatron-core 0.16's fully_reshardable loader fails with torch's Adam
-# (it copies a 'step' entry it never saved), the optimizer used wherever Apex/TE are absent.
-OPTIMIZER_SHARDING = "dp_reshardable"
+# saved per parameter under the model's checkpoint keys ("fully_reshardable"): it loads under any
+# TP/PP/DP and either layer spec, whatever order the spec registers its parameters in (the
+# DP-reshardable format is a flat buffer in that order). "mem_efficient" gathers each DP group's
+# state on its first rank only (over gloo, in host memory), not on every rank.
+OPTIMIZER_SHARDING = "fully_reshardable"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -73,17 +77,36 @@ def _restore_adam_steps(optimizer) -> None:
                 continue
             for param in group["params"]:
                 state = inner.state.get(param)
-                if state is not None and torch.is_tensor(state.get("step")):
-                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+                if state is not None and "exp_avg" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def _let_adam_step_be_absent(optimizer) -> None:
+    """megatron-core's fully_reshardable loader copies every state entry of a parameter, and
+    without Apex/TE that includes torch Adam's 'step', which the checkpoint keeps in the param
+    groups instead: let the step keep its value (`_restore_adam_steps` sets it afterwards)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None or getattr(setter, "keeps_step", False):
+            continue
+
+        def keep_step(model_param, tensors, opt=opt, setter=setter):
+            if "step" not in tensors:
+                group, order = opt.model_param_group_index_map[model_param]
+                step = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]].get("step")
+                if step is not None:
+                    tensors = dict(tensors, step=step)
+            return setter(model_param, tensors)
+
+        keep_step.keeps_step = True
+        opt._set_main_param_and_optimizer_states = keep_step
 
 
 def _sharded_state_dict(actor, is_loading: bool = False) -> dict:
-    state = {}
-    for index, chunk in enumerate(actor.chunks):
-        state[f"model{index}" if len(actor.chunks) > 1 else "model"] = unwrap(chunk).sharded_state_dict()
+    state = model_sharded_state_dict(actor.chunks)
     kwargs = {"is_loading": is_loading}
     if actor.settings.optim.use_distributed_optimizer:
-        kwargs["metadata"] = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+        kwargs["metadata"] = dict(OPTIMIZER_METADATA)
     state["optimizer"] = actor.optimizer.sharded_state_dict(state, **kwargs)
     return state
 
@@ -160,8 +183,8 @@ def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
     trainer_state = json.loads(state_file.read_text())
     _materialise_optimizer_state(actor.optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True), str(directory))
-    for index, chunk in enumerate(actor.chunks):
-        unwrap(chunk).load_state_dict(loaded[f"model{index}" if len(actor.chunks) > 1 else "model"])
+    load_model_state(actor.chunks, loaded)
+    _let_adam_step_be_absent(actor.optimizer)
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
         actor.optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(actor.optimizer)

@@ -9,6 +9,7 @@ collective inherits the group timeout, so a missing peer is an error, not a hang
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -59,6 +61,52 @@ def launch_env(environ: dict | None = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
+def cuda_device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device this process uses, among the ones it can see.
+
+    Under `srun --gpus-per-task=1` (or any per-task binding) each task sees exactly one GPU, as
+    device 0, whatever its local rank; with the node's GPUs all visible, local rank i takes GPU i.
+    """
+    if visible_devices < 1:
+        raise RuntimeError("CUDA is available but this process sees no GPU (check CUDA_VISIBLE_DEVICES)")
+    if visible_devices == 1:
+        return 0
+    if local_rank >= visible_devices:
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU of its own: this process sees {visible_devices} GPUs "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most one "
+            "trainer process per visible GPU, or bind one GPU per task (srun --gpus-per-task=1)"
+        )
+    return local_rank
+
+
+def gpu_environment_warnings(cuda: bool, environ: dict | None = None) -> list[str]:
+    """Settings meant for CPU runs that would silently slow down (or break) a GPU run."""
+    env = os.environ if environ is None else environ
+    found = []
+    if cuda and env.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        found.append("TRITON_INTERPRET is set on a machine with a GPU: Triton kernels would run in its CPU "
+                     "interpreter (orders of magnitude slower); unset it for GPU runs")
+    if cuda and env.get("CUDA_VISIBLE_DEVICES", None) == "":
+        found.append("CUDA_VISIBLE_DEVICES is empty: this process can use no GPU")
+    return found
+
+
+def trainer_environment(cfg, cuda: bool) -> dict[str, str]:
+    """Environment a GPU trainer process needs before CUDA starts (applied with setdefault).
+
+    CUDA_DEVICE_MAX_CONNECTIONS=1 keeps megatron's tensor-parallel communication ordered ahead of
+    the compute it overlaps (sequence parallelism requires it); expandable segments let the
+    allocator reuse memory across the very different shapes of rollout batches.
+    """
+    if not cuda:
+        return {}
+    out = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    if cfg.parallel.sequence_parallel or cfg.parallel.tp > 1:
+        out["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS says is free on `host` now (for a rendezvous this process then listens on)."""
     import socket
@@ -85,8 +133,10 @@ def init_distributed(
             f"the launcher started {env.world_size} processes ({env.source}) but the config asks for "
             f"parallel.nodes x parallel.gpus_per_node = {expected_world_size}"
         )
+    for warning in gpu_environment_warnings(torch.cuda.is_available()):
+        log.warning(warning)
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(cuda_device_index(env.local_rank, torch.cuda.device_count()))
     if not dist.is_initialized():
         # env:// lets torchrun's workers share its agent's store; Slurm's values are exported first
         os.environ.setdefault("MASTER_ADDR", env.master_addr)

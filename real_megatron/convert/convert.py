@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..actor.model import ArchSpec, build_model_chunks, transformer_config
-from ..actor.weights import iter_hf_tensors, load_hf_weights, unwrap
+from ..actor.model_state import load_model_state, model_sharded_state_dict
+from ..actor.weights import iter_hf_tensors, load_hf_weights
 from .hf_io import HFCheckpointReader, HFCheckpointWriter, copy_side_files
 
 INFO_FILE = "convert_info.json"
@@ -41,17 +42,11 @@ def _layout():
     return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
 
 
-def model_sharded_state_dict(chunks) -> dict:
-    return {f"model{i}" if len(chunks) > 1 else "model": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
 def load_model_weights(chunks, directory: str | Path) -> None:
     """Fill model chunks from the model part of a dist checkpoint (converted or from training)."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded[f"model{i}" if len(chunks) > 1 else "model"])
+    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory)))
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:

@@ -46,6 +46,29 @@ def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0) -
         return {"text": body.decode(errors="replace")}
 
 
+def visible_gpus(environ: Optional[dict] = None) -> list[str]:
+    """The GPUs this process may use, as ids valid in CUDA_VISIBLE_DEVICES (empty without GPUs)."""
+    env = os.environ if environ is None else environ
+    if env.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def split_gpus(gpus: list[str], num_servers: int, server_tp: int) -> list[list[str]]:
+    """server_tp GPUs of `gpus` for each server, in order; an error when there are too few."""
+    need = num_servers * server_tp
+    if len(gpus) < need:
+        raise FleetError(f"{num_servers} SGLang server(s) of server_tp={server_tp} need {need} GPUs; only "
+                         f"{len(gpus)} are free for them ({','.join(gpus) or 'none'}): set rollout.server_gpus, "
+                         "launch fewer servers, or run the fleet as its own Slurm step")
+    return [gpus[i * server_tp : (i + 1) * server_tp] for i in range(num_servers)]
+
+
 @dataclass
 class Server:
     index: int
@@ -59,6 +82,7 @@ class Server:
     command: list[str] = field(default_factory=list)
     tp: int = 1  # ranks this server has in a weight broadcast group
     awaiting_weights: bool = False  # restarted, healthy, not in rotation until the next broadcast
+    gpus: Optional[list[str]] = None  # its CUDA_VISIBLE_DEVICES when launched (None: inherited)
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -70,14 +94,18 @@ class SGLangFleet:
     def __init__(self, *, model_path: Optional[str] = None, urls: Optional[list[str]] = None, num_servers: int = 1,
                  server_tp: int = 1, host: str = "127.0.0.1", base_port: int = 30000, server_python: str = "python3",
                  server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
-                 health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0, max_in_flight: int = 64,
-                 max_restarts: int = 2, first_index: int = 0, assign_gpus: bool = False):
+                 health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0,
+                 max_requests_per_server: int = 256, max_restarts: int = 2, first_index: int = 0,
+                 gpus: Optional[list[str]] = None):
         """first_index: number of the first launched server (its log is sglang_<index>.log).
-        assign_gpus: launched servers on one node take GPUs [i * server_tp, (i + 1) * server_tp)."""
+        max_requests_per_server: requests in flight per server (SGLang batches them on its GPUs);
+        the fleet's bound is this times the number of servers.
+        gpus: GPU ids (as this process sees them) for the launched servers, server_tp each, in
+        order; None leaves CUDA_VISIBLE_DEVICES as it is (a CPU run, or Slurm bound the task)."""
         if not urls and not model_path:
             raise ValueError("SGLangFleet needs server urls to attach to, or a model_path to launch servers with")
         self.health_timeout_s, self.request_timeout_s = health_timeout_s, request_timeout_s
-        self.max_in_flight, self.max_restarts = max_in_flight, max_restarts
+        self.max_restarts = max_restarts
         self.log_dir = Path(log_dir)
         self._lock = threading.Lock()  # guards server load bookkeeping
         self._weights = threading.Lock()  # held while weights change: no generation meanwhile
@@ -89,24 +117,25 @@ class SGLangFleet:
             self.servers = [Server(i, u.rstrip("/"), tp=server_tp) for i, u in enumerate(urls)]
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            for i in range(first_index, first_index + num_servers):
+            devices = split_gpus(gpus, num_servers, server_tp) if gpus is not None else [None] * num_servers
+            for i, own in zip(range(first_index, first_index + num_servers), devices):
                 port = base_port + (i - first_index) * max(1, server_tp) * 2
                 command = [server_python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host,
                            "--port", str(port), "--tp-size", str(server_tp), *(server_args or [])]
-                if assign_gpus:
-                    command += ["--base-gpu-id", str((i - first_index) * server_tp)]
                 self.servers.append(Server(i, f"http://{host}:{port}", log_path=self.log_dir / f"sglang_{i}.log",
-                                           command=command, tp=server_tp))
+                                           command=command, tp=server_tp, gpus=own))
             self._env = dict(os.environ, **(env or {}))
             for server in self.servers:
                 self._launch(server)
+        self.max_in_flight = max_requests_per_server * len(self.servers)
         self.wait_healthy(self.servers)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def _launch(self, server: Server) -> None:
         log_file = open(server.log_path, "a")
-        server.process = subprocess.Popen(server.command, stdout=log_file, stderr=subprocess.STDOUT, env=self._env,
+        env = self._env if server.gpus is None else dict(self._env, CUDA_VISIBLE_DEVICES=",".join(server.gpus))
+        server.process = subprocess.Popen(server.command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)  # its own process group: we stop all of it
         server.alive = True
 
