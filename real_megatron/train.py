@@ -19,12 +19,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from .config import Config, save_config
+from .rank0_phases import on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,6 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _broadcast(obj):
-    """Rank 0's object on every rank (rollouts are made once, by rank 0)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def prepare_inputs(cfg: Config) -> Inputs:
@@ -80,7 +74,7 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     root = task_root(cfg)
     train, held = task.split(t.train_prompts, t.eval_prompts, seed=cfg.train.seed, max_operand=t.max_operand)
     model_dir = root / "warmstart"
-    if _rank0():
+    def make_task_files():
         tokenizer = task.build_tokenizer(root / "tokenizer", [p + s for p, s, _ in train[:4000]], t.tokenizer_vocab)
         task.write_jsonl(root / "train.jsonl", train)
         task.write_jsonl(root / "heldout.jsonl", held)
@@ -88,8 +82,8 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
         task.warm_start(model_dir, model_config, tokenizer, train, steps=t.warmstart_steps, batch=t.warmstart_batch,
                         lr=t.warmstart_lr, seed=cfg.train.seed, progress=cfg.logging.progress_bar)
-    if dist.is_initialized():
-        dist.barrier()
+
+    on_rank0("the task's warm-start", make_task_files, timeout_s=cfg.parallel.timeout_s, share=False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -191,7 +185,7 @@ def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cf
             for _ in tensors:
                 pass
     else:
-        sync_to_fleet_from_disk(actor, engine, run_dir / "weights", version, model_dir)
+        sync_to_fleet_from_disk(actor, engine, run_dir / "weights", version, model_dir, cfg.parallel.timeout_s)
     return time.perf_counter() - start
 
 
@@ -226,7 +220,9 @@ def evaluate(engine, inputs: Inputs, cfg: Config) -> dict:
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
                             stop_token_ids=inputs.stop_ids)
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
-    return evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
+    start = time.perf_counter()
+    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
+    return dict(result, eval_s=time.perf_counter() - start)
 
 
 def train(cfg: Config) -> dict:
@@ -262,7 +258,9 @@ def train(cfg: Config) -> dict:
         pad_id=inputs.tokenizer.pad_token_id or 0,
     )
     actor = Actor(spec, settings, objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get)
-    engine = make_engine(cfg, inputs, run_dir) if _rank0() else None
+    timeout_s = p.timeout_s
+    engine = on_rank0("starting the rollout engine", lambda: make_engine(cfg, inputs, run_dir), timeout_s=timeout_s,
+                      share=False)
 
     start_step, history = 0, {}
     resume = None if cfg.checkpoint.resume == "none" else (
@@ -281,23 +279,25 @@ def train(cfg: Config) -> dict:
     sync_weights(actor, engine, run_dir, start_step, inputs.model_dir, cfg, broadcaster)
 
     if "baseline" not in history:
-        history["baseline"] = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
+        history["baseline"] = on_rank0("baseline evaluation", lambda: evaluate(engine, inputs, cfg), timeout_s=timeout_s)
         if logger:
-            logger.log(start_step, {"val_pass1": history["baseline"]["pass1"]})
+            logger.log(start_step, {"val_pass1": history["baseline"]["pass1"], "eval_s": history["baseline"]["eval_s"]})
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                             stop_token_ids=inputs.stop_ids)
     bar = _progress(cfg, start_step)
     for step in range(start_step, t.steps):
         step_start = time.perf_counter()
         examples = inputs.train_set.next_batch(t.prompts_per_step)  # every rank: the position stays in step
-        made = generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0) if _rank0() else None
-        rollouts, rollout_metrics = _broadcast(made)
+        rollouts, rollout_metrics = on_rank0(
+            f"rollouts of step {step + 1}", lambda: generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0),
+            timeout_s=timeout_s)
         metrics = actor.train_step(rollouts)
         metrics.update(rollout_metrics)
         metrics["sync_s"] = sync_weights(actor, engine, run_dir, step + 1, inputs.model_dir, cfg, broadcaster)
         metrics["step_s"] = time.perf_counter() - step_start  # one rollout batch, evaluation excluded
         if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < t.steps:
-            result = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
+            result = on_rank0(f"evaluation after step {step + 1}", lambda: evaluate(engine, inputs, cfg),
+                              timeout_s=timeout_s)
             metrics["val_pass1"] = result["pass1"]
         if logger:
             logger.log(step + 1, metrics)
@@ -318,7 +318,7 @@ def train(cfg: Config) -> dict:
     if bar is not None:
         bar.close()
 
-    final = _broadcast(evaluate(engine, inputs, cfg) if _rank0() else None)
+    final = on_rank0("final evaluation", lambda: evaluate(engine, inputs, cfg), timeout_s=timeout_s)
     if cfg.checkpoint.save_hf_final:
         from .convert.convert import write_hf_checkpoint
 

@@ -20,6 +20,9 @@ if [[ -n $MODULES ]]; then module load $MODULES || die "module load $MODULES fai
 CONTAINER=()
 [[ -n $CONTAINER_IMAGE ]] && CONTAINER=(--container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS"
                                         --container-workdir="$REAL_MEGATRON_HOME")
+# Slurm >= 22.05 no longer hands the job's --cpus-per-task to srun: a step would get one CPU per
+# task. Steps that do not ask for their own count get the job's (older Slurm reads the same value).
+[[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 # one job step, inside the container when one is set
 step() { srun --open-mode=append "${CONTAINER[@]}" "$@"; }
 

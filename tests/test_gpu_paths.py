@@ -49,3 +49,20 @@ def test_servers_get_disjoint_gpus_after_the_trainers():
     with pytest.raises(ValueError, match=r"rollout.server_gpus names GPU\(s\) \[3\]; this process sees 2"):
         launched_server_gpus(load_config(QUICKSTART, ["rollout.server_gpus=[0,3]"]), {"CUDA_VISIBLE_DEVICES": "0,1"})
     assert launched_server_gpus(cfg, {"CUDA_VISIBLE_DEVICES": ""}) is None  # no GPU: nothing to assign
+
+
+def test_gpu_configs_turn_on_the_fusions_megatron_validates():
+    """The GPU TransformerConfig passes megatron-core's own validation with the fusions on; which
+    depend on TE / Apex follows what is importable (neither is on this machine)."""
+    from megatron.core.tensor_parallel import layers
+
+    from real_megatron.actor.model import ArchSpec, fusions, transformer_config
+
+    spec = ArchSpec.from_hf(dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    cpu, gpu = transformer_config(spec, on_gpu=False), transformer_config(spec, on_gpu=True, dtype=__import__("torch").bfloat16)
+    assert not any(fusions(False).values())
+    assert not cpu.bias_activation_fusion and not cpu.gradient_accumulation_fusion
+    assert gpu.bias_activation_fusion and gpu.bias_dropout_fusion
+    assert gpu.gradient_accumulation_fusion == layers._grad_accum_fusion_available
+    assert gpu.apply_rope_fusion is False  # no Transformer Engine here: its RoPE kernel is absent

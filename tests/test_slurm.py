@@ -179,9 +179,13 @@ def job_processes(job_id: str) -> list[str]:
 
 
 def test_scancel_mid_run_leaves_no_process_of_the_job(cluster, tmp_path):
-    job = Job(cluster, tmp_path, 50)
+    job = Job(cluster, tmp_path, 50, layout=[a.replace("--cpus-per-task=1", "--cpus-per-task=2") for a in PLAIN])
     job.wait_for("step 1 in metrics.jsonl", lambda: len(job.steps_logged()) >= 1)
     assert job_processes(job.id), "the running job's processes should be visible"
+    # each step's tasks get the job's --cpus-per-task (Slurm >= 22.05 would give srun steps one CPU)
+    steps = run(["scontrol", "-o", "show", "step", job.id], env=cluster).stdout
+    cpus = {m.group(2): int(m.group(1)) for m in re.finditer(r"CPUs=(\d+) Tasks=\d+ Name=(\S+)", steps)}
+    assert cpus.get("trainer") == 2 and cpus.get("fleet", 2) == 2, steps
     run(["scancel", job.id], env=cluster)
     job.wait()
     assert job.field("JobState") == "CANCELLED"

@@ -50,3 +50,21 @@ def test_quickstart_shaped_run_leaves_every_artefact_and_resumes(tmp_path):
     train(tmp_path, "train.steps=6")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation(tmp_path):
+    """Rank 1 waits while rank 0 warm-starts the task, generates and evaluates, each longer than
+    parallel.timeout_s; the run completes (each wait checks rank 0's heartbeat, not a deadline)."""
+    import os
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "real_megatron.cli",
+           "train", str(ROOT / "configs" / "quickstart.yaml"), "--output-dir", str(tmp_path / "run"),
+           f"task.cache_dir={tmp_path / 'cache'}", *TOY, "train.steps=2", "parallel.gpus_per_node=2",
+           "parallel.timeout_s=2", "task.eval_prompts=240", "eval.k=16", "eval.max_new_tokens=48", "eval.every_steps=0", "logging.progress_bar=false",
+           "logging.plot=false", "checkpoint.save_hf_final=false", "checkpoint.every_steps=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    baseline = next(r for r in rows if "eval_s" in r)
+    assert baseline["eval_s"] > 3 * 2, baseline  # the evaluation alone outlasts the deadline three times
+    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]

@@ -52,7 +52,9 @@ write_config() {
   chown munge:munge "$DIR/munge/munge.key"; chmod 0600 "$DIR/munge/munge.key"
   local mem cpus i
   mem=$(awk -v n="$NNODES" '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9 / n}' /proc/meminfo)
-  cpus=$(( $(nproc) / NNODES )); ((cpus >= 1)) || cpus=1
+  # at least 2 CPUs per virtual node (declared, config_overrides: jobs may oversubscribe the real
+  # cores), so jobs can ask for --cpus-per-task > 1 and tests can see what each step gets
+  cpus=$(( $(nproc) / NNODES )); ((cpus >= 2)) || cpus=2
   cat >"$CONF.tmp" <<CONF
 ClusterName=local
 SlurmctldHost=$HOST(127.0.0.1)
@@ -83,6 +85,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/log/jobcomp.txt
 JobRequeue=1
+SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=600
 KillWait=10

@@ -157,11 +157,18 @@ def init_distributed(
             distributed_timeout_minutes=max(1, int(timeout_s // 60)),
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    from ..rank0_phases import start_heartbeat
+
+    start_heartbeat(timeout_s)  # rank 0's sign of life for ranks waiting on its long phases
     return env
 
 
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
+
+    from ..rank0_phases import stop_heartbeat
+
+    stop_heartbeat()
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

@@ -146,6 +146,33 @@ def use_transformer_engine() -> bool:
     return True
 
 
+def fusions(on_gpu: bool) -> dict[str, bool]:
+    """megatron-core's fused kernels that are valid for these models on this machine.
+
+    On GPU: SwiGLU and bias-dropout-add through megatron's compiled fusions (torch.compile; these
+    models have no linear biases, which the fused SwiGLU accepts); RoPE through Transformer
+    Engine's kernel when TE is there; the weight-gradient GEMM accumulating straight into the fp32
+    main_grad when Apex's fused_weight_gradient_mlp_cuda is built (GPTModel's output layer is a
+    megatron linear that needs it even under the TE spec). On CPU none of them exists.
+    Masked-softmax and persistent layer-norm fusions are Apex kernels of the local spec's
+    attention and norms; the TE spec has its own fused attention and norms.
+    """
+    if not on_gpu:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                    gradient_accumulation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False)
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.tensor_parallel import layers
+
+    return dict(
+        bias_activation_fusion=True,
+        bias_dropout_fusion=True,
+        apply_rope_fusion=rope_utils.fused_apply_rotary_pos_emb is not None,
+        gradient_accumulation_fusion=bool(layers._grad_accum_fusion_available),
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
 def transformer_config(
     spec: ArchSpec,
     *,
@@ -156,11 +183,13 @@ def transformer_config(
     sequence_parallel: bool = False,
     dtype: torch.dtype = torch.float32,
     recompute: bool = False,
+    on_gpu: bool | None = None,
 ):
+    """on_gpu: None = whether CUDA is available (it decides the fusions and where init happens)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec.check_parallel(tp, pp, vpp)
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -180,13 +209,7 @@ def transformer_config(
         init_method_std=spec.initializer_range,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        # fusions are CUDA kernels; on GPU TE provides its own
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **fusions(on_gpu),
         use_cpu_initialization=not on_gpu,
         params_dtype=dtype,
         pipeline_dtype=dtype,
