@@ -42,12 +42,14 @@ def main() -> int:
     reader = HFCheckpointReader(args.hf, spec)
     chunks = build_model_chunks(spec, transformer_config(spec, tp=args.tp))
     load_hf_weights(chunks, spec, reader.get)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval()
+    device = next(chunks[0].parameters()).device  # the GPU this rank is bound to, or the CPU
+    reference = transformers.AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval().to(device)
 
-    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(args.seq, device=device).expand(args.batch, -1)
     with torch.no_grad():
         expect = reference(ids).logits.float()
-        local = chunks[0](ids, torch.arange(args.seq).expand(args.batch, -1), None).float()
+        local = chunks[0](ids, positions, None).float()
     if args.tp > 1:
         shards = [torch.empty_like(local) for _ in range(args.tp)]
         dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# What tools/gpu_check.sh needs on a single-GPU machine without internet, made here (any machine
+# with internet and the CPU install): megatron-core's cp312 wheel (and psutil's) for that
+# machine's Python, plus reference files computed on this CPU. Everything goes to gpu_bundle/
+# (git-ignored, a few MB): carry it with the checkout.
+#
+#   tools/gpu_bundle.sh [--python-version 3.12] [--out gpu_bundle]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$root/gpu_bundle" pyver=3.12
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --python-version) pyver="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) echo "gpu_bundle.sh: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+  shift
+done
+py="$root/.venv/bin/python"
+[[ -x $py ]] || { echo "gpu_bundle.sh: run tools/install.sh first (the CPU references need it)" >&2; exit 2; }
+mkdir -p "$out/wheels"
+mcore=$("$py" -c 'import importlib.metadata as m; print(m.version("megatron-core"))')
+# --no-deps: the GPU machine has torch, numpy, packaging, transformers, safetensors already
+"$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$out/wheels" \
+  --python-version "$pyver" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux_2_28_x86_64 "megatron-core==$mcore" psutil pyyaml tqdm
+# CPU references: a tiny model's initial weights (HF) and its parameters after one REAL update
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+"$py" "$root/tools/parity_step.py" --steps 0 --out "$out/initial.safetensors" --write-hf "$out/tiny_hf" >/dev/null 2>&1
+"$py" "$root/tools/parity_step.py" --steps 1 --out "$out/parity_cpu.safetensors" >/dev/null 2>&1
+echo "gpu_bundle.sh: wrote $out ($(du -sh "$out" | cut -f1)): $(ls "$out/wheels" | tr '\n' ' ')"
