@@ -65,7 +65,9 @@ def fleet(tmp_path_factory):
     assert python != "python3", "SGLang's environment is missing: run tools/install_sglang.sh (or tools/install.sh --with-sglang)"
     root = tmp_path_factory.mktemp("sglang")
     a, b = make_model(root / "a", 0), make_model(root / "b", 1)
-    env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support")}
+    # one compute thread per server: two servers with a thread per core each oversubscribe a 2-core
+    # machine, and spinning OpenMP threads then slow generation down a hundredfold
+    env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support"), "OMP_NUM_THREADS": "1"}
     fleet = SGLangFleet(model_path=str(root / "a"), num_servers=2, base_port=31200 + os.getpid() % 500 * 4,
                         server_python=python, server_args=CPU_SERVER_ARGS, env=env, log_dir=root / "logs",
                         health_timeout_s=300, request_timeout_s=120, max_requests_per_server=4,
