@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What tools/gpu_check.sh needs on a single-GPU machine without internet, made here (any machine
 # with internet and the CPU install): megatron-core's cp312 wheel (and psutil's) for that
-# machine's Python, plus reference files computed on this CPU. Everything goes to gpu_bundle/
+# machine's Python (and pytest's), plus reference files computed on this CPU. Everything goes to gpu_bundle/
 # (git-ignored, a few MB): carry it with the checkout.
 #
 #   tools/gpu_bundle.sh [--python-version 3.12] [--out gpu_bundle]
@@ -21,10 +21,12 @@ py="$root/.venv/bin/python"
 [[ -x $py ]] || { echo "gpu_bundle.sh: run tools/install.sh first (the CPU references need it)" >&2; exit 2; }
 mkdir -p "$out/wheels"
 mcore=$("$py" -c 'import importlib.metadata as m; print(m.version("megatron-core"))')
-# --no-deps: the GPU machine has torch, numpy, packaging, transformers, safetensors already
+# --no-deps: the GPU machine has torch, numpy, transformers and safetensors; the rest is here
+# (megatron-core needs packaging >= 24.2; the check's kernel tests need pytest)
 "$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$out/wheels" \
   --python-version "$pyver" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux_2_28_x86_64 "megatron-core==$mcore" psutil pyyaml tqdm
+  --platform manylinux_2_28_x86_64 "megatron-core==$mcore" "packaging>=24.2" psutil pyyaml tqdm \
+  pytest pytest-timeout pluggy iniconfig pygments
 # CPU references: a tiny model's initial weights (HF) and its parameters after one REAL update
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 "$py" "$root/tools/parity_step.py" --steps 0 --out "$out/initial.safetensors" --write-hf "$out/tiny_hf" >/dev/null 2>&1

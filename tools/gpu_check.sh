@@ -49,7 +49,8 @@ if [[ ! -x $py ]]; then
   py="$out/venv/bin/python"
   if [[ ! -x $py ]]; then
     python3 -m venv --system-site-packages "$out/venv" || exit 2
-    "$py" -m pip install --quiet --no-index --find-links "$bundle/wheels" megatron-core psutil pyyaml tqdm \
+    "$py" -m pip install --quiet --no-index --find-links "$bundle/wheels" megatron-core packaging psutil pyyaml tqdm \
+      pytest pytest-timeout \
       || { echo "gpu_check.sh: installing from $bundle/wheels failed (run tools/gpu_bundle.sh)" >&2; exit 2; }
   fi
 fi

@@ -2,13 +2,17 @@
 """One REAL training step of a randomly initialised model of DeepSeek-R1-Distill-Qwen-1.5B's shape
 on 8k-token sequences, in bf16 on one GPU: the GPU check's item (c).
 
-    python tools/gpu_step.py [--seq 8192] [--rollouts 4] [--json out.json]
+    python tools/gpu_step.py [--seq 8192] [--rollouts 2] [--no-recompute] [--json out.json]
     python tools/gpu_step.py --tiny    # the same path at toy size (CPU dry run)
 
 Checks and prints: s̄ exactly 0 at the first update (old log-probs recomputed by the same model),
 finite loss and gradient norm; tokens/s and model FLOPs utilisation (6 N per trained token plus
 2 N per old-log-prob token plus attention, against --peak-tflops); peak GPU memory against the
 --dry-run estimate for the same shape. Exit code 1 when a check fails.
+
+Full activation recompute is on by default: without Transformer Engine the local layer spec
+materialises every head's [s, s] attention scores (12 x 8192^2 fp32 = 3 GB per sequence per layer),
+which only fits one layer at a time; with TE (flash attention) try --no-recompute.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=8192, help="tokens per rollout (prompt + response)")
     parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--rollouts", type=int, default=4, help="rollouts in the one prompt group")
+    parser.add_argument("--rollouts", type=int, default=2, help="rollouts in the one prompt group")
+    parser.add_argument("--no-recompute", action="store_true", help="keep every layer's activations")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     parser.add_argument("--tiny", action="store_true", help="toy model and lengths (runs on CPU)")
     parser.add_argument("--json", help="write the figures here")
@@ -59,7 +64,9 @@ def main() -> int:
     init_distributed(timeout_s=600)
     spec = ArchSpec.from_hf(shape)
     weights = init_hf_state_dict(spec, seed=0, dtype=dtype)
-    settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1, groups_per_micro_batch=1)
+    recompute = not args.no_recompute
+    settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1, groups_per_micro_batch=1,
+                             recompute_activations=recompute)
     actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")), weights.__getitem__)
     del weights
     gen = torch.Generator().manual_seed(0)
@@ -78,17 +85,18 @@ def main() -> int:
     tokens = seq * args.rollouts
     params = sum(p.numel() for chunk in actor.chunks for p in chunk.parameters())
     attention = 12 * spec.num_layers * spec.hidden_size * seq * tokens / 2  # causal QK^T and AV, fwd+bwd
+    # model FLOPs (the recomputed forward is not counted, as MFU conventionally does not)
     flops = 6 * params * tokens + 2 * params * tokens + attention * 4 / 3
     score_abs_max = max(abs(metrics[k]) for k in ("score_pos_min", "score_pos_max", "score_neg_min", "score_neg_max"))
     cfg = load_config(None, [f"model.dtype={'bfloat16' if cuda else 'float32'}", "rollout.n_samples=%d" % args.rollouts,
                              f"data.max_prompt_tokens={prompt}", f"rollout.max_new_tokens={seq - prompt}",
                              "train.prompts_per_step=1", "train.prompts_per_mini_batch=1",
-                             "train.prompts_per_micro_batch=1"]
+                             "train.prompts_per_micro_batch=1", f"model.recompute_activations={str(recompute).lower()}"]
                       + [f"model.hf_config_overrides.{k}={v}" for k, v in shape.items()])
     estimate = estimate_memory(cfg, architecture_of(cfg), 80.0)
     out = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
-        "params": params, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "params": params, "tokens": tokens, "recompute": recompute, "seconds": seconds, "tokens_per_s": tokens / seconds,
         "mfu": flops / seconds / (args.peak_tflops * 1e12) if cuda else float("nan"),
         "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "score_abs_max_first_update": score_abs_max,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),

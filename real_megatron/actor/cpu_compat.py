@@ -33,8 +33,8 @@ class _NullStream:
 class _CudaFactoryToCpu(TorchFunctionMode):
     """Tensor factories called with device="cuda" get the CPU instead.
 
-    Needed by: pipeline schedules (total_num_tokens = torch.zeros(..., device="cuda")), the default
-    causal mask (get_default_causal_mask), the optimizer's found_inf / _scale tensors, and
+    Needed by: pipeline schedules (total_num_tokens = torch.zeros(..., device="cuda")), the
+    optimizer's found_inf / _scale tensors, and
     clip_grads' total-norm tensor.
     """
 
@@ -108,6 +108,20 @@ def enable() -> bool:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    # The default causal mask (fused_softmax's torch path) is made with device="cuda"; with
+    # activation recompute it is made again inside autograd's backward, where the factory mode
+    # below is not active: build it on the CPU directly.
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    @functools.lru_cache(maxsize=8)
+    def cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
+
+    transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = cpu_causal_mask
 
     # Literal device="cuda" in factory calls, for the rest of the process (main thread).
     _CudaFactoryToCpu().__enter__()
