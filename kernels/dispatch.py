@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
 from . import reference
 
 IMPLS = ("auto", "triton", "torch")
+_warned = False
+
+
+def _warn_interpreter_on_gpu() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("TRITON_INTERPRET is set but the tensors are on a GPU: the Triton kernels run in the CPU "
+                      "interpreter, orders of magnitude slower; unset TRITON_INTERPRET for GPU runs", stacklevel=3)
 
 
 def triton_available() -> bool:
@@ -30,6 +40,8 @@ def backend(impl: str, tensor: torch.Tensor):
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if impl == "auto":
         impl = "triton" if tensor.is_cuda and triton_available() else "torch"
+    if tensor.is_cuda and impl == "triton" and interpreting():
+        _warn_interpreter_on_gpu()
     if impl == "torch":
         return reference
     if not triton_available():
