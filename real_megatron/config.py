@@ -88,8 +88,9 @@ class RolloutConfig:
     request_timeout_s: float = 1800.0
     max_retries: int = 3
     # requests in flight per server: SGLang batches hundreds of sequences per GPU; the fleet's
-    # bound is this times the number of servers
-    max_requests_per_server: int = 256
+    # bound is this times the number of live servers (the paper's 128 prompts x 8 = 1024 samples
+    # all in flight on 8 servers)
+    max_requests_per_server: int = 128
     # GPUs (ids as the trainer sees them) for servers the trainer launches, server_tp each; empty:
     # the GPUs of this node after the trainer's parallel.gpus_per_node
     server_gpus: list[int] = field(default_factory=list)
@@ -175,6 +176,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"  # "auto" (latest in dir), "none", or a checkpoint path
     save_hf_final: bool = True
+    # fully_reshardable: loads under any layout and layer spec (host memory at save and load: 12 B
+    # per parameter of a model-parallel shard); dp_reshardable: each rank its own shard, same spec only
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
 
 @dataclass

@@ -41,11 +41,17 @@ class _Heartbeat(threading.Thread):
         self.store.set(BEAT_KEY, f"{self.count} {self.phase}")
 
     def run(self) -> None:
+        failures = 0
         while not self.stopped.wait(self.interval_s):
             try:
                 self.beat()
-            except Exception:  # noqa: BLE001 - the store is gone (shutdown): nothing left to tell
-                return
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - a blip is retried; a store gone for good ends it
+                failures += 1
+                if failures == 1:
+                    log.warning("rank 0 heartbeat: the rendezvous store did not answer (%s); retrying", exc)
+                if failures >= 10:
+                    return
 
 
 _heartbeat: _Heartbeat | None = None

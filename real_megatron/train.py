@@ -307,7 +307,8 @@ def train(cfg: Config) -> dict:
         stopping = guard.should_stop()  # a cluster signal on any rank: all stop after this step
         if stopping or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
             save_checkpoint(actor, ckpt_root / f"step_{step + 1:06d}",
-                            {"step": step + 1, "data": inputs.train_set.state_dict(), "history": history})
+                            {"step": step + 1, "data": inputs.train_set.state_dict(), "history": history},
+                            cfg.checkpoint.optimizer_format)
             prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         if stopping and step + 1 < t.steps:
             if _rank0():

@@ -65,6 +65,8 @@ def fleet(tmp_path_factory):
     assert python != "python3", "SGLang's environment is missing: run tools/install_sglang.sh (or tools/install.sh --with-sglang)"
     root = tmp_path_factory.mktemp("sglang")
     a, b = make_model(root / "a", 0), make_model(root / "b", 1)
+    previous = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # as `real-megatron train` sets it for the trainer
     # one compute thread per server: two servers with a thread per core each oversubscribe a 2-core
     # machine, and spinning OpenMP threads then slow generation down a hundredfold
     env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support"), "OMP_NUM_THREADS": "1"}
@@ -72,6 +74,10 @@ def fleet(tmp_path_factory):
                         server_python=python, server_args=CPU_SERVER_ARGS, env=env, log_dir=root / "logs",
                         health_timeout_s=300, request_timeout_s=120, max_requests_per_server=4,
                         gpus=["3", "5"])  # CPU servers ignore them; each must get its own
+    if previous is None:
+        os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS")
+    else:
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = previous
     try:
         yield fleet, a, b, root
     finally:
@@ -204,3 +210,4 @@ def test_each_launched_server_keeps_its_own_gpus_and_the_request_bound_follows_t
     for server, want in zip(fleet.servers, ["3", "5"]):
         environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
         assert f"CUDA_VISIBLE_DEVICES={want}".encode() in environ, (server.index, server.restarts)
+        assert not any(v.startswith(b"CUDA_DEVICE_MAX_CONNECTIONS=") for v in environ)  # the trainer's only

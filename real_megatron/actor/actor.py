@@ -250,8 +250,8 @@ class Actor:
                 # REAL's value is the full mini-batch value on every DP rank; the baselines' are local
                 "loss": loss.detach() / (self.dp_size if isinstance(self.objective, RealObjective) else 1),
                 "entropy_sum": entropy.sum(), "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
-                "score_pos_sum": (scores * pos).sum(), "score_pos_n": pos.sum().float(),
-                "score_neg_sum": (scores * ~pos).sum(), "score_neg_n": (~pos).sum().float(),
+                "score_pos_sum": scores.where(pos, 0.0).sum(), "score_pos_n": pos.sum().float(),
+                "score_neg_sum": scores.where(~pos, 0.0).sum(), "score_neg_n": (~pos).sum().float(),
                 "score_pos_min": torch.cat([pos_scores, inf]).min(),
                 "score_pos_max": -torch.cat([-scores.where(pos, -inf[0]), inf]).min(),
                 "score_neg_min": torch.cat([neg_scores, inf]).min(),

@@ -21,16 +21,42 @@ import torch
 import torch.distributed as dist
 
 from .model_state import load_model_state, model_sharded_state_dict
+from .weights import unwrap
 
 STATE_FILE = "trainer_state.json"
-# Model weights always reshard freely (dist_checkpointing). The distributed optimizer's state is
-# saved per parameter under the model's checkpoint keys ("fully_reshardable"): it loads under any
-# TP/PP/DP and either layer spec, whatever order the spec registers its parameters in (the
-# DP-reshardable format is a flat buffer in that order). "mem_efficient" gathers each DP group's
-# state on its first rank only (over gloo, in host memory), not on every rank.
-OPTIMIZER_SHARDING = "fully_reshardable"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                      "distrib_optim_fully_reshardable_mem_efficient": True}
+# Model weights always reshard freely (dist_checkpointing). The distributed optimizer's state
+# (checkpoint.optimizer_format):
+#   fully_reshardable (default): per parameter under the model's checkpoint keys; loads under any
+#     TP/PP/DP and either layer spec, whatever order the spec registers its parameters in. Costs
+#     host memory: at save each DP group's state is gathered on its first rank ("mem_efficient",
+#     over gloo), at load every rank reads its model-parallel shard's whole state (12 bytes per
+#     parameter of the shard) before keeping its own part.
+#   dp_reshardable: each rank writes and reads its own flat shard (cheap), laid out in the order
+#     the model registers its parameters: loads only into a model with the same parameter order
+#     (checked, see parameter_order).
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+_OLD_CHECKPOINTS_FORMAT = "dp_reshardable"  # written before the format was recorded
+
+
+def _optimizer_metadata(optimizer_format: str) -> dict:
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer format must be one of {OPTIMIZER_FORMATS}, got {optimizer_format!r}")
+    return {"distrib_optim_sharding_type": optimizer_format,
+            "distrib_optim_fully_reshardable_mem_efficient": optimizer_format == "fully_reshardable"}
+
+
+def parameter_order(actor) -> list[str]:
+    """Every parameter of this rank's chunks, in registration order, by checkpoint key and offset:
+    the order a DP-reshardable optimizer state is laid out in."""
+    order = []
+    for chunk in actor.chunks:
+        model = unwrap(chunk)
+        sharded = model.sharded_state_dict()
+        for name, _ in model.named_parameters():
+            entry = sharded.get(name)
+            offset = getattr(entry, "global_offset", None) or getattr(getattr(entry, "data", None), "shape", "")
+            order.append(f"{entry.key}@{tuple(offset)}" if entry is not None else name)
+    return order
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -77,8 +103,8 @@ def _restore_adam_steps(optimizer) -> None:
                 continue
             for param in group["params"]:
                 state = inner.state.get(param)
-                if state is not None and "exp_avg" in state:
-                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                if state is not None and torch.is_tensor(state.get("step")):  # torch Adam only (not TE/Apex)
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 def _let_adam_step_be_absent(optimizer) -> None:
@@ -102,11 +128,11 @@ def _let_adam_step_be_absent(optimizer) -> None:
         opt._set_main_param_and_optimizer_states = keep_step
 
 
-def _sharded_state_dict(actor, is_loading: bool = False) -> dict:
+def _sharded_state_dict(actor, is_loading: bool = False, optimizer_format: str = OPTIMIZER_FORMATS[0]) -> dict:
     state = model_sharded_state_dict(actor.chunks)
     kwargs = {"is_loading": is_loading}
     if actor.settings.optim.use_distributed_optimizer:
-        kwargs["metadata"] = dict(OPTIMIZER_METADATA)
+        kwargs["metadata"] = _optimizer_metadata(optimizer_format)
     state["optimizer"] = actor.optimizer.sharded_state_dict(state, **kwargs)
     return state
 
@@ -144,7 +170,8 @@ def _set_rng_state(state: dict) -> None:
         numpy.random.set_state(state["numpy"])
 
 
-def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict) -> Path:
+def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
+                    optimizer_format: str = OPTIMIZER_FORMATS[0]) -> Path:
     """Write model, optimizer, scheduler, RNG and `trainer_state` atomically to `directory`."""
     from megatron.core import dist_checkpointing
 
@@ -154,13 +181,14 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing treats leftovers as a corrupt checkpoint
     _barrier()
-    dist_checkpointing.save(_sharded_state_dict(actor), str(tmp))
+    dist_checkpointing.save(_sharded_state_dict(actor, optimizer_format=optimizer_format), str(tmp))
     if _rank() == 0:
         (tmp / "rng").mkdir()
     _barrier()
     torch.save(_rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
     if _rank() == 0:
         state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,
+                     optimizer_format=optimizer_format, parameter_order=parameter_order(actor),
                      world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     _barrier()
@@ -181,8 +209,17 @@ def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
     if not state_file.exists():
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {STATE_FILE})")
     trainer_state = json.loads(state_file.read_text())
+    optimizer_format = trainer_state.pop("optimizer_format", _OLD_CHECKPOINTS_FORMAT)
+    saved_order = trainer_state.pop("parameter_order", None)
+    if optimizer_format == "dp_reshardable" and saved_order is not None and saved_order != parameter_order(actor):
+        raise RuntimeError(
+            f"{directory}: its optimizer state is in the dp_reshardable format, flat buffers in the parameter order "
+            "of the model that wrote it, and this model orders its parameters differently (another layer spec: "
+            "Transformer Engine vs local?). Resume with the spec that wrote it, or write checkpoints with "
+            "checkpoint.optimizer_format=fully_reshardable (any spec, any layout)")
     _materialise_optimizer_state(actor.optimizer)
-    loaded = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True), str(directory))
+    loaded = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True, optimizer_format=optimizer_format),
+                                     str(directory))
     load_model_state(actor.chunks, loaded)
     _let_adam_step_be_absent(actor.optimizer)
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params

@@ -133,7 +133,8 @@ def iter_whole_model(chunks, spec: ArchSpec):
         return
     stage = ps.get_pipeline_model_parallel_rank()
     for source_stage in range(pp):
-        holder = [list(iter_hf_tensors(chunks, spec)) if source_stage == stage else None]
+        # on the host: a pickled CUDA tensor would unpickle onto the sender's device index
+        holder = [[(n, t.cpu()) for n, t in iter_hf_tensors(chunks, spec)] if source_stage == stage else None]
         dist.broadcast_object_list(holder, src=_stage_first_rank(source_stage))
         yield from holder[0]
 

@@ -46,6 +46,9 @@ def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0) -
         return {"text": body.decode(errors="replace")}
 
 
+TRAINER_ONLY_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def visible_gpus(environ: Optional[dict] = None) -> list[str]:
     """The GPUs this process may use, as ids valid in CUDA_VISIBLE_DEVICES (empty without GPUs)."""
     env = os.environ if environ is None else environ
@@ -95,11 +98,11 @@ class SGLangFleet:
                  server_tp: int = 1, host: str = "127.0.0.1", base_port: int = 30000, server_python: str = "python3",
                  server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
                  health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0,
-                 max_requests_per_server: int = 256, max_restarts: int = 2, first_index: int = 0,
+                 max_requests_per_server: int = 128, max_restarts: int = 2, first_index: int = 0,
                  gpus: Optional[list[str]] = None):
         """first_index: number of the first launched server (its log is sglang_<index>.log).
         max_requests_per_server: requests in flight per server (SGLang batches them on its GPUs);
-        the fleet's bound is this times the number of servers.
+        the fleet's bound is this times the number of live servers.
         gpus: GPU ids (as this process sees them) for the launched servers, server_tp each, in
         order; None leaves CUDA_VISIBLE_DEVICES as it is (a CPU run, or Slurm bound the task)."""
         if not urls and not model_path:
@@ -124,10 +127,14 @@ class SGLangFleet:
                            "--port", str(port), "--tp-size", str(server_tp), *(server_args or [])]
                 self.servers.append(Server(i, f"http://{host}:{port}", log_path=self.log_dir / f"sglang_{i}.log",
                                            command=command, tp=server_tp, gpus=own))
-            self._env = dict(os.environ, **(env or {}))
+            # the trainer's CUDA settings are not the servers' (one connection per device would
+            # serialise SGLang's overlapped streams); `env` may set them explicitly
+            inherited = {k: v for k, v in os.environ.items() if k not in TRAINER_ONLY_ENV}
+            self._env = dict(inherited, **(env or {}))
             for server in self.servers:
                 self._launch(server)
-        self.max_in_flight = max_requests_per_server * len(self.servers)
+        self.max_requests_per_server = max_requests_per_server
+        self.max_in_flight = max_requests_per_server * len(self.servers)  # threads: one per request
         self.wait_healthy(self.servers)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -190,6 +197,12 @@ class SGLangFleet:
             server.outstanding += cost
             return server
 
+    def _in_flight_bound(self) -> int:
+        """max_requests_per_server for each live server: a dead server's share is not piled on the rest."""
+        with self._lock:
+            live = sum(s.alive for s in self.servers)
+        return self.max_requests_per_server * max(1, live)
+
     def _release(self, server: Server, cost: int) -> None:
         with self._lock:
             server.outstanding -= cost
@@ -245,7 +258,7 @@ class SGLangFleet:
             with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
                 running = {}
                 while queue or running:
-                    while queue and len(running) < self.max_in_flight:
+                    while queue and len(running) < self._in_flight_bound():
                         p, k = queue.pop(0)
                         cost = len(prompts[p]) + params.max_new_tokens
                         server = self._pick(cost)
