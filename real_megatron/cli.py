@@ -35,6 +35,9 @@ def _train(args: argparse.Namespace) -> int:
 
     for key, value in trainer_environment(cfg, torch.cuda.is_available()).items():
         os.environ.setdefault(key, value)  # before CUDA starts; a user's own value wins
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("real_megatron").setLevel(logging.INFO)  # megatron-core's INFO lists every parameter
     summary = train(cfg)

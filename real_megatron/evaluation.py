@@ -35,9 +35,9 @@ def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: Samp
     benchmarks, pooled = {}, []
     items = sets.items()
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as bar
 
-        items = tqdm(items, desc=f"pass@1 (k={k})", unit="benchmark")
+        items = bar(list(items), desc=f"pass@1 (k={k})", unit="benchmark")
     for name, examples in items:
         start = time.perf_counter()
         groups = engine.generate([ex.prompt_ids for ex in examples], k, params)

@@ -358,6 +358,6 @@ def _close(bar, logger, engine, broadcaster=None) -> None:
 def _progress(cfg: Config, start: int):
     if not (cfg.logging.progress_bar and _rank0()):
         return None
-    from tqdm import tqdm
+    from .progress import progress
 
-    return tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.algorithm.name} RL", unit="step")
+    return progress(total=cfg.train.steps, initial=start, desc=f"{cfg.algorithm.name} RL", unit="step")

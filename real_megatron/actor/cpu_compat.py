@@ -60,6 +60,24 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+# megatron-core warns at import and model build that optional CUDA extensions are absent; on a
+# machine without CUDA that is expected and says nothing (on a GPU it matters: kept there).
+_CPU_EXPECTED_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed\. Falling back to Torch Norm",
+)
+# megatron-core 0.16's own TransformerConfig default, whatever the config says
+_ALWAYS_EXPECTED_WARNINGS = (r"full scope is deprecated",)
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    patterns = _ALWAYS_EXPECTED_WARNINGS + (() if torch.cuda.is_available() else _CPU_EXPECTED_WARNINGS)
+    for pattern in patterns:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 def enable() -> bool:
     """Install the redirects when CUDA is unavailable; return whether they are active."""
     global _enabled

@@ -98,9 +98,9 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, *, steps: in
     rng = random.Random(seed)
     iterator = range(steps)
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress as bar
 
-        iterator = tqdm(iterator, desc="warm-start (supervised)", leave=False)
+        iterator = bar(iterator, desc="warm-start (supervised)", unit="step", leave=False)
     for step in iterator:
         lr_now = lr * min(1.0, (step + 1) / 100)  # constant after warm-up: RL continues from a live lr
         for group in opt.param_groups:
