@@ -15,6 +15,8 @@ import torch
 from . import reference
 
 IMPLS = ("auto", "triton", "torch")
+INTERPRETER_ON_GPU = ("TRITON_INTERPRET is set on a machine with a GPU: Triton kernels would run in its CPU "
+                      "interpreter (orders of magnitude slower); unset it for GPU runs")
 _warned = False
 
 
@@ -22,16 +24,15 @@ def _warn_interpreter_on_gpu() -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn("TRITON_INTERPRET is set but the tensors are on a GPU: the Triton kernels run in the CPU "
-                      "interpreter, orders of magnitude slower; unset TRITON_INTERPRET for GPU runs", stacklevel=3)
+        warnings.warn(INTERPRETER_ON_GPU, stacklevel=3)
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def interpreting(environ=None) -> bool:
+    return (os.environ if environ is None else environ).get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def backend(impl: str, tensor: torch.Tensor):

@@ -245,17 +245,17 @@ class Actor:
             pos = mb.rewards > 0.5
             # every entry a tensor on the actor's device, computed without a host sync
             inf = torch.full((1,), float("inf"), device=scores.device, dtype=scores.dtype)
-            pos_scores, neg_scores = scores.where(pos, inf[0]), scores.where(~pos, inf[0])
+
+            def extreme(mask, reduce, empty):  # min/max over the masked scores; `empty` if none
+                return reduce(torch.cat([scores.where(mask, empty), empty]))
             record = {
                 # REAL's value is the full mini-batch value on every DP rank; the baselines' are local
                 "loss": loss.detach() / (self.dp_size if isinstance(self.objective, RealObjective) else 1),
                 "entropy_sum": entropy.sum(), "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
                 "score_pos_sum": scores.where(pos, 0.0).sum(), "score_pos_n": pos.sum().float(),
                 "score_neg_sum": scores.where(~pos, 0.0).sum(), "score_neg_n": (~pos).sum().float(),
-                "score_pos_min": torch.cat([pos_scores, inf]).min(),
-                "score_pos_max": -torch.cat([-scores.where(pos, -inf[0]), inf]).min(),
-                "score_neg_min": torch.cat([neg_scores, inf]).min(),
-                "score_neg_max": -torch.cat([-scores.where(~pos, -inf[0]), inf]).min(),
+                "score_pos_min": extreme(pos, torch.min, inf), "score_pos_max": extreme(pos, torch.max, -inf),
+                "score_neg_min": extreme(~pos, torch.min, inf), "score_neg_max": extreme(~pos, torch.max, -inf),
             }
         return scaled, record
 

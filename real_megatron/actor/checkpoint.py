@@ -5,6 +5,8 @@ never leaves a half checkpoint under the real name):
     <dist_checkpointing files>      model and optimizer, sharded (reshardable over TP/PP/DP)
     trainer_state.json              step, data position, rollout state, lr scheduler (rank 0)
     rng/rank00000.pt ...            every rank's RNG states
+    parameter_order/stage0.json ... each pipeline stage's parameter order (checked when the
+                                    optimizer state is dp_reshardable)
 A checkpoint saved under one layout loads under another (dist_checkpointing reshards).
 """
 
@@ -47,7 +49,8 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
 
 def parameter_order(actor) -> list[str]:
     """Every parameter of this rank's chunks, in registration order, by checkpoint key and offset:
-    the order a DP-reshardable optimizer state is laid out in."""
+    the order a DP-reshardable optimizer state is laid out in. The same on every TP and DP rank of
+    a pipeline stage; stages differ, so each stage's is saved (ORDER_DIR/stage<k>.json)."""
     order = []
     for chunk in actor.chunks:
         model = unwrap(chunk)
@@ -58,6 +61,13 @@ def parameter_order(actor) -> list[str]:
             order.append(f"{entry.key}@{tuple(offset)}" if entry is not None else name)
     return order
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+ORDER_DIR = "parameter_order"
+
+
+def _order_file(directory: Path) -> Path:
+    from megatron.core import parallel_state as ps
+
+    return directory / ORDER_DIR / f"stage{ps.get_pipeline_model_parallel_rank()}.json"
 
 
 def _rank() -> int:
@@ -184,11 +194,14 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
     dist_checkpointing.save(_sharded_state_dict(actor, optimizer_format=optimizer_format), str(tmp))
     if _rank() == 0:
         (tmp / "rng").mkdir()
+        (tmp / ORDER_DIR).mkdir()
     _barrier()
     torch.save(_rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+    if actor.dp_rank == 0 and actor.tp_rank == 0:  # one writer per pipeline stage
+        _order_file(tmp).write_text(json.dumps(parameter_order(actor)))
     if _rank() == 0:
         state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,
-                     optimizer_format=optimizer_format, parameter_order=parameter_order(actor),
+                     optimizer_format=optimizer_format,
                      world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     _barrier()
@@ -210,8 +223,9 @@ def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{directory} is not a complete checkpoint (no {STATE_FILE})")
     trainer_state = json.loads(state_file.read_text())
     optimizer_format = trainer_state.pop("optimizer_format", _OLD_CHECKPOINTS_FORMAT)
-    saved_order = trainer_state.pop("parameter_order", None)
-    if optimizer_format == "dp_reshardable" and saved_order is not None and saved_order != parameter_order(actor):
+    order_file = _order_file(directory)
+    if (optimizer_format == "dp_reshardable" and order_file.exists()
+            and json.loads(order_file.read_text()) != parameter_order(actor)):
         raise RuntimeError(
             f"{directory}: its optimizer state is in the dp_reshardable format, flat buffers in the parameter order "
             "of the model that wrote it, and this model orders its parameters differently (another layer spec: "

@@ -82,11 +82,12 @@ def cuda_device_index(local_rank: int, visible_devices: int) -> int:
 
 def gpu_environment_warnings(cuda: bool, environ: dict | None = None) -> list[str]:
     """Settings meant for CPU runs that would silently slow down (or break) a GPU run."""
+    from ..kernels.dispatch import INTERPRETER_ON_GPU, interpreting
+
     env = os.environ if environ is None else environ
     found = []
-    if cuda and env.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        found.append("TRITON_INTERPRET is set on a machine with a GPU: Triton kernels would run in its CPU "
-                     "interpreter (orders of magnitude slower); unset it for GPU runs")
+    if cuda and interpreting(env):
+        found.append(INTERPRETER_ON_GPU)
     if cuda and env.get("CUDA_VISIBLE_DEVICES", None) == "":
         found.append("CUDA_VISIBLE_DEVICES is empty: this process can use no GPU")
     return found
