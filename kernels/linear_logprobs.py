@@ -8,7 +8,10 @@ and writes that tile's contribution to grad_weight. Walking the vocabulary in bl
 weight once per token chunk instead of once per small token chunk.
 
 `hidden` is taken as replicated over the TP group (Megatron's output-layer input); its gradient
-is summed over the group in backward, as Megatron's copy-to-TP-region does.
+is summed over the group in backward, as Megatron's copy-to-TP-region does (or left per rank, for
+a caller whose own collective sums it: sequence parallelism's gather reduce-scatters in backward).
+Rows of the last shard past `vocab_size` (Megatron pads the vocabulary to a multiple of TP) are
+not tokens and are left out.
 """
 
 from __future__ import annotations
@@ -37,9 +40,8 @@ def _tiles(num_tokens: int, vocab: int, chunk: int):
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, tp_group, chunk, want_entropy, impl):
+    def forward(ctx, hidden, weight, targets, tp_group, chunk, want_entropy, impl, vocab_start, sum_grad_hidden):
         ops = backend(impl, hidden)
-        vocab_start = group_rank(tp_group) * weight.shape[0]
         parts = torch.empty(hidden.shape[0], 4, dtype=torch.float32, device=hidden.device)
         for rows, blocks in _tiles(hidden.shape[0], weight.shape[0], chunk):
             pieces = []
@@ -51,13 +53,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         lse, logprobs, mean_logit, entropy = combine_partials(parts, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
         ctx.ops, ctx.vocab_start, ctx.chunk, ctx.want_entropy, ctx.tp_group = ops, vocab_start, chunk, want_entropy, tp_group
+        ctx.sum_grad_hidden = sum_grad_hidden
         return finish_forward(ctx, logprobs, entropy, want_entropy)
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, targets, lse, mean_logit = ctx.saved_tensors
         if grad_lp is None and grad_ent is None:
-            return (None,) * 7
+            return (None,) * 9
         grad_lp, grad_ent = upstream_grads(ctx, lse, grad_lp, grad_ent)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         low_precision = hidden.dtype in (torch.bfloat16, torch.float16)
@@ -85,21 +88,27 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                         torch.mm(gt, hw, out=grad_weight[b0:b1])
                     else:
                         grad_weight[b0:b1].addmm_(gt, hw)
+                    del gt, hw  # gt views this tile: kept, the next tile would be a second one in memory
                 del logits, g
-        if need_hidden:
+        if need_hidden and ctx.sum_grad_hidden:
             all_reduce_sum_(grad_hidden, ctx.tp_group, "linear_token_logprobs backward: grad of the replicated hidden states")
+        if need_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_token_logprobs(
-    hidden, weight, targets, *, tp_group=None, chunk_tokens=None, return_entropy=False, impl="auto"
+    hidden, weight, targets, *, tp_group=None, vocab_size=None, sum_grad_hidden=True, chunk_tokens=None,
+    return_entropy=False, impl="auto"
 ):
     """log p(target) per token of (hidden [T, H] @ weight[V_local, H]^T), never materialising [T, V].
 
     Same outputs as token_logprobs(hidden @ weight.T, ...); gradients for hidden and weight.
+    vocab_size: the real vocabulary when the TP shards are padded (rows of this shard at global ids
+    >= vocab_size are skipped; their weight gradient is zero). sum_grad_hidden=False leaves the
+    hidden-state gradient unsummed over the TP group (the caller's collective sums it).
     chunk_tokens: tokens per chunk (default: all, up to 8192); the vocabulary is walked in blocks
     so that one tile of logits holds at most CHUNK_LOGITS (2^25) elements.
     """
@@ -108,9 +117,20 @@ def linear_token_logprobs(
             f"linear_token_logprobs: expected hidden [T, H] and weight [V_local, H], got {tuple(hidden.shape)} "
             f"and {tuple(weight.shape)}"
         )
-    check_targets(targets, hidden.shape[0], weight.shape[0] * group_size(tp_group), "linear_token_logprobs")
+    shard = weight.shape[0]
+    vocab_start = group_rank(tp_group) * shard
+    padded = shard * group_size(tp_group)
+    vocab = padded if vocab_size is None else vocab_size
+    if not padded - shard < vocab <= padded:
+        raise ValueError(f"linear_token_logprobs: vocab_size={vocab} does not fit {group_size(tp_group)} shards of {shard} rows "
+                         "(padding must be less than one shard)")
+    check_targets(targets, hidden.shape[0], vocab, "linear_token_logprobs")
+    if vocab_start + shard > vocab:  # this shard ends in padding rows: leave them out (a view; grads flow back)
+        weight = weight[: vocab - vocab_start]
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"linear_token_logprobs: chunk_tokens must be >= 1, got {chunk_tokens}")
     chunk = chunk_tokens or default_chunk_tokens(hidden.shape[0])
-    logprobs, entropy = _LinearTokenLogprobs.apply(hidden, weight, targets, tp_group, chunk, return_entropy, impl)
+    logprobs, entropy = _LinearTokenLogprobs.apply(
+        hidden, weight, targets, tp_group, chunk, return_entropy, impl, vocab_start, sum_grad_hidden
+    )
     return (logprobs, entropy) if return_entropy else logprobs

@@ -155,7 +155,11 @@ class TrainConfig:
     prompts_per_step: int = 128  # global rollout batch, in prompts
     prompts_per_mini_batch: int = 32  # one optimizer step
     prompts_per_micro_batch: int = 8  # one forward/backward, whole groups, spread over DP ranks
-    max_tokens_per_micro_batch: Optional[int] = None  # token budget per rank (packing)
+    # micro-batches by tokens instead: each rank's share of a micro-batch holds at most this many
+    # prompt + response tokens (whole groups still; their number per mini-batch then varies)
+    max_tokens_per_micro_batch: Optional[int] = None
+    pack_sequences: bool = True  # each rank's rollouts one after another in one row (else padded rows)
+    fused_output_layer: bool = True  # log-probs from hidden states without [tokens, vocab] logits
     seed: int = 1
     output_dir: str = "runs/default"
 
@@ -458,6 +462,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             f"train.prompts_per_micro_batch={t.prompts_per_micro_batch} whole prompt groups (REAL's group "
             "log-sum-exp needs every group inside one micro-batch)"
         )
+    if t.max_tokens_per_micro_batch is not None and p.dp > 0:
+        longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+        # a group never splits, and its rollouts spread over the DP ranks: the budget must hold
+        # ceil(n_samples / dp) of the longest possible rollouts, or some step could not be cut
+        need = -(-r.n_samples // p.dp) * longest
+        if t.max_tokens_per_micro_batch < need:
+            errors.append(
+                f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold one prompt group at its "
+                f"longest: {-(-r.n_samples // p.dp)} rollout(s) per rank (rollout.n_samples={r.n_samples} over "
+                f"{p.dp} data-parallel ranks) x {longest} tokens (data.max_prompt_tokens + rollout.max_new_tokens) = "
+                f"{need}; raise it to at least {need}"
+            )
     if not errors and p.dp > 0:
         rollouts_per_micro = t.prompts_per_micro_batch * r.n_samples
         if rollouts_per_micro < p.dp:

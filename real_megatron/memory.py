@@ -6,11 +6,20 @@ distributed optimizer:
   weights      params on this GPU x bytes of model.dtype
   gradients    fp32 main_grad buffer (Megatron DDP accumulates and reduces in fp32)
   optimizer    fp32 master copy (when the model is not fp32) + Adam m and v, sharded over DP
-  activations  per token per layer: 2h bytes (bf16 layer input) with full recompute plus one
-               layer's working set; 34h/t bytes (flash attention, sequence parallel) without;
-               1F1B keeps up to pp micro-batches in flight on the first stage
-  logits       the fused output layer's tiles (never [T, V]) and fp32 hidden states
+  activations  the tensors one layer keeps for backward, per token: 7h + 2 kv_dim + 3 ffn elements
+               with Transformer Engine (flash attention keeps q, k, v, its output and the softmax
+               statistics); 12h + 5 ffn elements plus the softmax probabilities (heads x sequence
+               length) with megatron-core's local spec (counted with saved-tensor hooks on CPU);
+               divided by tp where TP splits them (all of them with sequence parallelism); with
+               full recompute only each layer's input (h) plus one layer's set; 1F1B keeps up to
+               pp micro-batches in flight
+  output layer the fused path (default): one tile of logits, the picked hidden states and their
+               fp32 gradient, the output weight's gradient; the naive path: [tokens, V/tp] logits
+               and GPTModel's transposed copy (or one of them with the picked [response, V/tp] rows
+               and their gradient)
   reserve      CUDA context, NCCL buffers, allocator fragmentation
+A micro-batch holds train.max_tokens_per_micro_batch tokens per rank when set (packed rows); else
+prompts_per_micro_batch x n_samples / dp sequences of data.max_prompt_tokens + rollout.max_new_tokens.
 The architecture comes from model.path/config.json, or from model.hf_config_overrides when the
 checkpoint is not on this machine (the shipped configs carry their model's public numbers).
 """
@@ -71,6 +80,44 @@ def architecture_of(cfg) -> Architecture | None:
 
 
 @dataclass
+class MicroBatchShape:
+    """What one (micro-batch, rank) feeds the model: the memory of a step follows from it."""
+
+    tokens: int  # token slots of the row(s), padding included
+    response_tokens: int  # positions whose next-token log-prob is taken
+    attention_area: int  # sum over attention blocks of length^2 (packed: each sequence; padded: each row)
+
+
+def activation_bytes(arch: Architecture, shape: MicroBatchShape, *, layers: int, tp: int = 1,
+                     sequence_parallel: bool = False, recompute: bool = False, dtype_bytes: int = 2,
+                     flash_attention: bool = True) -> float:
+    """Bytes one micro-batch's layers keep for backward on one rank (see the module docstring)."""
+    h, f, kv = arch.hidden, arch.ffn, arch.kv_heads * arch.head_dim
+    outside_tp = 4 * h  # the norms' and the column-parallel linears' inputs: replicated unless SP
+    inside_tp = (3 * h + 2 * kv + 3 * f) if flash_attention else (8 * h + 5 * f)
+    per_token = (outside_tp / (tp if sequence_parallel else 1) + inside_tp / tp) * dtype_bytes
+    probabilities = 0 if flash_attention else shape.attention_area * arch.heads / tp * 4  # fp32 softmax
+    layer = shape.tokens * per_token + probabilities
+    if recompute:
+        return layers * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes + layer
+    return layers * layer
+
+
+def output_layer_bytes(arch: Architecture, shape: MicroBatchShape, *, tp: int = 1, dtype_bytes: int = 2,
+                       fused: bool = True) -> float:
+    """Bytes of the last stage's output layer and log-prob computation beyond the activations."""
+    vocab = math.ceil(arch.vocab / tp)
+    if fused:
+        tile = min(LOGITS_TILE_ELEMENTS, vocab * max(1, shape.response_tokens))
+        tile_bytes = tile * (dtype_bytes + (4 if dtype_bytes < 4 else 0))  # + its fp32 copy in bf16
+        hidden = shape.response_tokens * arch.hidden * (dtype_bytes + 4)  # picked, and its fp32 gradient
+        return tile_bytes + hidden + vocab * arch.hidden * 4  # + the output weight's gradient
+    logits = shape.tokens * vocab * dtype_bytes
+    picked = shape.response_tokens * vocab * 4
+    return max(2 * logits, logits + 2 * picked)  # [s, b, V] and its transposed copy, or one and [N, V] + grad
+
+
+@dataclass
 class MemoryEstimate:
     rows: list[tuple[str, float, str]]  # (what, GB, how)
     total_gb: float
@@ -111,28 +158,34 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
     shard = dp if cfg.optim.use_distributed_optimizer else 1
     optimizer = here * optimizer_per_param / shard
 
-    sequences = math.ceil(t.prompts_per_micro_batch * r.n_samples / dp)
     seq_len = cfg.data.max_prompt_tokens + r.max_new_tokens
-    tokens = t.max_tokens_per_micro_batch or sequences * seq_len
-    sp = tp if p.sequence_parallel else 1
-    full_layer = 34 * arch.hidden / sp if p.sequence_parallel else arch.hidden * (10 + 24 / tp)
-    if cfg.model.recompute_activations:
-        per_token = 2 * arch.hidden / sp * per_stage_layers + full_layer
-        how_act = "full recompute"
+    response_share = r.max_new_tokens / seq_len
+    if t.max_tokens_per_micro_batch and t.pack_sequences:
+        tokens = t.max_tokens_per_micro_batch
+        area = tokens * seq_len  # the budget filled with sequences as long as they can be
+        how_tokens = f"{tokens} tokens per micro-batch per rank (packed)"
     else:
-        per_token = full_layer * per_stage_layers
-        how_act = "no recompute"
+        sequences = math.ceil(t.prompts_per_micro_batch * r.n_samples / dp)
+        tokens, area = sequences * seq_len, sequences * seq_len**2
+        how_tokens = f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len})"
+    shape = MicroBatchShape(tokens=tokens, response_tokens=int(tokens * response_share), attention_area=area)
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
     in_flight = min(pp, max(1, t.prompts_per_mini_batch // t.prompts_per_micro_batch))
-    activations = tokens * per_token * in_flight
-    logits = 3 * 4 * LOGITS_TILE_ELEMENTS + tokens * arch.hidden * 4 * 2
+    activations = in_flight * activation_bytes(
+        arch, shape, layers=per_stage_layers, tp=tp, sequence_parallel=p.sequence_parallel,
+        recompute=cfg.model.recompute_activations, dtype_bytes=dtype_bytes, flash_attention=True)
+    how_act = "full recompute" if cfg.model.recompute_activations else "no recompute"
+    logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=t.fused_output_layer)
     rows = [
         (f"weights ({cfg.model.dtype})", weights / GB, f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage"),
         ("gradients (fp32 main_grad)", grads / GB, "full buffer on every DP rank"),
         ("optimizer (Adam)", optimizer / GB,
          f"{optimizer_per_param} B/param" + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")),
         ("activations", activations / GB,
-         f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len}), {how_act}, {in_flight} in flight"),
-        ("output layer and loss", logits / GB, "fused log-prob tiles, fp32 hidden states"),
+         f"{how_tokens}, {how_act}, {in_flight} in flight, flash attention (Transformer Engine)"),
+        ("output layer and loss", logits / GB,
+         "fused: logit tiles, picked hidden states, output-weight gradient" if t.fused_output_layer
+         else "naive: [tokens, V/tp] logits and their gradient"),
         ("reserve", RESERVE_GB, "CUDA context, NCCL, fragmentation"),
     ]
     total = sum(gb for _, gb, _ in rows)

@@ -253,7 +253,9 @@ def train(cfg: Config) -> dict:
         tp=p.tp, pp=p.pp, vpp=p.vpp, sequence_parallel=p.sequence_parallel, dtype=dtype, optim=cfg.optim,
         total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * cfg.algorithm.updates_per_batch,
         groups_per_mini_batch=t.prompts_per_mini_batch,
-        groups_per_micro_batch=micro_groups, updates_per_batch=cfg.algorithm.updates_per_batch,
+        groups_per_micro_batch=micro_groups, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        pack_sequences=t.pack_sequences, fused_output_layer=t.fused_output_layer,
+        updates_per_batch=cfg.algorithm.updates_per_batch,
         use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
         pad_id=inputs.tokenizer.pad_token_id or 0,
     )

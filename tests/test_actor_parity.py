@@ -1,9 +1,11 @@
 """The megatron-core actor under every layout (real megatron-core, gloo, 2 processes).
 
 tools/parity_step.py is run as a user (or an outside check) runs it: plain python for one
-process, torchrun for two. Layout files must agree; resume must be bit-identical.
+process, torchrun for two. Layout files must agree; resume must be bit-identical. The default data
+path (packed rows, fused output layer) is held against right-padded rows with GPTModel's own logits.
 """
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,14 +54,53 @@ def test_parity_contract_layouts_agree(tmp_path):
     assert len(reference) == 3 + 4 * 12  # embed, norm, lm_head (untied) + 12 tensors per layer
 
 
+SENSITIVE = ["--adam-eps", "1", "--lr", "0.1", "--clip-grad", "0"]
+NAIVE = ["--padded", "--naive-output-layer"]
+BUDGET = ["--max-tokens", "70"]  # 3-8 micro-batches per rank, their number set by the rollouts' lengths
+
+
+def loss_of(log: str) -> float:
+    return float(re.search(r"step 0: loss (\S+)", log).group(1))
+
+
+def micro_batches_of(log: str) -> int:
+    return int(re.search(r"micro_batches (\d+)", log).group(1))
+
+
 def test_gradients_agree_across_layouts_including_their_scale(tmp_path):
     """With adam eps 1 and no clipping the update is ~ lr * grad: parameters compare gradients
-    themselves, so a wrong loss scale over micro-batches or DP ranks would show here."""
-    sensitive = ["--adam-eps", "1", "--lr", "0.1", "--clip-grad", "0"]
-    layouts = dict(LAYOUTS, vpp2=(2, ["--tp", "1", "--pp", "2", "--vpp", "2", "--micro-batches", "2"]))
-    results = {name: run(tmp_path, name, n, args + sensitive)[0] for name, (n, args) in layouts.items()}
-    for name, params in results.items():
-        assert max_rel_diff(results["tp1pp1m1"], params) <= 1e-6, name
+    themselves, so a wrong loss scale over micro-batches or DP ranks would show here. Reference:
+    one process, padded rows, GPTModel's logits; everything else packed + fused (the default),
+    micro-batches by a token budget, unless it says naive."""
+    layouts = {
+        "packed": (1, ["--micro-batches", "1"]),
+        "packed-budget": (1, BUDGET),
+        "tp2": (2, ["--tp", "2"] + BUDGET),
+        "tp2-sp": (2, ["--tp", "2", "--sequence-parallel"] + BUDGET),
+        "pp2": (2, ["--pp", "2"] + BUDGET),
+        "vpp2": (2, ["--pp", "2", "--vpp", "2"] + BUDGET),
+        "dp2": (2, BUDGET),
+        "naive-tp2-sp": (2, ["--tp", "2", "--sequence-parallel", "--micro-batches", "2"] + NAIVE),
+        "naive-vpp2-m4": (2, ["--pp", "2", "--vpp", "2", "--micro-batches", "4"] + NAIVE),
+    }
+    reference, log = run(tmp_path, "reference", 1, ["--micro-batches", "1"] + NAIVE + SENSITIVE)
+    for name, (n, args) in layouts.items():
+        params, out = run(tmp_path, name, n, args + SENSITIVE)
+        assert max_rel_diff(reference, params) <= 1e-6, name
+        assert abs(loss_of(out) - loss_of(log)) <= 1e-6 * abs(loss_of(log)), name
+        if "--max-tokens" in args:
+            assert micro_batches_of(out) >= 3, name  # the budget really cut several micro-batches
+
+
+def test_tied_embeddings_get_the_output_layer_gradient(tmp_path):
+    """Tied embeddings: the fused path's weight gradient reaches the shared embedding, also when
+    it lives on the first stage and the output layer on the last (megatron syncs the two)."""
+    reference, _ = run(tmp_path, "tied-reference", 1, ["--tied"] + NAIVE + SENSITIVE)
+    untied, _ = run(tmp_path, "untied", 1, NAIVE + SENSITIVE)
+    assert "lm_head.weight" not in reference and "lm_head.weight" in untied
+    for name, (n, args) in {"tied-pp2": (2, ["--pp", "2"] + BUDGET), "tied-tp2": (2, ["--tp", "2"] + BUDGET)}.items():
+        params, _ = run(tmp_path, name, n, ["--tied"] + args + SENSITIVE)
+        assert max_rel_diff(reference, params) <= 1e-6, name
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -71,3 +71,65 @@ def test_bad_plans_are_explained():
         plan_mini_batches(rollouts(num_groups=2, per_group=2), 2, 1, 8)
     with pytest.raises(ValueError, match="rollout 0 .* has an empty response"):
         build_mini_batches([Rollout([1], [], 1.0, 0)], 1, 1, 1, 0)
+
+
+@pytest.mark.parametrize("dp,budget", [(1, 130), (2, 70), (3, 50)])
+def test_token_budget_bounds_every_rank_and_keeps_groups_whole(dp, budget):
+    rs = rollouts(num_groups=8, per_group=4, seed=3)
+    plan = plan_mini_batches(rs, 8, 8, dp, max_tokens=budget)
+    seen = [i for mini in plan for micro in mini for ranks in micro for i in ranks]
+    assert sorted(seen) == list(range(len(rs)))
+    for mini in plan:
+        groups_of_micro = [{rs[i].group for ranks in micro for i in ranks} for micro in mini]
+        assert sum(len(g) for g in groups_of_micro) == len(set().union(*groups_of_micro))  # no group in two
+        for micro in mini:
+            loads = [sum(rs[i].num_tokens for i in ranks) for ranks in micro]
+            assert all(ranks for ranks in micro) and max(loads) <= budget
+        # first fit: no two micro-batches could have been one
+        total = sum(rs[i].num_tokens for micro in mini for ranks in micro for i in ranks)
+        assert len(mini) >= -(-total // (dp * budget))
+    assert len(plan[0]) > 1  # the budget really cut the mini-batch
+    # the plan depends on the rollouts only: every rank computes the same one
+    assert plan == plan_mini_batches(list(rs), 8, 8, dp, max_tokens=budget)
+
+
+def test_budget_errors_name_the_rollout_or_group_and_the_fix():
+    rs = rollouts(num_groups=2, per_group=4, seed=4)
+    longest = max(r.num_tokens for r in rs)
+    with pytest.raises(ValueError, match=rf"{longest} tokens, more than train.max_tokens_per_micro_batch={longest - 1}"):
+        plan_mini_batches(rs, 2, 2, 1, max_tokens=longest - 1)
+    # every rollout fits, but a group of 4 does not fit one rank: it cannot be split
+    with pytest.raises(ValueError, match=r"prompt group \d \(4 rollouts, \d+ tokens\) does not fit one micro-batch of 1"):
+        plan_mini_batches(rs, 2, 2, 1, max_tokens=longest)
+    assert plan_mini_batches(rs, 2, 2, 4, max_tokens=longest)  # over 4 ranks it does
+
+
+def test_packed_row_restarts_positions_and_points_at_response_tokens():
+    rs = [Rollout([5, 6, 7], [8, 9], 1.0, 3), Rollout([5, 6, 7], [10], 0.0, 3), Rollout([1], [2, 3, 4], 1.0, 9),
+          Rollout([1], [4], 0.0, 9)]
+    (mini,) = build_mini_batches(rs, 2, 2, dp_size=1, dp_rank=0, packed=True, pad_to_multiple=8)
+    (mb,) = mini.micro_batches
+    assert mb.tokens.shape == (1, 16)  # 5 + 4 + 4 + 2 = 15 tokens, padded to a multiple of 8
+    assert mb.cu_seqlens.tolist() == [0, 5, 9, 13, 15, 16] and mb.max_seqlen == 5  # the padding is a segment
+    assert mb.cu_seqlens.dtype == torch.int32 and mb.sequence_tokens == 15
+    assert mb.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0]
+    assert torch.equal(mb.tokens[mb.rows, mb.cols + 1], mb.targets)
+    assert mb.seq_index.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    padded = build_mini_batches(rs, 2, 2, dp_size=1, dp_rank=0)[0].micro_batches[0]
+    assert torch.equal(padded.targets, mb.targets) and torch.equal(padded.seq_index, mb.seq_index)
+    from real_megatron.actor.batching import padding_fraction
+
+    assert padding_fraction([mb]) == pytest.approx(1 / 16)
+    assert padding_fraction([padded]) == pytest.approx(1 - 15 / 20)
+    params = mb.packed_seq_params()
+    assert params.qkv_format == "thd" and params.max_seqlen_q == 5 and params.cu_seqlens_kv is mb.cu_seqlens
+    assert padded.packed_seq_params() is None
+
+
+def test_packed_rows_share_one_width_for_pipeline_parallel():
+    rs = rollouts(num_groups=4, per_group=3, seed=2)
+    minis = build_mini_batches(rs, 4, 1, dp_size=2, dp_rank=0, uniform_shape=True, packed=True, pad_to_multiple=4)
+    widths = {mb.tokens.shape for mb in minis[0].micro_batches}
+    assert len(widths) == 1 and next(iter(widths))[1] % 4 == 0
+    for mb in minis[0].micro_batches:
+        assert mb.cu_seqlens[-1] == mb.tokens.shape[1]

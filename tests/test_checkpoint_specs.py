@@ -38,7 +38,7 @@ def _body(rank, world_size, out_dir):
     from real_megatron.actor.model_state import model_sharded_state_dict
     from real_megatron.actor.weights import init_hf_state_dict, load_hf_weights
     from real_megatron.config import AlgorithmConfig, OptimConfig
-    from real_megatron.convert.convert import load_model_weights
+    from real_megatron.actor.model_state import load_model_weights
     from real_megatron.objectives import objective_from_config
 
     init_distributed(timeout_s=60)

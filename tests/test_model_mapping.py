@@ -5,7 +5,7 @@ import torch
 
 from real_megatron.actor.distributed import launch_env
 from real_megatron.actor.model import ArchSpec, UnsupportedModelError, rope_inv_freq
-from real_megatron.convert.mapping import _LAYER_RULES, _MODEL_RULES, expected_hf_names, hf_from_shards, shard_from_hf
+from real_megatron.hf_mapping import _LAYER_RULES, _MODEL_RULES, expected_hf_names, hf_from_shards, shard_from_hf
 from real_megatron.actor.weights import init_hf_state_dict
 
 QWEN2 = dict(model_type="qwen2", vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

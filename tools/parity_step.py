@@ -11,6 +11,8 @@ old log-probs are recomputed, then one REAL update (tau 0.5, AdamW, fp32, grad c
 parameters, gathered to full HF-named tensors, to --out (safetensors). --steps 0 writes the initial
 parameters. Files of different layouts must agree to max relative difference <= 1e-5.
 --save/--load write/read a checkpoint after/before the steps (resume check).
+The actor's data path is its default (packed rows, fused output layer, micro-batches of whole
+groups); --padded, --naive-output-layer and --max-tokens select the others for comparison.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def main() -> int:
     # (with --clip-grad 0: clipping would normalise the gradient's scale away again)
     parser.add_argument("--adam-eps", type=float, default=1e-8)
     parser.add_argument("--clip-grad", type=float, default=1.0)
+    parser.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallelism (tp >= 2)")
+    parser.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
+    parser.add_argument("--padded", action="store_true", help="right-padded rows instead of packed sequences")
+    parser.add_argument("--naive-output-layer", action="store_true", help="GPTModel's logits instead of the fused path")
+    parser.add_argument("--max-tokens", type=int, help="micro-batches by this token budget per rank "
+                        "(instead of --micro-batches)")
     parser.add_argument("--save", help="write a checkpoint here after the steps")
     parser.add_argument("--load", help="resume from this checkpoint before the steps")
     parser.add_argument("--init-from", help="start from these weights instead of the seed: an HF checkpoint "
@@ -87,20 +95,23 @@ def main() -> int:
     from real_megatron.objectives import build_objective
 
     init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=300, seed=args.seed)
-    spec = ArchSpec.from_hf(MODEL, "parity model")
+    model = dict(MODEL, tie_word_embeddings=args.tied)
+    spec = ArchSpec.from_hf(model, "parity model")
     # Non-zero biases: the k_proj bias has an exactly zero gradient (softmax is shift-invariant), so
     # Adam turns its rounding noise into +-lr steps; from zero that noise would be the whole tensor.
     weights = init_hf_state_dict(spec, args.seed, bias_std=spec.initializer_range)
     settings = ActorSettings(
-        tp=args.tp, pp=args.pp, vpp=args.vpp,
+        tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
         optim=OptimConfig(lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad),
         groups_per_mini_batch=GROUPS, groups_per_micro_batch=GROUPS // args.micro_batches, total_steps=100,
+        max_tokens_per_micro_batch=args.max_tokens, pack_sequences=not args.padded,
+        fused_output_layer=not args.naive_output_layer,
     )
     if args.write_hf and torch.distributed.get_rank() == 0:
         os.makedirs(args.write_hf, exist_ok=True)
         save_file(weights, os.path.join(args.write_hf, "model.safetensors"))
         with open(os.path.join(args.write_hf, "config.json"), "w") as f:
-            json.dump(dict(MODEL, architectures=["Qwen2ForCausalLM"], torch_dtype="float32"), f, indent=1)
+            json.dump(dict(model, architectures=["Qwen2ForCausalLM"], torch_dtype="float32"), f, indent=1)
     source = weights.__getitem__
     if args.init_from:
         if os.path.exists(os.path.join(args.init_from, "metadata.json")):
@@ -114,7 +125,8 @@ def main() -> int:
     for step in range(start, start + args.steps):
         metrics = actor.train_step(synthetic_rollouts(args.seed, step))
         if torch.distributed.get_rank() == 0:
-            print(f"step {step}: loss {metrics['loss']:.6f} grad_norm {metrics['grad_norm']:.6f}", flush=True)
+            print(f"step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
+                  f"micro_batches {metrics['micro_batches']}", flush=True)
     if args.save:
         save_checkpoint(actor, args.save, {"step": start + args.steps})
     state = actor.gather_hf_state_dict()

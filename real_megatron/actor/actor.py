@@ -1,10 +1,12 @@
 """The policy on megatron-core: recompute old log-probs, then REAL (or a baseline) updates.
 
 One `train_step(rollouts)` is lines 5-11 of Algorithm 1: the rollout batch becomes group-aligned
-micro-batches (batching.py); log pi_old is recomputed by a forward-only pass (so s = 0 at the first
-update); each mini-batch runs megatron-core's forward/backward schedule (no pipelining, 1F1B or
-interleaved) whose last stage computes vocab-parallel token log-probs -> sequence scores -> the
-objective (REAL through a group log-sum-exp across DP), then the (distributed) optimizer steps.
+micro-batches cut by a token budget, each rank's share packed into one row (batching.py); log
+pi_old is recomputed by a forward-only pass (so s = 0 at the first update); each mini-batch runs
+megatron-core's forward/backward schedule (no pipelining, 1F1B or interleaved) whose last stage
+returns hidden states, turned into token log-probs against the vocabulary-parallel output weight
+without ever forming logits (output_layer.py) -> sequence scores -> the objective (REAL through a
+group log-sum-exp across DP), then the (distributed) optimizer steps.
 
 Loss scaling: each micro-batch's loss is sum_unit terms[unit] / count[unit], with counts over the
 whole mini-batch (all micro-batches, all DP ranks). megatron-core divides the returned loss by the
@@ -23,11 +25,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import OptimConfig
-from ..kernels import token_logprobs
 from ..objectives import PolicyBatch, normalise
 from ..objectives.registry import Objective, RealObjective
-from .batching import MiniBatch, Rollout, build_mini_batches
+from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
+from .model_state import load_model_weights
+from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
 
 
@@ -41,7 +44,10 @@ class ActorSettings:
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, clipping, lr schedule
     total_steps: int = 1000  # optimizer steps, for the lr schedule
     groups_per_mini_batch: int = 32
-    groups_per_micro_batch: int = 8
+    groups_per_micro_batch: int = 8  # when max_tokens_per_micro_batch is None
+    max_tokens_per_micro_batch: Optional[int] = None  # token budget per (micro-batch, rank)
+    pack_sequences: bool = True  # rollouts packed into one row per micro-batch (else right-padded rows)
+    fused_output_layer: bool = True  # log-probs from hidden states without [tokens, V] logits
     updates_per_batch: int = 1
     use_engine_logprobs: bool = False
     recompute_activations: bool = False
@@ -95,12 +101,14 @@ class Actor:
             recompute=s.recompute_activations,
         )
         chunks = build_model_chunks(spec, self.config)
+        if s.fused_output_layer:
+            for chunk in chunks:
+                if chunk.post_process:
+                    return_hidden_states(chunk)
         # weights go in before the optimizer copies them into its main params
         if callable(weights):
             load_hf_weights(chunks, spec, weights)
         else:
-            from ..convert.convert import load_model_weights
-
             load_model_weights(chunks, weights)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=o.use_distributed_optimizer
@@ -146,8 +154,11 @@ class Actor:
         minis = build_mini_batches(
             rollouts, s.groups_per_mini_batch, s.groups_per_micro_batch, self.dp_size, self.dp_rank,
             pad_id=s.pad_id, pad_to_multiple=s.tp if s.sequence_parallel else 1, uniform_shape=s.pp > 1,
+            packed=s.pack_sequences, max_tokens=s.max_tokens_per_micro_batch,
         )
         timings["batch_s"] = time.perf_counter() - start
+        layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),
+                  "padding_fraction": padding_fraction([mb for m in minis for mb in m.micro_batches])}
 
         start = time.perf_counter()
         for mini in minis:
@@ -169,6 +180,7 @@ class Actor:
         metrics = self._reduce_metrics(records)
         metrics.update(rollout_stats(rollouts))
         metrics.update(timings)
+        metrics.update(layout)
         metrics.update(device_memory())
         tokens = sum(r.num_tokens for r in rollouts)
         metrics["tokens_per_s"] = tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
@@ -212,20 +224,19 @@ class Actor:
 
     def _forward_step(self, data_iterator, model, *, mode: str, counts: dict, num_micro: int):
         mb = next(data_iterator).to(self.device)  # the one place a micro-batch leaves the host
-        output = model(mb.tokens, mb.position_ids, None)  # logits [b, s, V/tp] on the last stage
-        return output, partial(self._loss, mb, mode, counts, num_micro)
+        # last stage: hidden states [b, s, h] (fused) or logits [b, s, V/tp]; packed rows are [1, T]
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+        return output, partial(self._loss, unwrap(model), mb, mode, counts, num_micro)
 
-    def _token_logprobs(self, mb, logits: torch.Tensor):
-        picked = logits[mb.rows, mb.cols]  # [N, V/tp]: only positions that predict response tokens
-        vocab_local = picked.shape[1]
-        first = self.tp_rank * vocab_local
-        if first + vocab_local > self.spec.vocab_size:  # vocabulary padding for TP: not a real token
-            keep = max(0, self.spec.vocab_size - first)
-            picked = torch.cat([picked[:, :keep], picked.new_full((picked.shape[0], vocab_local - keep), float("-inf"))], 1)
-        return token_logprobs(picked, mb.targets, tp_group=self.tp_group, return_entropy=True)
+    def _token_logprobs(self, model, mb, output: torch.Tensor):
+        if self.settings.fused_output_layer:
+            return fused_token_logprobs(model, output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
+                                        sequence_parallel=self.settings.sequence_parallel)
+        return logits_token_logprobs(output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
+                                     tp_rank=self.tp_rank)
 
-    def _loss(self, mb, mode: str, counts: dict, num_micro: int, logits: torch.Tensor):
-        logprobs, entropy = self._token_logprobs(mb, logits)
+    def _loss(self, model, mb, mode: str, counts: dict, num_micro: int, output: torch.Tensor):
+        logprobs, entropy = self._token_logprobs(model, mb, output)
         if mode == "logprobs":
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
         n_seq = mb.rewards.numel()

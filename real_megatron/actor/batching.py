@@ -1,14 +1,20 @@
 """Rollouts -> group-aligned, token-balanced micro-batches for every data-parallel rank.
 
 A rollout batch holds G rollouts for each of P prompt groups. It is cut into mini-batches of whole
-groups (one optimizer step each), each mini-batch into M micro-batch indices of whole groups, and
+groups (one optimizer step each), each mini-batch into micro-batch indices of whole groups, and
 each micro-batch's rollouts are spread over the DP ranks. A group never straddles two micro-batch
 indices (its rollouts may sit on several ranks), so REAL's group log-sum-exp for micro-batch k is
-exact with one collective. Groups go to micro-batches, and rollouts to ranks, longest first onto
-the least-loaded (in tokens) place, so ranks do similar work. Every rank computes the same plan.
+exact with one collective. Every rank computes the same plan.
 
-Tensors per (micro-batch, rank) are right-padded rows [b, s] with a causal mask; the loss reads
-the logits at the positions that predict response tokens.
+Micro-batches are cut either by a token budget (`max_tokens`: the tokens of every (micro-batch,
+rank) stay within it; groups first-fit, longest first, so the number of micro-batches follows the
+rollouts' lengths) or by a count of groups. Within a micro-batch, rollouts go to ranks longest first
+onto the least-loaded rank (in tokens), so ranks do similar work.
+
+Tensors per (micro-batch, rank) are either one packed row (THD: the rollouts one after another,
+`cu_seqlens` marking where each starts, positions restarting at each; padded only at the end, to a
+small multiple) or right-padded rows [b, s]. Either way `rows`/`cols` name the positions that
+predict response tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class MicroBatch:
     group_index: torch.Tensor  # [b] group numbered within this micro-batch index (same on every rank)
     num_groups: int  # groups in this micro-batch index (over all ranks)
     advantages: torch.Tensor  # [b] group-normalised, for the baselines
+    cu_seqlens: Optional[torch.Tensor] = None  # packed: int32 [n + 1] sequence starts in the row (pad tail included)
+    max_seqlen: int = 0  # packed: the longest segment
+    sequence_tokens: int = 0  # prompt + response tokens of its rollouts (the rest of `tokens` is padding)
     old_logprobs: Optional[torch.Tensor] = None  # [N]
     ref_logprobs: Optional[torch.Tensor] = None  # [N]
     engine_logprobs: Optional[torch.Tensor] = None  # [N]
@@ -56,6 +65,19 @@ class MicroBatch:
     @property
     def num_response_tokens(self) -> int:
         return int(self.targets.numel())
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def packed_seq_params(self):
+        """megatron-core's PackedSeqParams for a packed row (None for padded rows)."""
+        if self.cu_seqlens is None:
+            return None
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
     def to(self, device: torch.device) -> "MicroBatch":
         """This micro-batch with every tensor on `device` (batches are built on the host)."""
@@ -86,30 +108,77 @@ def _least_loaded(loads: list[int], allowed: list[bool] | None = None) -> int:
     return best
 
 
+def _spread(rollouts: list[Rollout], members: list[int], dp_size: int) -> tuple[list[list[int]], list[int]]:
+    """Rollouts onto ranks, longest first onto the least-loaded: (ids per rank, tokens per rank)."""
+    ranks: list[list[int]] = [[] for _ in range(dp_size)]
+    loads = [0] * dp_size
+    for i in sorted(members, key=lambda i: (-rollouts[i].num_tokens, i)):
+        r = _least_loaded(loads)
+        ranks[r].append(i)
+        loads[r] += rollouts[i].num_tokens
+    return [sorted(x) for x in ranks], loads
+
+
+def _micro_by_count(size: dict[int, int], mini_groups: list[int], groups_per_micro: int) -> list[list[int]]:
+    micro_groups: list[list[int]] = [[] for _ in range(len(mini_groups) // groups_per_micro)]
+    loads = [0] * len(micro_groups)
+    for g in sorted(mini_groups, key=lambda g: (-size[g], g)):
+        k = _least_loaded(loads, [len(m) < groups_per_micro for m in micro_groups])
+        micro_groups[k].append(g)
+        loads[k] += size[g]
+    return micro_groups
+
+
+def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size: dict[int, int],
+                     mini_groups: list[int], dp_size: int, budget: int) -> list[list[int]]:
+    """First fit, largest group first: a group joins the first micro-batch whose rollouts, spread
+    over the ranks, keep every rank within `budget` tokens; else it opens a new micro-batch."""
+    micro_groups: list[list[int]] = []
+    for g in sorted(mini_groups, key=lambda g: (-size[g], g)):
+        longest = max(rollouts[i].num_tokens for i in groups[g])
+        if longest > budget:
+            raise ValueError(
+                f"a rollout of prompt group {g} has {longest} tokens, more than train.max_tokens_per_micro_batch="
+                f"{budget}; raise the budget to at least data.max_prompt_tokens + rollout.max_new_tokens"
+            )
+        for gs in micro_groups:
+            if max(_spread(rollouts, [i for h in gs + [g] for i in groups[h]], dp_size)[1]) <= budget:
+                gs.append(g)
+                break
+        else:
+            if max(_spread(rollouts, groups[g], dp_size)[1]) > budget:
+                raise ValueError(
+                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens) does not fit one micro-batch of "
+                    f"{dp_size} data-parallel ranks x train.max_tokens_per_micro_batch={budget} tokens (a group "
+                    "cannot be split across micro-batches: REAL normalises over it); raise the budget"
+                )
+            micro_groups.append([g])
+    return micro_groups
+
+
 def plan_mini_batches(
-    rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int
+    rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int,
+    max_tokens: int | None = None,
 ) -> list[list[list[list[int]]]]:
-    """Rollout ids as plan[mini][micro][dp_rank]; every group inside one micro-batch index."""
+    """Rollout ids as plan[mini][micro][dp_rank]; every group inside one micro-batch index.
+    max_tokens: cut micro-batches by this token budget per rank instead of groups_per_micro."""
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(rollouts):
         groups.setdefault(r.group, []).append(i)
     order = sorted(groups)
-    if len(order) % groups_per_mini or groups_per_mini % groups_per_micro:
+    if len(order) % groups_per_mini or (max_tokens is None and groups_per_mini % groups_per_micro):
         raise ValueError(
-            f"{len(order)} prompt groups do not split into mini-batches of {groups_per_mini} groups and "
-            f"micro-batches of {groups_per_micro} groups"
+            f"{len(order)} prompt groups do not split into mini-batches of {groups_per_mini} groups"
+            + ("" if max_tokens else f" and micro-batches of {groups_per_micro} groups")
         )
-    micro_per_mini = groups_per_mini // groups_per_micro
     plan = []
     for start in range(0, len(order), groups_per_mini):
         mini_groups = order[start : start + groups_per_mini]
         size = {g: sum(rollouts[i].num_tokens for i in groups[g]) for g in mini_groups}
-        micro_groups: list[list[int]] = [[] for _ in range(micro_per_mini)]
-        loads = [0] * micro_per_mini
-        for g in sorted(mini_groups, key=lambda g: (-size[g], g)):
-            k = _least_loaded(loads, [len(m) < groups_per_micro for m in micro_groups])
-            micro_groups[k].append(g)
-            loads[k] += size[g]
+        if max_tokens:
+            micro_groups = _micro_by_budget(rollouts, groups, size, mini_groups, dp_size, max_tokens)
+        else:
+            micro_groups = _micro_by_count(size, mini_groups, groups_per_micro)
         mini = []
         for gs in micro_groups:
             members = [i for g in gs for i in groups[g]]
@@ -118,49 +187,60 @@ def plan_mini_batches(
                     f"a micro-batch of {len(gs)} groups holds {len(members)} rollouts, fewer than the {dp_size} "
                     "data-parallel ranks"
                 )
-            ranks: list[list[int]] = [[] for _ in range(dp_size)]
-            rank_loads = [0] * dp_size
-            for i in sorted(members, key=lambda i: (-rollouts[i].num_tokens, i)):
-                r = _least_loaded(rank_loads)
-                ranks[r].append(i)
-                rank_loads[r] += rollouts[i].num_tokens
-            mini.append([sorted(x) for x in ranks])
+            mini.append(_spread(rollouts, members, dp_size)[0])
         plan.append(mini)
     return plan
 
 
 def make_micro_batch(
     rollouts: list[Rollout], ids: list[int], micro_groups: list[int], advantages: torch.Tensor,
-    *, pad_id: int = 0, pad_to_multiple: int = 1, shape: tuple[int, int] | None = None,
+    *, pad_id: int = 0, pad_to_multiple: int = 1, shape: tuple[int, int] | None = None, packed: bool = False,
 ) -> MicroBatch:
-    """Right-padded tensors for rollouts `ids`; micro_groups: the groups of this micro-batch index
-    (all ranks), in a fixed order, which numbers them 0..len-1. `shape` (rows, width) pads to a
-    fixed size with empty rows (pipeline stages exchange activations of one shape)."""
+    """Tensors for rollouts `ids`: one packed row (`packed`) or right-padded rows. micro_groups: the
+    groups of this micro-batch index (all ranks), in a fixed order, which numbers them 0..len-1.
+    `shape` (rows, width) pads to a fixed size (pipeline stages exchange activations of one shape):
+    empty rows when padded; a longer row, the tail one padding segment, when packed."""
     number = {g: k for k, g in enumerate(micro_groups)}
     lengths = [rollouts[i].num_tokens for i in ids]
-    rows_total, width = shape if shape else (len(ids), max(lengths))
+    if packed:
+        rows_total, width = 1, max(sum(lengths), shape[1] if shape else 0)
+    else:
+        rows_total, width = shape if shape else (len(ids), max(lengths))
     width = -(-width // pad_to_multiple) * pad_to_multiple
     tokens = torch.full((rows_total, width), pad_id, dtype=torch.long)
-    rows, cols, targets, seq_index = [], [], [], []
+    positions = torch.zeros((rows_total, width), dtype=torch.long)
+    rows, cols, targets, seq_index, starts = [], [], [], [], []
     engine = []
+    offset = 0
     for b, i in enumerate(ids):
         r = rollouts[i]
         seq = r.prompt_ids + r.response_ids
-        tokens[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        p = len(r.prompt_ids)
+        row, start = (0, offset) if packed else (b, 0)
+        tokens[row, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        positions[row, start : start + len(seq)] = torch.arange(len(seq))  # RoPE restarts at each sequence
+        starts.append(start)
+        p = start + len(r.prompt_ids)
         # the logit at position t predicts token t+1: response token j is predicted at p + j - 1
-        for j, tok in enumerate(r.response_ids):
-            rows.append(b)
-            cols.append(p + j - 1)
-            targets.append(tok)
-            seq_index.append(b)
+        rows.extend([row] * len(r.response_ids))
+        cols.extend(range(p - 1, p - 1 + len(r.response_ids)))
+        targets.extend(r.response_ids)
+        seq_index.extend([b] * len(r.response_ids))
+        offset += len(seq)
         if r.engine_logprobs is not None:
             engine.extend(r.engine_logprobs)
+    cu_seqlens, max_seqlen = None, 0
+    if packed:
+        bounds = starts + [offset] + ([width] if width > offset else [])  # the padding tail is a segment of its own
+        positions[0, offset:] = torch.arange(width - offset)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    else:
+        positions = torch.arange(width).expand(rows_total, -1).contiguous()
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return MicroBatch(
         rollout_ids=list(ids),
         tokens=tokens,
-        position_ids=torch.arange(width).expand(rows_total, -1).contiguous(),
+        position_ids=positions,
         rows=as_long(rows),
         cols=as_long(cols),
         targets=as_long(targets),
@@ -169,16 +249,28 @@ def make_micro_batch(
         group_index=as_long([number[rollouts[i].group] for i in ids]),
         num_groups=len(micro_groups),
         advantages=advantages[as_long(ids)].float() if len(ids) else torch.zeros(0),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        sequence_tokens=offset,
         engine_logprobs=torch.tensor(engine, dtype=torch.float32) if len(engine) == len(targets) and engine else None,
     )
 
 
+def padding_fraction(micro_batches: list[MicroBatch]) -> float:
+    """Share of the token slots fed to the model that hold padding, not rollout tokens."""
+    slots = sum(mb.tokens.numel() for mb in micro_batches)
+    used = sum(mb.sequence_tokens for mb in micro_batches)
+    return 1.0 - used / max(1, slots)
+
+
 def build_mini_batches(
     rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int, dp_rank: int,
-    *, pad_id: int = 0, pad_to_multiple: int = 1, uniform_shape: bool = False,
+    *, pad_id: int = 0, pad_to_multiple: int = 1, uniform_shape: bool = False, packed: bool = False,
+    max_tokens: int | None = None,
 ) -> list[MiniBatch]:
     """This DP rank's mini-batches. uniform_shape: every micro-batch of a mini-batch padded to one
-    [rows, width] (what pipeline parallelism needs)."""
+    [rows, width] (what pipeline parallelism needs). packed: one packed row per micro-batch.
+    max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each)."""
     from ..objectives import group_advantages
 
     for i, r in enumerate(rollouts):
@@ -188,17 +280,19 @@ def build_mini_batches(
         torch.tensor([r.reward for r in rollouts], dtype=torch.float64), torch.tensor([r.group for r in rollouts])
     )
     minis = []
-    for mini in plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size):
+    for mini in plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens):
         micro_batches = []
         shape = None
-        if uniform_shape:
+        if uniform_shape and packed:
+            shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[dp_rank]) for ranks in mini))
+        elif uniform_shape:
             shape = (max(len(ranks[dp_rank]) for ranks in mini),
                      max(rollouts[i].num_tokens for ranks in mini for i in ranks[dp_rank]))
         for ranks in mini:
             micro_groups = sorted({rollouts[i].group for ids in ranks for i in ids})
             micro_batches.append(
                 make_micro_batch(rollouts, ranks[dp_rank], micro_groups, advantages, pad_id=pad_id,
-                                 pad_to_multiple=pad_to_multiple, shape=shape)
+                                 pad_to_multiple=pad_to_multiple, shape=shape, packed=packed)
             )
         ids = [i for ranks in mini for ids in ranks for i in ids]
         minis.append(

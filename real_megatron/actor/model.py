@@ -218,6 +218,11 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        # Interleaved with 2 stages: each rank sends activations and gradients to the same peer at
+        # once; batched isend/irecv matches them in posting order and can swap the two (seen on
+        # gloo: wrong results with more micro-batches than stages). megatron's unbatched p2p puts
+        # the two directions on different groups for 2-rank pipelines.
+        batch_p2p_comm=not (pp == 2 and vpp is not None and vpp > 1),
         context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         recompute_granularity="full" if recompute else None,
@@ -226,14 +231,48 @@ def transformer_config(
     )
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, as megatron-core's local spec builds it, that also works under sequence
+    parallelism: each TP rank then normalises its slice of the sequence, so the weight's gradient is
+    a partial sum; marked `sequence_parallel`, megatron's finalize_model_grads sums it over TP (what
+    Transformer Engine's and Apex's norms do; megatron's torch wrapper refuses sequence parallelism)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
 def layer_spec(spec: ArchSpec):
+    """Transformer Engine's spec (THD packed sequences through its fused attention), else the local
+    one with core attention that also takes packed sequences (packed_attention.py) and RMSNorm that
+    also takes sequence parallelism."""
     if use_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    from .packed_attention import PackedDotProductAttention
+
+    local = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    layer, attention = local.submodules, local.submodules.self_attention.submodules
+    attention.core_attention = PackedDotProductAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if spec.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    return local
+
+
+def block_spec(spec: ArchSpec, config, vp_stage: int | None):
+    """This stage's transformer block: its layers and, for the local spec, the final norm."""
+    local = layer_spec(spec)
+    if use_transformer_engine():
+        return local
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[local] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=RMSNorm)
 
 
 def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
@@ -248,7 +287,7 @@ def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
         kwargs = {"vp_stage": vp_stage} if vpp > 1 else {}
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(spec),
+            transformer_layer_spec=block_spec(spec, config, vp_stage),
             vocab_size=spec.padded_vocab(config.tensor_model_parallel_size),
             max_sequence_length=spec.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -39,3 +39,10 @@ def load_model_state(chunks: list[torch.nn.Module], loaded: dict) -> None:
         if missing or result.unexpected_keys:
             raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
                                f"unexpected {list(result.unexpected_keys)[:5]}")
+
+
+def load_model_weights(chunks: list[torch.nn.Module], directory) -> None:
+    """Fill model chunks from the model part of a dist checkpoint (converted or from training)."""
+    from megatron.core import dist_checkpointing
+
+    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory)))

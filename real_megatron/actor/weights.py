@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from ..convert.mapping import expected_hf_names, hf_from_shards, rule_for, shard_from_hf
+from ..hf_mapping import expected_hf_names, hf_from_shards, rule_for, shard_from_hf
 from .model import ArchSpec
 
 

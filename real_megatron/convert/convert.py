@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..actor.model import ArchSpec, build_model_chunks, transformer_config
-from ..actor.model_state import load_model_state, model_sharded_state_dict
+from ..actor.model_state import load_model_weights, model_sharded_state_dict
 from ..actor.weights import iter_hf_tensors, load_hf_weights
 from .hf_io import HFCheckpointReader, HFCheckpointWriter, copy_side_files
 
@@ -40,13 +40,6 @@ def _layout():
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-
-
-def load_model_weights(chunks, directory: str | Path) -> None:
-    """Fill model chunks from the model part of a dist checkpoint (converted or from training)."""
-    from megatron.core import dist_checkpointing
-
-    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory)))
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:

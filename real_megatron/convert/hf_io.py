@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..actor.model import ArchSpec
-from .mapping import expected_hf_names
+from ..hf_mapping import expected_hf_names
 
 
 class HFCheckpointReader:

@@ -13,7 +13,7 @@ import io
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from megatron.core.transformer.dot_product_attention import DotProductAttention
+from real_megatron.actor.packed_attention import PackedDotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 
 
@@ -36,7 +36,7 @@ class NormedColumnParallelLinear(ColumnParallelLinear):
         pass
 
 
-class ExtraStateAttention(DotProductAttention):
+class ExtraStateAttention(PackedDotProductAttention):
     """Core attention with an `_extra_state`, as TEDotProductAttention has."""
 
     def get_extra_state(self):

@@ -1,4 +1,4 @@
-"""Tensor-by-tensor mapping between Hugging Face and megatron-core GPT parameters.
+"""Tensor-by-tensor mapping between Hugging Face and megatron-core GPT parameter names and layouts.
 
 Each megatron-core parameter has a `Rule`: the HF tensors it is made of and how it is split over
 tensor-parallel ranks. `shard_from_hf` builds one TP rank's shard from HF tensors;
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..actor.model import ArchSpec
+if TYPE_CHECKING:  # only its fields are read: this map sits below actor/ and convert/, both of which use it
+    from .actor.model import ArchSpec
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""One actor step (old log-probs + one update) at the real vocabulary: padded rows + GPTModel's
+logits against packed rows + the fused output layer, each in its own process, in the same run.
+
+    .venv/bin/python tools/bench_actor.py                      # CPU, fp32
+    python tools/bench_actor.py --device cuda --dtype bfloat16 --hidden 1536 --layers 4
+
+Model: Qwen2-shaped (GQA, qkv bias, SwiGLU, RMSNorm, untied output layer) with the vocabulary of
+151,936 and a width and depth small enough for 2 CPU cores (--hidden, --layers). Rollout batch:
+--groups prompt groups of --group-size rollouts; prompts of 80-120 tokens; response lengths
+log-normal (sigma 1) scaled to a mean of 400 tokens and capped at 2,048 (seeded: both variants get
+the same batch). Padded + naive cuts micro-batches of --groups-per-micro groups (right-padded
+rows); packed + fused cuts them by --max-tokens per micro-batch. Before the timed step, each
+process runs one small step so that Adam's state exists: the peak is memory above the model,
+gradients and optimizer state (resident set size on CPU, sampled every 2 ms; torch's allocator
+peak on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VOCAB = 151936
+VARIANTS = {"padded+naive": ["--padded", "--naive"], "packed+fused": []}
+
+
+def response_lengths(n: int, seed: int, mean: float = 400.0, cap: int = 2048, sigma: float = 1.0) -> list[int]:
+    """n lengths at evenly spaced quantiles of the log-normal (a small batch still has the long
+    tail), shuffled by the seed."""
+    import torch
+
+    normal = torch.distributions.Normal(0.0, 1.0)
+    quantiles = normal.icdf((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    mu = math.log(mean) - sigma**2 / 2  # the log-normal's mean is e^(mu + sigma^2/2)
+    lengths = [int(min(cap, max(1, round(math.exp(mu + sigma * q))))) for q in quantiles.tolist()]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [lengths[i] for i in order]
+
+
+def rollout_batch(groups: int, size: int, seed: int, vocab: int = VOCAB):
+    import torch
+
+    from real_megatron.actor.batching import Rollout
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    lengths = response_lengths(groups * size, seed)
+    rollouts = []
+    for g in range(groups):
+        prompt = torch.randint(1, vocab, (int(torch.randint(80, 121, (1,), generator=gen)),), generator=gen).tolist()
+        for k in range(size):
+            response = torch.randint(1, vocab, (lengths[g * size + k],), generator=gen).tolist()
+            rollouts.append(Rollout(prompt, response, float(k % 2), g))  # mixed labels in every group
+    return rollouts
+
+
+class PeakSampler:
+    """Highest resident set size (CPU) over a block, sampled from a thread; `compute_peak` leaves
+    out the optimizer's step (its temporaries are neither activations nor the output layer)."""
+
+    def __init__(self, period_s: float = 0.002):
+        self.period_s, self.peak, self.compute_peak, self._stop = period_s, 0, 0, threading.Event()
+        self.paused = False
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss = self.rss()
+            self.peak = max(self.peak, rss)
+            if not self.paused:
+                self.compute_peak = max(self.compute_peak, rss)
+            time.sleep(self.period_s)
+
+    def pause_during(self, fn):
+        def wrapped(*args, **kwargs):
+            self.compute_peak = max(self.compute_peak, self.rss())
+            self.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.paused = False
+        return wrapped
+
+    def __enter__(self):
+        self.start = self.peak = self.compute_peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def estimated_step_bytes(spec, mb, settings, dtype) -> float:
+    """real_megatron.memory's activation + output-layer terms for this micro-batch's real shape."""
+    from real_megatron.actor.model import use_transformer_engine
+    from real_megatron.memory import Architecture, MicroBatchShape, activation_bytes, output_layer_bytes
+
+    arch = Architecture(hidden=spec.hidden_size, layers=spec.num_layers, heads=spec.num_heads,
+                        kv_heads=spec.num_kv_heads, ffn=spec.intermediate_size, vocab=spec.vocab_size,
+                        tied=spec.tie_word_embeddings, head_dim=spec.head_dim)
+    if mb.packed:
+        lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
+        area = sum(n * n for n in lengths)
+    else:
+        area = mb.tokens.shape[0] * mb.tokens.shape[1] ** 2
+    shape = MicroBatchShape(tokens=mb.tokens.numel(), response_tokens=mb.num_response_tokens, attention_area=area)
+    nbytes = dtype.itemsize
+    return (activation_bytes(arch, shape, layers=spec.num_layers, dtype_bytes=nbytes,
+                             flash_attention=use_transformer_engine(), recompute=settings.recompute_activations)
+            + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.fused_output_layer))
+
+
+def worker(args) -> dict:
+    import torch
+
+    from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.batching import padding_fraction, build_mini_batches
+    from real_megatron.actor.distributed import init_distributed, shutdown
+    from real_megatron.actor.model import ArchSpec
+    from real_megatron.actor.weights import init_hf_state_dict
+    from real_megatron.config import OptimConfig
+    from real_megatron.objectives import build_objective
+
+    torch.set_num_threads(args.threads)
+    init_distributed(tp=1, pp=1, timeout_s=600, seed=args.seed)
+    heads = max(2, args.hidden // 64)
+    spec = ArchSpec.from_hf(dict(
+        model_type="qwen2", vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    ), "bench model")
+    dtype = getattr(torch, args.dtype)
+    groups = args.groups
+    settings = ActorSettings(
+        dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=groups,
+        groups_per_micro_batch=args.groups_per_micro if args.padded else groups,
+        max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
+        pack_sequences=not args.padded, fused_output_layer=not args.naive, total_steps=10,
+    )
+    weights = init_hf_state_dict(spec, seed=args.seed, dtype=dtype)
+    actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), weights.__getitem__)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+    # a small first step: Adam's state and every buffer exist before the measured step
+    warm = rollout_batch(groups, args.group_size, args.seed + 7)
+    for r in warm:
+        r.response_ids = r.response_ids[:8]
+    actor.train_step(warm)
+
+    batch = rollout_batch(groups, args.group_size, args.seed)
+    minis = build_mini_batches(batch, groups, settings.groups_per_micro_batch, 1, 0, packed=settings.pack_sequences,
+                               max_tokens=settings.max_tokens_per_micro_batch)
+    micro = [mb for m in minis for mb in m.micro_batches]
+    estimate = max(estimated_step_bytes(spec, mb, settings, dtype) for mb in micro)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    sampler = PeakSampler()
+    actor.optimizer.step = sampler.pause_during(actor.optimizer.step)
+    with sampler:
+        metrics = actor.train_step(batch)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() - base) if args.device == "cuda" else sampler.peak - sampler.start
+    compute_peak = peak if args.device == "cuda" else sampler.compute_peak - sampler.start
+    tokens = sum(r.num_tokens for r in batch)
+    result = {
+        "tokens": tokens, "response_tokens": sum(len(r.response_ids) for r in batch), "step_s": seconds,
+        "tokens_per_s": 2 * tokens / seconds,  # every token passes the model twice: old log-probs, update
+        "padding_fraction": padding_fraction(micro), "peak_gb": peak / 1e9, "compute_peak_gb": compute_peak / 1e9,
+        "micro_batches": len(micro),
+        "max_slots": max(mb.tokens.numel() for mb in micro), "loss": metrics["loss"], "estimate_gb": estimate / 1e9,
+    }
+    shutdown()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--groups-per-micro", type=int, default=1, help="padded + naive: groups per micro-batch")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="packed + fused: tokens per micro-batch")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", choices=list(VARIANTS), help="run one variant")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_out:
+        Path(args.worker_out).write_text(json.dumps(worker(args)))
+        return 0
+
+    shared = [a for a in sys.argv[1:] if a not in ("--json",)]
+    if args.only:
+        shared = [a for a in shared if a not in ("--only", args.only)]
+    results = {}
+    for name, flags in VARIANTS.items():
+        if args.only and name != args.only:
+            continue
+        out = Path(f"/tmp/bench_actor_{os.getpid()}_{name.replace('+', '_')}.json")
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS: RSS tracks use
+        proc = subprocess.run([sys.executable, __file__, *shared, *flags, "--worker-out", str(out)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        results[name] = json.loads(out.read_text())
+        out.unlink()
+    if args.json or args.only:
+        print(json.dumps(results, indent=1))
+        return 0
+    base, new = results["padded+naive"], results["packed+fused"]
+    lengths = response_lengths(args.groups * args.group_size, args.seed)
+    print(f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}, {args.dtype} on "
+          f"{args.device}, {args.threads} threads")
+    print(f"batch: {args.groups} groups x {args.group_size} rollouts, prompts 80-120 tokens, responses log-normal "
+          f"(sigma 1, mean 400, cap 2048): mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; "
+          f"{base['tokens']:,} tokens ({base['response_tokens']:,} response)")
+    print(f"padded+naive: {args.groups_per_micro} group(s) per micro-batch; packed+fused: {args.max_tokens} tokens "
+          "per micro-batch\n")
+    rows = [("tokens/s", "tokens_per_s", "{:.0f}"), ("step s", "step_s", "{:.1f}"),
+            ("padding fraction", "padding_fraction", "{:.3f}"), ("micro-batches", "micro_batches", "{}"),
+            ("peak memory GB (above model + optimizer)", "peak_gb", "{:.2f}"),
+            ("  of which forward/backward (optimizer step out)", "compute_peak_gb", "{:.2f}"),
+            ("  --dry-run's estimate of it", "estimate_gb", "{:.2f}"), ("loss", "loss", "{:.6f}")]
+    print(f"| {'':42} | {'padded+naive':>12} | {'packed+fused':>12} | {'ratio':>7} |")
+    print(f"|{'-' * 44}|{'-' * 14}|{'-' * 14}|{'-' * 9}|")
+    for label, key, fmt in rows:
+        ratio = ""
+        if key == "tokens_per_s":
+            ratio = f"{new[key] / base[key]:.2f}x"
+        elif key in ("peak_gb", "compute_peak_gb"):
+            ratio = f"1/{base[key] / max(new[key], 1e-9):.1f}"
+        print(f"| {label:42} | {fmt.format(base[key]):>12} | {fmt.format(new[key]):>12} | {ratio:>7} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
