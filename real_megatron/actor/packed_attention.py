@@ -3,10 +3,12 @@
 Several rollouts share one row (megatron's THD format: tokens [1, T], `PackedSeqParams` with
 cu_seqlens). Transformer Engine's attention reads cu_seqlens itself; megatron-core's local
 DotProductAttention refuses packed input. This subclass computes the block-diagonal causal
-attention block by block: each sequence attends causally to itself only, which is exactly a
-block-diagonal causal mask over the row, with memory and work sum_i L_i^2 instead of T^2.
-RoPE positions restart at each sequence before this point (megatron applies THD RoPE per
-cu_seqlens segment), so a packed rollout sees what it would see alone in a padded row.
+attention: each sequence attends causally to itself only. Sequences of similar length are batched
+(sorted by length, a batch padded to its longest, each batch wasting at most as much area as it
+uses), so a row of hundreds of short rollouts costs a few batched calls, and a long-tailed mix
+neither pays T^2 nor pads every sequence to the longest. RoPE positions restart at each sequence
+before this point (megatron applies THD RoPE per cu_seqlens segment), so a packed rollout sees
+exactly what it would see alone in a padded row.
 """
 
 from __future__ import annotations
@@ -14,6 +16,26 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+WASTE = 1.0  # a batch's padded area may exceed its sequences' own area by at most this share
+
+
+def length_batches(lengths: list[int]) -> list[list[int]]:
+    """Sequence indices in batches of similar length: longest first, a batch grows while
+    count x longest^2 <= (1 + WASTE) x sum of its length^2."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    area = 0  # sum of length^2 over the last batch
+    for i in order:
+        if batches:
+            batch = batches[-1]
+            if (len(batch) + 1) * lengths[batch[0]] ** 2 <= (1 + WASTE) * (area + lengths[i] ** 2):
+                batch.append(i)
+                area += lengths[i] ** 2
+                continue
+        batches.append([i])
+        area = lengths[i] ** 2
+    return batches
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -27,14 +49,27 @@ class PackedDotProductAttention(DotProductAttention):
         cu = packed_seq_params.cu_seqlens_q_padded
         cu = packed_seq_params.cu_seqlens_q if cu is None else cu
         bounds = cu.tolist()  # a few dozen ints per micro-batch
-        if bounds[-1] != query.shape[0]:
-            raise ValueError(f"cu_seqlens end at {bounds[-1]} but the packed row holds {query.shape[0]} tokens")
-        # query/key/value arrive as [t, heads, dim] (THD); each block is one sequence as [s, b=1, heads, dim]
-        blocks = [
-            super(PackedDotProductAttention, self).forward(
-                query[s:e].unsqueeze(1), key[s:e].unsqueeze(1), value[s:e].unsqueeze(1), None,
-                attn_mask_type=AttnMaskType.causal,
-            )
-            for s, e in zip(bounds[:-1], bounds[1:]) if e > s
-        ]
-        return torch.cat(blocks)  # [t, 1, heads * dim]
+        total = query.shape[0]
+        if bounds[-1] != total:
+            raise ValueError(f"cu_seqlens end at {bounds[-1]} but the packed row holds {total} tokens")
+        starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        device = query.device
+        pieces, positions = [], []
+        # query/key/value arrive as [t, heads, dim] (THD)
+        for batch in length_batches(lengths):
+            longest = lengths[batch[0]]
+            offsets = torch.arange(longest, device=device)
+            start = torch.tensor([starts[i] for i in batch], device=device)
+            length = torch.tensor([lengths[i] for i in batch], device=device)
+            valid = offsets[None, :] < length[:, None]  # [n, L]
+            index = torch.where(valid, start[:, None] + offsets[None, :], 0)  # padding reads token 0, masked
+            as_sbhd = lambda x: x[index].transpose(0, 1)  # noqa: E731  [L, n, heads, dim]
+            # masked (True): later positions (causal) and the batch's padding keys
+            mask = (offsets[None, :] > offsets[:, None])[None] | ~valid[:, None, :]
+            context = super().forward(as_sbhd(query), as_sbhd(key), as_sbhd(value), mask[:, None],
+                                      attn_mask_type=AttnMaskType.causal)  # [L, n, heads * dim]
+            pieces.append(context.transpose(0, 1)[valid])  # the batch's real tokens, in (sequence, position) order
+            positions.append(index[valid])
+        out = torch.cat(pieces)
+        where = torch.cat(positions)
+        return out.new_zeros(total, out.shape[-1]).index_put((where,), out).unsqueeze(1)  # [t, 1, heads * dim]
