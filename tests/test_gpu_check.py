@@ -20,7 +20,8 @@ def test_bundle_then_cpu_dry_run_of_the_gpu_check(tmp_path):
                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=900)
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert check.returncode == 0, check.stdout[-3000:] + log[-3000:]
-    for item in "abcde":
+    for item in "abcdef":
         assert f"PASS ({item})" in check.stdout, check.stdout
     assert "FAIL" not in check.stdout
     assert "max relative difference over 51 tensors: 0.000e+00 (tolerance 0)" in log  # (d): bit for bit
+    assert "| tokens/s" in log and "packed+fused" in log  # (f): the data path table

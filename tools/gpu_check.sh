@@ -15,6 +15,8 @@
 # (d) checkpoint save, load and resume on CUDA: 2 steps == 1 step + checkpoint + new process + 1
 #     step, bit for bit (tools/parity_step.py --save/--load)
 # (e) logits of the megatron model against transformers' on CUDA (tools/check_parity.py)
+# (f) the actor's data path at the real vocabulary: padded rows + GPTModel's logits against packed
+#     rows + the fused output layer, tokens/s and peak memory (tools/bench_actor.py)
 # With Transformer Engine installed, (b)-(e) also run with its layer spec (it is chosen
 # automatically); without it the local spec runs.
 # --cpu-dry-run: all of it on CPU at toy sizes (Triton interpreted), to check the script itself.
@@ -61,6 +63,7 @@ if (( dry )); then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 REAL_MEGATRON_GPU_DRY_RUN=1
   log "gpu_check: CPU dry run (toy sizes, Triton interpreted): $("$py" -c 'import torch; print("torch", torch.__version__)')"
   bench=(--device cpu --tokens 256 --hidden 128 --vocab 8192) step=(--tiny)
+  actor=(--device cpu --hidden 64 --layers 1 --groups 1 --group-size 2)
 else
   "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "gpu_check.sh: no CUDA device (use --cpu-dry-run)" >&2; exit 2; }
   unset TRITON_INTERPRET
@@ -69,6 +72,7 @@ else
   name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
   case "$name" in *H200*) hbm=4800 ;; *H100*PCIe*) hbm=2000 ;; *H100*) hbm=3350 ;; *A100*80GB*) hbm=2039 ;; *A100*) hbm=1555 ;; *) hbm= ;; esac
   bench=(--device cuda --dtype bfloat16 ${hbm:+--hbm-gbps $hbm}) step=()
+  actor=(--device cuda --dtype bfloat16 --hidden 1536 --layers 4 --groups 8 --group-size 8 --max-tokens 16384)
 fi
 
 item "(a) Triton kernels against the torch reference" "$py" -m pytest -q -m gpu -p no:cacheprovider "$root/tests/test_gpu.py"
@@ -92,5 +96,6 @@ item "(d) checkpoint resume bit-identical" bash -c "$(declare -f compare parity)
   rm -rf $out/ckpt && parity --steps 2 --out $out/straight.safetensors && parity --steps 1 --save $out/ckpt --out $out/half.safetensors \
   && parity --steps 1 --load $out/ckpt --out $out/resumed.safetensors && compare $out/resumed.safetensors $out/straight.safetensors 0"
 item "(e) logits against transformers" "$py" "$root/tools/check_parity.py" --hf "$bundle/tiny_hf" --tolerance 1e-4
+item "(f) actor data path benchmark" "$py" "$root/tools/bench_actor.py" "${actor[@]}"
 log "gpu_check: $([[ $failed == 0 ]] && echo 'all passed' || echo 'FAILED (see above)'); figures in $logf"
 exit $failed
