@@ -467,7 +467,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         # a group never splits, and its rollouts spread over the DP ranks: the budget must hold
         # ceil(n_samples / dp) of the longest possible rollouts, or some step could not be cut
         need = -(-r.n_samples // p.dp) * longest
-        if t.max_tokens_per_micro_batch < need:
+        if r.n_samples < p.dp:
+            errors.append(
+                f"train.max_tokens_per_micro_batch with rollout.n_samples={r.n_samples} < {p.dp} data-parallel ranks: "
+                "a micro-batch of one prompt group would leave ranks without data; use "
+                "train.prompts_per_micro_batch (no token budget) or fewer data-parallel ranks"
+            )
+        elif t.max_tokens_per_micro_batch < need:
             errors.append(
                 f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold one prompt group at its "
                 f"longest: {-(-r.n_samples // p.dp)} rollout(s) per rank (rollout.n_samples={r.n_samples} over "
