@@ -466,7 +466,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         longest = cfg.data.max_prompt_tokens + r.max_new_tokens
         # a group never splits, and its rollouts spread over the DP ranks: the budget must hold
         # ceil(n_samples / dp) of the longest possible rollouts, or some step could not be cut
-        need = -(-r.n_samples // p.dp) * longest
+        per_rank = -(-r.n_samples // p.dp)
+        need = per_rank * longest
         if r.n_samples < p.dp:
             errors.append(
                 f"train.max_tokens_per_micro_batch with rollout.n_samples={r.n_samples} < {p.dp} data-parallel ranks: "
@@ -476,7 +477,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         elif t.max_tokens_per_micro_batch < need:
             errors.append(
                 f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold one prompt group at its "
-                f"longest: {-(-r.n_samples // p.dp)} rollout(s) per rank (rollout.n_samples={r.n_samples} over "
+                f"longest: {per_rank} rollout(s) per rank (rollout.n_samples={r.n_samples} over "
                 f"{p.dp} data-parallel ranks) x {longest} tokens (data.max_prompt_tokens + rollout.max_new_tokens) = "
                 f"{need}; raise it to at least {need}"
             )

@@ -106,14 +106,12 @@ class PeakSampler:
         self.peak = max(self.peak, self.rss())
 
 
-def estimated_step_bytes(spec, mb, settings, dtype) -> float:
+def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
     """real_megatron.memory's activation + output-layer terms for this micro-batch's real shape."""
     from real_megatron.actor.model import use_transformer_engine
     from real_megatron.memory import Architecture, MicroBatchShape, activation_bytes, output_layer_bytes
 
-    arch = Architecture(hidden=spec.hidden_size, layers=spec.num_layers, heads=spec.num_heads,
-                        kv_heads=spec.num_kv_heads, ffn=spec.intermediate_size, vocab=spec.vocab_size,
-                        tied=spec.tie_word_embeddings, head_dim=spec.head_dim)
+    arch = Architecture.from_hf(hf_config)
     if mb.packed:
         lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
         area = sum(n * n for n in lengths)
@@ -121,7 +119,7 @@ def estimated_step_bytes(spec, mb, settings, dtype) -> float:
         area = mb.tokens.shape[0] * mb.tokens.shape[1] ** 2
     shape = MicroBatchShape(tokens=mb.tokens.numel(), response_tokens=mb.num_response_tokens, attention_area=area)
     nbytes = dtype.itemsize
-    return (activation_bytes(arch, shape, layers=spec.num_layers, dtype_bytes=nbytes,
+    return (activation_bytes(arch, shape, layers=arch.layers, dtype_bytes=nbytes,
                              flash_attention=use_transformer_engine(), recompute=settings.recompute_activations)
             + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.fused_output_layer))
 
@@ -140,11 +138,12 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     init_distributed(tp=1, pp=1, timeout_s=600, seed=args.seed)
     heads = max(2, args.hidden // 64)
-    spec = ArchSpec.from_hf(dict(
+    hf_config = dict(
         model_type="qwen2", vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-    ), "bench model")
+    )
+    spec = ArchSpec.from_hf(hf_config, "bench model")
     dtype = getattr(torch, args.dtype)
     groups = args.groups
     settings = ActorSettings(
@@ -168,7 +167,7 @@ def worker(args) -> dict:
     minis = build_mini_batches(batch, groups, settings.groups_per_micro_batch, 1, 0, packed=settings.pack_sequences,
                                max_tokens=settings.max_tokens_per_micro_batch)
     micro = [mb for m in minis for mb in m.micro_batches]
-    estimate = max(estimated_step_bytes(spec, mb, settings, dtype) for mb in micro)
+    estimate = max(estimated_step_bytes(hf_config, mb, settings, dtype) for mb in micro)
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -208,7 +208,11 @@ def make_micro_batch(
         rows_total, width = shape if shape else (len(ids), max(lengths))
     width = -(-width // pad_to_multiple) * pad_to_multiple
     tokens = torch.full((rows_total, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((rows_total, width), dtype=torch.long)
+    # packed: filled per sequence below (restarting at each); padded rows: 0..width-1 on every row
+    if packed:
+        positions = torch.zeros((1, width), dtype=torch.long)
+    else:
+        positions = torch.arange(width).expand(rows_total, -1).contiguous()
     rows, cols, targets, seq_index, starts = [], [], [], [], []
     engine = []
     offset = 0
@@ -217,7 +221,8 @@ def make_micro_batch(
         seq = r.prompt_ids + r.response_ids
         row, start = (0, offset) if packed else (b, 0)
         tokens[row, start : start + len(seq)] = torch.tensor(seq, dtype=torch.long)
-        positions[row, start : start + len(seq)] = torch.arange(len(seq))  # RoPE restarts at each sequence
+        if packed:
+            positions[0, start : start + len(seq)] = torch.arange(len(seq))  # RoPE restarts at each sequence
         starts.append(start)
         p = start + len(r.prompt_ids)
         # the logit at position t predicts token t+1: response token j is predicted at p + j - 1
@@ -234,8 +239,6 @@ def make_micro_batch(
         positions[0, offset:] = torch.arange(width - offset)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    else:
-        positions = torch.arange(width).expand(rows_total, -1).contiguous()
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return MicroBatch(
         rollout_ids=list(ids),

@@ -23,7 +23,7 @@ def return_hidden_states(model) -> None:
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
     layer = model.output_layer
-    group = layer.tp_group if getattr(layer, "tp_group", None) is not None else None
+    group = getattr(layer, "tp_group", None)  # megatron-core >= 0.13 keeps it on the layer; else the default TP group
 
     def forward(hidden_states, weight=None, runtime_gather_output=None):
         if layer.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters (sums over TP)
