@@ -30,7 +30,8 @@ class _GroupLogsumexp(torch.autograd.Function):
         top = seg_max.amax(dim=0)
         shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         total = (sums * torch.exp(seg_max - shift)).sum(dim=0)  # empty parts: 0 * exp(-inf) = 0
-        lse = torch.where(total > 0, shift + torch.log(total), torch.full_like(total, float("-inf")))
+        # only an empty group sums to 0; a NaN score must reach the loss (the step is then skipped), not vanish
+        lse = torch.where(total == 0, torch.full_like(total, float("-inf")), shift + torch.log(total))
         lse = lse.to(torch.promote_types(values.dtype, torch.float32))
         ctx.save_for_backward(values, group_index, lse)
         return lse
@@ -39,9 +40,9 @@ class _GroupLogsumexp(torch.autograd.Function):
     def backward(ctx, grad):
         values, group_index, lse = ctx.saved_tensors
         member_lse = lse[group_index]
-        finite = torch.isfinite(member_lse)
-        weight = torch.exp(values.to(lse.dtype) - torch.where(finite, member_lse, torch.zeros_like(member_lse)))
-        weight = torch.where(finite, weight, torch.zeros_like(weight))
+        empty = member_lse == float("-inf")  # every member -inf: no weight (NaN still propagates)
+        weight = torch.exp(values.to(lse.dtype) - torch.where(empty, torch.zeros_like(member_lse), member_lse))
+        weight = torch.where(empty, torch.zeros_like(weight), weight)
         return (grad[group_index] * weight).to(values.dtype), None, None, None, None
 
 

@@ -160,6 +160,9 @@ class TrainConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     pack_sequences: bool = True  # each rank's rollouts one after another in one row (else padded rows)
     fused_output_layer: bool = True  # log-probs from hidden states without [tokens, vocab] logits
+    # an update whose loss or gradient is NaN/inf is skipped (weights and optimizer untouched);
+    # this many skipped updates in a row stop the run with an error naming the step
+    max_consecutive_skips: int = 5
     seed: int = 1
     output_dir: str = "runs/default"
 

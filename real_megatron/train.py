@@ -257,7 +257,7 @@ def train(cfg: Config) -> dict:
         pack_sequences=t.pack_sequences, fused_output_layer=t.fused_output_layer,
         updates_per_batch=cfg.algorithm.updates_per_batch,
         use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
-        pad_id=inputs.tokenizer.pad_token_id or 0,
+        pad_id=inputs.tokenizer.pad_token_id or 0, max_consecutive_skips=t.max_consecutive_skips,
     )
     actor = Actor(spec, settings, objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get)
     timeout_s = p.timeout_s
@@ -293,7 +293,7 @@ def train(cfg: Config) -> dict:
         rollouts, rollout_metrics = on_rank0(
             f"rollouts of step {step + 1}", lambda: generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0),
             timeout_s=timeout_s)
-        metrics = actor.train_step(rollouts)
+        metrics = actor.train_step(rollouts, step=step + 1)
         metrics.update(rollout_metrics)
         metrics["sync_s"] = sync_weights(actor, engine, run_dir, step + 1, inputs.model_dir, cfg, broadcaster)
         metrics["step_s"] = time.perf_counter() - step_start  # one rollout batch, evaluation excluded

@@ -69,3 +69,52 @@ def test_dataset_order_is_deterministic_and_resumes(tmp_path):
     short = PromptDataset(files, tok, max_prompt_tokens=60)
     assert short.dropped_long > 0 and len(short) + short.dropped_long == 113
     assert all(len(e.prompt_ids) <= 60 for e in short.examples)
+
+
+def test_bad_inputs_name_the_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    msgs = [{"role": "user", "content": "1+1?"}]
+    rows = [{"prompt": msgs, "reward_model": {"ground_truth": "2"}, "data_source": "x"},
+            {"prompt": msgs, "reward_model": {"ground_truth": None}, "data_source": "x"},   # no ground truth
+            {"prompt": msgs, "reward_model": {"ground_truth": ""}, "data_source": "x"},     # empty ground truth
+            {"prompt": msgs, "reward_model": {"ground_truth": "4"}, "data_source": "x"}]
+    verl = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), verl)
+    with pytest.raises(DataError, match=r"verl.parquet: row 1: no usable ground truth at 'reward_model.ground_truth'"):
+        load_examples(verl)
+    examples, skipped = load_examples(verl, skip_malformed=True)
+    assert [e.ground_truth for e in examples] == ["2", "4"] and skipped == 2
+    assert [e.source for e in examples] == [f"{verl}:0", f"{verl}:3"]  # the good rows keep their numbers
+
+    numeric = tmp_path / "numeric_prompt.jsonl"
+    numeric.write_text(json.dumps({"prompt": "ok", "answer": "1"}) + "\n" + json.dumps({"prompt": 42, "answer": "1"}) + "\n"
+                       + json.dumps({"prompt": [{"role": "user", "content": 7}], "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match=r"numeric_prompt.jsonl: row 1: prompt must be a string or a list"):
+        load_examples(numeric)
+    assert load_examples(numeric, skip_malformed=True)[1] == 2
+
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps({"prompt": "ok", "answer": "1"}).encode() + b'\n{"prompt": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl: row 1: not UTF-8"):
+        load_examples(latin)
+    assert len(load_examples(latin, skip_malformed=True)[0]) == 1
+
+    empty_jsonl, empty_parquet = tmp_path / "empty.jsonl", tmp_path / "empty.parquet"
+    empty_jsonl.write_text("\n\n")
+    pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), empty_parquet)
+    for empty in (empty_jsonl, empty_parquet):
+        with pytest.raises(DataError, match=f"{empty.name}: the file holds no rows"):
+            load_examples(empty, skip_malformed=True)
+
+    folder = tmp_path / "train.parquet"  # a directory, even one named like a file
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"train.parquet: is a directory"):
+        load_examples(folder)
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"corrupt.parquet: not a readable parquet file"):
+        load_examples(corrupt)
+    with pytest.raises(DataError, match=r"data file not found: .*missing.jsonl"):
+        load_examples(tmp_path / "missing.jsonl")

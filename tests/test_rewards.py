@@ -72,3 +72,55 @@ def test_custom_reward_by_import_path():
         load_reward_fn("real_megatron.rewards:nope")
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
         load_reward_fn("no_such_module:f")
+
+
+def test_a_script_without_main_guard_can_score(tmp_path):
+    """The workers are not multiprocessing children: a plain script (no __main__ guard), code
+    given with -c and code fed on stdin, as a notebook runs it, all score without re-running."""
+    import subprocess
+    import sys
+
+    code = ("from real_megatron.rewards import math_reward, math_rewards\n"
+            "print('RESULT', math_reward('so \\\\boxed{\\\\frac{1}{2}}', '0.5'), math_rewards(['\\\\boxed{3}'] * 3, ['3', '4', '3']))\n")
+    script = tmp_path / "score.py"
+    script.write_text(code)
+    for cmd, stdin in (([sys.executable, str(script)], None), ([sys.executable, "-c", code], None),
+                       ([sys.executable, "-"], code)):
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("RESULT") == 1 and "RESULT 1.0 [1.0, 0.0, 1.0]" in proc.stdout, proc.stdout
+
+
+def test_threads_share_the_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(f"\\boxed{{{n}}}", str(n if n % 3 else n + 1)) for n in range(24)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        scores = list(pool.map(lambda c: math_reward(*c), cases))
+    assert scores == [0.0 if n % 3 == 0 else 1.0 for n in range(24)]
+
+
+def test_a_worker_that_dies_is_replaced_and_its_job_retried():
+    import os
+    import signal
+
+    from real_megatron.rewards.math import default_pool
+
+    pool = default_pool()
+    math_reward("\\boxed{1}", "1")  # workers started
+    before = [w.proc.pid for w in pool._workers]
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    assert math_rewards(["\\boxed{2}", "\\boxed{5}", "\\boxed{x+1}"], ["2", "6", "1+x"]) == [1.0, 0.0, 1.0]
+    after = [w.proc.pid for w in pool._workers]
+    assert not set(before) & set(after) and all(w.proc.poll() is None for w in pool._workers)
+
+
+def test_a_forked_child_scores_with_its_own_workers():
+    import multiprocessing as mp
+
+    math_reward("\\boxed{1}", "1")  # the parent's pool exists before the fork
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        assert pool.apply(math_reward, ("\\boxed{7}", "7")) == 1.0
+    assert math_reward("\\boxed{8}", "8") == 1.0  # the parent's workers untouched

@@ -16,6 +16,7 @@ both: the gradient is then exactly that of the mini-batch loss, whatever TP, PP,
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +33,8 @@ from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +55,11 @@ class ActorSettings:
     use_engine_logprobs: bool = False
     recompute_activations: bool = False
     pad_id: int = 0
+    max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many updates in a row had a NaN or inf loss or gradient."""
 
 
 def rollout_stats(rollouts: list[Rollout]) -> dict:
@@ -141,13 +149,15 @@ class Actor:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.optimizer_steps = 0
+        self.consecutive_skips = 0  # non-finite updates in a row (saved in checkpoints)
         # where the model lives: micro-batches and metric tensors go here (NCCL reduces CUDA tensors only)
         self.device = next(unwrap(self.chunks[0]).parameters()).device
 
     # --- one RL step -------------------------------------------------------------------------
 
-    def train_step(self, rollouts: list[Rollout]) -> dict:
-        """Old log-probs, then `updates_per_batch` passes of one optimizer step per mini-batch."""
+    def train_step(self, rollouts: list[Rollout], step: int | None = None) -> dict:
+        """Old log-probs, then `updates_per_batch` passes of one optimizer step per mini-batch.
+        `step` (the RL step) only names where a non-finite update happened."""
         s = self.settings
         timings = {}
         start = time.perf_counter()
@@ -173,9 +183,11 @@ class Actor:
 
         start = time.perf_counter()
         records = []
-        for _ in range(s.updates_per_batch):
-            for mini in minis:
-                records.append(self._update(mini))
+        for update in range(s.updates_per_batch):
+            for index, mini in enumerate(minis):
+                where = (f"step {step}, " if step is not None else "") + (
+                    f"update {update + 1} of {s.updates_per_batch}, mini-batch {index + 1} of {len(minis)}")
+                records.append(self._update(mini, where))
         timings["update_s"] = time.perf_counter() - start
         metrics = self._reduce_metrics(records)
         metrics.update(rollout_stats(rollouts))
@@ -194,11 +206,24 @@ class Actor:
             for mb, out in zip(mini.micro_batches, outputs):
                 mb.old_logprobs = out["logprobs"]
 
-    def _update(self, mini: MiniBatch) -> dict:
+    def _update(self, mini: MiniBatch, where: str = "") -> dict:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._schedule(mini, forward_only=False, mode="train")
+        problem = self._non_finite(outputs)
+        if problem:  # skip: no optimizer step, so weights, Adam moments and the lr schedule stay as they were
+            self.consecutive_skips += 1
+            if dist.get_rank() == 0 if dist.is_initialized() else True:
+                log.warning("%s: update skipped, %s; weights and optimizer state unchanged (%d in a row)",
+                            where, problem, self.consecutive_skips)
+            if self.consecutive_skips >= self.settings.max_consecutive_skips:
+                raise NonFiniteUpdates(
+                    f"{where}: {self.consecutive_skips} updates in a row skipped (train.max_consecutive_skips="
+                    f"{self.settings.max_consecutive_skips}); the last had {problem}")
+            return {"records": outputs, "grad_norm": float("nan"), "lr": float(self.optimizer.param_groups[0]["lr"]),
+                    "skipped": 1.0}
+        self.consecutive_skips = 0
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -206,6 +231,27 @@ class Actor:
         # host numbers (the optimizer already reduced the norm): never stacked with device tensors
         return {"records": outputs, "grad_norm": float(grad_norm or 0.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
                 "skipped": 0.0 if ok else 1.0}
+
+    def _non_finite(self, outputs: list[dict]) -> str:
+        """What was NaN/inf in this update ("" if nothing): the loss (last stage) or any gradient
+        (every rank's own; one norm per parameter, no [params]-sized temporaries). The same
+        verdict on every rank: one all-reduce of two flags over the world."""
+        loss = torch.stack([r["loss"] for r in outputs]).sum() if outputs else torch.zeros((), device=self.device)
+        grads = [g for chunk in self.chunks for p in chunk.parameters()
+                 if (g := getattr(p, "main_grad", p.grad)) is not None and g.numel()]
+        grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads
+                     else torch.zeros((), device=self.device))
+        flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float().to(self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_loss, bad_grad = flags.tolist()
+        parts = []
+        if bad_loss:
+            parts.append(f"a non-finite loss ({loss.item()})" if outputs else "a non-finite loss (on the last stage)")
+        if bad_grad:
+            parts.append(f"a non-finite gradient norm ({grad_norm.item()})" if not torch.isfinite(grad_norm)
+                         else "a non-finite gradient (on another rank)")
+        return " and ".join(parts)
 
     def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -300,7 +346,9 @@ class Actor:
                 "score_pos_mean": ps_ / pn if pn else float("nan"), "score_neg_mean": ns / nn if nn else float("nan"),
                 "score_pos_min": mins[0].item(), "score_pos_max": maxs[0].item(),
                 "score_neg_min": mins[1].item(), "score_neg_max": maxs[1].item(),
-                "grad_norm": sum(u["grad_norm"] for u in updates) / n,
+                # over the updates applied (a skipped one has no norm)
+                "grad_norm": (sum(u["grad_norm"] for u in applied) / len(applied)
+                              if (applied := [u for u in updates if not u["skipped"]]) else float("nan")),
                 "lr": updates[-1]["lr"],
                 "skipped_updates": sum(u["skipped"] for u in updates),
             }

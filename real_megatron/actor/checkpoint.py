@@ -201,6 +201,7 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
         _order_file(tmp).write_text(json.dumps(parameter_order(actor)))
     if _rank() == 0:
         state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,
+                     consecutive_skips=getattr(actor, "consecutive_skips", 0),
                      optimizer_format=optimizer_format,
                      world_size=dist.get_world_size() if dist.is_initialized() else 1)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -241,6 +242,7 @@ def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
     _restore_adam_steps(actor.optimizer)
     actor.scheduler.load_state_dict(trainer_state.pop("scheduler"))
     actor.optimizer_steps = trainer_state.pop("optimizer_steps")
+    actor.consecutive_skips = trainer_state.pop("consecutive_skips", 0)
     rng_file = directory / "rng" / f"rank{_rank():05d}.pt"
     if rng_file.exists() and trainer_state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
         _set_rng_state(torch.load(rng_file, weights_only=False))

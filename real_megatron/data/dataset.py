@@ -54,26 +54,52 @@ def _messages(value, where: str) -> list[dict]:
     raise DataError(f"{where}: prompt must be a string or a list of {{role, content}} messages, got {str(value)[:120]!r}")
 
 
-def read_rows(path: str | Path) -> list[dict]:
+def _usable_truth(truth) -> bool:
+    if isinstance(truth, bool):
+        return False
+    if isinstance(truth, (int, float)):
+        return True
+    if isinstance(truth, str):
+        return bool(truth.strip())
+    if isinstance(truth, (list, tuple)):
+        return bool(truth) and all(_usable_truth(t) for t in truth)
+    return False
+
+
+def read_rows(path: str | Path) -> list:
+    """The rows of one file: mappings, or a DataError in place of a row that cannot be read (so
+    skip_malformed can count it and keep the others)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give the data files themselves (e.g. {path}/train.parquet)")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if path.suffix in (".jsonl", ".json"):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+        rows = table.to_pylist()
+    elif path.suffix in (".jsonl", ".json"):
         rows = []
-        with path.open() as f:
-            for number, line in enumerate(f):
-                if not line.strip():
+        with path.open("rb") as f:
+            for number, raw in enumerate(f):
+                if not raw.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError as exc:
+                    rows.append(DataError(f"{path}: row {number}: not UTF-8 ({exc.reason} at byte {exc.start})"))
                 except json.JSONDecodeError as exc:
                     rows.append(DataError(f"{path}: row {number}: not valid JSON ({exc.msg})"))
-        return rows
-    raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .parquet or .jsonl)")
+    else:
+        raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use .parquet or .jsonl)")
+    if not rows:
+        raise DataError(f"{path}: the file holds no rows")
+    return rows
 
 
 def load_examples(
@@ -97,10 +123,12 @@ def load_examples(
                 truth = _lookup(row, answer_key)
             except KeyError:
                 truth = row.get("answer")
-            if truth is None:
-                raise DataError(f"{where}: no ground truth at {answer_key!r} or 'answer'")
             if hasattr(truth, "tolist"):
                 truth = truth.tolist()
+            if not _usable_truth(truth):
+                found = "none" if truth is None else repr(truth)[:80]
+                raise DataError(f"{where}: no usable ground truth at {answer_key!r} or 'answer' (found {found}; "
+                                "expected a non-empty string, a number, or a list of them)")
             examples.append(Example(_messages(prompt, where), truth, f"{path}:{number}", str(row.get("data_source", ""))))
         except DataError:
             if not skip_malformed:

@@ -47,7 +47,8 @@ def real_loss_across_ranks(
         side_values = torch.zeros_like(side_values).detach()  # only which sides are present matters
     lse = group_logsumexp(side_values, slot, 2 * num_groups, dp_group=dp_group, impl=impl)
     lse_pos, lse_neg = lse[:num_groups], lse[num_groups:]
-    mixed = torch.isfinite(lse_pos) & torch.isfinite(lse_neg)
+    # both sides present (an empty side's lse is -inf); a NaN score keeps its group, and so reaches the loss
+    mixed = (lse_pos != float("-inf")) & (lse_neg != float("-inf"))
 
     if variant == "real":
         per_group = _softplus(lse_pos) + _softplus(lse_neg)

@@ -47,6 +47,6 @@ def segment_logsumexp(
     sums = segment_sum(torch.exp(values - shift[index]), index, num_segments)
     if anchor:
         return shift + torch.log(sums + torch.exp(-shift))
-    nonempty = sums > 0
-    safe = torch.where(nonempty, sums, torch.ones_like(sums))
-    return torch.where(nonempty, shift + torch.log(safe), torch.full_like(sums, float("-inf")))
+    empty = sums == 0  # (a NaN value gives a NaN result, never a silent -inf)
+    safe = torch.where(empty, torch.ones_like(sums), sums)
+    return torch.where(empty, torch.full_like(sums, float("-inf")), shift + torch.log(safe))

@@ -2,19 +2,31 @@
 
 `math_reward(response, ground_truth)` returns 1.0 or 0.0 and never raises. The answer is cut out
 here (linear brace matching, after `</think>` when present); the symbolic comparison runs in a
-worker process with a hard deadline: a parse that hangs (10^10^10^10, pathological LaTeX) is
-killed, scores 0.0 and is logged, and the worker is replaced.
+worker process (verifier_worker.py) with a hard deadline: a parse that hangs (10^10^10^10,
+pathological LaTeX) is killed, scores 0.0 and is logged, and the worker is replaced. Callable from
+any script (no `if __name__ == "__main__":` needed), a notebook, or several threads.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
-import multiprocessing as mp
+import os
+import select
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
+WORKER_SCRIPT = str(Path(__file__).with_name("verifier_worker.py"))
+# run by path, without the current or the script's directory on sys.path (this one holds a math.py)
+_BOOT = ("import runpy, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+         f"runpy.run_path({WORKER_SCRIPT!r}, run_name='__main__')")
 THINK_CLOSE = "</think>"
 MAX_ANSWER_CHARS = 1000  # a longer "answer" is not a final answer; math-verify need not see it
 
@@ -56,87 +68,116 @@ def _truths(ground_truth) -> list[str]:
     return [str(ground_truth)]
 
 
-def _verify(answer: str, truths: list[str]) -> float:
-    """Runs in a worker: 1.0 if math-verify finds the answer equal to any ground truth."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+class _Worker:
+    """One verifier process (verifier_worker.py, started by path with this Python) and its pipes."""
 
-    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    predicted = parse("\\boxed{" + answer + "}", extraction_config=configs, parsing_timeout=None)
-    if not predicted:
-        return 0.0
-    for truth in truths:
-        gold = parse("\\boxed{" + truth + "}", extraction_config=configs, parsing_timeout=None)
-        if gold and verify(gold, predicted, timeout_seconds=None):
-            return 1.0
-        if truth.strip() == answer.strip():
-            return 1.0
-    return 0.0
+    def __init__(self, startup_timeout_s: float):
+        self.proc = subprocess.Popen([sys.executable, "-u", "-c", _BOOT], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, bufsize=0)
+        self._buffer = b""
+        self._startup_timeout_s = startup_timeout_s
 
+    def wait_ready(self) -> None:
+        startup_timeout_s = self._startup_timeout_s
+        if self.read(startup_timeout_s) != {"ready": True}:
+            self.kill()
+            raise RuntimeError(f"the math verifier worker ({sys.executable} {WORKER_SCRIPT}) did not start within "
+                               f"{startup_timeout_s:.0f}s; is math-verify installed in this environment?")
 
-def _worker(conn) -> None:
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
+    def send(self, job) -> bool:
         try:
-            conn.send(_verify(*job))
-        except Exception as exc:  # a malformed answer is a wrong answer
-            conn.send(("error", repr(exc)[:200]))
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def read(self, timeout_s: float):
+        """The next reply; None on timeout; "dead" if the process ended."""
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.proc.stdout], [], [], remaining)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return "dead"
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # the worker ends at end of input
+            self.proc.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        self.proc.stdout.close()
 
 
 class VerifierPool:
-    """Worker processes answering (answer, truths) jobs, each under a hard deadline."""
+    """Worker processes answering (answer, truths) jobs, each under a hard deadline. A worker that
+    hangs is killed (its job scores 0.0); one that dies is replaced and its job tried once more.
+    The workers are plain subprocesses, not multiprocessing children, so nothing of the caller's
+    main module is re-imported: a script without a __main__ guard, a notebook and threads all work.
+    A process forked from one that holds a pool starts its own workers."""
 
-    def __init__(self, workers: int = 1):
-        self._ctx = mp.get_context("spawn")  # no fork of a process holding torch threads
-        self._workers = [self._start() for _ in range(max(1, workers))]
+    def __init__(self, workers: int = 1, startup_timeout_s: float = 120.0):
+        self._size, self._startup_timeout_s = max(1, workers), startup_timeout_s
+        self._workers: list[_Worker] = []
+        self._pid = os.getpid()
         self._lock = threading.Lock()
 
-    def _start(self):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(child,), daemon=True, name="math-verifier")
-        proc.start()
-        return proc, parent
+    def _ready_workers(self) -> list[_Worker]:
+        if self._pid != os.getpid():  # forked: the parent's pipes are not ours to use
+            self._workers, self._pid = [], os.getpid()
+        fresh = [_Worker(self._startup_timeout_s) for _ in range(self._size - len(self._workers))]
+        for worker in fresh:  # started together, each importing math-verify
+            worker.wait_ready()
+        self._workers += fresh
+        return self._workers
 
     def _replace(self, index: int) -> None:
-        proc, conn = self._workers[index]
-        proc.kill()
-        proc.join(timeout=5)
-        conn.close()
-        self._workers[index] = self._start()
+        self._workers[index].kill()
+        self._workers[index] = _Worker(self._startup_timeout_s)
+        self._workers[index].wait_ready()
 
     def score_many(self, jobs: Sequence[tuple[str, list[str]] | None], timeout_s: float) -> list[float]:
         """Scores for jobs (None = no answer = 0.0), using every worker at once."""
         with self._lock:
+            workers = self._ready_workers()
             scores = [0.0] * len(jobs)
-            pending = [i for i, job in enumerate(jobs) if job is not None]
+            pending = [(i, 1) for i, job in enumerate(jobs) if job is not None]  # (job, retries left)
             while pending:
-                batch = list(zip(range(len(self._workers)), pending))
-                for w, i in batch:
-                    self._workers[w][1].send(jobs[i])
-                for w, i in batch:
-                    conn = self._workers[w][1]
-                    if conn.poll(timeout_s):
-                        result = conn.recv()
-                        if isinstance(result, tuple):
-                            log.warning("math verifier error on answer %.80r: %s", jobs[i][0], result[1])
-                        else:
-                            scores[i] = result
-                    else:
+                batch, pending = pending[: len(workers)], pending[len(workers):]
+                sent = [workers[w].send(jobs[i]) for w, (i, _) in enumerate(batch)]
+                for w, ((i, retries), ok) in enumerate(zip(batch, sent)):
+                    reply = workers[w].read(timeout_s) if ok else "dead"
+                    if reply is None:
                         log.warning("math verifier timed out after %.1fs on answer %.80r: scored 0", timeout_s, jobs[i][0])
                         self._replace(w)
-                pending = pending[len(batch):]
+                    elif reply == "dead":
+                        log.warning("a math verifier worker died (exit code %s); replaced", workers[w].proc.poll())
+                        self._replace(w)
+                        if retries:
+                            pending.append((i, retries - 1))
+                    elif "error" in reply:
+                        log.warning("math verifier error on answer %.80r: %s", jobs[i][0], reply["error"])
+                    else:
+                        scores[i] = reply["score"]
             return scores
 
     def close(self) -> None:
-        for proc, conn in self._workers:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-            proc.join(timeout=2)
-            if proc.is_alive():
-                proc.kill()
+        with self._lock:
+            if self._pid == os.getpid():
+                for worker in self._workers:
+                    worker.close()
+            self._workers = []
 
 
 _pool: VerifierPool | None = None
@@ -145,7 +186,8 @@ _pool: VerifierPool | None = None
 def default_pool() -> VerifierPool:
     global _pool
     if _pool is None:
-        _pool = VerifierPool(workers=max(1, min(4, mp.cpu_count())))
+        _pool = VerifierPool(workers=max(1, min(4, os.cpu_count() or 1)))
+        atexit.register(_pool.close)
     return _pool
 
 

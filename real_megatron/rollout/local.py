@@ -38,6 +38,14 @@ class LocalEngine:
         engine.model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
         return engine
 
+    @classmethod
+    def wrapping(cls, model, *, pad_token_id: int = 0, seed: int = 0) -> "LocalEngine":
+        """An engine generating with an existing HF model (its weights shared, not copied)."""
+        engine = cls.__new__(cls)
+        engine.model, engine.pad_token_id, engine.max_batch_sequences = model.eval(), pad_token_id, 256
+        engine.version, engine.generator = 0, torch.Generator().manual_seed(seed)
+        return engine
+
     @torch.no_grad()
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         state = self.model.state_dict()
@@ -58,16 +66,17 @@ class LocalEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         jobs = [(p, k) for p in range(len(prompts)) for k in range(n)]
+        generator = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed)
         results: list[list[Sample]] = [[None] * n for _ in prompts]  # type: ignore[list-item]
         per_call = max(1, self.max_batch_sequences)
         for start in range(0, len(jobs), per_call):
             chunk = jobs[start : start + per_call]
-            for (p, k), sample in zip(chunk, self._generate([prompts[p] for p, _ in chunk], params)):
+            for (p, k), sample in zip(chunk, self._generate([prompts[p] for p, _ in chunk], params, generator)):
                 sample.prompt_index, sample.sample_index = p, k
                 results[p][k] = sample
         return results
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator) -> list[Sample]:
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -76,7 +85,7 @@ class LocalEngine:
             mask[i, width - len(p):] = 1
         stop = list(params.stop_token_ids)
         sampling = params.temperature > 0
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
             temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,

@@ -14,6 +14,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    # the embedded engine draws this call's samples from this seed (same seed and weights, same
+    # samples, so a resumed run generates what the uninterrupted one did); None: its own stream
+    seed: Optional[int] = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,21 +36,25 @@ def problem(rng: random.Random, max_operand: int = 99) -> tuple[str, str, int]:
     return prompt, solution, answer
 
 
-def split(n_train: int, n_eval: int, seed: int, max_operand: int = 99):
-    """(train, held-out) lists of (prompt, solution, answer); held-out prompts never seen in train."""
+def split(n_train: int, n_eval: int, seed: int, max_operand: int = 99, n_dev: int = 0):
+    """(train, held-out, dev) lists of (prompt, solution, answer), pairwise disjoint by prompt: dev
+    steers the warm-start, held-out measures RL, train feeds both."""
     rng = random.Random(seed)
-    seen, train, held = set(), [], []
-    while len(held) < n_eval:
-        p = problem(rng, max_operand)
-        if p[0] not in seen:
-            seen.add(p[0])
-            held.append(p)
-    while len(train) < n_train:
-        p = problem(rng, max_operand)
-        if p[0] not in seen:
-            seen.add(p[0])
-            train.append(p)
-    return train, held
+    seen: set[str] = set()
+
+    def fresh(count: int) -> list:
+        out = []
+        while len(out) < count:
+            p = problem(rng, max_operand)
+            if p[0] not in seen:
+                seen.add(p[0])
+                out.append(p)
+        return out
+
+    held = fresh(n_eval)
+    train = fresh(n_train)
+    dev = fresh(n_dev)
+    return train, held, dev
 
 
 def write_jsonl(path: Path, items) -> Path:
@@ -82,31 +87,72 @@ def reward(response: str, ground_truth, **_) -> float:
     return 1.0 if answer is not None and answer.strip() == str(ground_truth).strip() else 0.0
 
 
-def warm_start(out_dir: Path, model_config: dict, tokenizer, train, *, steps: int, batch: int, lr: float,
-               seed: int, progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class WarmStartPlan:
+    """How long the supervised warm-start trains. With a target band it stops at the first check
+    whose dev pass@1 lies in [low, high], so RL starts from a comparable model on any machine and
+    seed (a fixed step count reaches 0.24 on one CPU and 0.63 on another); without, exactly
+    max_steps."""
+
+    max_steps: int
+    batch: int
+    lr: float
+    target: tuple[float, float] | None = (0.55, 0.65)
+    check_every: int = 100
+    dev_k: int = 2  # samples per dev prompt (temperature 1, as the held-out evaluation)
+    max_new_tokens: int = 40
+
+
+class WarmStartError(RuntimeError):
+    pass
+
+
+def dev_pass1(model, tokenizer, dev, k: int, max_new_tokens: int, seed: int) -> float:
+    """Sampled pass@1 (temperature 1, k per prompt) of an HF model on the dev problems."""
+    from ..data.dataset import Example
+    from ..evaluation import evaluate_sets
+    from ..rollout.local import LocalEngine
+    from ..rollout.types import SamplingParams
+
+    engine = LocalEngine.wrapping(model, pad_token_id=tokenizer.pad_token_id)
+    examples = [Example([], answer, f"dev:{i}", prompt_ids=tokenizer.encode(prompt, add_special_tokens=False))
+                for i, (prompt, _, answer) in enumerate(dev)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
+                            stop_token_ids=(tokenizer.convert_tokens_to_ids(EOS),), seed=seed)
+    result = evaluate_sets(engine, tokenizer, {"dev": examples}, reward, k, params)
+    model.train()
+    return result["pass1"]
+
+
+def warm_start(out_dir: Path, model_config: dict, tokenizer, train, dev, plan: WarmStartPlan, *, seed: int,
+               progress: bool = True) -> dict:
     """Supervised warm-start from scratch (prompt + solution + eos, loss on the solution), cached:
-    a directory that already holds the checkpoint is reused."""
+    a directory that already holds the checkpoint is reused. Returns what it did (also saved as
+    warmstart.json beside the weights): steps, dev pass@1 at every check."""
     import transformers
 
+    record_file = out_dir / "warmstart.json"
     if (out_dir / "model.safetensors").exists():
-        return out_dir
+        return json.loads(record_file.read_text()) if record_file.exists() else {}
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(**model_config)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.01)
     eos = tokenizer.convert_tokens_to_ids(EOS)
     rng = random.Random(seed)
-    iterator = range(steps)
+    checks: list[tuple[int, float]] = []
+    iterator = range(plan.max_steps)
     if progress:
         from ..progress import progress as bar
 
         iterator = bar(iterator, desc="warm-start (supervised)", unit="step", leave=False)
+    reached = None
     for step in iterator:
-        lr_now = lr * min(1.0, (step + 1) / 100)  # constant after warm-up: RL continues from a live lr
+        lr_now = plan.lr * min(1.0, (step + 1) / 100)  # constant after warm-up: RL continues from a live lr
         for group in opt.param_groups:
             group["lr"] = lr_now
         rows, labels = [], []
-        for prompt, solution, _ in rng.sample(train, batch):
+        for prompt, solution, _ in rng.sample(train, plan.batch):
             p = tokenizer.encode(prompt, add_special_tokens=False)
             s = tokenizer.encode(solution, add_special_tokens=False) + [eos]
             rows.append(p + s)
@@ -119,16 +165,43 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, *, steps: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if plan.target is not None and (step + 1) % plan.check_every == 0:
+            score = dev_pass1(model, tokenizer, dev, plan.dev_k, plan.max_new_tokens, seed=seed * 100_003 + step)
+            checks.append((step + 1, score))
+            log.info("warm-start step %d: dev pass@1 %.3f (target %.2f-%.2f)", step + 1, score, *plan.target)
+            if plan.target[0] <= score <= plan.target[1]:
+                reached = step + 1
+                break
+            if score > plan.target[1]:
+                raise WarmStartError(
+                    f"warm-start: dev pass@1 went from {checks[-2][1] if len(checks) > 1 else 0:.3f} to {score:.3f} "
+                    f"between steps {step + 1 - plan.check_every} and {step + 1}, past the target band "
+                    f"{plan.target[0]:.2f}-{plan.target[1]:.2f}: check more often (task.warmstart_check_every) "
+                    "or widen the band (task.warmstart_target)")
         if progress and step % 50 == 0:
-            iterator.set_postfix(loss=f"{loss.item():.3f}")
+            iterator.set_postfix(loss=f"{loss.item():.3f}", **({"dev": f"{checks[-1][1]:.3f}"} if checks else {}))
+    if progress:
+        iterator.close()
+    if plan.target is not None and reached is None:
+        raise WarmStartError(
+            f"warm-start: dev pass@1 did not reach the target band {plan.target[0]:.2f}-{plan.target[1]:.2f} within "
+            f"task.warmstart_max_steps={plan.max_steps} steps (dev pass@1 at the last checks: "
+            f"{', '.join(f'{s}: {v:.3f}' for s, v in checks[-4:])}); raise the cap or lower the band")
+    record = {"steps": reached or plan.max_steps, "dev_checks": checks, "target": plan.target,
+              "dev_pass1": checks[-1][1] if checks else None, "dev_prompts": len(dev)}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
+    if out_dir.exists():  # a directory left by an interrupted run without weights
+        import shutil
+
+        shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    return out_dir
+    return record
 
 
-WARMSTART_RECIPE = 2  # bump when warm_start changes, so cached checkpoints are not reused
+WARMSTART_RECIPE = 3  # bump when warm_start changes, so cached checkpoints are not reused
 
 
 def settings_key(*parts) -> str:
