@@ -129,7 +129,14 @@ class TaskConfig:
     eval_prompts: int = 500
     max_operand: int = 55  # operands drawn from 1..max_operand
     tokenizer_vocab: int = 48
-    warmstart_steps: int = 3000
+    # the supervised warm-start trains until sampled pass@1 on dev_prompts (disjoint from training
+    # and held-out prompts) lies in warmstart_target, checked every warmstart_check_every steps
+    # (a quarter of that near the band), at most warmstart_max_steps; target null: exactly
+    # warmstart_max_steps steps
+    dev_prompts: int = 200
+    warmstart_target: Optional[list[float]] = field(default_factory=lambda: [0.55, 0.65])
+    warmstart_check_every: int = 200
+    warmstart_max_steps: int = 10000
     warmstart_batch: int = 64
     warmstart_lr: float = 3e-3
     cache_dir: Optional[str] = None  # default: ~/.cache/real-megatron/tasks
@@ -441,6 +448,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     positive("rollout", r, "n_samples", "max_new_tokens", "num_servers", "server_tp")
     positive("algorithm", a, "tau", "updates_per_batch")
     positive("optim", cfg.optim, "lr")
+    if cfg.task.name:
+        positive("task", cfg.task, "warmstart_max_steps", "warmstart_check_every", "warmstart_batch")
+        band = cfg.task.warmstart_target
+        if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1] <= 1):
+            errors.append(f"task.warmstart_target must be [low, high] with 0 <= low <= high <= 1 (or null), got {band}")
+        if band is not None and cfg.task.dev_prompts <= 0:
+            errors.append("task.dev_prompts must be > 0 when task.warmstart_target is set")
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
 

@@ -4,23 +4,37 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 CURVES = (("reward_mean", "reward"), ("entropy", "entropy"), ("val_pass1", "validation pass@1"),
           ("solved_all_ratio", "solved-all ratio"))
 
 
+def _parse(line: str) -> dict | None:
+    """One complete JSON line, or None (blank, or cut short by a kill)."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
-        """resume_step: a run continuing from a checkpoint drops what it logged after that step
-        (a crash between checkpoints would otherwise log those steps twice)."""
+        """resume_step: the step the run continues from (-1: a fresh start). What was logged after
+        it goes (a crash between checkpoints would otherwise log those steps twice), and so does a
+        line cut short by a kill mid-write."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(kept))
+                    if (row := _parse(line)) is not None and row["step"] <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
         self.file = path.open("a")
         self.tb = None
         if tensorboard:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, save_config
+from .kill_points import kill_point
 from .rank0_phases import on_rank0
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     t = cfg.task
     model_config = dict(cfg.model.hf_config_overrides)
     root = task_root(cfg)
-    train, held = task.split(t.train_prompts, t.eval_prompts, seed=cfg.train.seed, max_operand=t.max_operand)
+    train, held, dev = task.split(t.train_prompts, t.eval_prompts, seed=cfg.train.seed, max_operand=t.max_operand,
+                                  n_dev=t.dev_prompts if t.warmstart_target is not None else 0)
     model_dir = root / "warmstart"
     def make_task_files():
         tokenizer = task.build_tokenizer(root / "tokenizer", [p + s for p, s, _ in train[:4000]], t.tokenizer_vocab)
@@ -80,8 +82,14 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
         task.write_jsonl(root / "heldout.jsonl", held)
         model_config.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-        task.warm_start(model_dir, model_config, tokenizer, train, steps=t.warmstart_steps, batch=t.warmstart_batch,
-                        lr=t.warmstart_lr, seed=cfg.train.seed, progress=cfg.logging.progress_bar)
+        plan = task.WarmStartPlan(max_steps=t.warmstart_max_steps, batch=t.warmstart_batch, lr=t.warmstart_lr,
+                                  target=tuple(t.warmstart_target) if t.warmstart_target is not None else None,
+                                  check_every=t.warmstart_check_every, max_new_tokens=cfg.eval.max_new_tokens)
+        record = task.warm_start(model_dir, model_config, tokenizer, train, dev, plan, seed=cfg.train.seed,
+                                 progress=cfg.logging.progress_bar)
+        if record.get("dev_pass1") is not None:
+            log.info("warm-start: %d steps, dev pass@1 %.3f (target %s)", record["steps"], record["dev_pass1"],
+                     record["target"])
 
     on_rank0("the task's warm-start", make_task_files, timeout_s=cfg.parallel.timeout_s, share=False)
     from transformers import AutoTokenizer
@@ -98,8 +106,9 @@ def task_root(cfg: Config) -> Path:
 
     t = cfg.task
     cache = Path(t.cache_dir or Path.home() / ".cache" / "real-megatron" / "tasks")
-    key = task.settings_key(t.train_prompts, t.eval_prompts, t.max_operand, t.tokenizer_vocab, t.warmstart_steps,
-                            t.warmstart_batch, t.warmstart_lr, dict(cfg.model.hf_config_overrides), cfg.train.seed)
+    key = task.settings_key(t.train_prompts, t.eval_prompts, t.dev_prompts, t.max_operand, t.tokenizer_vocab,
+                            t.warmstart_target, t.warmstart_check_every, t.warmstart_max_steps, t.warmstart_batch,
+                            t.warmstart_lr, cfg.eval.max_new_tokens, dict(cfg.model.hf_config_overrides), cfg.train.seed)
     return cache / f"arithmetic-{key}"
 
 
@@ -212,13 +221,19 @@ def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_
                       "truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts)}
 
 
-def evaluate(engine, inputs: Inputs, cfg: Config) -> dict:
+def sampling_seed(seed: int, purpose: str, step: int) -> int:
+    """The embedded engine's seed for one call: a function of (run seed, purpose, step) alone, so a
+    run resumed from a checkpoint samples exactly what the uninterrupted run did."""
+    return (seed * 1_000_003 + step) * 2 + ("rollouts", "evaluation").index(purpose)
+
+
+def evaluate(engine, inputs: Inputs, cfg: Config, step: int) -> dict:
     """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
     from .evaluation import evaluate_sets
     from .rollout.types import SamplingParams
 
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
-                            stop_token_ids=inputs.stop_ids)
+                            stop_token_ids=inputs.stop_ids, seed=sampling_seed(cfg.train.seed, "evaluation", step))
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
     start = time.perf_counter()
     result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
@@ -274,35 +289,39 @@ def train(cfg: Config) -> dict:
         history = state.get("history", {})
         if _rank0():
             log.info("resumed from %s at step %d", resume, start_step)
+    # a fresh start (no checkpoint yet, even after a crash) replaces what an earlier attempt logged
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
-                           resume_step=start_step if resume is not None else None) if _rank0() else None
+                           resume_step=start_step if resume is not None else -1) if _rank0() else None
     guard = PreemptionGuard()
     broadcaster = make_broadcaster(cfg, engine)
     sync_weights(actor, engine, run_dir, start_step, inputs.model_dir, cfg, broadcaster)
 
     if "baseline" not in history:
-        history["baseline"] = on_rank0("baseline evaluation", lambda: evaluate(engine, inputs, cfg), timeout_s=timeout_s)
+        history["baseline"] = on_rank0("baseline evaluation", lambda: evaluate(engine, inputs, cfg, 0), timeout_s=timeout_s)
         if logger:
             logger.log(start_step, {"val_pass1": history["baseline"]["pass1"], "eval_s": history["baseline"]["eval_s"]})
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            stop_token_ids=inputs.stop_ids)
     bar = _progress(cfg, start_step)
     for step in range(start_step, t.steps):
         step_start = time.perf_counter()
         examples = inputs.train_set.next_batch(t.prompts_per_step)  # every rank: the position stays in step
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                stop_token_ids=inputs.stop_ids, seed=sampling_seed(t.seed, "rollouts", step + 1))
         rollouts, rollout_metrics = on_rank0(
             f"rollouts of step {step + 1}", lambda: generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0),
             timeout_s=timeout_s)
+        kill_point("after_rollouts", step + 1)
         metrics = actor.train_step(rollouts, step=step + 1)
+        kill_point("after_update", step + 1)
         metrics.update(rollout_metrics)
         metrics["sync_s"] = sync_weights(actor, engine, run_dir, step + 1, inputs.model_dir, cfg, broadcaster)
         metrics["step_s"] = time.perf_counter() - step_start  # one rollout batch, evaluation excluded
         if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and step + 1 < t.steps:
-            result = on_rank0(f"evaluation after step {step + 1}", lambda: evaluate(engine, inputs, cfg),
+            result = on_rank0(f"evaluation after step {step + 1}", lambda: evaluate(engine, inputs, cfg, step + 1),
                               timeout_s=timeout_s)
             metrics["val_pass1"] = result["pass1"]
         if logger:
             logger.log(step + 1, metrics)
+        kill_point("after_log", step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
@@ -321,7 +340,7 @@ def train(cfg: Config) -> dict:
     if bar is not None:
         bar.close()
 
-    final = on_rank0("final evaluation", lambda: evaluate(engine, inputs, cfg), timeout_s=timeout_s)
+    final = on_rank0("final evaluation", lambda: evaluate(engine, inputs, cfg, t.steps), timeout_s=timeout_s)
     if cfg.checkpoint.save_hf_final:
         from .convert.convert import write_hf_checkpoint
 
@@ -334,6 +353,7 @@ def train(cfg: Config) -> dict:
         # per eval file, as Table 1 reports it
         "baseline_benchmarks": {n: b["pass1"] for n, b in history["baseline"].get("benchmarks", {}).items()},
         "final_benchmarks": {n: b["pass1"] for n, b in final["benchmarks"].items()},
+        "warmstart": _warmstart_record(cfg, inputs),
     }
     if _rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})
@@ -344,6 +364,12 @@ def train(cfg: Config) -> dict:
     shutdown()
     guard.restore()
     return summary
+
+
+def _warmstart_record(cfg: Config, inputs: Inputs) -> dict | None:
+    """What a built-in task's warm-start did (steps, dev pass@1), for the summary."""
+    record = inputs.model_dir / "warmstart.json"
+    return json.loads(record.read_text()) if cfg.task.name and record.exists() else None
 
 
 def _close(bar, logger, engine, broadcaster=None) -> None:

@@ -182,16 +182,24 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
                     optimizer_format: str = OPTIMIZER_FORMATS[0]) -> Path:
-    """Write model, optimizer, scheduler, RNG and `trainer_state` atomically to `directory`."""
+    """Write model, optimizer, scheduler, RNG and `trainer_state` atomically to `directory`.
+
+    Killed at any moment, this leaves either no `directory` or a complete one: everything goes to
+    `<name>.tmp`, the state file (what makes a checkpoint count) last, then one rename. A directory
+    of the same name (a run resumed and saving the same step again) is first renamed aside."""
     from megatron.core import dist_checkpointing
 
+    from ..kill_points import kill_point
+
     final = Path(directory)
+    step = trainer_state.get("step", -1)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing treats leftovers as a corrupt checkpoint
     _barrier()
     dist_checkpointing.save(_sharded_state_dict(actor, optimizer_format=optimizer_format), str(tmp))
+    kill_point("checkpoint_shards", step)
     if _rank() == 0:
         (tmp / "rng").mkdir()
         (tmp / ORDER_DIR).mkdir()
@@ -204,12 +212,18 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
                      consecutive_skips=getattr(actor, "consecutive_skips", 0),
                      optimizer_format=optimizer_format,
                      world_size=dist.get_world_size() if dist.is_initialized() else 1)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / f"{STATE_FILE}.partial").write_text(json.dumps(state, indent=1))
+        os.replace(tmp / f"{STATE_FILE}.partial", tmp / STATE_FILE)  # never a half-written state file
+    kill_point("checkpoint_state", step)
     _barrier()
     if _rank() == 0:
+        aside = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        kill_point("checkpoint_swap", step)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
     _barrier()
     return final
 
@@ -264,8 +278,18 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints (rank 0 deletes)."""
-    if _rank() != 0 or keep_last <= 0:
+    """Keep the newest `keep_last` checkpoints (rank 0 deletes). Each goes by a rename first, so a
+    kill mid-deletion never leaves a half-deleted directory that still looks complete; leftovers
+    of interrupted saves and deletions (*.tmp, *.old, *.deleting) go too."""
+    if _rank() != 0:
         return
-    for old in checkpoint_dirs(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    root = Path(root)
+    doomed = [p for p in root.iterdir() if p.suffix in (".tmp", ".old", ".deleting") and _STEP_DIR.match(p.stem)] \
+        if root.is_dir() else []
+    if keep_last > 0:
+        for old in checkpoint_dirs(root)[:-keep_last]:
+            aside = old.with_name(old.name + ".deleting")
+            os.replace(old, aside)
+            doomed.append(aside)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)

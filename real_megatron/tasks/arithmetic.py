@@ -91,14 +91,14 @@ def reward(response: str, ground_truth, **_) -> float:
 class WarmStartPlan:
     """How long the supervised warm-start trains. With a target band it stops at the first check
     whose dev pass@1 lies in [low, high], so RL starts from a comparable model on any machine and
-    seed (a fixed step count reaches 0.24 on one CPU and 0.63 on another); without, exactly
-    max_steps."""
+    seed (a fixed 3,000 steps reached 0.24 on one CPU and 0.63 on another: the curve has a sharp
+    rise whose onset varies); without one, exactly max_steps."""
 
     max_steps: int
     batch: int
     lr: float
     target: tuple[float, float] | None = (0.55, 0.65)
-    check_every: int = 100
+    check_every: int = 200  # steps between dev checks far below the band; a quarter of it near it
     dev_k: int = 2  # samples per dev prompt (temperature 1, as the held-out evaluation)
     max_new_tokens: int = 40
 
@@ -124,76 +124,123 @@ def dev_pass1(model, tokenizer, dev, k: int, max_new_tokens: int, seed: int) -> 
     return result["pass1"]
 
 
+class _Trainer:
+    """The supervised loop's state (model, AdamW, sampling of examples), which can be saved at a
+    check and rolled back to it."""
+
+    def __init__(self, model_config: dict, tokenizer, train, plan: WarmStartPlan, seed: int):
+        import transformers
+
+        torch.manual_seed(seed)
+        self.model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**model_config))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=plan.lr, weight_decay=0.01)
+        self.tokenizer, self.train, self.plan = tokenizer, train, plan
+        self.eos = tokenizer.convert_tokens_to_ids(EOS)
+        self.rng = random.Random(seed)
+        self.step = 0
+
+    def one_step(self) -> float:
+        lr_now = self.plan.lr * min(1.0, (self.step + 1) / 100)  # constant after warm-up: RL continues from a live lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr_now
+        rows, labels = [], []
+        for prompt, solution, _ in self.rng.sample(self.train, self.plan.batch):
+            p = self.tokenizer.encode(prompt, add_special_tokens=False)
+            s = self.tokenizer.encode(solution, add_special_tokens=False) + [self.eos]
+            rows.append(p + s)
+            labels.append([-100] * len(p) + s)
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [self.eos] * (width - len(r)) for r in rows])
+        lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
+        loss = self.model(input_ids=ids, labels=lab).loss
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.step += 1
+        return loss.item()
+
+    def snapshot(self) -> tuple:
+        import copy
+
+        return (self.step, copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()),
+                self.rng.getstate())
+
+    def restore(self, snap: tuple) -> None:
+        import copy
+
+        self.step = snap[0]
+        self.model.load_state_dict(snap[1])
+        self.opt.load_state_dict(copy.deepcopy(snap[2]))
+        self.rng.setstate(snap[3])
+
+
 def warm_start(out_dir: Path, model_config: dict, tokenizer, train, dev, plan: WarmStartPlan, *, seed: int,
                progress: bool = True) -> dict:
     """Supervised warm-start from scratch (prompt + solution + eos, loss on the solution), cached:
     a directory that already holds the checkpoint is reused. Returns what it did (also saved as
-    warmstart.json beside the weights): steps, dev pass@1 at every check."""
-    import transformers
+    warmstart.json beside the weights): steps, dev pass@1 at every check.
 
+    Checks come every `check_every` steps, every quarter of that once dev pass@1 is within 0.2 of
+    the band. A check past the band goes back to the previous check and continues with checks
+    four times as frequent (down to every 5 steps), so the run lands in the band rather than past it."""
     record_file = out_dir / "warmstart.json"
     if (out_dir / "model.safetensors").exists():
         return json.loads(record_file.read_text()) if record_file.exists() else {}
-    torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(**model_config)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.01)
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    rng = random.Random(seed)
+    run = _Trainer(model_config, tokenizer, train, plan, seed)
     checks: list[tuple[int, float]] = []
-    iterator = range(plan.max_steps)
+    interval, next_check, below, reached = plan.check_every, plan.check_every, None, None
+    bar = None
     if progress:
-        from ..progress import progress as bar
+        from ..progress import progress as make_bar
 
-        iterator = bar(iterator, desc="warm-start (supervised)", unit="step", leave=False)
-    reached = None
-    for step in iterator:
-        lr_now = plan.lr * min(1.0, (step + 1) / 100)  # constant after warm-up: RL continues from a live lr
-        for group in opt.param_groups:
-            group["lr"] = lr_now
-        rows, labels = [], []
-        for prompt, solution, _ in rng.sample(train, plan.batch):
-            p = tokenizer.encode(prompt, add_special_tokens=False)
-            s = tokenizer.encode(solution, add_special_tokens=False) + [eos]
-            rows.append(p + s)
-            labels.append([-100] * len(p) + s)
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
-        lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
-        loss = model(input_ids=ids, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if plan.target is not None and (step + 1) % plan.check_every == 0:
-            score = dev_pass1(model, tokenizer, dev, plan.dev_k, plan.max_new_tokens, seed=seed * 100_003 + step)
-            checks.append((step + 1, score))
-            log.info("warm-start step %d: dev pass@1 %.3f (target %.2f-%.2f)", step + 1, score, *plan.target)
-            if plan.target[0] <= score <= plan.target[1]:
-                reached = step + 1
-                break
-            if score > plan.target[1]:
-                raise WarmStartError(
-                    f"warm-start: dev pass@1 went from {checks[-2][1] if len(checks) > 1 else 0:.3f} to {score:.3f} "
-                    f"between steps {step + 1 - plan.check_every} and {step + 1}, past the target band "
-                    f"{plan.target[0]:.2f}-{plan.target[1]:.2f}: check more often (task.warmstart_check_every) "
-                    "or widen the band (task.warmstart_target)")
-        if progress and step % 50 == 0:
-            iterator.set_postfix(loss=f"{loss.item():.3f}", **({"dev": f"{checks[-1][1]:.3f}"} if checks else {}))
-    if progress:
-        iterator.close()
+        bar = make_bar(total=plan.max_steps, desc="warm-start (supervised)", unit="step", leave=False)
+    while run.step < plan.max_steps:
+        loss = run.one_step()
+        if bar is not None:
+            bar.update(1)
+            if run.step % 50 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", **({"dev": f"{checks[-1][1]:.3f}"} if checks else {}))
+        if plan.target is None or run.step < next_check:
+            continue
+        low, high = plan.target
+        score = dev_pass1(run.model, tokenizer, dev, plan.dev_k, plan.max_new_tokens, seed=seed * 100_003 + run.step)
+        checks.append((run.step, score))
+        log.info("warm-start step %d: dev pass@1 %.3f (target %.2f-%.2f)", run.step, score, low, high)
+        if low <= score <= high:
+            reached = run.step
+            break
+        if score > high and below is not None and interval > 5:
+            interval = max(5, interval // 4)
+            log.info("warm-start: past the band at step %d; back to step %d, checking every %d steps",
+                     run.step, below[0], interval)
+            run.restore(below)
+            if bar is not None:
+                bar.n = run.step
+        elif score > high:
+            raise WarmStartError(
+                f"warm-start: dev pass@1 {score:.3f} at step {run.step} is past the target band {low:.2f}-{high:.2f} "
+                f"(checks: {', '.join(f'{s}: {v:.3f}' for s, v in checks[-4:])}); widen the band "
+                "(task.warmstart_target) or check earlier (task.warmstart_check_every)")
+        else:
+            below = run.snapshot()
+            if score >= low - 0.2:
+                interval = min(interval, max(5, plan.check_every // 4))
+        next_check = run.step + interval
+    if bar is not None:
+        bar.close()
     if plan.target is not None and reached is None:
         raise WarmStartError(
             f"warm-start: dev pass@1 did not reach the target band {plan.target[0]:.2f}-{plan.target[1]:.2f} within "
-            f"task.warmstart_max_steps={plan.max_steps} steps (dev pass@1 at the last checks: "
+            f"task.warmstart_max_steps={plan.max_steps} steps (last checks: "
             f"{', '.join(f'{s}: {v:.3f}' for s, v in checks[-4:])}); raise the cap or lower the band")
-    record = {"steps": reached or plan.max_steps, "dev_checks": checks, "target": plan.target,
-              "dev_pass1": checks[-1][1] if checks else None, "dev_prompts": len(dev)}
+    record = {"steps": run.step, "dev_pass1": checks[-1][1] if checks else None, "target": plan.target,
+              "dev_prompts": len(dev), "dev_k": plan.dev_k, "dev_checks": checks}
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
+    run.model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "warmstart.json").write_text(json.dumps(record, indent=1))
-    if out_dir.exists():  # a directory left by an interrupted run without weights
+    if out_dir.exists():  # left by an interrupted run, without weights
         import shutil
 
         shutil.rmtree(out_dir)
