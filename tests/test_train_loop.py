@@ -1,4 +1,4 @@
-"""The training loop end to end through the CLI, at toy scale: every artefact, and resume."""
+"""The training loop end to end through the CLI, at toy scale: every artefact."""
 
 import json
 import subprocess
@@ -23,7 +23,7 @@ def train(tmp_path, *overrides):
     return proc.stdout + proc.stderr
 
 
-def test_quickstart_shaped_run_leaves_every_artefact_and_resumes(tmp_path):
+def test_quickstart_shaped_run_leaves_every_artefact(tmp_path):
     out = train(tmp_path, "train.steps=4")
     run = tmp_path / "run"
     assert "pass@1 after RL" in out and "gain" in out  # the closing table
@@ -49,10 +49,7 @@ def test_quickstart_shaped_run_leaves_every_artefact_and_resumes(tmp_path):
     import transformers
 
     transformers.AutoModelForCausalLM.from_pretrained(run / "final_hf")
-    # resume: a longer run in the same directory continues from step 4
-    train(tmp_path, "train.steps=6")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3, 4, 5, 6]
+    # resuming (after kills at several points, exactly) is tests/test_crash_resume.py's subject
 
 
 def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -180,6 +181,20 @@ def _set_rng_state(state: dict) -> None:
         numpy.random.set_state(state["numpy"])
 
 
+def _write_results_in_process() -> None:
+    """megatron-core hands a save's write results back through a queue served by a spawned
+    multiprocessing Manager, made at the first save and kept: a trainer killed with SIGKILL leaves
+    that server behind, orphaned, holding the trainer's stdout and its memory. Saves here are
+    synchronous (results put and taken in this process), so an in-process queue serves and no
+    server is spawned. (Versions without that module-level queue are left as they are.)"""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
                     optimizer_format: str = OPTIMIZER_FORMATS[0]) -> Path:
     """Write model, optimizer, scheduler, RNG and `trainer_state` atomically to `directory`.
@@ -198,6 +213,7 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing treats leftovers as a corrupt checkpoint
     _barrier()
+    _write_results_in_process()
     dist_checkpointing.save(_sharded_state_dict(actor, optimizer_format=optimizer_format), str(tmp))
     kill_point("checkpoint_shards", step)
     if _rank() == 0:
