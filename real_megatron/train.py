@@ -323,8 +323,8 @@ def train(cfg: Config) -> dict:
             logger.log(step + 1, metrics)
         kill_point("after_log", step + 1)
         if bar is not None:
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")  # this step's
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
         stopping = guard.should_stop()  # a cluster signal on any rank: all stop after this step
         if stopping or (cfg.checkpoint.every_steps and (step + 1) % cfg.checkpoint.every_steps == 0):
             save_checkpoint(actor, ckpt_root / f"step_{step + 1:06d}",
