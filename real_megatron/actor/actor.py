@@ -214,7 +214,7 @@ class Actor:
         problem = self._non_finite(outputs)
         if problem:  # skip: no optimizer step, so weights, Adam moments and the lr schedule stay as they were
             self.consecutive_skips += 1
-            if dist.get_rank() == 0 if dist.is_initialized() else True:
+            if not dist.is_initialized() or dist.get_rank() == 0:
                 log.warning("%s: update skipped, %s; weights and optimizer state unchanged (%d in a row)",
                             where, problem, self.consecutive_skips)
             if self.consecutive_skips >= self.settings.max_consecutive_skips:
