@@ -12,7 +12,6 @@ import os
 import signal
 
 ENV = "REAL_MEGATRON_KILL_AT"
-POINTS = ("after_rollouts", "after_update", "after_log", "checkpoint_shards", "checkpoint_state", "checkpoint_swap")
 
 
 def kill_point(name: str, step: int) -> None:

@@ -13,11 +13,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from multiprocess import run_processes
+from tiny_actor import TINY, tiny_rollouts
 
 pytestmark = [pytest.mark.distributed]
 
-TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 class MixedDevices(TorchFunctionMode):
@@ -37,19 +36,6 @@ class MixedDevices(TorchFunctionMode):
         if len(devices) > 1 and name not in ("to", "copy_", "__set__", "__get__"):  # transfers mix by design
             self.mixed.append(f"{name}: {sorted(devices)}")
         return func(*args, **kwargs)
-
-
-def _rollouts():
-    from real_megatron.actor.batching import Rollout
-
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for group in range(4):
-        prompt = torch.randint(1, 96, (5,), generator=gen).tolist()
-        for k, reward in enumerate([1.0, 0.0, 1.0, 0.0]):
-            response = torch.randint(1, 96, (3 + k,), generator=gen).tolist()
-            out.append(Rollout(prompt, response, reward, group))
-    return out
 
 
 def _actor_on_meta(rank, world_size, results):
@@ -72,7 +58,7 @@ def _actor_on_meta(rank, world_size, results):
         # megatron keeps RoPE's inverse frequencies as a plain attribute made on the model's device
         model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.to("meta")
     actor.device = torch.device("meta")
-    (mini,) = build_mini_batches(_rollouts(), 4, 2, dp_size=1, dp_rank=0)
+    (mini,) = build_mini_batches(tiny_rollouts(), 4, 2, dp_size=1, dp_rank=0)
     assert all(mb.tokens.device.type == "cpu" for mb in mini.micro_batches)  # built on the host
     # The model's inputs are checked at its boundary; the loss path (kernels, objective, metric
     # records) and the metric reduction op by op. (megatron's own scratch tensors inside the model

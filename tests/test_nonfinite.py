@@ -7,27 +7,14 @@ import pytest
 import torch
 
 from multiprocess import run_processes
+from tiny_actor import TINY, tiny_rollouts
 
 pytestmark = [pytest.mark.distributed]
 
-TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
 
 
 def _rollouts(poison: bool = False):
-    from real_megatron.actor.batching import Rollout
-
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for group in range(4):
-        prompt = torch.randint(1, 96, (5,), generator=gen).tolist()
-        for k, reward in enumerate([1.0, 0.0, 1.0, 0.0]):
-            response = torch.randint(1, 96, (3 + k,), generator=gen).tolist()
-            logprobs = (-torch.rand(len(response), generator=gen) - 0.1).tolist()
-            if poison and group == 2 and k == 1:
-                logprobs[1] = float("nan")
-            out.append(Rollout(prompt, response, reward, group, engine_logprobs=logprobs))
-    return out
+    return tiny_rollouts(engine_logprobs=True, nan_at=(2, 1, 1) if poison else None)
 
 
 def _state(actor):

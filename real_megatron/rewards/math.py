@@ -78,11 +78,10 @@ class _Worker:
         self._startup_timeout_s = startup_timeout_s
 
     def wait_ready(self) -> None:
-        startup_timeout_s = self._startup_timeout_s
-        if self.read(startup_timeout_s) != {"ready": True}:
+        if self.read(self._startup_timeout_s) != {"ready": True}:
             self.kill()
             raise RuntimeError(f"the math verifier worker ({sys.executable} {WORKER_SCRIPT}) did not start within "
-                               f"{startup_timeout_s:.0f}s; is math-verify installed in this environment?")
+                               f"{self._startup_timeout_s:.0f}s; is math-verify installed in this environment?")
 
     def send(self, job) -> bool:
         try:

@@ -16,12 +16,16 @@ from .types import Sample, SamplingParams
 
 
 class LocalEngine:
-    def __init__(self, hf_config, *, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
+    def __init__(self, hf_config=None, *, model=None, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
                  max_batch_sequences: int = 256, seed: int = 0):
-        import transformers
+        """A fresh model of `hf_config`'s architecture (an HF config or its dict), or `model`: an
+        existing HF model to generate with (its weights shared, not copied)."""
+        if model is None:
+            import transformers
 
-        config = hf_config if not isinstance(hf_config, dict) else transformers.AutoConfig.for_model(**hf_config)
-        self.model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+            config = hf_config if not isinstance(hf_config, dict) else transformers.AutoConfig.for_model(**hf_config)
+            model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        self.model = model.eval()
         self.pad_token_id = pad_token_id
         self.max_batch_sequences = max_batch_sequences
         self.version = 0
@@ -33,18 +37,8 @@ class LocalEngine:
         """An engine holding an HF checkpoint's weights (evaluation of a saved model)."""
         import transformers
 
-        engine = cls(transformers.AutoConfig.from_pretrained(path), pad_token_id=pad_token_id, dtype=dtype,
-                     max_batch_sequences=max_batch_sequences, seed=seed)
-        engine.model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
-        return engine
-
-    @classmethod
-    def wrapping(cls, model, *, pad_token_id: int = 0, seed: int = 0) -> "LocalEngine":
-        """An engine generating with an existing HF model (its weights shared, not copied)."""
-        engine = cls.__new__(cls)
-        engine.model, engine.pad_token_id, engine.max_batch_sequences = model.eval(), pad_token_id, 256
-        engine.version, engine.generator = 0, torch.Generator().manual_seed(seed)
-        return engine
+        return cls(model=transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype),
+                   pad_token_id=pad_token_id, max_batch_sequences=max_batch_sequences, seed=seed)
 
     @torch.no_grad()
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -114,7 +114,7 @@ def dev_pass1(model, tokenizer, dev, k: int, max_new_tokens: int, seed: int) -> 
     from ..rollout.local import LocalEngine
     from ..rollout.types import SamplingParams
 
-    engine = LocalEngine.wrapping(model, pad_token_id=tokenizer.pad_token_id)
+    engine = LocalEngine(model=model, pad_token_id=tokenizer.pad_token_id)
     examples = [Example([], answer, f"dev:{i}", prompt_ids=tokenizer.encode(prompt, add_special_tokens=False))
                 for i, (prompt, _, answer) in enumerate(dev)]
     params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
