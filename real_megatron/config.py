@@ -106,6 +106,27 @@ class AlgorithmConfig:
     kl: Literal["none", "reference", "old"] = "none"
     kl_coef: float = 0.0
     updates_per_batch: int = 1  # passes over each rollout batch
+    # REAL-BCE's divisor: "rollouts" = the rollouts of the groups in the loss (the paper's released
+    # code: BCE with reduction='mean' over informative groups), "prompts" = like REAL
+    bce_normalise: Literal["rollouts", "prompts"] = "rollouts"
+    # DAPO's dynamic sampling: groups whose labels are all equal are set aside and more prompts are
+    # generated, rounds of train.prompts_per_step prompts, until the batch holds
+    # train.prompts_per_step informative groups or max_sampling_rounds rounds have run
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    # responses cut at rollout.max_new_tokens: keep (as verified), negative (label 0), or exclude
+    # (out of the loss and out of their group)
+    truncated: Literal["keep", "negative", "exclude"] = "keep"
+    # DAPO's soft overlong penalty for reward-weighted baselines (0 = off): a response within the
+    # last overlong_buffer_tokens of rollout.max_new_tokens loses up to overlong_penalty reward
+    overlong_buffer_tokens: int = 0
+    overlong_penalty: float = 1.0
+    # train-inference mismatch: importance weights from pi_old / pi_engine, capped at is_cap
+    # (tis: min(r, C); mis: r inside [1/C, C], else out of the loss); for REAL a per-rollout
+    # weight on its group terms (beyond the paper)
+    importance_correction: Literal["none", "tis", "mis"] = "none"
+    is_cap: float = 2.0
+    mismatch_threshold: float = 0.5  # |log pi_old - log pi_engine| above this counts in mismatch_frac
 
 
 @dataclass
@@ -446,7 +467,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     positive("parallel", p, "nodes", "gpus_per_node", "tp", "pp", "cp", "timeout_s")
     positive("train", t, "steps", "prompts_per_step", "prompts_per_mini_batch", "prompts_per_micro_batch")
     positive("rollout", r, "n_samples", "max_new_tokens", "num_servers", "server_tp")
-    positive("algorithm", a, "tau", "updates_per_batch")
+    positive("algorithm", a, "tau", "updates_per_batch", "max_sampling_rounds", "mismatch_threshold")
     positive("optim", cfg.optim, "lr")
     if cfg.task.name:
         positive("task", cfg.task, "warmstart_max_steps", "warmstart_check_every", "warmstart_batch")
@@ -513,6 +534,19 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     if a.name in ("grpo", "dapo", "gspo") and r.n_samples < 2:
         errors.append(f"algorithm.name={a.name} normalises rewards within a group and needs rollout.n_samples >= 2")
+    if a.overlong_buffer_tokens < 0 or a.overlong_buffer_tokens > r.max_new_tokens:
+        errors.append(f"algorithm.overlong_buffer_tokens={a.overlong_buffer_tokens} must lie in [0, "
+                      f"rollout.max_new_tokens={r.max_new_tokens}]")
+    if a.overlong_buffer_tokens and a.name in ("real", "real_no_anchor", "real_bce"):
+        errors.append(
+            f"algorithm.overlong_buffer_tokens with algorithm.name={a.name}: REAL's rewards are class labels, a "
+            "fractional penalty is not a label; use algorithm.truncated=negative or exclude")
+    if a.is_cap <= 1:
+        errors.append(f"algorithm.is_cap must be > 1, got {a.is_cap}")
+    if a.importance_correction != "none" and r.use_engine_logprobs:
+        errors.append(
+            f"algorithm.importance_correction={a.importance_correction} with rollout.use_engine_logprobs: pi_old is "
+            "then the engine's own, and every ratio pi_old / pi_engine is 1")
     if a.kl != "none" and a.kl_coef <= 0:
         errors.append(f"algorithm.kl={a.kl!r} needs algorithm.kl_coef > 0")
     if a.kl == "none" and a.kl_coef > 0:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from .config import Config, save_config
 from .kill_points import kill_point
 from .rank0_phases import on_rank0
+from .rollout.collect import collect_rollouts, keep_data_position, sampling_seed
 
 log = logging.getLogger(__name__)
 
@@ -198,35 +199,6 @@ def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cf
     return time.perf_counter() - start
 
 
-def generate_rollouts(engine, inputs: Inputs, examples, n: int, params, timeout_s: float):
-    """(rollouts, metrics) on rank 0: samples, decoded responses, verifier labels."""
-    from .actor.batching import Rollout
-    from .evaluation import score_groups
-
-    start = time.perf_counter()
-    prompts = [ex.prompt_ids for ex in examples]
-    groups = engine.generate(prompts, n, params)
-    gen_s = time.perf_counter() - start
-    start = time.perf_counter()
-    rewards = score_groups(groups, examples, inputs.tokenizer, inputs.reward_fn, timeout_s)
-    rollouts, k = [], 0
-    for p, (ex, group) in enumerate(zip(examples, groups)):
-        for sample in group:
-            rollouts.append(Rollout(ex.prompt_ids, sample.output_ids or list(inputs.stop_ids[:1]), rewards[k], p,
-                                    sample.logprobs, sample.truncated))
-            k += 1
-    solved = [all(r.reward > 0 for r in rollouts[i * n : (i + 1) * n]) for i in range(len(examples))]
-    return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start,
-                      "solved_all_ratio": sum(solved) / len(solved),
-                      "truncated_ratio": sum(r.truncated for r in rollouts) / len(rollouts)}
-
-
-def sampling_seed(seed: int, purpose: str, step: int) -> int:
-    """The embedded engine's seed for one call: a function of (run seed, purpose, step) alone, so a
-    run resumed from a checkpoint samples exactly what the uninterrupted run did."""
-    return (seed * 1_000_003 + step) * 2 + ("rollouts", "evaluation").index(purpose)
-
-
 def evaluate(engine, inputs: Inputs, cfg: Config, step: int) -> dict:
     """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
     from .evaluation import evaluate_sets
@@ -249,7 +221,6 @@ def train(cfg: Config) -> dict:
     from .metrics import MetricsLogger, plot_curves
     from .objectives import objective_from_config
     from .preemption import PreemptionGuard
-    from .rollout.types import SamplingParams
 
     p, t, r = cfg.parallel, cfg.train, cfg.rollout
     init_distributed(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=p.timeout_s,
@@ -273,6 +244,7 @@ def train(cfg: Config) -> dict:
         updates_per_batch=cfg.algorithm.updates_per_batch,
         use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
         pad_id=inputs.tokenizer.pad_token_id or 0, max_consecutive_skips=t.max_consecutive_skips,
+        logprob_temperature=r.temperature if r.temperature > 0 else 1.0, mismatch_threshold=cfg.algorithm.mismatch_threshold,
     )
     actor = Actor(spec, settings, objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get)
     timeout_s = p.timeout_s
@@ -303,12 +275,11 @@ def train(cfg: Config) -> dict:
     bar = _progress(cfg, start_step)
     for step in range(start_step, t.steps):
         step_start = time.perf_counter()
-        examples = inputs.train_set.next_batch(t.prompts_per_step)  # every rank: the position stays in step
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                stop_token_ids=inputs.stop_ids, seed=sampling_seed(t.seed, "rollouts", step + 1))
+        # prompts -> G samples each -> labels; with dynamic sampling, rounds until the groups are informative
         rollouts, rollout_metrics = on_rank0(
-            f"rollouts of step {step + 1}", lambda: generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0),
-            timeout_s=timeout_s)
+            f"rollouts of step {step + 1}", lambda: collect_rollouts(engine, inputs, cfg, step + 1), timeout_s=timeout_s)
+        if not _rank0():
+            keep_data_position(inputs.train_set, rollout_metrics, t.prompts_per_step)
         kill_point("after_rollouts", step + 1)
         metrics = actor.train_step(rollouts, step=step + 1)
         kill_point("after_update", step + 1)

@@ -133,3 +133,26 @@ def test_packed_rows_share_one_width_for_pipeline_parallel():
     assert len(widths) == 1 and next(iter(widths))[1] % 4 == 0
     for mb in minis[0].micro_batches:
         assert mb.cu_seqlens[-1] == mb.tokens.shape[1]
+
+
+def test_excluded_rollouts_leave_counts_and_advantages_and_penalties_shape_them():
+    import math
+
+    # group 0: labels 1, 0, 1 (the last excluded) -> advantages over [1, 0] only; group 1: uniform once
+    # its negative is excluded, so it is not informative; group 2: rewards shaped by overlong penalties
+    rs = [Rollout([1, 2], [3, 4], 1.0, 0), Rollout([1, 2], [5], 0.0, 0), Rollout([1, 2], [6, 7, 8], 1.0, 0, in_loss=False),
+          Rollout([9], [3], 1.0, 1), Rollout([9], [4, 4], 0.0, 1, in_loss=False),
+          Rollout([7], [3], 1.0, 2, penalty=-0.5), Rollout([7], [4], 1.0, 2)]
+    rs.append(Rollout([9], [5], 1.0, 1))
+    (mini,) = build_mini_batches(rs, groups_per_mini=3, groups_per_micro=3, dp_size=1, dp_rank=0)
+    (mb,) = mini.micro_batches
+    assert mini.num_sequences == 6 and mini.num_tokens == 2 + 1 + 1 + 1 + 1 + 1  # excluded ones not counted
+    assert mini.num_informative_sequences == 2  # group 0's two rollouts in the loss
+    by_id = dict(zip(mb.rollout_ids, mb.advantages.tolist()))
+    active = dict(zip(mb.rollout_ids, mb.active.tolist()))
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)  # two rollouts, rewards r and r - 1: +-0.5 over the unbiased std
+    assert by_id[0] == pytest.approx(a) and by_id[1] == pytest.approx(-a) and by_id[2] == 0 and not active[2]
+    assert by_id[3] == 0 and by_id[7] == 0 and by_id[4] == 0  # group 1: uniform among those in the loss
+    b = 0.25 / (math.sqrt(0.125) + 1e-6)  # rewards 0.5 and 1: shaped, not labels
+    assert by_id[5] == pytest.approx(-b) and by_id[6] == pytest.approx(b)
+    assert mb.rewards.tolist()[mb.rollout_ids.index(5)] == 1.0  # the label REAL sees is unchanged

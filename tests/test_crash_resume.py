@@ -4,7 +4,8 @@ Same seed, same command: the same metrics.jsonl (every value but wall-clock timi
 in `_s`). Killed with SIGKILL at several points (REAL_MEGATRON_KILL_AT, see kill_points.py), one
 inside the checkpoint write, then the same command again each time: the run resumes from the last
 complete checkpoint and its metrics, every step and every evaluation, equal the uninterrupted
-run's exactly.
+run's exactly. Dynamic sampling is on (several rounds of prompts per step, a variable count): the
+data position in every checkpoint is exactly the prompts drawn so far, so each prompt is used once.
 """
 
 import json
@@ -18,11 +19,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow]
-TOY = ["task.warmstart_max_steps=20", "task.warmstart_target=null", "task.eval_prompts=24", "task.train_prompts=400",
+TOY = ["task.warmstart_target=null", "task.eval_prompts=24", "task.train_prompts=400",
        "eval.k=2", "eval.every_steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.warmup_steps=1",
        "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "train.prompts_per_step=8",
        "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2", "train.steps=6", "logging.plot=false",
-       "checkpoint.save_hf_final=false", "logging.tensorboard=false"]
+       "checkpoint.save_hf_final=false", "logging.tensorboard=false", "algorithm.dynamic_sampling=true",
+       "algorithm.max_sampling_rounds=2", "task.warmstart_max_steps=20"]
 
 
 def train(tmp_path, name, kill_at=None):
@@ -79,3 +81,9 @@ def test_same_command_same_metrics_and_kills_anywhere_resume_to_the_same_run(tmp
     summary_a, summary_c = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("a", "c"))
     assert summary_c["final_pass1"] == summary_a["final_pass1"] and summary_c["baseline_pass1"] == summary_a["baseline_pass1"]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004", "step_000006"]  # leftovers cleared
+    # each prompt of the dataset order drawn once: the saved position is every prompt generated so far
+    drawn = [r["prompts_generated"] for r in reference if "prompts_generated" in r]
+    assert len(drawn) == 6 and set(drawn) <= {8, 16} and 16 in drawn, drawn  # some steps needed a second round
+    for step in (4, 6):
+        state = json.loads((ckpts / f"step_{step:06d}" / "trainer_state.json").read_text())
+        assert state["data"]["epoch"] * 400 + state["data"]["position"] == sum(drawn[:step]), (step, state["data"])

@@ -58,7 +58,7 @@ def _actor_on_meta(rank, world_size, results):
         # megatron keeps RoPE's inverse frequencies as a plain attribute made on the model's device
         model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.to("meta")
     actor.device = torch.device("meta")
-    (mini,) = build_mini_batches(tiny_rollouts(), 4, 2, dp_size=1, dp_rank=0)
+    (mini,) = build_mini_batches(tiny_rollouts(engine_logprobs=True), 4, 2, dp_size=1, dp_rank=0)
     assert all(mb.tokens.device.type == "cpu" for mb in mini.micro_batches)  # built on the host
     # The model's inputs are checked at its boundary; the loss path (kernels, objective, metric
     # records) and the metric reduction op by op. (megatron's own scratch tensors inside the model
@@ -72,18 +72,20 @@ def _actor_on_meta(rank, world_size, results):
         return run
 
     actor._loss, actor._metric_tensors = checked(actor._loss), checked(actor._metric_tensors)
+    actor._mismatch_partials = checked(actor._mismatch_partials)
     model_inputs = set()
     for chunk in actor.chunks:
         unwrap(chunk).register_forward_pre_hook(
             lambda module, args: model_inputs.update(a.device.type for a in args if isinstance(a, torch.Tensor)))
     actor.compute_old_logprobs(mini)
     records = actor._schedule(mini, forward_only=True, mode="train")
-    sums, mins, maxs = actor._metric_tensors(records)
+    mismatch = actor._mismatch_partials([mini])  # engine log-probs (host) against pi_old (the actor's device)
+    sums, mins, maxs = actor._metric_tensors(records, records, mismatch)
     results["model_inputs"] = sorted(model_inputs)
     results["mixed"] = check.mixed[:10]
     results["old_logprobs"] = sorted({mb.old_logprobs.device.type for mb in mini.micro_batches})
     results["records"] = sorted({v.device.type for r in records for v in r.values()})
-    results["metrics"] = sorted({sums.device.type, mins.device.type, maxs.device.type})
+    results["metrics"] = sorted({sums.device.type, mins.device.type, maxs.device.type, mismatch.device.type})
 
 
 def _entry(rank, world_size, path):

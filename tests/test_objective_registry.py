@@ -111,8 +111,10 @@ def test_real_objectives_route_through_real_loss(name):
     scores = sequence_scores(b.logprobs, b.old_logprobs, b.loss_mask, b.seq_index)
     variant = {"real": "real", "real_no_anchor": "no_anchor", "real_bce": "bce"}[name]
     expect = real_loss(scores, b.rewards, b.group_ids, tau=0.25, variant=variant, skip_uniform_groups=True)
-    assert list(terms) == ["groups"]
-    torch.testing.assert_close(terms["groups"], expect)
+    # REAL-BCE is divided by the rollouts of informative groups (the paper's code), the others by prompts
+    unit = "informative_sequences" if name == "real_bce" else "groups"
+    assert list(terms) == [unit]
+    torch.testing.assert_close(terms[unit], expect)
 
 
 def test_kl_options():
@@ -150,16 +152,30 @@ def test_registry_names_and_errors():
     assert (obj.clip_low, obj.clip_high) == (0.2, 0.3)
 
 
+@pytest.mark.parametrize("correction", ["none", "tis", "mis"])
 @pytest.mark.parametrize("name", OBJECTIVES)
-def test_normalised_gradient_independent_of_micro_batch_split(name):
-    """Whole groups split over micro-batches: summed terms / global counts == one big batch."""
+def test_normalised_gradient_independent_of_micro_batch_split(name, correction):
+    """Whole groups split over micro-batches: summed terms / global counts == one big batch, with
+    importance correction and rollouts out of the loss (algorithm.truncated=exclude)."""
     gen = torch.Generator().manual_seed(37)
     b = make_batch(gen, num_groups=6, group_size=4, spread=0.2)
-    obj = build_objective(name, kl="old", kl_coef=0.05)
-    counts = {"groups": 6, "sequences": b.num_sequences, "tokens": int(b.loss_mask.sum())}
-    adv = group_advantages(b.rewards, b.group_ids)  # the trainer computes these once per rollout batch
+    b.engine_logprobs = b.old_logprobs + torch.randn(b.old_logprobs.shape, generator=gen, dtype=torch.float64) * 0.5
+    b.active = torch.rand(b.num_sequences, generator=gen) > 0.25
+    obj = build_objective(name, kl="old", kl_coef=0.05, importance_correction=correction, is_cap=1.5)
+    in_loss = b.active[b.seq_index] & b.loss_mask
+    labels = {}
+    for n in range(b.num_sequences):
+        if b.active[n]:
+            labels.setdefault(int(b.group_ids[n]), set()).add(int(b.rewards[n]))
+    informative = sum(bool(b.active[n]) and len(labels[int(b.group_ids[n])]) == 2 for n in range(b.num_sequences))
+    counts = {"groups": 6, "sequences": int(b.active.sum()), "tokens": int(in_loss.sum()),
+              "informative_sequences": informative}
+    adv = torch.zeros(b.num_sequences, dtype=torch.float64)  # the trainer computes these once per rollout batch
+    adv[b.active] = group_advantages(b.rewards[b.active], b.group_ids[b.active])
     b.advantages = adv
     (full,) = torch.autograd.grad(normalise(obj(b), counts), b.logprobs)
+    assert full.abs().sum() > 0
+    assert (full[~in_loss] == 0).all()  # nothing of an excluded rollout reaches the gradient
 
     grad = torch.zeros_like(b.logprobs)
     for seqs in ([0, 1, 2, 3, 12, 13, 14, 15], list(range(4, 12)) + list(range(16, 24))):  # groups {0,3}, {1,2,4,5}
@@ -171,6 +187,7 @@ def test_normalised_gradient_independent_of_micro_batch_split(name):
         part = PolicyBatch(
             lp, b.old_logprobs[token_sel], b.loss_mask[token_sel], remap[b.seq_index[token_sel]],
             b.rewards[seqs_t], b.group_ids[seqs_t], advantages=adv[seqs_t],
+            engine_logprobs=b.engine_logprobs[token_sel], active=b.active[seqs_t],
         )
         (g,) = torch.autograd.grad(normalise(obj(part), counts), lp)
         grad[token_sel] += g
@@ -180,3 +197,9 @@ def test_normalised_gradient_independent_of_micro_batch_split(name):
 def test_normalise_needs_counts():
     with pytest.raises(ValueError, match="tokens"):
         normalise({"tokens": torch.tensor(1.0)}, {"groups": 3})
+    # a unit counted 0 times (no informative group in the mini-batch) adds 0, not NaN
+    x = torch.tensor(0.0, requires_grad=True)
+    loss = normalise({"informative_sequences": x * 2, "groups": x + 1}, {"informative_sequences": 0, "groups": 4})
+    assert loss.item() == 0.25
+    (g,) = torch.autograd.grad(loss, x)
+    assert g.item() == 0.25

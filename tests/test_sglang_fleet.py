@@ -99,15 +99,27 @@ def test_greedy_ids_equal_transformers_and_logprobs_equal_the_actors(fleet):
             assert_greedy_of(model_a, prompt, sample.output_ids)
         pairs.append([prompt, group[0].output_ids])
     assert exact >= len(PROMPTS)  # most identical outright; any difference only after a tie
+    # sampled at temperature 0.7: SGLang reports log-probs of softmax(logits / 0.7), the distribution it
+    # sampled from, and the actor computes the same at rollout.temperature (the mismatch metrics compare them)
+    sampled = fleet.generate(PROMPTS, n=1, params=SamplingParams(temperature=0.7, max_new_tokens=12, seed=3))
+    pairs += [[prompt, group[0].output_ids] for prompt, group in zip(PROMPTS, sampled)]
     (root / "pairs.json").write_text(json.dumps(pairs))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "actor_logprobs.py"), "--hf", str(root / "a"),
-                           "--pairs", str(root / "pairs.json"), "--out", str(root / "actor.json")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    actor = json.loads((root / "actor.json").read_text())
-    diff = max(abs(x - y) for group, ref in zip(groups, actor) for x, y in zip(group[0].logprobs, ref))
-    print(f"max |engine log-prob - actor log-prob| = {diff:.2e}")
-    assert diff <= 1e-4  # measured 1.4e-6 (fp32 server; SGLang's default dtype on CPU is bf16)
+    actor = {}
+    for temperature in (1.0, 0.7):
+        out = root / f"actor-{temperature}.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "actor_logprobs.py"), "--hf",
+                               str(root / "a"), "--pairs", str(root / "pairs.json"), "--out", str(out),
+                               "--temperature", str(temperature)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        actor[temperature] = json.loads(out.read_text())
+    n = len(PROMPTS)
+    diff = max(abs(x - y) for group, ref in zip(groups, actor[1.0][:n]) for x, y in zip(group[0].logprobs, ref))
+    diff_t = max(abs(x - y) for group, ref in zip(sampled, actor[0.7][n:]) for x, y in zip(group[0].logprobs, ref))
+    off = max(abs(x - y) for group, ref in zip(sampled, actor[1.0][n:]) for x, y in zip(group[0].logprobs, ref))
+    print(f"max |engine log-prob - actor log-prob| = {diff:.2e} greedy, {diff_t:.2e} at temperature 0.7 "
+          f"({off:.2e} against the actor at temperature 1)")
+    assert diff <= 1e-4 and diff_t <= 1e-4  # measured 1.4e-6 (fp32 server; SGLang's default dtype on CPU is bf16)
+    assert off > 100 * diff_t  # the temperature is not a rounding matter
     assert fleet.last_throughput > 0
 
 

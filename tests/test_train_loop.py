@@ -38,8 +38,14 @@ def test_quickstart_shaped_run_leaves_every_artefact(tmp_path):
     steps = [r for r in rows if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for key in ("reward_mean", "entropy", "solved_all_ratio", "response_length_mean", "loss", "grad_norm",
-                "score_neg_mean", "generate_s", "update_s", "old_logprobs_s", "uniform_group_fraction"):
+                "score_neg_mean", "generate_s", "update_s", "old_logprobs_s", "uniform_group_fraction",
+                "informative_groups", "sampling_rounds", "prompts_generated", "first_update_score_abs_max",
+                "mismatch_abs_mean", "mismatch_abs_max", "mismatch_kl", "mismatch_frac"):
         assert key in steps[-1], key
+    for row in steps:  # measured by default: the embedded engine's log-probs against the actor's pi_old
+        assert row["sampling_rounds"] == 1 and row["prompts_generated"] == 8
+        assert row["first_update_score_abs_max"] < 1e-5 and 0 < row["mismatch_abs_mean"] < 1e-3, row
+        assert 0 <= row["mismatch_kl"] < 1e-6 and row["mismatch_frac"] == 0.0
     assert sum("val_pass1" in r for r in rows) >= 3  # baseline, mid-run, final
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_samples"] == 48 and 0 <= summary["final_pass1"] <= 1 and summary["stderr"] >= 0

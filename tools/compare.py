@@ -2,13 +2,16 @@
 """REAL against its variants and the baselines on the quickstart task, equal budgets, several seeds.
 
     .venv/bin/python tools/compare.py [--seeds 1 2 3] [--steps 150] [--out runs/compare] [a.b=c ...]
+    .venv/bin/python tools/compare.py --dynamic-sampling      # every objective with DAPO's filter
 
 Each (algorithm, seed) is one `real-megatron train configs/quickstart.yaml` run with the same task
 settings, steps, prompts, rollouts, learning rate and evaluation; only algorithm.name and train.seed
 change (the seed also picks the task split and warm-start, so seeds differ in their start model).
 Finished runs are reused (their summary.json), so an interrupted comparison continues. Writes
 <out>/compare.md (final pass@1 mean ± std over seeds, gain, steps to reach the threshold, entropy
-at the end) and <out>/compare.png (validation pass@1 and reward against step).
+at the end, prompts generated and informative groups per step) and <out>/compare.png (validation
+pass@1 and reward against step). --dynamic-sampling sets algorithm.dynamic_sampling=true for every
+run (default out: runs/compare-dynamic); a step then generates more prompts than it trains on.
 """
 
 from __future__ import annotations
@@ -62,15 +65,20 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict, out: Path, threshold: float, steps: int) -> str:
-    lines = [f"| algorithm | final pass@1 | gain over warm-start | steps to pass@1 ≥ {threshold:.2f} | entropy at the end |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [f"| algorithm | final pass@1 | gain over warm-start | steps to pass@1 ≥ {threshold:.2f} | entropy at the end "
+             "| prompts generated / step | informative groups / step |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for algorithm, runs in results.items():
         finals = [s["final_pass1"] for s, _ in runs]
         gains = [s["gain"] for s, _ in runs]
         reached = [steps_to(rows, threshold) for _, rows in runs]
         shown = ", ".join(str(r) if r is not None else f">{steps}" for r in reached)
         entropy = [statistics.mean([r["entropy"] for r in rows if "entropy" in r][-10:]) for _, rows in runs]
-        lines.append(f"| {algorithm} | {mean_std(finals)} | {mean_std(gains)} | {shown} | {mean_std(entropy)} |")
+        def per_step(key):  # mean over a run's steps (runs logged before the key existed: not shown)
+            values = [statistics.mean(r[key] for r in rows if key in r) for _, rows in runs if any(key in r for r in rows)]
+            return f"{statistics.mean(values):.1f}" if values else "-"
+        lines.append(f"| {algorithm} | {mean_std(finals)} | {mean_std(gains)} | {shown} | {mean_std(entropy)} "
+                     f"| {per_step('prompts_generated')} | {per_step('informative_groups')} |")
     return "\n".join(lines)
 
 
@@ -113,10 +121,13 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threshold", type=float, default=0.72, help="held-out pass@1 to reach")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    parser.add_argument("--out", default=None, help="default: runs/compare (runs/compare-dynamic with --dynamic-sampling)")
+    parser.add_argument("--dynamic-sampling", action="store_true", help="algorithm.dynamic_sampling=true for every run")
     parser.add_argument("overrides", nargs="*", metavar="a.b=c", help="applied to every run")
     args = parser.parse_args()
-    out = Path(args.out)
+    if args.dynamic_sampling:
+        args.overrides = ["algorithm.dynamic_sampling=true", *args.overrides]
+    out = Path(args.out or ROOT / "runs" / ("compare-dynamic" if args.dynamic_sampling else "compare"))
     results = {}
     for algorithm in args.algorithms:
         runs = []
@@ -126,7 +137,8 @@ def main() -> int:
         results[algorithm] = runs
     text = table(results, out, args.threshold, args.steps)
     budget = (f"{args.steps} RL steps per run, seeds {', '.join(map(str, args.seeds))}; pass@1 on the held-out "
-              f"problems x k samples (see each run's config.yaml); ± is the standard deviation over seeds")
+              f"problems x k samples (see each run's config.yaml); ± is the standard deviation over seeds"
+              + ("; dynamic sampling on (algorithm.dynamic_sampling=true)" if args.dynamic_sampling else ""))
     (out / "compare.md").write_text(text + "\n\n" + budget + "\n")
     plot(results, out / "compare.png")
     print(text)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ..config import OptimConfig
 from ..objectives import PolicyBatch, normalise
+from ..objectives.importance import mismatch_partials
 from ..objectives.registry import Objective, RealObjective
 from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
@@ -56,6 +57,14 @@ class ActorSettings:
     recompute_activations: bool = False
     pad_id: int = 0
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
+    # log-probs of the sampling distribution, softmax(logits / T), as the engines report them
+    logprob_temperature: float = 1.0
+    mismatch_threshold: float = 0.5  # |log pi_old - log pi_engine| counted in mismatch_frac
+
+
+# |s̄| allowed at the first update, where pi_theta is pi_old: the training forward and the
+# recomputation should agree to rounding in the model's dtype
+FIRST_UPDATE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 class NonFiniteUpdates(RuntimeError):
@@ -180,6 +189,7 @@ class Actor:
             else:
                 self.compute_old_logprobs(mini)
         timings["old_logprobs_s"] = time.perf_counter() - start
+        mismatch = None if s.use_engine_logprobs else self._mismatch_partials(minis)
 
         start = time.perf_counter()
         records = []
@@ -189,7 +199,8 @@ class Actor:
                     f"update {update + 1} of {s.updates_per_batch}, mini-batch {index + 1} of {len(minis)}")
                 records.append(self._update(mini, where))
         timings["update_s"] = time.perf_counter() - start
-        metrics = self._reduce_metrics(records)
+        metrics = self._reduce_metrics(records, mismatch)
+        self._check_first_update(metrics, step)
         metrics.update(rollout_stats(rollouts))
         metrics.update(timings)
         metrics.update(layout)
@@ -205,6 +216,26 @@ class Actor:
         if self.is_last_stage:
             for mb, out in zip(mini.micro_batches, outputs):
                 mb.old_logprobs = out["logprobs"]
+
+    def _mismatch_partials(self, minis: list[MiniBatch]) -> Optional[torch.Tensor]:
+        """This rank's mismatch partials (see mismatch_partials) over every micro-batch carrying
+        the engine's log-probs; None off the last stage or when no rollout carries them."""
+        parts = [mismatch_partials(mb.old_logprobs, mb.engine_logprobs.to(mb.old_logprobs.device),
+                                   self.settings.mismatch_threshold)
+                 for mini in minis for mb in mini.micro_batches
+                 if self.is_last_stage and mb.engine_logprobs is not None and mb.old_logprobs is not None]
+        return torch.stack(parts) if parts else None
+
+    def _check_first_update(self, metrics: dict, step: int | None) -> None:
+        """At the first update pi_theta is pi_old, so every s̄ must be 0: warn if not."""
+        value = metrics.get("first_update_score_abs_max")
+        tolerance = FIRST_UPDATE_TOLERANCE.get(self.settings.dtype, 1e-4)
+        if self.settings.use_engine_logprobs or value is None or not value > tolerance:
+            return
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.warning("step %s: at the first update max |s̄| = %.3g, above %.0e for %s: the training forward and "
+                        "the recomputation of pi_old disagree (nondeterministic kernels, dropout, or a layout bug)",
+                        step, value, tolerance, str(self.settings.dtype).replace("torch.", ""))
 
     def _update(self, mini: MiniBatch, where: str = "") -> dict:
         for chunk in self.chunks:
@@ -256,7 +287,8 @@ class Actor:
     def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens}
+        counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens,
+                  "informative_sequences": mini.num_informative_sequences}
         num_micro = len(mini.micro_batches)
         seq = max(mb.tokens.shape[1] for mb in mini.micro_batches)
         mbs = max(mb.tokens.shape[0] for mb in mini.micro_batches)
@@ -275,11 +307,12 @@ class Actor:
         return output, partial(self._loss, unwrap(model), mb, mode, counts, num_micro)
 
     def _token_logprobs(self, model, mb, output: torch.Tensor):
+        temperature = self.settings.logprob_temperature
         if self.settings.fused_output_layer:
             return fused_token_logprobs(model, output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
-                                        sequence_parallel=self.settings.sequence_parallel)
+                                        sequence_parallel=self.settings.sequence_parallel, temperature=temperature)
         return logits_token_logprobs(output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
-                                     tp_rank=self.tp_rank)
+                                     tp_rank=self.tp_rank, temperature=temperature)
 
     def _loss(self, model, mb, mode: str, counts: dict, num_micro: int, output: torch.Tensor):
         logprobs, entropy = self._token_logprobs(model, mb, output)
@@ -289,7 +322,7 @@ class Actor:
         batch = PolicyBatch(
             logprobs=logprobs, old_logprobs=mb.old_logprobs, loss_mask=torch.ones_like(logprobs, dtype=torch.bool),
             seq_index=mb.seq_index, rewards=mb.rewards, group_ids=mb.group_index, ref_logprobs=mb.ref_logprobs,
-            advantages=mb.advantages, num_groups=mb.num_groups,
+            advantages=mb.advantages, num_groups=mb.num_groups, engine_logprobs=mb.engine_logprobs, active=mb.active,
         )
         terms = self.objective(batch, dp_group=self.dp_group)
         loss = normalise(terms, counts)
@@ -313,33 +346,39 @@ class Actor:
                 "score_neg_sum": scores.where(~pos, 0.0).sum(), "score_neg_n": (~pos).sum().float(),
                 "score_pos_min": extreme(pos, torch.min, inf), "score_pos_max": extreme(pos, torch.max, -inf),
                 "score_neg_min": extreme(~pos, torch.min, inf), "score_neg_max": extreme(~pos, torch.max, -inf),
+                "score_abs_max": scores.abs().amax() if n_seq else torch.zeros((), device=scores.device, dtype=scores.dtype),
             }
         return scaled, record
 
     SUM_KEYS = ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n")
     MIN_KEYS, MAX_KEYS = ("score_pos_min", "score_neg_min"), ("score_pos_max", "score_neg_max")
 
-    def _metric_tensors(self, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sums, mins, maxs) of micro-batch records, on the actor's device, reduced over DP."""
-        def stacked(keys):
-            return torch.stack([torch.stack([r[k] for r in records]) for k in keys])
+    def _metric_tensors(self, records: list[dict], first: list[dict], mismatch: Optional[torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sums, mins, maxs) of micro-batch records, on the actor's device, reduced over DP; the
+        first update's max |s̄| and the mismatch partials (zeros where absent) ride along."""
+        def stacked(keys, rows=records):
+            return torch.stack([torch.stack([r[k].to(torch.float64) for r in rows]) for k in keys])
 
-        sums = stacked(self.SUM_KEYS).sum(1)
+        if mismatch is None:
+            mismatch = torch.zeros((1, 5), dtype=torch.float64, device=self.device)
+        sums = torch.cat([stacked(self.SUM_KEYS).sum(1), mismatch[:, [0, 2, 3, 4]].sum(0)])
         mins = stacked(self.MIN_KEYS).amin(1)
-        maxs = stacked(self.MAX_KEYS).amax(1)
+        maxs = torch.cat([stacked(self.MAX_KEYS).amax(1), stacked(["score_abs_max"], first).amax(1),
+                          mismatch[:, 1].amax(0, keepdim=True)])
         if self.dp_size > 1:
             dist.all_reduce(sums, group=self.dp_group)
             dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=self.dp_group)
             dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=self.dp_group)
         return sums, mins, maxs
 
-    def _reduce_metrics(self, updates: list[dict]) -> dict:
+    def _reduce_metrics(self, updates: list[dict], mismatch: Optional[torch.Tensor] = None) -> dict:
         """Sum micro-batch records over mini-batches and DP ranks, on the last stage, then share."""
         flat = [r for u in updates for r in u["records"]]
         out = {}
         if self.is_last_stage and flat:
-            sums, mins, maxs = self._metric_tensors(flat)
-            loss, ent, tok, ps_, pn, ns, nn = sums.tolist()
+            sums, mins, maxs = self._metric_tensors(flat, updates[0]["records"], mismatch)
+            loss, ent, tok, ps_, pn, ns, nn, abs_sum, k3_sum, above, compared = sums.tolist()
             n = len(updates)
             out = {
                 "loss": loss / n, "entropy": ent / max(tok, 1),
@@ -351,7 +390,12 @@ class Actor:
                               if (applied := [u for u in updates if not u["skipped"]]) else float("nan")),
                 "lr": updates[-1]["lr"],
                 "skipped_updates": sum(u["skipped"] for u in updates),
+                # the first optimizer step of this batch sees pi_theta = pi_old: s̄ should be 0
+                "first_update_score_abs_max": maxs[2].item(),
             }
+            if compared:  # train-inference mismatch, log pi_old vs the engine's log-probs, per token
+                out.update(mismatch_abs_mean=abs_sum / compared, mismatch_abs_max=maxs[3].item(),
+                           mismatch_kl=k3_sum / compared, mismatch_frac=above / compared)
         # every rank returns the same dict: broadcast from the last stage's first rank
         holder = [out]
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -30,10 +30,12 @@ import torch
 class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
-    reward: float
+    reward: float  # the verifier's label, 0/1
     group: int  # prompt group, 0..num_groups-1 within the rollout batch
-    engine_logprobs: Optional[list[float]] = None
+    engine_logprobs: Optional[list[float]] = None  # the sampler's, one per response token
     truncated: bool = False
+    in_loss: bool = True  # False: out of the loss and out of its group (algorithm.truncated=exclude)
+    penalty: float = 0.0  # added to the reward of reward-weighted baselines (DAPO's overlong penalty)
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +57,7 @@ class MicroBatch:
     group_index: torch.Tensor  # [b] group numbered within this micro-batch index (same on every rank)
     num_groups: int  # groups in this micro-batch index (over all ranks)
     advantages: torch.Tensor  # [b] group-normalised, for the baselines
+    active: Optional[torch.Tensor] = None  # [b] bool: in the loss and in its group
     cu_seqlens: Optional[torch.Tensor] = None  # packed: int32 [n + 1] sequence starts in the row (pad tail included)
     max_seqlen: int = 0  # packed: the longest segment
     sequence_tokens: int = 0  # prompt + response tokens of its rollouts (the rest of `tokens` is padding)
@@ -95,6 +98,7 @@ class MiniBatch:
     num_groups: int  # over all ranks
     num_sequences: int
     num_tokens: int  # response tokens, over all ranks
+    num_informative_sequences: int = 0  # rollouts of groups with both labels
     counts: dict = field(default_factory=dict)
 
 
@@ -214,7 +218,7 @@ def make_micro_batch(
     else:
         positions = torch.arange(width).expand(rows_total, -1).contiguous()
     rows, cols, targets, seq_index, starts = [], [], [], [], []
-    engine = []
+    engine: list[float] | None = []
     offset = 0
     for b, i in enumerate(ids):
         r = rollouts[i]
@@ -231,8 +235,10 @@ def make_micro_batch(
         targets.extend(r.response_ids)
         seq_index.extend([b] * len(r.response_ids))
         offset += len(seq)
-        if r.engine_logprobs is not None:
+        if engine is not None and r.engine_logprobs is not None and len(r.engine_logprobs) == len(r.response_ids):
             engine.extend(r.engine_logprobs)
+        else:
+            engine = None  # the engine's log-probs are used only when every rollout has them
     cu_seqlens, max_seqlen = None, 0
     if packed:
         bounds = starts + [offset] + ([width] if width > offset else [])  # the padding tail is a segment of its own
@@ -252,10 +258,11 @@ def make_micro_batch(
         group_index=as_long([number[rollouts[i].group] for i in ids]),
         num_groups=len(micro_groups),
         advantages=advantages[as_long(ids)].float() if len(ids) else torch.zeros(0),
+        active=torch.tensor([rollouts[i].in_loss for i in ids], dtype=torch.bool),
         cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
         sequence_tokens=offset,
-        engine_logprobs=torch.tensor(engine, dtype=torch.float32) if len(engine) == len(targets) and engine else None,
+        engine_logprobs=torch.tensor(engine, dtype=torch.float32) if engine is not None else None,
     )
 
 
@@ -279,9 +286,13 @@ def build_mini_batches(
     for i, r in enumerate(rollouts):
         if not r.response_ids or not r.prompt_ids:
             raise ValueError(f"rollout {i} (group {r.group}) has an empty {'response' if r.prompt_ids else 'prompt'}")
-    advantages = group_advantages(
-        torch.tensor([r.reward for r in rollouts], dtype=torch.float64), torch.tensor([r.group for r in rollouts])
-    )
+    # over each group's rollouts in the loss; those out of it get 0
+    active = torch.tensor([r.in_loss for r in rollouts], dtype=torch.bool)
+    advantages = torch.zeros(len(rollouts), dtype=torch.float64)
+    if active.any():
+        advantages[active] = group_advantages(torch.tensor([r.reward + r.penalty for r in rollouts], dtype=torch.float64)[active],
+                                              torch.tensor([r.group for r in rollouts])[active])
+    informative = informative_groups(rollouts)
     minis = []
     for mini in plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens):
         micro_batches = []
@@ -298,12 +309,23 @@ def build_mini_batches(
                                  pad_to_multiple=pad_to_multiple, shape=shape, packed=packed)
             )
         ids = [i for ranks in mini for ids in ranks for i in ids]
+        in_loss = [i for i in ids if rollouts[i].in_loss]
         minis.append(
             MiniBatch(
                 micro_batches=micro_batches,
                 num_groups=len({rollouts[i].group for i in ids}),
-                num_sequences=len(ids),
-                num_tokens=sum(len(rollouts[i].response_ids) for i in ids),
+                num_sequences=len(in_loss),
+                num_tokens=sum(len(rollouts[i].response_ids) for i in in_loss),
+                num_informative_sequences=sum(rollouts[i].group in informative for i in in_loss),
             )
         )
     return minis
+
+
+def informative_groups(rollouts: list[Rollout]) -> set[int]:
+    """Groups whose rollouts in the loss carry both labels (a uniform group gives no signal)."""
+    labels: dict[int, set] = {}
+    for r in rollouts:
+        if r.in_loss:
+            labels.setdefault(r.group, set()).add(r.reward > 0.5)
+    return {g for g, seen in labels.items() if len(seen) == 2}

@@ -41,16 +41,23 @@ def output_weight(model) -> torch.Tensor:
     return model.output_layer.weight
 
 
-def fused_token_logprobs(model, hidden: torch.Tensor, mb, *, vocab_size: int, tp_group, sequence_parallel: bool):
-    """(log-probs, entropy) [N] of the response tokens from hidden states [b, s, h]."""
+def fused_token_logprobs(model, hidden: torch.Tensor, mb, *, vocab_size: int, tp_group, sequence_parallel: bool,
+                         temperature: float = 1.0):
+    """(log-probs, entropy) [N] of the response tokens from hidden states [b, s, h], under
+    softmax(logits / temperature): the hidden rows are divided instead (the same logits)."""
     picked = hidden[mb.rows, mb.cols]  # [N, h]: the positions that predict response tokens
+    if temperature != 1.0:
+        picked = picked / temperature
     return linear_token_logprobs(picked, output_weight(model), mb.targets, tp_group=tp_group, vocab_size=vocab_size,
                                  sum_grad_hidden=not sequence_parallel, return_entropy=True)
 
 
-def logits_token_logprobs(logits: torch.Tensor, mb, *, vocab_size: int, tp_group, tp_rank: int):
-    """(log-probs, entropy) [N] from full logits [b, s, V/tp] (the naive path)."""
+def logits_token_logprobs(logits: torch.Tensor, mb, *, vocab_size: int, tp_group, tp_rank: int,
+                          temperature: float = 1.0):
+    """(log-probs, entropy) [N] from full logits [b, s, V/tp] (the naive path), under softmax(logits / T)."""
     picked = logits[mb.rows, mb.cols]  # [N, V/tp]
+    if temperature != 1.0:
+        picked = picked / temperature
     vocab_local = picked.shape[1]
     first = tp_rank * vocab_local
     if first + vocab_local > vocab_size:  # vocabulary padding for TP: not a real token

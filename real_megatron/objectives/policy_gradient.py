@@ -47,17 +47,20 @@ def token_clip_loss(
     clip_low: float,
     clip_high: float,
     reduce: str,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level clipped loss; reduce="sequence_mean" sums per-sequence token means (GRPO),
-    reduce="token_sum" sums over all tokens (DAPO)."""
+    reduce="token_sum" sums over all tokens (DAPO). weights: [T] importance weights per token."""
     mask = loss_mask.to(logprobs.dtype)
+    if weights is not None:
+        mask = mask * weights.detach().to(logprobs.dtype)
     ratio = torch.exp((logprobs - old_logprobs.detach()).clamp(-20.0, 20.0))
     per_token = clipped_surrogate(ratio, advantages[seq_index], clip_low, clip_high) * mask
     if reduce == "token_sum":
         return per_token.sum()
-    if reduce == "sequence_mean":
+    if reduce == "sequence_mean":  # over the sequence's tokens in the loss (weights do not change the count)
         per_seq = segment_sum(per_token, seq_index, num_sequences)
-        return (per_seq / segment_sum(mask, seq_index, num_sequences).clamp_min(1.0)).sum()
+        return (per_seq / segment_sum(loss_mask.to(logprobs.dtype), seq_index, num_sequences).clamp_min(1.0)).sum()
     raise ValueError(f"unknown reduce {reduce!r}")
 
 
@@ -71,10 +74,14 @@ def sequence_clip_loss(
     *,
     clip_low: float,
     clip_high: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GSPO: ratio s_i = exp(mean_t log-ratio) per sequence, clipped; summed over sequences."""
+    """GSPO: ratio s_i = exp(mean_t log-ratio) per sequence, clipped; summed over sequences.
+    weights: [N] importance weights per sequence."""
     log_ratio = sequence_scores(logprobs, old_logprobs, loss_mask, seq_index, num_sequences)
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
     has_tokens = segment_sum(loss_mask.to(logprobs.dtype), seq_index, num_sequences) > 0
     per_seq = clipped_surrogate(ratio, advantages, clip_low, clip_high)
+    if weights is not None:
+        per_seq = per_seq * weights.detach().to(per_seq.dtype)
     return torch.where(has_tokens, per_seq, torch.zeros_like(per_seq)).sum()

@@ -74,6 +74,16 @@ def _check_inputs(scores: torch.Tensor, labels: torch.Tensor, group_ids: torch.T
         raise ValueError(f"labels must be 0/1 rewards, found {bad}")
 
 
+def weighted_sides(labels: torch.Tensor, weights: torch.Tensor | None):
+    """(positive, negative, log-weight) per rollout: a rollout of weight 0 is on neither side."""
+    positive = labels.bool()
+    if weights is None:
+        return positive, ~positive, torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    keep = weights > 0
+    log_w = torch.log(torch.where(keep, weights, torch.ones_like(weights))).detach()
+    return positive & keep, ~positive & keep, log_w
+
+
 def real_loss(
     scores: torch.Tensor,
     labels: torch.Tensor,
@@ -82,31 +92,35 @@ def real_loss(
     tau: float = 0.5,
     variant: str = "real",
     skip_uniform_groups: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over prompt groups of the REAL loss of `variant` (no normalisation: the caller divides).
 
     skip_uniform_groups: groups whose labels are all equal contribute exactly 0.
+    weights: [N] per-rollout weights >= 0 on its group terms (None: all 1): a rollout's exp-term
+    inside the log-sum-exp (its BCE term) is multiplied by its weight; weight 0 takes the rollout
+    out of its group (excluded responses; masked importance sampling).
     """
     _check_inputs(scores, labels, group_ids, tau, variant)
     if scores.numel() == 0:
         return scores.sum()
     index, num_groups = dense_group_index(group_ids)
-    positive = labels.bool()
-    negative = ~positive
+    positive, negative, log_w = weighted_sides(labels, weights)
     logits = scores / tau
 
     if variant == "real":
-        per_group = segment_logsumexp(-logits, index, num_groups, mask=positive, anchor=True) + segment_logsumexp(
-            logits, index, num_groups, mask=negative, anchor=True
+        per_group = segment_logsumexp(-logits + log_w, index, num_groups, mask=positive, anchor=True) + segment_logsumexp(
+            logits + log_w, index, num_groups, mask=negative, anchor=True
         )
     elif variant == "no_anchor":
-        pair_logit = segment_logsumexp(logits, index, num_groups, mask=negative) + segment_logsumexp(
-            -logits, index, num_groups, mask=positive
+        pair_logit = segment_logsumexp(logits + log_w, index, num_groups, mask=negative) + segment_logsumexp(
+            -logits + log_w, index, num_groups, mask=positive
         )
         per_group = _softplus(pair_logit)  # 0 when either class is absent
     else:  # bce
-        per_rollout = torch.where(positive, _softplus(-logits), _softplus(logits))
-        per_group = segment_sum(per_rollout, index, num_groups)
+        per_rollout = torch.where(positive, _softplus(-logits), _softplus(logits)) * log_w.exp()
+        per_group = segment_sum(torch.where(positive | negative, per_rollout, torch.zeros_like(per_rollout)),
+                                index, num_groups)
 
     if skip_uniform_groups:
         mixed = (segment_count(positive, index, num_groups) > 0) & (segment_count(negative, index, num_groups) > 0)

@@ -1,24 +1,29 @@
 """Objectives by name, behind one interface the trainer calls per micro-batch.
 
 An objective maps a `PolicyBatch` (packed 1-D tokens of one micro-batch on one rank) to loss
-*terms keyed by their unit*: "groups", "sequences" or "tokens". Each term is a sum; the trainer
-divides it by the count of that unit in the whole mini-batch (over all micro-batches and DP
-ranks), which makes the gradient independent of how the mini-batch was split.
+*terms keyed by their unit*: "groups", "sequences", "tokens" or "informative_sequences" (rollouts
+of groups with both labels). Each term is a sum; the trainer divides it by the count of that unit
+in the whole mini-batch (over all micro-batches and DP ranks), which makes the gradient
+independent of how the mini-batch was split. Rollouts out of the loss (`active` false: excluded
+truncated responses) are out of every count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
 from .distributed import real_loss_across_ranks
+from .importance import MODES as IMPORTANCE_MODES
+from .importance import sequence_importance_weights, token_importance_weights
 from .kl import sequence_kl
 from .policy_gradient import group_advantages, sequence_clip_loss, token_clip_loss
 from .real import real_loss, sequence_scores
 
-Unit = Literal["groups", "sequences", "tokens"]
+Unit = Literal["groups", "sequences", "tokens", "informative_sequences"]
 
 
 @dataclass
@@ -34,21 +39,36 @@ class PolicyBatch:
     # Set when a group's rollouts may sit on several data-parallel ranks: group_ids are then
     # group numbers in [0, num_groups), the same on every rank, and REAL reduces over dp_group.
     num_groups: Optional[int] = None
+    engine_logprobs: Optional[torch.Tensor] = None  # [T] log pi_engine (the sampler's), for importance correction
+    active: Optional[torch.Tensor] = None  # [N] bool: in the loss and in its group (None: all)
 
     @property
     def num_sequences(self) -> int:
         return self.rewards.numel()
 
+    def in_loss(self) -> "PolicyBatch":
+        """This batch with the tokens of inactive rollouts out of loss_mask."""
+        if self.active is None:
+            return self
+        return dataclasses.replace(self, loss_mask=self.loss_mask.bool() & self.active[self.seq_index])
+
 
 class Objective:
     name: str
 
-    def __init__(self, *, kl: str = "none", kl_coef: float = 0.0):
+    def __init__(self, *, kl: str = "none", kl_coef: float = 0.0, importance_correction: str = "none",
+                 is_cap: float = 2.0):
         if kl not in ("none", "reference", "old"):
             raise ValueError(f"kl must be 'none', 'reference' or 'old', got {kl!r}")
+        if importance_correction not in IMPORTANCE_MODES:
+            raise ValueError(f"importance_correction must be one of {', '.join(IMPORTANCE_MODES)}, got {importance_correction!r}")
+        if not is_cap > 1:
+            raise ValueError(f"is_cap must be > 1, got {is_cap}")
         self.kl, self.kl_coef = kl, kl_coef
+        self.importance_correction, self.is_cap = importance_correction, is_cap
 
     def __call__(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
+        batch = batch.in_loss()
         terms = self.policy_terms(batch, dp_group)
         if self.kl != "none" and self.kl_coef > 0:
             target = batch.old_logprobs if self.kl == "old" else batch.ref_logprobs
@@ -61,29 +81,68 @@ class Objective:
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         raise NotImplementedError
 
+    def _engine_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        if batch.engine_logprobs is None:
+            raise ValueError(f"algorithm.importance_correction={self.importance_correction} needs the engine's "
+                             "log-probs of every response token; the rollouts carry none")
+        return batch.engine_logprobs
+
+    def token_weights(self, batch: PolicyBatch) -> Optional[torch.Tensor]:
+        """[T] importance weights (None without correction)."""
+        if self.importance_correction == "none":
+            return None
+        return token_importance_weights(batch.old_logprobs, self._engine_logprobs(batch),
+                                        mode=self.importance_correction, cap=self.is_cap)
+
+    def sequence_weights(self, batch: PolicyBatch) -> Optional[torch.Tensor]:
+        """[N] importance weights of the length-normalised ratio (None without correction)."""
+        if self.importance_correction == "none":
+            return None
+        return sequence_importance_weights(batch.old_logprobs, self._engine_logprobs(batch), batch.loss_mask,
+                                           batch.seq_index, batch.num_sequences, mode=self.importance_correction,
+                                           cap=self.is_cap)
+
 
 class RealObjective(Objective):
-    def __init__(self, variant: str, *, tau: float = 0.5, skip_uniform_groups: bool = True, **kl):
-        super().__init__(**kl)
+    """REAL and its variants. bce_normalise: "rollouts" divides REAL-BCE by the rollouts of the
+    groups in the loss (informative ones with skip_uniform_groups), as the paper's released code
+    does (binary cross-entropy, reduction='mean'); "prompts" divides by prompts, like REAL."""
+
+    def __init__(self, variant: str, *, tau: float = 0.5, skip_uniform_groups: bool = True,
+                 bce_normalise: str = "rollouts", **common):
+        super().__init__(**common)
+        if bce_normalise not in ("rollouts", "prompts"):
+            raise ValueError(f"bce_normalise must be 'rollouts' or 'prompts', got {bce_normalise!r}")
         self.variant, self.tau, self.skip_uniform_groups = variant, tau, skip_uniform_groups
+        self.bce_normalise = bce_normalise
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         scores = sequence_scores(batch.logprobs, batch.old_logprobs, batch.loss_mask, batch.seq_index, batch.num_sequences)
-        options = dict(tau=self.tau, variant=self.variant, skip_uniform_groups=self.skip_uniform_groups)
+        weights = self.sequence_weights(batch)  # an extension beyond the paper: off unless asked for
+        if batch.active is not None:
+            active = batch.active.to(scores.dtype)
+            weights = active if weights is None else weights * active
+        options = dict(tau=self.tau, variant=self.variant, skip_uniform_groups=self.skip_uniform_groups, weights=weights)
         if batch.num_groups is None:
             loss = real_loss(scores, batch.rewards, batch.group_ids, **options)
         else:
             loss = real_loss_across_ranks(
                 scores, batch.rewards, batch.group_ids, batch.num_groups, dp_group=dp_group, **options
             )
-        return {"groups": loss}
+        return {self.unit: loss}
+
+    @property
+    def unit(self) -> Unit:
+        if self.variant != "bce" or self.bce_normalise == "prompts":
+            return "groups"
+        return "informative_sequences" if self.skip_uniform_groups else "sequences"
 
 
 class ClipObjective(Objective):
     """GRPO / DAPO (token ratio) and GSPO (sequence ratio)."""
 
-    def __init__(self, kind: str, *, clip_low: float, clip_high: float, **kl):
-        super().__init__(**kl)
+    def __init__(self, kind: str, *, clip_low: float, clip_high: float, **common):
+        super().__init__(**common)
         self.kind, self.clip_low, self.clip_high = kind, clip_low, clip_high
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
@@ -91,11 +150,12 @@ class ClipObjective(Objective):
         adv = adv.detach().to(batch.logprobs.dtype)
         args = (batch.logprobs, batch.old_logprobs, adv, batch.loss_mask, batch.seq_index, batch.num_sequences)
         clip = dict(clip_low=self.clip_low, clip_high=self.clip_high)
-        if self.kind == "gspo":
-            return {"sequences": sequence_clip_loss(*args, **clip)}
+        if self.kind == "gspo":  # a sequence ratio: sequence weights
+            return {"sequences": sequence_clip_loss(*args, **clip, weights=self.sequence_weights(batch))}
+        weights = self.token_weights(batch)
         if self.kind == "dapo":
-            return {"tokens": token_clip_loss(*args, **clip, reduce="token_sum")}
-        return {"sequences": token_clip_loss(*args, **clip, reduce="sequence_mean")}
+            return {"tokens": token_clip_loss(*args, **clip, reduce="token_sum", weights=weights)}
+        return {"sequences": token_clip_loss(*args, **clip, reduce="sequence_mean", weights=weights)}
 
 
 # name -> (factory, published defaults for the clip range)
@@ -109,22 +169,26 @@ def build_objective(
     *,
     tau: float = 0.5,
     skip_uniform_groups: bool = True,
+    bce_normalise: str = "rollouts",
     clip_low: float | None = None,
     clip_high: float | None = None,
     kl: str = "none",
     kl_coef: float = 0.0,
+    importance_correction: str = "none",
+    is_cap: float = 2.0,
 ) -> Objective:
     """The objective registered as `name` (one of OBJECTIVES), with the given hyper-parameters."""
-    kl_args = dict(kl=kl, kl_coef=kl_coef)
+    common = dict(kl=kl, kl_coef=kl_coef, importance_correction=importance_correction, is_cap=is_cap)
     if name in _REAL_VARIANTS:
-        obj: Objective = RealObjective(_REAL_VARIANTS[name], tau=tau, skip_uniform_groups=skip_uniform_groups, **kl_args)
+        obj: Objective = RealObjective(_REAL_VARIANTS[name], tau=tau, skip_uniform_groups=skip_uniform_groups,
+                                       bce_normalise=bce_normalise, **common)
     elif name in _CLIP_DEFAULTS:
         low, high = _CLIP_DEFAULTS[name]
         obj = ClipObjective(
             name,
             clip_low=low if clip_low is None else clip_low,
             clip_high=high if clip_high is None else clip_high,
-            **kl_args,
+            **common,
         )
     else:
         raise ValueError(f"unknown objective {name!r}; registered: {', '.join(OBJECTIVES)}")
@@ -136,17 +200,20 @@ def objective_from_config(algorithm) -> Objective:
     """Build from an `AlgorithmConfig` section."""
     return build_objective(
         algorithm.name, tau=algorithm.tau, skip_uniform_groups=algorithm.skip_uniform_groups,
-        clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, kl=algorithm.kl, kl_coef=algorithm.kl_coef,
+        bce_normalise=algorithm.bce_normalise, clip_low=algorithm.clip_low, clip_high=algorithm.clip_high,
+        kl=algorithm.kl, kl_coef=algorithm.kl_coef, importance_correction=algorithm.importance_correction,
+        is_cap=algorithm.is_cap,
     )
 
 
 def normalise(terms: dict[Unit, torch.Tensor], counts: dict[Unit, float]) -> torch.Tensor:
-    """Combine summed terms into the mini-batch loss: sum_k terms[k] / counts[k] (global counts)."""
+    """Combine summed terms into the mini-batch loss: sum_k terms[k] / counts[k] (global counts).
+    A unit counted 0 times (no informative group, every rollout excluded) adds 0, not 0/0."""
     total: torch.Tensor | float = 0.0
     for unit, value in terms.items():
-        if counts.get(unit, 0) <= 0:
-            raise ValueError(f"loss term in {unit!r} needs a positive count of {unit} in the mini-batch, got {counts.get(unit)}")
-        total = total + value / counts[unit]
+        if unit not in counts or counts[unit] < 0:
+            raise ValueError(f"loss term in {unit!r} needs the count of {unit} in the mini-batch, got {counts.get(unit)}")
+        total = total + (value / counts[unit] if counts[unit] > 0 else value * 0.0)
     return total  # type: ignore[return-value]
 
 

@@ -2,8 +2,9 @@
 
 For one machine without a GPU: the policy's weights arrive in memory through the same streaming
 export the SGLang fleet uses (HF-named tensors), generation uses the KV cache and sampling of
-transformers' `generate`, and each token's log-prob under the model (before temperature) comes back
-with it, like SGLang's return_logprob.
+transformers' `generate`, and each token's log-prob under the distribution it was sampled from
+(softmax of logits / temperature; top-p not renormalised) comes back with it, as SGLang's
+return_logprob reports it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ class LocalEngine:
             return_dict_in_generate=True, output_logits=True,
         )
         new = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1).float()  # [batch, steps, vocab], before temperature
+        logits = torch.stack(out.logits, dim=1).float()  # [batch, steps, vocab], raw
+        if sampling:  # the distribution sampled from, as SGLang reports it (greedy: the raw one)
+            logits = logits / params.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, new.unsqueeze(2)).squeeze(2)
         samples = []
         for i in range(len(prompts)):

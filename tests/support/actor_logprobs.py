@@ -1,7 +1,8 @@
 """Log-probs of given responses as the actor computes them (megatron model + token_logprobs kernel).
 
-    python tests/support/actor_logprobs.py --hf DIR --pairs pairs.json --out logprobs.json
-pairs.json: [[prompt_ids, response_ids], ...]
+    python tests/support/actor_logprobs.py --hf DIR --pairs pairs.json --out logprobs.json [--temperature T]
+pairs.json: [[prompt_ids, response_ids], ...]; log-probs under softmax(logits / T), as the actor's
+logprob_temperature computes them.
 """
 
 import argparse
@@ -19,6 +20,7 @@ def main():
     parser.add_argument("--hf", required=True)
     parser.add_argument("--pairs", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args()
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec, build_model_chunks, transformer_config
@@ -36,7 +38,7 @@ def main():
             ids = torch.tensor([prompt + response])
             logits = model(ids, torch.arange(ids.shape[1])[None], None)[0]  # [s, V]
             picked = logits[len(prompt) - 1 : -1, : spec.vocab_size]
-            out.append(token_logprobs(picked.float(), torch.tensor(response)).tolist())
+            out.append(token_logprobs(picked.float() / args.temperature, torch.tensor(response)).tolist())
     Path(args.out).write_text(json.dumps(out))
     shutdown()
 

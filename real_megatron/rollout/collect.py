@@ -1,0 +1,128 @@
+"""One step's rollout batch: prompts -> samples -> verifier labels -> the batch the actor trains on.
+
+With `algorithm.dynamic_sampling` (DAPO's filter) groups whose labels are all equal carry no
+signal for any objective: they are set aside and another round of train.prompts_per_step prompts
+is generated, until the batch holds train.prompts_per_step informative groups or
+`algorithm.max_sampling_rounds` rounds have run (then uniform groups fill the batch, with a
+warning: they add nothing to the gradient). Every prompt drawn is consumed from the dataset order,
+kept or not, so the data position stays exact: a resumed step draws and samples exactly what the
+interrupted one did (each round's seed is a function of run seed, step and round).
+
+Truncated responses (finish reason "length") are handled here too, before the filter:
+`algorithm.truncated` keep | negative (label 0) | exclude (out of the loss and out of its group),
+and DAPO's soft overlong penalty on the reward of the reward-weighted baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..actor.batching import Rollout, informative_groups
+from .types import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_PURPOSES = ("rollouts", "evaluation")
+
+
+def sampling_seed(seed: int, purpose: str, step: int, round: int = 0) -> int:
+    """The embedded engine's seed for one call: a function of (run seed, purpose, step, sampling
+    round) alone, so a run resumed from a checkpoint samples exactly what the uninterrupted run did."""
+    return (seed * 1_000_003 + step) * 2 + _PURPOSES.index(purpose) + round * 2 * 10**12
+
+
+def generate_rollouts(engine, inputs, examples, n: int, params: SamplingParams, timeout_s: float):
+    """(rollouts, metrics) on rank 0: samples, decoded responses, verifier labels."""
+    from ..evaluation import score_groups
+
+    start = time.perf_counter()
+    groups = engine.generate([ex.prompt_ids for ex in examples], n, params)
+    gen_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rewards = score_groups(groups, examples, inputs.tokenizer, inputs.reward_fn, timeout_s)
+    rollouts, k = [], 0
+    for p, (ex, group) in enumerate(zip(examples, groups)):
+        for sample in group:
+            response = sample.output_ids or list(inputs.stop_ids[:1])
+            engine_logprobs = sample.logprobs if sample.logprobs and len(sample.logprobs) == len(response) else None
+            rollouts.append(Rollout(ex.prompt_ids, response, rewards[k], p, engine_logprobs, sample.truncated))
+            k += 1
+    return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start}
+
+
+def handle_truncated(rollouts: list[Rollout], algorithm, max_new_tokens: int) -> None:
+    """algorithm.truncated and the overlong penalty, in place."""
+    for r in rollouts:
+        if r.truncated and algorithm.truncated == "negative":
+            r.reward = 0.0
+        elif r.truncated and algorithm.truncated == "exclude":
+            r.in_loss = False
+        if algorithm.overlong_buffer_tokens:
+            r.penalty = overlong_penalty(len(r.response_ids), max_new_tokens, algorithm.overlong_buffer_tokens,
+                                         algorithm.overlong_penalty)
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer_tokens: int, factor: float) -> float:
+    """DAPO's soft overlong punishment: 0 up to max_new_tokens - buffer_tokens, then falling
+    linearly to -factor at max_new_tokens."""
+    exceed = length - (max_new_tokens - buffer_tokens)
+    return -min(exceed / buffer_tokens, 1.0) * factor if exceed > 0 else 0.0
+
+
+def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dict]:
+    """Rank 0: the rollout batch of RL step `step` (train.prompts_per_step groups of
+    rollout.n_samples) and its metrics, drawing prompts from inputs.train_set."""
+    t, r, a = cfg.train, cfg.rollout, cfg.algorithm
+    kept: list[list[Rollout]] = []  # groups to train on, in the order generated
+    uniform: list[list[Rollout]] = []  # groups set aside by the filter
+    timings = {"generate_s": 0.0, "reward_s": 0.0}
+    rounds = 0
+    while True:
+        examples = inputs.train_set.next_batch(t.prompts_per_step)
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                stop_token_ids=inputs.stop_ids, seed=sampling_seed(t.seed, "rollouts", step, rounds))
+        rollouts, phase = generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0)
+        rounds += 1
+        for key in timings:
+            timings[key] += phase[key]
+        handle_truncated(rollouts, a, r.max_new_tokens)
+        informative = informative_groups(rollouts)
+        for g in range(len(examples)):
+            group = rollouts[g * r.n_samples : (g + 1) * r.n_samples]
+            (kept if g in informative or not a.dynamic_sampling else uniform).append(group)
+        if not a.dynamic_sampling or len(kept) >= t.prompts_per_step or rounds >= a.max_sampling_rounds:
+            break
+    if len(kept) < t.prompts_per_step:
+        log.warning("step %d: %d of %d prompt groups informative after %d sampling rounds "
+                    "(algorithm.max_sampling_rounds=%d); uniform groups fill the rest and add no gradient",
+                    step, len(kept), t.prompts_per_step, rounds, a.max_sampling_rounds)
+        kept += uniform[: t.prompts_per_step - len(kept)]
+    batch = [renumbered(rollout, g) for g, group in enumerate(kept[: t.prompts_per_step]) for rollout in group]
+    return batch, dict(timings, **batch_metrics(batch, r.n_samples, a), sampling_rounds=rounds,
+                       prompts_generated=rounds * t.prompts_per_step)
+
+
+def keep_data_position(train_set, metrics: dict, prompts_per_step: int) -> None:
+    """On ranks other than 0: draw what rank 0 drew, so every rank's data position is the same."""
+    for _ in range(metrics["sampling_rounds"]):
+        train_set.next_batch(prompts_per_step)
+
+
+def renumbered(rollout: Rollout, group: int) -> Rollout:
+    rollout.group = group
+    return rollout
+
+
+def batch_metrics(rollouts: list[Rollout], n: int, algorithm) -> dict:
+    groups = [rollouts[i : i + n] for i in range(0, len(rollouts), n)]
+    metrics = {
+        "informative_groups": len(informative_groups(rollouts)),
+        "solved_all_ratio": sum(all(r.reward > 0 for r in g) for g in groups) / max(1, len(groups)),
+        "truncated_ratio": sum(r.truncated for r in rollouts) / max(1, len(rollouts)),
+    }
+    if algorithm.truncated == "exclude":
+        metrics["excluded_ratio"] = sum(not r.in_loss for r in rollouts) / len(rollouts)
+    if algorithm.overlong_buffer_tokens:
+        metrics["overlong_penalty_mean"] = sum(r.penalty for r in rollouts) / len(rollouts)
+    return metrics
