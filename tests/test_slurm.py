@@ -130,13 +130,21 @@ def test_quickstart_job_completes_with_checkpoint_metrics_and_a_log_per_componen
 @pytest.mark.skipif(not HAVE_SGLANG, reason="a heterogeneous job's first component is the SGLang fleet: "
                                             "run tools/install_sglang.sh")
 def test_heterogeneous_job_runs_the_fleet_and_the_trainer_as_its_two_components(cluster, tmp_path):
-    job = Job(cluster, tmp_path, 2, layout=HETEROGENEOUS)
+    # dynamic sampling through the fleet; SGLang's log-probs against the actor's pi_old on every step
+    job = Job(cluster, tmp_path, 2, "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=2",
+              layout=HETEROGENEOUS)
     assert job.wait() == 0, job.diagnostics()
     assert re.findall(r"JobState=(\S+)", job.show()) == ["COMPLETED", "COMPLETED"]
     job_log = (job.run_dir / "logs" / "job.log").read_text()
     assert "trainer 1x1 on n2" in job_log and "trainer exited with code 0" in job_log
     assert "SGLang server 0 ready" in (job.run_dir / "logs" / "fleet.log").read_text()
     assert job.steps_logged() == [1, 2]
+    rows = [json.loads(line) for line in (job.run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in line]
+    for row in rows:
+        assert row["prompts_generated"] == 8 * row["sampling_rounds"] and row["sampling_rounds"] in (1, 2), row
+        # a float32 CPU server: the engine's log-probs agree with the actor's to rounding
+        assert 0 <= row["mismatch_abs_mean"] < 1e-3 and row["mismatch_frac"] == 0.0, row
+        assert row["first_update_score_abs_max"] < 1e-5, row
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_final_step(cluster, tmp_path):
