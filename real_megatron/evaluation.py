@@ -64,3 +64,28 @@ def table_rows(reports: dict[str, dict]) -> str:
         cells = [f"{100 * report['benchmarks'][n]['pass1']:.1f}" for n in names]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * report['average']:.1f} |")
     return "\n".join(lines)
+def evaluate(engine, inputs, cfg, step: int) -> dict:
+    """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
+    from .rollout.collect import sampling_seed
+
+    params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
+                            stop_token_ids=inputs.stop_ids, seed=sampling_seed(cfg.train.seed, "evaluation", step))
+    sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
+    start = time.perf_counter()
+    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
+    return dict(result, eval_s=time.perf_counter() - start)
+
+
+
+
+def run_summary(cfg, baseline: dict, final: dict, seconds: float, warmstart: dict | None) -> dict:
+    """summary.json: pass@1 before and after RL, pooled and per eval file (as Table 1 reports it)."""
+    return {
+        "baseline_pass1": baseline["pass1"], "final_pass1": final["pass1"], "gain": final["pass1"] - baseline["pass1"],
+        "eval_samples": final["samples"], "eval_problems": final["problems"], "stderr": final["stderr"],
+        "baseline_stderr": baseline["stderr"], "steps": cfg.train.steps, "algorithm": cfg.algorithm.name,
+        "seconds": seconds,
+        "baseline_benchmarks": {n: b["pass1"] for n, b in baseline.get("benchmarks", {}).items()},
+        "final_benchmarks": {n: b["pass1"] for n, b in final["benchmarks"].items()},
+        "warmstart": warmstart,
+    }

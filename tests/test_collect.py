@@ -11,7 +11,7 @@ from real_megatron.data import PromptDataset
 from real_megatron.rollout.collect import collect_rollouts, handle_truncated, keep_data_position, overlong_penalty
 from real_megatron.rollout.local import LocalEngine
 from real_megatron.tasks import arithmetic as task
-from real_megatron.train import Inputs
+from real_megatron.tasks.inputs import Inputs
 
 
 def odd_length(response: str, truth) -> float:

@@ -5,7 +5,7 @@ import pytest
 from real_megatron.actor.distributed import cuda_device_index, gpu_environment_warnings, trainer_environment
 from real_megatron.config import load_config
 from real_megatron.rollout.sglang_fleet import FleetError, split_gpus, visible_gpus
-from real_megatron.train import launched_server_gpus
+from real_megatron.rollout.engine_setup import launched_server_gpus
 
 QUICKSTART = "configs/quickstart.yaml"
 

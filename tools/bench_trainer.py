@@ -63,7 +63,7 @@ def trl_worker(work: Path, steps: int, warmup: int) -> None:
 
     from real_megatron.config import load_config
     from real_megatron.tasks import arithmetic as task
-    from real_megatron.train import task_root
+    from real_megatron.tasks.inputs import task_root
 
     cfg = load_config(CONFIG)
     root = task_root(cfg)

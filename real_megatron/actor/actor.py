@@ -61,6 +61,21 @@ class ActorSettings:
     logprob_temperature: float = 1.0
     mismatch_threshold: float = 0.5  # |log pi_old - log pi_engine| counted in mismatch_frac
 
+    @classmethod
+    def from_config(cls, cfg, pad_id: int) -> "ActorSettings":
+        """The actor's settings for a run's config (parallel layout, optimizer, batching, algorithm)."""
+        p, t, r, a = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm
+        return cls(
+            tp=p.tp, pp=p.pp, vpp=p.vpp, sequence_parallel=p.sequence_parallel, dtype=getattr(torch, cfg.model.dtype),
+            optim=cfg.optim, total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * a.updates_per_batch,
+            groups_per_mini_batch=t.prompts_per_mini_batch, groups_per_micro_batch=t.prompts_per_micro_batch,
+            max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, pack_sequences=t.pack_sequences,
+            fused_output_layer=t.fused_output_layer, updates_per_batch=a.updates_per_batch,
+            use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
+            pad_id=pad_id, max_consecutive_skips=t.max_consecutive_skips,
+            logprob_temperature=r.temperature if r.temperature > 0 else 1.0, mismatch_threshold=a.mismatch_threshold,
+        )
+
 
 # |s̄| allowed at the first update, where pi_theta is pi_old: the training forward and the
 # recomputation should agree to rounding in the model's dtype

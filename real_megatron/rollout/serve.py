@@ -46,7 +46,7 @@ def wait_for_model(path: Path, timeout_s: float) -> None:
 
 
 def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
-    from ..train import initial_model_dir
+    from ..tasks.inputs import initial_model_dir
 
     r = cfg.rollout
     model = initial_model_dir(cfg)

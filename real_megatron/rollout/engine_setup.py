@@ -1,0 +1,106 @@
+"""The rollout engine a run generates with, and how the actor's weights reach it.
+
+`rollout.backend: local` is the embedded engine (weights handed over in memory); `sglang` the
+fleet, launched by the trainer on this node's spare GPUs, attached by URL, or found in the job's
+server registry (slurm/train.sbatch starts servers as their own job step). Weights go to the fleet
+from disk (safetensors, servers reload) or by NCCL broadcast in buckets (rollout.weight_sync).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..config import Config
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def make_engine(cfg: Config, inputs, run_dir: Path):
+    """The rollout engine on rank 0: the embedded one, or the SGLang fleet (launched, attached to
+    rollout.server_urls, or to the servers registering in rollout.server_registry)."""
+    from .local import LocalEngine
+
+    if cfg.rollout.backend == "local":
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(inputs.model_dir)
+        return LocalEngine(config, pad_token_id=inputs.tokenizer.pad_token_id or 0, seed=cfg.train.seed)
+    from .sglang_env import default_server_python
+    from .sglang_fleet import SGLangFleet
+
+    r = cfg.rollout
+    urls = r.server_urls or None
+    if r.server_registry:  # servers of another job step (slurm/train.sbatch) announce themselves here
+        from .registry import wait_for_servers
+
+        urls = wait_for_servers(r.server_registry, r.num_servers, r.health_timeout_s)
+    return SGLangFleet(
+        model_path=str(inputs.model_dir), urls=urls, num_servers=r.num_servers, server_tp=r.server_tp,
+        host=r.server_host, base_port=r.server_base_port, server_python=r.server_python or default_server_python(),
+        server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
+        request_timeout_s=r.request_timeout_s, max_requests_per_server=r.max_requests_per_server,
+        gpus=None if urls else launched_server_gpus(cfg),
+    )
+
+
+def launched_server_gpus(cfg: Config, environ: dict | None = None) -> list[str] | None:
+    """GPUs for the servers this trainer launches: rollout.server_gpus, else this node's GPUs after
+    the trainer ranks' (local rank i uses GPU i). None on a machine without GPUs."""
+    from .sglang_fleet import visible_gpus
+
+    visible = visible_gpus(environ)
+    if not visible:
+        return None
+    if cfg.rollout.server_gpus:
+        unknown = [g for g in cfg.rollout.server_gpus if g >= len(visible)]
+        if unknown:
+            raise ValueError(f"rollout.server_gpus names GPU(s) {unknown}; this process sees {len(visible)}")
+        return [visible[g] for g in cfg.rollout.server_gpus]
+    return visible[cfg.parallel.gpus_per_node:]
+
+
+def make_broadcaster(cfg: Config, engine):
+    """rollout.weight_sync: distributed -> the broadcast group to the fleet (on rank 0)."""
+    from .broadcast_sync import BroadcastWeightSync
+
+    r = cfg.rollout
+    if r.backend != "sglang" or r.weight_sync != "distributed" or not _rank0():
+        return None
+    address = r.weight_sync_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return BroadcastWeightSync(engine, address=address, bucket_bytes=r.weight_sync_bucket_mb * 2**20,
+                               timeout_s=cfg.parallel.timeout_s)
+
+
+def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cfg: Config, broadcaster=None) -> float:
+    """The actor's weights to the engine as `version` (a collective: every rank calls it); seconds taken."""
+    from ..convert.convert import iter_whole_model
+    from .weight_sync import sync_to_fleet_from_disk
+
+    start = time.perf_counter()
+    if cfg.rollout.backend == "local":  # the config decides: ranks > 0 hold no engine
+        state = actor.gather_hf_state_dict()  # the full model on rank 0 (small models only)
+        if _rank0():
+            engine.update_weights(state.items(), version)
+    elif cfg.rollout.weight_sync == "distributed":
+        tensors = iter_whole_model(actor.chunks, actor.spec)  # a collective: every rank drains it
+        if broadcaster is not None:
+            broadcaster.push(tensors, version, actor.settings.dtype)
+        else:
+            for _ in tensors:
+                pass
+    else:
+        sync_to_fleet_from_disk(actor, engine, run_dir / "weights", version, model_dir, cfg.parallel.timeout_s)
+    return time.perf_counter() - start
+
+
+def close_engine(engine, broadcaster=None) -> None:
+    if broadcaster is not None:
+        broadcaster.close()
+    if hasattr(engine, "stop"):
+        engine.stop()  # only servers this process launched; attached ones keep running
