@@ -58,6 +58,22 @@ def test_quickstart_shaped_run_leaves_every_artefact(tmp_path):
     # resuming (after kills at several points, exactly) is tests/test_crash_resume.py's subject
 
 
+def test_every_rlvr_option_at_once_through_the_cli(tmp_path):
+    """DAPO with dynamic sampling, truncated responses excluded, the overlong penalty and masked
+    importance sampling: the loop runs them together and logs what each did."""
+    train(tmp_path, "train.steps=2", "algorithm.name=dapo", "algorithm.dynamic_sampling=true",
+          "algorithm.max_sampling_rounds=2", "algorithm.truncated=exclude", "algorithm.overlong_buffer_tokens=8",
+          "algorithm.importance_correction=mis", "eval.every_steps=0", "logging.plot=false",
+          "checkpoint.save_hf_final=false", "checkpoint.every_steps=0", "logging.tensorboard=false")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for row in steps:
+        assert row["prompts_generated"] == 8 * row["sampling_rounds"] and row["skipped_updates"] == 0, row
+        assert 0 < row["excluded_ratio"] == row["truncated_ratio"], row  # the toy model often runs to the limit
+        assert -1.0 <= row["overlong_penalty_mean"] < 0 and row["mismatch_frac"] == 0.0, row
+
+
 def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation(tmp_path):
     """Rank 1 waits while rank 0 warm-starts the task, generates and evaluates, each longer than
     parallel.timeout_s; the run completes (each wait checks rank 0's heartbeat, not a deadline)."""
