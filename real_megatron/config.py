@@ -541,6 +541,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(
             f"algorithm.overlong_buffer_tokens with algorithm.name={a.name}: REAL's rewards are class labels, a "
             "fractional penalty is not a label; use algorithm.truncated=negative or exclude")
+    if a.dynamic_sampling and r.n_samples < 2:
+        errors.append(f"algorithm.dynamic_sampling with rollout.n_samples={r.n_samples}: a group of one rollout is "
+                      "always uniform, so every round would be set aside")
     if a.is_cap <= 1:
         errors.append(f"algorithm.is_cap must be > 1, got {a.is_cap}")
     if a.importance_correction != "none" and r.use_engine_logprobs:

@@ -64,6 +64,7 @@ def table_rows(reports: dict[str, dict]) -> str:
         cells = [f"{100 * report['benchmarks'][n]['pass1']:.1f}" for n in names]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * report['average']:.1f} |")
     return "\n".join(lines)
+
 def evaluate(engine, inputs, cfg, step: int) -> dict:
     """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
     from .rollout.collect import sampling_seed

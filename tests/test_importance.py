@@ -42,6 +42,9 @@ def test_mismatch_partials_by_hand():
     assert abs_sum == pytest.approx(1.1) and top == pytest.approx(1.0) and above == 1 and n == 3
     assert k3 == pytest.approx((math.exp(0.1) - 1 - 0.1) + (math.exp(1.0) - 1 - 1.0))
     assert mismatch_partials(old, old, 0.5).tolist() == [0.0, 0.0, 0.0, 0.0, 3.0]
+    # an engine's -inf log-prob: k3 stays finite and >= 0
+    _, _, k3, _, _ = mismatch_partials(old, torch.tensor([-1.0, float("-inf"), -0.5], dtype=D), 0.5).tolist()
+    assert 0 <= k3 < math.inf
 
 
 def one_sequence_batch(ratios_engine, advantage=1.0, correction="tis"):
@@ -104,6 +107,14 @@ def test_real_weights_scale_each_rollouts_term():
             real_loss(s, labels, groups, **kw).item(), rel=1e-14)
         across = real_loss_across_ranks(s, labels, groups, 1, weights=w, **kw)
         assert across.item() == pytest.approx(without.item(), rel=1e-12)
+    # a NaN score of a rollout out of the loss (weight 0) reaches neither the loss nor any gradient
+    nan_scores = s.clone()
+    nan_scores[3] = float("nan")
+    nan_scores.requires_grad_(True)
+    for loss_fn in (real_loss, lambda *a, **k: real_loss_across_ranks(a[0], a[1], a[2], 1, **k)):
+        value = loss_fn(nan_scores, labels, groups, tau=tau, weights=w)
+        (grad,) = torch.autograd.grad(value, nan_scores)
+        assert value.item() == pytest.approx(expect, rel=1e-12) and torch.isfinite(grad).all()
     # a group whose only negative is out of the loss is uniform: skipped
     assert real_loss(s, labels, groups, weights=torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=D),
                      skip_uniform_groups=True).item() == 0.0

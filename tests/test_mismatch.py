@@ -79,6 +79,12 @@ def _body(rank, world_size):
     if rank == 0:
         assert warnings[0].startswith("step 2: at the first update max |s̄| = 0.01"), warnings
 
+    # a rollout without the engine's log-probs: the same error on every rank, before any collective
+    rollouts[5].engine_logprobs = None
+    with pytest.raises(ValueError, match=r"step 3: algorithm.importance_correction=tis needs the engine's log-prob "
+                                         r"of every response token; 1 of 16 rollouts lack them \(e.g. rollout 5, group 1\)"):
+        actor.train_step(rollouts, step=3)
+
 
 def test_mismatch_metrics_and_the_first_update_check_over_two_ranks():
     run_processes(_body, 2)

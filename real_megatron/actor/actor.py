@@ -183,6 +183,16 @@ class Actor:
         """Old log-probs, then `updates_per_batch` passes of one optimizer step per mini-batch.
         `step` (the RL step) only names where a non-finite update happened."""
         s = self.settings
+        if s.use_engine_logprobs or self.objective.importance_correction != "none":
+            # decided on the whole batch (the same on every rank), never inside one rank's micro-batch
+            missing = [i for i, r in enumerate(rollouts)
+                       if r.engine_logprobs is None or len(r.engine_logprobs) != len(r.response_ids)]
+            if missing:
+                why = ("rollout.use_engine_logprobs" if s.use_engine_logprobs
+                       else f"algorithm.importance_correction={self.objective.importance_correction}")
+                raise ValueError(f"step {step}: {why} needs the engine's log-prob of every response token; "
+                                 f"{len(missing)} of {len(rollouts)} rollouts lack them (e.g. rollout {missing[0]}, "
+                                 f"group {rollouts[missing[0]].group})")
         timings = {}
         start = time.perf_counter()
         minis = build_mini_batches(
@@ -196,10 +206,8 @@ class Actor:
 
         start = time.perf_counter()
         for mini in minis:
-            if s.use_engine_logprobs:
+            if s.use_engine_logprobs:  # every rollout carries them (checked above)
                 for mb in mini.micro_batches:
-                    if mb.engine_logprobs is None:
-                        raise ValueError("rollout.use_engine_logprobs is set but the rollouts carry no engine log-probs")
                     mb.old_logprobs = mb.engine_logprobs
             else:
                 self.compute_old_logprobs(mini)

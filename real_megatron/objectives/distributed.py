@@ -1,8 +1,8 @@
 """REAL when a prompt group's rollouts are spread over data-parallel ranks.
 
 Built on `group_logsumexp`: positives of group g are members of slot g with value -s/tau,
-negatives are members of slot G+g with value s/tau, so one collective of 2G (max, sum-exp)
-partials serves both sides of every group. The anchor logit 0 is added after the collective
+negatives are members of slot G+g with value s/tau (rollouts of weight 0 go to a discard slot 2G),
+so one collective of 2G + 1 (max, sum-exp) partials serves both sides of every group. The anchor logit 0 is added after the collective
 (log(1 + e^lse) = logaddexp(lse, 0)), once, identically on every rank.
 
 The returned loss is the full-batch value on every rank; its gradient reaches only this rank's
@@ -45,6 +45,7 @@ def real_loss_across_ranks(
     logits = scores / tau
     slot = torch.where(positive, group_index, torch.where(negative, group_index + num_groups, 2 * num_groups))
     side_values = torch.where(positive, -logits, logits) + log_w
+    side_values = torch.where(positive | negative, side_values, torch.zeros_like(side_values))  # discarded: no NaN
     if variant == "bce":
         side_values = torch.zeros_like(side_values).detach()  # only which sides are present matters
     lse = group_logsumexp(side_values, slot, 2 * num_groups + 1, dp_group=dp_group, impl=impl)

@@ -56,7 +56,8 @@ def mismatch_partials(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor,
     log pi_engine. k3 = (r - 1) - log r with r = pi_old / pi_engine estimates KL(pi_engine || pi_old)
     from the engine's own samples, unbiased and >= 0 per token."""
     d = (old_logprobs.double() - engine_logprobs.double()).detach()
-    k3 = torch.expm1(d.clamp(max=20.0)) - d
+    clamped = d.clamp(-20.0, 20.0)  # an engine's -inf or clamped log-prob keeps k3 finite and >= 0
+    k3 = torch.expm1(clamped) - clamped
     absolute = d.abs()
     top = absolute.max() if d.numel() else absolute.new_zeros(())
     return torch.stack([absolute.sum(), top, k3.sum(), (absolute > threshold).sum().double(),

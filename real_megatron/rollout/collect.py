@@ -4,7 +4,7 @@ With `algorithm.dynamic_sampling` (DAPO's filter) groups whose labels are all eq
 signal for any objective: they are set aside and another round of train.prompts_per_step prompts
 is generated, until the batch holds train.prompts_per_step informative groups or
 `algorithm.max_sampling_rounds` rounds have run (then uniform groups fill the batch, with a
-warning: they add nothing to the gradient). Every prompt drawn is consumed from the dataset order,
+warning: their labels carry no signal; with the default settings they add no gradient). Every prompt drawn is consumed from the dataset order,
 kept or not, so the data position stays exact: a resumed step draws and samples exactly what the
 interrupted one did (each round's seed is a function of run seed, step and round).
 
@@ -28,7 +28,9 @@ _PURPOSES = ("rollouts", "evaluation")
 
 def sampling_seed(seed: int, purpose: str, step: int, round: int = 0) -> int:
     """The embedded engine's seed for one call: a function of (run seed, purpose, step, sampling
-    round) alone, so a run resumed from a checkpoint samples exactly what the uninterrupted run did."""
+    round) alone, so a run resumed from a checkpoint samples exactly what the uninterrupted run did.
+    Distinct for every (purpose, step, round) of one run; round 0 keeps the seeds of runs before
+    dynamic sampling existed (two runs whose seeds differ by a multiple of 10**6 share later rounds)."""
     return (seed * 1_000_003 + step) * 2 + _PURPOSES.index(purpose) + round * 2 * 10**12
 
 
@@ -95,7 +97,7 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
             break
     if len(kept) < t.prompts_per_step:
         log.warning("step %d: %d of %d prompt groups informative after %d sampling rounds "
-                    "(algorithm.max_sampling_rounds=%d); uniform groups fill the rest and add no gradient",
+                    "(algorithm.max_sampling_rounds=%d); uniform groups fill the rest (their labels carry no signal)",
                     step, len(kept), t.prompts_per_step, rounds, a.max_sampling_rounds)
         kept += uniform[: t.prompts_per_step - len(kept)]
     batch = [renumbered(rollout, g) for g, group in enumerate(kept[: t.prompts_per_step]) for rollout in group]
