@@ -65,8 +65,9 @@ def main() -> int:
     spec = ArchSpec.from_hf(shape)
     weights = init_hf_state_dict(spec, seed=0, dtype=dtype)
     recompute = not args.no_recompute
+    # log-probs at the paper's sampling temperature, as a run computes them
     settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1, groups_per_micro_batch=1,
-                             recompute_activations=recompute)
+                             recompute_activations=recompute, logprob_temperature=0.6)
     actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")), weights.__getitem__)
     del weights
     gen = torch.Generator().manual_seed(0)
@@ -87,7 +88,7 @@ def main() -> int:
     attention = 12 * spec.num_layers * spec.hidden_size * seq * tokens / 2  # causal QK^T and AV, fwd+bwd
     # model FLOPs (the recomputed forward is not counted, as MFU conventionally does not)
     flops = 6 * params * tokens + 2 * params * tokens + attention * 4 / 3
-    score_abs_max = max(abs(metrics[k]) for k in ("score_pos_min", "score_pos_max", "score_neg_min", "score_neg_max"))
+    score_abs_max = metrics["first_update_score_abs_max"]  # the trainer's own check (one mini-batch: every rollout)
     cfg = load_config(None, [f"model.dtype={'bfloat16' if cuda else 'float32'}", "rollout.n_samples=%d" % args.rollouts,
                              f"data.max_prompt_tokens={prompt}", f"rollout.max_new_tokens={seq - prompt}",
                              "train.prompts_per_step=1", "train.prompts_per_mini_batch=1",
