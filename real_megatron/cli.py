@@ -31,6 +31,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .actor.distributed import trainer_environment
+    from .rank0_phases import is_rank0
     from .train import train
 
     for key, value in trainer_environment(cfg, torch.cuda.is_available()).items():
@@ -44,11 +45,11 @@ def _train(args: argparse.Namespace) -> int:
     if "preempted_at" in summary:
         from .preemption import REQUEUE_EXIT_CODE
 
-        if _is_rank0():
+        if is_rank0():
             print(f"stopped at step {summary['preempted_at']} on a cluster signal; checkpoint written, "
                   f"exit {REQUEUE_EXIT_CODE} asks for a requeue")
         return REQUEUE_EXIT_CODE
-    if _is_rank0():
+    if is_rank0():
         print(closing_table(summary, cfg.train.output_dir))
     return 0
 
@@ -160,12 +161,6 @@ def _memory_report(cfg) -> str:
     if cfg.rollout.backend == "sglang":
         lines.append(server_memory(cfg, arch, capacity))
     return "\n".join(lines)
-
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def closing_table(summary: dict, run_dir: str) -> str:

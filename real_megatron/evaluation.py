@@ -65,6 +65,7 @@ def table_rows(reports: dict[str, dict]) -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {100 * report['average']:.1f} |")
     return "\n".join(lines)
 
+
 def evaluate(engine, inputs, cfg, step: int) -> dict:
     """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
     from .rollout.collect import sampling_seed
@@ -75,8 +76,6 @@ def evaluate(engine, inputs, cfg, step: int) -> dict:
     start = time.perf_counter()
     result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
     return dict(result, eval_s=time.perf_counter() - start)
-
-
 
 
 def run_summary(cfg, baseline: dict, final: dict, seconds: float, warmstart: dict | None) -> dict:

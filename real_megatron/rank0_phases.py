@@ -64,6 +64,11 @@ def _store():
     return distributed_c10d._get_default_store()
 
 
+def is_rank0() -> bool:
+    """True on global rank 0, and in a process without a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _multi_rank() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 

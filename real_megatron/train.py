@@ -19,12 +19,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from .config import Config, save_config
 from .evaluation import evaluate, run_summary
 from .kill_points import kill_point
-from .rank0_phases import on_rank0
+from .rank0_phases import is_rank0, on_rank0
 from .rollout.collect import collect_rollouts, keep_data_position
 from .rollout.engine_setup import close_engine, make_broadcaster, make_engine, sync_weights
 from .tasks.inputs import prepare_inputs, warmstart_record
@@ -47,7 +45,7 @@ def train(cfg: Config) -> dict:
                      expected_world_size=p.world_size, seed=t.seed)
     run_dir, started = Path(t.output_dir), time.time()
     ckpt_root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    if _rank0():
+    if is_rank0():
         save_config(cfg, run_dir / "config.yaml")
 
     inputs = prepare_inputs(cfg)
@@ -64,11 +62,11 @@ def train(cfg: Config) -> dict:
         state = load_checkpoint(actor, resume)
         start_step, history = state["step"], state.get("history", {})
         inputs.train_set.load_state_dict(state["data"])
-        if _rank0():
+        if is_rank0():
             log.info("resumed from %s at step %d", resume, start_step)
     # a fresh start (no checkpoint yet, even after a crash) replaces what an earlier attempt logged
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
-                           resume_step=start_step if resume is not None else -1) if _rank0() else None
+                           resume_step=start_step if resume is not None else -1) if is_rank0() else None
     guard = PreemptionGuard()
     broadcaster = make_broadcaster(cfg, engine)
     sync_weights(actor, engine, run_dir, start_step, inputs.model_dir, cfg, broadcaster)
@@ -86,7 +84,7 @@ def train(cfg: Config) -> dict:
         # prompts -> G samples each -> labels; with dynamic sampling, rounds until the groups are informative
         rollouts, rollout_metrics = on_rank0(f"rollouts of step {step}", lambda: collect_rollouts(engine, inputs, cfg, step),
                                              timeout_s=p.timeout_s)
-        if not _rank0():
+        if not is_rank0():
             keep_data_position(inputs.train_set, rollout_metrics, t.prompts_per_step)
         kill_point("after_rollouts", step)
         metrics = actor.train_step(rollouts, step=step)
@@ -109,7 +107,7 @@ def train(cfg: Config) -> dict:
                             cfg.checkpoint.optimizer_format)
             prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         if stopping and step < t.steps:
-            if _rank0():
+            if is_rank0():
                 log.warning("stopped at step %d with a checkpoint in %s, for a requeue", step, ckpt_root)
             _close(bar, logger, engine, broadcaster)
             shutdown()
@@ -123,19 +121,15 @@ def train(cfg: Config) -> dict:
 
         write_hf_checkpoint(actor.chunks, spec, run_dir / "final_hf", inputs.model_dir, actor.settings.dtype)
     summary = run_summary(cfg, history["baseline"], final, time.time() - started, warmstart_record(cfg, inputs))
-    if _rank0():
+    if is_rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     _close(None, logger, engine, broadcaster)
-    if _rank0() and cfg.logging.plot:
+    if is_rank0() and cfg.logging.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
     shutdown()
     guard.restore()
     return summary
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _close(bar, logger, engine, broadcaster=None) -> None:
@@ -146,7 +140,7 @@ def _close(bar, logger, engine, broadcaster=None) -> None:
 
 
 def _progress(cfg: Config, start: int):
-    if not (cfg.logging.progress_bar and _rank0()):
+    if not (cfg.logging.progress_bar and is_rank0()):
         return None
     from .progress import progress
 

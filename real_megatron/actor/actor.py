@@ -29,6 +29,7 @@ from ..config import OptimConfig
 from ..objectives import PolicyBatch, normalise
 from ..objectives.importance import mismatch_partials
 from ..objectives.registry import Objective, RealObjective
+from ..rank0_phases import is_rank0
 from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
@@ -255,7 +256,7 @@ class Actor:
         tolerance = FIRST_UPDATE_TOLERANCE.get(self.settings.dtype, 1e-4)
         if self.settings.use_engine_logprobs or value is None or not value > tolerance:
             return
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_rank0():
             log.warning("step %s: at the first update max |s̄| = %.3g, above %.0e for %s: the training forward and "
                         "the recomputation of pi_old disagree (nondeterministic kernels, dropout, or a layout bug)",
                         step, value, tolerance, str(self.settings.dtype).replace("torch.", ""))
@@ -268,7 +269,7 @@ class Actor:
         problem = self._non_finite(outputs)
         if problem:  # skip: no optimizer step, so weights, Adam moments and the lr schedule stay as they were
             self.consecutive_skips += 1
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if is_rank0():
                 log.warning("%s: update skipped, %s; weights and optimizer state unchanged (%d in a row)",
                             where, problem, self.consecutive_skips)
             if self.consecutive_skips >= self.settings.max_consecutive_skips:

@@ -2,8 +2,9 @@
 
 Built on `group_logsumexp`: positives of group g are members of slot g with value -s/tau,
 negatives are members of slot G+g with value s/tau (rollouts of weight 0 go to a discard slot 2G),
-so one collective of 2G + 1 (max, sum-exp) partials serves both sides of every group. The anchor logit 0 is added after the collective
-(log(1 + e^lse) = logaddexp(lse, 0)), once, identically on every rank.
+so one collective of 2G + 1 (max, sum-exp) partials serves both sides of every group. The anchor
+logit 0 is added after the collective (log(1 + e^lse) = logaddexp(lse, 0)), once, identically on
+every rank.
 
 The returned loss is the full-batch value on every rank; its gradient reaches only this rank's
 scores. Summing parameter gradients over DP ranks (what DDP's all-reduce does, before any

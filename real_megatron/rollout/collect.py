@@ -100,7 +100,11 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
                     "(algorithm.max_sampling_rounds=%d); uniform groups fill the rest (their labels carry no signal)",
                     step, len(kept), t.prompts_per_step, rounds, a.max_sampling_rounds)
         kept += uniform[: t.prompts_per_step - len(kept)]
-    batch = [renumbered(rollout, g) for g, group in enumerate(kept[: t.prompts_per_step]) for rollout in group]
+    batch = []
+    for g, group in enumerate(kept[: t.prompts_per_step]):  # groups numbered 0..P-1 in the batch
+        for rollout in group:
+            rollout.group = g
+        batch += group
     return batch, dict(timings, **batch_metrics(batch, r.n_samples, a), sampling_rounds=rounds,
                        prompts_generated=rounds * t.prompts_per_step)
 
@@ -109,11 +113,6 @@ def keep_data_position(train_set, metrics: dict, prompts_per_step: int) -> None:
     """On ranks other than 0: draw what rank 0 drew, so every rank's data position is the same."""
     for _ in range(metrics["sampling_rounds"]):
         train_set.next_batch(prompts_per_step)
-
-
-def renumbered(rollout: Rollout, group: int) -> Rollout:
-    rollout.group = group
-    return rollout
 
 
 def batch_metrics(rollouts: list[Rollout], n: int, algorithm) -> dict:

@@ -12,13 +12,8 @@ import os
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from ..config import Config
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+from ..rank0_phases import is_rank0
 
 
 def make_engine(cfg: Config, inputs, run_dir: Path):
@@ -70,7 +65,7 @@ def make_broadcaster(cfg: Config, engine):
     from .broadcast_sync import BroadcastWeightSync
 
     r = cfg.rollout
-    if r.backend != "sglang" or r.weight_sync != "distributed" or not _rank0():
+    if r.backend != "sglang" or r.weight_sync != "distributed" or not is_rank0():
         return None
     address = r.weight_sync_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
     return BroadcastWeightSync(engine, address=address, bucket_bytes=r.weight_sync_bucket_mb * 2**20,
@@ -85,7 +80,7 @@ def sync_weights(actor, engine, run_dir: Path, version: int, model_dir: Path, cf
     start = time.perf_counter()
     if cfg.rollout.backend == "local":  # the config decides: ranks > 0 hold no engine
         state = actor.gather_hf_state_dict()  # the full model on rank 0 (small models only)
-        if _rank0():
+        if is_rank0():
             engine.update_weights(state.items(), version)
     elif cfg.rollout.weight_sync == "distributed":
         tensors = iter_whole_model(actor.chunks, actor.spec)  # a collective: every rank drains it
