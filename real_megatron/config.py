@@ -48,6 +48,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # deadline of every collective
     gpu_memory_gb: float = 80.0  # per GPU, for the --dry-run memory estimate
+    node_gpus: int = 8  # GPUs of one node: the trainer's and, with rollout.fleet_nodes=0, the servers' must fit
 
     @property
     def world_size(self) -> int:
@@ -94,6 +95,13 @@ class RolloutConfig:
     # GPUs (ids as the trainer sees them) for servers the trainer launches, server_tp each; empty:
     # the GPUs of this node after the trainer's parallel.gpus_per_node
     server_gpus: list[int] = field(default_factory=list)
+    # nodes of their own for the servers in a Slurm job (slurm/train.sbatch); 0: the servers run on
+    # the trainer's node(s), on the GPUs after the trainer's parallel.gpus_per_node (one 8-GPU node)
+    fleet_nodes: int = 1
+    # asynchronous rollouts: the fleet generates up to this many batches ahead while the actor
+    # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
+    # 0 = generate, then train (synchronous)
+    max_staleness: int = 0
 
 
 @dataclass
@@ -223,6 +231,7 @@ class LoggingConfig:
     plot: bool = True
     progress_bar: bool = True
     log_every: int = 1
+    rollouts: bool = False  # rollouts.jsonl: every rollout trained on, with its prompt, version and label
 
 
 @dataclass
@@ -464,7 +473,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             if getattr(obj, name) <= 0:
                 errors.append(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
 
-    positive("parallel", p, "nodes", "gpus_per_node", "tp", "pp", "cp", "timeout_s")
+    positive("parallel", p, "nodes", "gpus_per_node", "tp", "pp", "cp", "timeout_s", "node_gpus")
     positive("train", t, "steps", "prompts_per_step", "prompts_per_mini_batch", "prompts_per_micro_batch")
     positive("rollout", r, "n_samples", "max_new_tokens", "num_servers", "server_tp")
     positive("algorithm", a, "tau", "updates_per_batch", "max_sampling_rounds", "mismatch_threshold")
@@ -560,6 +569,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}")
     if r.weight_sync == "distributed" and r.backend != "sglang":
         errors.append("rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'")
+    if r.max_staleness < 0:
+        errors.append(f"rollout.max_staleness must be >= 0, got {r.max_staleness}")
+    if r.max_staleness > 0 and r.backend != "sglang":
+        errors.append(
+            f"rollout.max_staleness={r.max_staleness} needs rollout.backend='sglang': the embedded engine generates in "
+            "the trainer's own process on the trainer's own devices, so there is nothing to overlap training with")
+    if r.fleet_nodes < 0:
+        errors.append(f"rollout.fleet_nodes must be >= 0, got {r.fleet_nodes}")
     if r.server_urls and r.server_registry:
         errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
     if (r.server_urls or r.server_registry) and r.backend != "sglang":

@@ -21,6 +21,40 @@ def _parse(line: str) -> dict | None:
         return None
 
 
+def keep_steps_up_to(path: Path, step: int) -> None:
+    """Drop the lines of a JSONL log after `step` (and a line cut short by a kill), atomically."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if (row := _parse(line)) is not None and row["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class RolloutLog:
+    """`logging.rollouts`: rollouts.jsonl, one line per rollout trained on (step, prompt's file:row,
+    the weight version it was sampled with, label, response length and text), for reading what the
+    policy wrote and checking which prompts each step used."""
+
+    def __init__(self, run_dir: str | Path, tokenizer, resume_step: int):
+        path = Path(run_dir) / "rollouts.jsonl"
+        keep_steps_up_to(path, resume_step)
+        self.file, self.tokenizer = path.open("a"), tokenizer
+
+    def log(self, step: int, rollouts) -> None:
+        for r in rollouts:
+            row = {"step": step, "group": r.group, "source": r.source, "weight_version": r.weight_version,
+                   "reward": r.reward, "in_loss": r.in_loss, "truncated": r.truncated,
+                   "response_tokens": len(r.response_ids),
+                   "response": self.tokenizer.decode(r.response_ids, skip_special_tokens=True)}
+            self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
         """resume_step: the step the run continues from (-1: a fresh start). What was logged after
@@ -29,12 +63,8 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if (row := _parse(line)) is not None and row["step"] <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+        if resume_step is not None:
+            keep_steps_up_to(path, resume_step)
         self.file = path.open("a")
         self.tb = None
         if tensorboard:

@@ -8,6 +8,9 @@
         engine   <- actor's new weights (streaming export)
         log metrics; evaluate and checkpoint every so often
 
+With rollout.max_staleness = k >= 1 the fleet generates the next batches while the actor trains,
+with weights at most k versions old (rollout/pipeline.py); the loop is the same.
+
 Everything a run leaves is in its output directory: config.yaml, metrics.jsonl, TensorBoard events,
 checkpoints/, final_hf/, summary.json and curves.png.
 """
@@ -23,8 +26,8 @@ from .config import Config, save_config
 from .evaluation import evaluate, run_summary
 from .kill_points import kill_point
 from .rank0_phases import is_rank0, on_rank0
-from .rollout.collect import collect_rollouts, keep_data_position
 from .rollout.engine_setup import close_engine, make_broadcaster, make_engine, sync_weights
+from .rollout.pipeline import RolloutSource
 from .tasks.inputs import prepare_inputs, warmstart_record
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ def train(cfg: Config) -> dict:
     from .actor.distributed import init_distributed, shutdown
     from .actor.model import ArchSpec
     from .convert.hf_io import HFCheckpointReader
-    from .metrics import MetricsLogger, plot_curves
+    from .metrics import MetricsLogger, RolloutLog, plot_curves
     from .objectives import objective_from_config
     from .preemption import PreemptionGuard
 
@@ -65,8 +68,9 @@ def train(cfg: Config) -> dict:
         if is_rank0():
             log.info("resumed from %s at step %d", resume, start_step)
     # a fresh start (no checkpoint yet, even after a crash) replaces what an earlier attempt logged
-    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard,
-                           resume_step=start_step if resume is not None else -1) if is_rank0() else None
+    logged_until = start_step if resume is not None else -1
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume_step=logged_until) if is_rank0() else None
+    rollout_log = RolloutLog(run_dir, inputs.tokenizer, logged_until) if is_rank0() and cfg.logging.rollouts else None
     guard = PreemptionGuard()
     broadcaster = make_broadcaster(cfg, engine)
     sync_weights(actor, engine, run_dir, start_step, inputs.model_dir, cfg, broadcaster)
@@ -78,18 +82,18 @@ def train(cfg: Config) -> dict:
         history["baseline"] = evaluation(0, "baseline evaluation")
         if logger:
             logger.log(start_step, {"val_pass1": history["baseline"]["pass1"], "eval_s": history["baseline"]["eval_s"]})
+    source = RolloutSource(engine, inputs, cfg, start_step, t.steps) if is_rank0() else None  # after the sync
     bar = _progress(cfg, start_step)
     for step in range(start_step + 1, t.steps + 1):
         step_start = time.perf_counter()
         # prompts -> G samples each -> labels; with dynamic sampling, rounds until the groups are informative
-        rollouts, rollout_metrics = on_rank0(f"rollouts of step {step}", lambda: collect_rollouts(engine, inputs, cfg, step),
-                                             timeout_s=p.timeout_s)
-        if not is_rank0():
-            keep_data_position(inputs.train_set, rollout_metrics, t.prompts_per_step)
+        batch = on_rank0(f"rollouts of step {step}", lambda: source.batch(step), timeout_s=p.timeout_s)
         kill_point("after_rollouts", step)
-        metrics = actor.train_step(rollouts, step=step)
+        metrics = actor.train_step(batch.rollouts, step=step)
         kill_point("after_update", step)
-        metrics.update(rollout_metrics)
+        metrics.update(batch.metrics)
+        if rollout_log:
+            rollout_log.log(step, batch.rollouts)
         metrics["sync_s"] = sync_weights(actor, engine, run_dir, step, inputs.model_dir, cfg, broadcaster)
         metrics["step_s"] = time.perf_counter() - step_start  # one rollout batch, evaluation excluded
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.steps:
@@ -103,17 +107,16 @@ def train(cfg: Config) -> dict:
         stopping = guard.should_stop()  # a cluster signal on any rank: all stop after this step
         if stopping or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
             save_checkpoint(actor, ckpt_root / f"step_{step:06d}",
-                            {"step": step, "data": inputs.train_set.state_dict(), "history": history},
+                            {"step": step, "data": batch.data_state, "history": history},
                             cfg.checkpoint.optimizer_format)
             prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         if stopping and step < t.steps:
             if is_rank0():
                 log.warning("stopped at step %d with a checkpoint in %s, for a requeue", step, ckpt_root)
-            _close(bar, logger, engine, broadcaster)
+            _close([bar, logger, rollout_log, source], engine, broadcaster)
             shutdown()
             return {"preempted_at": step}
-    if bar is not None:
-        bar.close()
+    _close([bar, source], None)
 
     final = evaluation(t.steps, "final evaluation")
     if cfg.checkpoint.save_hf_final:
@@ -124,7 +127,7 @@ def train(cfg: Config) -> dict:
     if is_rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    _close(None, logger, engine, broadcaster)
+    _close([logger, rollout_log], engine, broadcaster)
     if is_rank0() and cfg.logging.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
     shutdown()
@@ -132,11 +135,12 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _close(bar, logger, engine, broadcaster=None) -> None:
-    for closable in (bar, logger):
+def _close(closables: list, engine, broadcaster=None) -> None:
+    for closable in closables:
         if closable is not None:
             closable.close()
-    close_engine(engine, broadcaster)
+    if engine is not None:
+        close_engine(engine, broadcaster)
 
 
 def _progress(cfg: Config, start: int):

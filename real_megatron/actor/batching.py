@@ -36,6 +36,8 @@ class Rollout:
     truncated: bool = False
     in_loss: bool = True  # False: out of the loss and out of its group (algorithm.truncated=exclude)
     penalty: float = 0.0  # added to the reward of reward-weighted baselines (DAPO's overlong penalty)
+    weight_version: int = 0  # the weights it was sampled with (the oldest, if they changed mid-sample)
+    source: str = ""  # its prompt's file:row
 
     @property
     def num_tokens(self) -> int:

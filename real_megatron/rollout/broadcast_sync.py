@@ -154,8 +154,8 @@ class BroadcastWeightSync:
             raise
 
     def push(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, dtype: torch.dtype) -> int:
-        """Every tensor to every server; returns the bytes sent. Generation waits meanwhile."""
-        with self.fleet.weights_lock():
+        """Every tensor to every server; returns the bytes sent. Generation pauses meanwhile."""
+        with self.fleet.changing_weights():
             if self.group is None or self._key(self._wanted()) != self.membership:
                 self.connect()
             session = self._session("/begin_weight_update")

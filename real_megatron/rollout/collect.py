@@ -48,7 +48,8 @@ def generate_rollouts(engine, inputs, examples, n: int, params: SamplingParams, 
         for sample in group:
             response = sample.output_ids or list(inputs.stop_ids[:1])
             engine_logprobs = sample.logprobs if sample.logprobs and len(sample.logprobs) == len(response) else None
-            rollouts.append(Rollout(ex.prompt_ids, response, rewards[k], p, engine_logprobs, sample.truncated))
+            rollouts.append(Rollout(ex.prompt_ids, response, rewards[k], p, engine_logprobs, sample.truncated,
+                                    weight_version=sample.weight_version, source=ex.source))
             k += 1
     return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start}
 
@@ -107,12 +108,6 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
         batch += group
     return batch, dict(timings, **batch_metrics(batch, r.n_samples, a), sampling_rounds=rounds,
                        prompts_generated=rounds * t.prompts_per_step)
-
-
-def keep_data_position(train_set, metrics: dict, prompts_per_step: int) -> None:
-    """On ranks other than 0: draw what rank 0 drew, so every rank's data position is the same."""
-    for _ in range(metrics["sampling_rounds"]):
-        train_set.next_batch(prompts_per_step)
 
 
 def batch_metrics(rollouts: list[Rollout], n: int, algorithm) -> dict:

@@ -5,8 +5,12 @@ flight, each sent to the live server with the least outstanding work. A server t
 out mid-batch is taken out; its unfinished requests go to the others (nothing lost, nothing twice:
 every request has one slot in the result); a launched server is restarted in the background, an
 attached one dropped with a warning; with no server left the batch fails with a clear error.
-Weight sync pauses generation (a lock), loads the new weights on every server, flushes the prefix
-cache and records the version each server holds.
+Weights change between requests: while they do, no request is sent; requests already running (the
+asynchronous pipeline's, rollout.max_staleness >= 1) are paused on their servers (SGLang's
+/pause_generation, mode retract), the new weights are loaded, and they continue on them, so
+generation stops only for the sync itself. Every sample records the version its server held when it
+was sent (a sample that straddled an update is as old as its first token), and the prefix cache is
+flushed with each update.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -111,7 +116,8 @@ class SGLangFleet:
         self.max_restarts = max_restarts
         self.log_dir = Path(log_dir)
         self._lock = threading.Lock()  # guards server load bookkeeping
-        self._weights = threading.Lock()  # held while weights change: no generation meanwhile
+        self._weights = threading.Lock()  # held while weights change: no request is sent meanwhile
+        self.in_flight = 0  # requests sent and not yet answered, over every generate() call
         self.servers: list[Server] = []
         self.weight_version, self.weights_path = 0, None  # what every server in rotation holds
         self.weights_set = False  # True once this fleet has pushed weights (disk or broadcast)
@@ -250,35 +256,42 @@ class SGLangFleet:
         return http_json(server.url + "/generate", payload, timeout=self.request_timeout_s)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
-        """n samples per prompt; returns when every sample is done (or raises FleetError)."""
-        with self._weights:
-            results: list[list[Optional[Sample]]] = [[None] * n for _ in prompts]
-            queue = [(p, k) for p in range(len(prompts)) for k in range(n)]
-            start, tokens = time.monotonic(), 0
-            with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
-                running = {}
-                while queue or running:
-                    while queue and len(running) < self._in_flight_bound():
-                        p, k = queue.pop(0)
-                        cost = len(prompts[p]) + params.max_new_tokens
-                        server = self._pick(cost)
-                        running[pool.submit(self._request, server, prompts[p], params)] = (p, k, server, cost)
-                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                    for future in done:
-                        p, k, server, cost = running.pop(future)
-                        self._release(server, cost)
-                        try:
-                            reply = future.result()
-                            results[p][k] = self._sample(reply, p, k, server)
-                            tokens += len(results[p][k].output_ids)
-                        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
-                            self._fail(server, f"{type(exc).__name__}: {exc}")
-                            queue.append((p, k))  # re-sent to another server
-            elapsed = time.monotonic() - start
-            self.last_throughput = tokens / max(elapsed, 1e-9)
-            return results  # type: ignore[return-value]
+        """n samples per prompt; returns when every sample is done (or raises FleetError). Safe to
+        call from several threads at once (the pipeline's generator and an evaluation)."""
+        results: list[list[Optional[Sample]]] = [[None] * n for _ in prompts]
+        queue = [(p, k) for p in range(len(prompts)) for k in range(n)]
+        start, tokens = time.monotonic(), 0
+        with ThreadPoolExecutor(max_workers=self.max_in_flight) as pool:
+            running = {}
+            while queue or running:
+                while queue and len(running) < self._in_flight_bound():
+                    p, k = queue.pop(0)
+                    cost = len(prompts[p]) + params.max_new_tokens
+                    with self._weights:  # not while weights change; the version this request starts on
+                        server, version = self._pick(cost), self.weight_version
+                        self._count(+1)
+                    running[pool.submit(self._request, server, prompts[p], params)] = (p, k, server, cost, version)
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    p, k, server, cost, version = running.pop(future)
+                    self._release(server, cost)
+                    self._count(-1)
+                    try:
+                        reply = future.result()
+                        results[p][k] = self._sample(reply, p, k, server, version)
+                        tokens += len(results[p][k].output_ids)
+                    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
+                        self._fail(server, f"{type(exc).__name__}: {exc}")
+                        queue.append((p, k))  # re-sent to another server
+        elapsed = time.monotonic() - start
+        self.last_throughput = tokens / max(elapsed, 1e-9)
+        return results  # type: ignore[return-value]
 
-    def _sample(self, reply: dict, p: int, k: int, server: Server) -> Sample:
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+
+    def _sample(self, reply: dict, p: int, k: int, server: Server, version: int) -> Sample:
         meta = reply.get("meta_info", {})
         ids = reply.get("output_ids")
         logprob_items = meta.get("output_token_logprobs") or []
@@ -288,11 +301,12 @@ class SGLangFleet:
         finish = meta.get("finish_reason") or {}
         kind = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
         served = str(meta.get("weight_version", "default"))
-        expected = str(self.weight_version)
-        # once this fleet has set the weights, every sample must come from them
-        if self.weights_set and served != expected:
-            raise ValueError(f"SGLang server {server.url} sampled with weight version {served!r}, expected {expected!r}")
-        return Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", self.weight_version)
+        # once this fleet has set the weights, a sample ends on the version it started on or a later one
+        if self.weights_set and not (served.isdigit() and int(served) >= version):
+            raise ValueError(f"SGLang server {server.url} sampled with weight version {served!r}; the request was sent "
+                             f"on version {version}")
+        return Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", version,
+                      {"served_version": served})
 
     # --- weights -------------------------------------------------------------------------------
 
@@ -305,9 +319,27 @@ class SGLangFleet:
             raise FleetError(f"SGLang server {server.url} refused the weights at {path}: {reply.get('message')}")
         server.weight_version = version
 
-    def weights_lock(self) -> threading.Lock:
-        """Held while weights change: generation waits."""
-        return self._weights
+    @contextmanager
+    def changing_weights(self):
+        """While weights change: no request is sent, and the requests running are paused on their
+        servers (retracted: they continue from their tokens so far, on the new weights)."""
+        with self._weights:
+            with self._lock:
+                paused = [s for s in self.servers if s.alive] if self.in_flight else []
+            for server in paused:
+                self._control(server, "/pause_generation", {"mode": "retract"})
+            try:
+                yield
+            finally:
+                for server in paused:
+                    if server.alive:
+                        self._control(server, "/continue_generation", {})
+
+    def _control(self, server: Server, path: str, body: dict) -> None:
+        try:
+            http_json(server.url + path, body, timeout=self.request_timeout_s)
+        except (urllib.error.URLError, OSError) as exc:
+            self._fail(server, f"{path} failed: {exc}")
 
     def weights_received(self, servers: list[Server], version: int) -> None:
         """`servers` now hold weights `version` (by broadcast): all of them go (back) in rotation."""
@@ -317,8 +349,8 @@ class SGLangFleet:
         self.weight_version, self.weights_path, self.weights_set = version, None, True
 
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
-        """Every live server loads the HF checkpoint at `path`; generation waits meanwhile."""
-        with self._weights:
+        """Every live server loads the HF checkpoint at `path`; generation pauses meanwhile."""
+        with self.changing_weights():
             for server in [s for s in self.servers if s.alive]:
                 try:
                     self._load(server, path, version)
