@@ -134,6 +134,12 @@ def _launch_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    return launch(args.config, list(args.overrides))
+
+
 def _serve(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -250,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--server-args", default="", help="extra sglang.launch_server arguments, one string")
     ev.set_defaults(func=_eval)
 
+    run = sub.add_parser("launch", help="run a config on this machine: SGLang servers and trainer ranks, GPUs split")
+    run.add_argument("config", help="YAML config file (see configs/)")
+    run.add_argument("overrides", nargs="*", metavar="a.b=c")
+    run.set_defaults(func=_launch)
+
     serve = sub.add_parser("serve", help="run one SGLang server for a config's trainer and register its URL")
     serve.add_argument("config", help="the training YAML config (its rollout.* and model settings)")
     serve.add_argument("overrides", nargs="*", metavar="a.b=c")
@@ -286,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     # leaves those after an option unparsed, so collect every leftover of the form a.b=c.
     args, extra = parser.parse_known_args(argv)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown or (extra and args.command not in ("train", "serve", "launch-plan")):  # these take a.b=c
+    if unknown or (extra and args.command not in ("train", "launch", "serve", "launch-plan")):  # these take a.b=c
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

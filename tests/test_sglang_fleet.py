@@ -138,6 +138,43 @@ def test_weight_update_from_disk_switches_to_the_new_model_exactly(fleet):
     assert back.weight_version == 2 and assert_greedy_of(model_a, PROMPTS[0], back.output_ids)
 
 
+def test_weights_change_under_running_requests_which_pause_and_go_on(fleet):
+    """The asynchronous pipeline's case: a batch is being generated when new weights arrive. The
+    update does not wait for the batch; running requests are paused (retracted), continue on the
+    new weights, and keep the version they were sent on (their oldest tokens')."""
+    fleet, _, _, root = fleet
+    fleet.update_weights_from_disk(root / "a", version=20)
+    prompts = [[i % 120 + 1, 3] for i in range(12)]
+    result, started = {}, time.monotonic()
+    worker = threading.Thread(target=lambda: result.update(groups=fleet.generate(prompts, 2, SamplingParams(
+        temperature=1.0, max_new_tokens=400))))
+    worker.start()
+    while fleet.in_flight < 4 and time.monotonic() - started < 30:
+        time.sleep(0.01)
+    time.sleep(0.3)  # well inside the batch
+    assert fleet.in_flight > 0
+    pauses = pause_calls(fleet)
+    update_start = time.monotonic()
+    fleet.update_weights_from_disk(root / "b", version=21)
+    update_s = time.monotonic() - update_start
+    worker.join(300)
+    batch_s = time.monotonic() - started
+    samples = [s for g in result["groups"] for s in g]
+    assert len(samples) == 24 and all(s is not None for s in samples)
+    sent = {(s.weight_version, s.extra["served_version"]) for s in samples}
+    assert (20, "21") in sent, sent  # straddled the update: sent on 20, finished on 21
+    assert sent <= {(20, "20"), (20, "21"), (21, "21")}
+    assert pause_calls(fleet) > pauses
+    assert update_s < batch_s / 2, (update_s, batch_s)  # generation stopped only for the update
+    idle = pause_calls(fleet)
+    fleet.update_weights_from_disk(root / "a", version=22)  # nothing running: nothing to pause
+    assert pause_calls(fleet) == idle
+
+
+def pause_calls(fleet) -> int:
+    return sum(s.log_path.read_text().count("POST /pause_generation") for s in fleet.servers)
+
+
 def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet):
     fleet, _, _, _ = fleet
     prompts = [[i % 120 + 1, (i * 7) % 120 + 1] for i in range(24)]

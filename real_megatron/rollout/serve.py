@@ -59,7 +59,8 @@ def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     bind = host or r.server_host
-    port = free_port(bind, r.server_base_port + int(os.environ.get("SLURM_LOCALID", 0)) * 8 * max(1, r.server_tp))
+    slot = int(os.environ.get("SLURM_LOCALID", index))  # servers starting together probe different ports
+    port = free_port(bind, r.server_base_port + slot * 8 * max(1, r.server_tp))
     fleet = SGLangFleet(model_path=str(model), num_servers=1, first_index=index, server_tp=r.server_tp, host=bind,
                         base_port=port, server_python=r.server_python or default_server_python(),
                         server_args=r.server_args, log_dir=log_dir, health_timeout_s=r.health_timeout_s)
