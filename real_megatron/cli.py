@@ -9,7 +9,7 @@ import yaml
 
 from . import __version__
 from .config import ConfigError, config_to_dict, load_config
-from .parallel_layout import describe_layout
+from .parallel_layout import describe_layout, describe_nodes, launched_servers
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,7 +22,14 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print("# parallel layout")
         print(describe_layout(cfg.parallel))
-        print(_memory_report(cfg))
+        nodes, problem = describe_nodes(cfg)
+        print(f"# GPUs: {nodes}")
+        report, problems = _memory_report(cfg)
+        print(report)
+        problems = ([problem] if problem else []) + problems
+        if problems:
+            print(f"config error: {args.config}: the layout does not fit: {'; '.join(problems)}", file=sys.stderr)
+            return 2
         print("config OK")
         return 0
     import logging
@@ -125,9 +132,9 @@ def _launch_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     p, r = cfg.parallel, cfg.rollout
     plan = {
-        "TRAINER_NODES": p.nodes, "TRAINER_TASKS_PER_NODE": p.gpus_per_node,
-        "ROLLOUT_BACKEND": r.backend, "FLEET_SERVERS": r.num_servers if r.backend == "sglang" and not r.server_urls else 0,
-        "SERVER_TP": r.server_tp, "OUTPUT_DIR": cfg.train.output_dir,
+        "TRAINER_NODES": p.nodes, "TRAINER_TASKS_PER_NODE": p.gpus_per_node, "ROLLOUT_BACKEND": r.backend,
+        "FLEET_SERVERS": launched_servers(cfg), "SERVER_TP": r.server_tp, "CONFIG_FLEET_NODES": r.fleet_nodes,
+        "OUTPUT_DIR": cfg.train.output_dir,
     }
     for key, value in plan.items():
         print(f"{key}={shlex.quote(str(value))}")
@@ -155,18 +162,24 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(cfg, registry, index, args.host, Path(args.log_dir or run_dir / "logs"))
 
 
-def _memory_report(cfg) -> str:
+def _memory_report(cfg) -> tuple[str, list[str]]:
+    """The estimate per trainer GPU and per server GPU, and what does not fit."""
     from .memory import architecture_of, estimate_memory, server_memory
 
     arch = architecture_of(cfg)
     if arch is None:
         return ("# memory per GPU: unknown (model.path has no config.json here and model.hf_config_overrides "
-                "lacks the architecture)")
+                "lacks the architecture)"), []
     capacity = cfg.parallel.gpu_memory_gb
-    lines = [f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)", estimate_memory(cfg, arch, capacity).describe()]
+    estimate = estimate_memory(cfg, arch, capacity)
+    lines = [f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)", estimate.describe()]
+    problems = [] if estimate.fits else [f"a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB"]
     if cfg.rollout.backend == "sglang":
-        lines.append(server_memory(cfg, arch, capacity))
-    return "\n".join(lines)
+        text, fits = server_memory(cfg, arch, capacity)
+        lines.append(text)
+        if not fits:
+            problems.append("an SGLang server GPU has no KV-cache room for one rollout")
+    return "\n".join(lines), problems
 
 
 def closing_table(summary: dict, run_dir: str) -> str:

@@ -192,10 +192,16 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
     return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here)
 
 
-def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> str:
+def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> tuple[str, bool]:
+    """(what one server GPU holds: weights and the KV-cache room left, whether the room holds the
+    longest rollout)."""
     r = cfg.rollout
     weights = arch.total_params() * 2 / r.server_tp / GB
     kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 / r.server_tp
     room = max(0.0, capacity_gb * 0.85 - weights)  # SGLang's static memory fraction, roughly
+    tokens = room * GB / kv_per_token
+    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    fits = tokens >= longest
     return (f"SGLang server GPU: weights {weights:.1f} GB (bf16, tp={r.server_tp}); about {room:.0f} GB of KV cache "
-            f"= {room * GB / kv_per_token / 1e3:.0f}k tokens")
+            f"= {tokens / 1e3:.0f}k tokens = {tokens / longest:.0f} rollouts of {longest} tokens at once"
+            + ("" if fits else ": does NOT fit one rollout (raise rollout.server_tp)"), fits)

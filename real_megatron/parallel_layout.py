@@ -50,3 +50,35 @@ def describe_layout(p: ParallelConfig, max_rows: int = 64) -> str:
     if len(places) > max_rows:
         lines.append(f"... {len(places) - max_rows} more ranks")
     return "\n".join(lines)
+
+
+def launched_servers(cfg) -> int:
+    """SGLang servers the job starts (none when attached by URL or with the embedded engine)."""
+    r = cfg.rollout
+    return r.num_servers if r.backend == "sglang" and not r.server_urls else 0
+
+
+def describe_nodes(cfg) -> tuple[str, str | None]:
+    """Which GPUs of which nodes the trainer and the SGLang servers use, and why that does not fit
+    parallel.node_gpus (None when it does)."""
+    p, r = cfg.parallel, cfg.rollout
+    servers, tp = launched_servers(cfg), r.server_tp
+    if servers and r.fleet_nodes == 0:  # the servers share the trainer's node(s), on the GPUs after its ranks
+        per_node = -(-servers // p.nodes)
+        used = p.gpus_per_node + per_node * tp
+        text = (f"{p.nodes} node(s) of {p.node_gpus} GPUs, each: GPUs 0-{p.gpus_per_node - 1} trainer ranks, "
+                f"{p.gpus_per_node}-{used - 1} {per_node} SGLang server(s) x tp={tp}")
+        if used > p.node_gpus:
+            return text, (f"parallel.gpus_per_node={p.gpus_per_node} trainer GPUs and {per_node} SGLang server(s) x "
+                          f"rollout.server_tp={tp} need {used} GPUs per node; a node has parallel.node_gpus={p.node_gpus}")
+        return text, None
+    text = f"{p.nodes} trainer node(s) x {p.gpus_per_node} GPUs"
+    problem = None
+    if p.gpus_per_node > p.node_gpus:
+        problem = f"parallel.gpus_per_node={p.gpus_per_node} exceeds parallel.node_gpus={p.node_gpus}"
+    if servers:
+        text += f"; {r.fleet_nodes} fleet node(s): {servers} SGLang server(s) x tp={tp}"
+        if servers * tp > r.fleet_nodes * p.node_gpus:
+            problem = (f"{servers} SGLang server(s) x rollout.server_tp={tp} need {servers * tp} GPUs; "
+                       f"rollout.fleet_nodes={r.fleet_nodes} node(s) have {r.fleet_nodes * p.node_gpus}")
+    return text, problem

@@ -7,9 +7,7 @@
         actor.train_step(rollouts): old log-probs, then REAL over group-aligned micro-batches
         engine   <- actor's new weights (streaming export)
         log metrics; evaluate and checkpoint every so often
-
-With rollout.max_staleness = k >= 1 the fleet generates the next batches while the actor trains,
-with weights at most k versions old (rollout/pipeline.py); the loop is the same.
+With rollout.max_staleness = k >= 1 the fleet generates ahead, k versions at most (rollout/pipeline.py).
 
 Everything a run leaves is in its output directory: config.yaml, metrics.jsonl, TensorBoard events,
 checkpoints/, final_hf/, summary.json and curves.png.

@@ -57,7 +57,27 @@ def test_dry_run_prints_the_estimate_and_says_when_it_does_not_fit():
     crammed = subprocess.run(cmd + ["parallel.tp=1", "parallel.nodes=1", "parallel.sequence_parallel=false",
                                     "model.recompute_activations=false", "optim.use_distributed_optimizer=false"],
                              capture_output=True, text=True, timeout=120)
-    assert crammed.returncode == 0 and "does NOT fit" in crammed.stdout, crammed.stdout[-2000:]
+    assert crammed.returncode == 2 and "does NOT fit" in crammed.stdout, crammed.stdout[-2000:]
+    assert "the layout does not fit: a trainer GPU needs about" in crammed.stderr
+
+
+def test_dry_run_of_the_one_node_configs_splits_the_gpus_and_refuses_what_does_not_fit():
+    def dry_run(config, *overrides):
+        return subprocess.run([sys.executable, "-m", "real_megatron.cli", "train", str(ROOT / "configs" / config),
+                               "--dry-run", *overrides], capture_output=True, text=True, timeout=120)
+
+    for config in ("real_r1distill_qwen_1p5b_1node.yaml", "real_r1distill_qwen_7b_1node.yaml"):
+        out = dry_run(config)
+        assert out.returncode == 0, out.stderr
+        assert "# GPUs: 1 node(s) of 8 GPUs, each: GPUs 0-3 trainer ranks, 4-7 4 SGLang server(s) x tp=1" in out.stdout
+        assert "fits" in out.stdout and "rollouts of 9216 tokens at once" in out.stdout
+    too_many = dry_run("real_r1distill_qwen_1p5b_1node.yaml", "parallel.gpus_per_node=6", "train.max_tokens_per_micro_batch=40960")
+    assert too_many.returncode == 2 and "need 10 GPUs per node; a node has parallel.node_gpus=8" in too_many.stderr
+    no_tp = dry_run("real_r1distill_qwen_7b_1node.yaml", "parallel.tp=1", "parallel.sequence_parallel=false",
+                    "train.max_tokens_per_micro_batch=32768")
+    assert no_tp.returncode == 2 and "a trainer GPU needs about" in no_tp.stderr, no_tp.stdout[-1500:]
+    no_kv = dry_run("real_r1distill_qwen_7b_1node.yaml", "parallel.gpu_memory_gb=18")
+    assert no_kv.returncode == 2 and "no KV-cache room for one rollout" in no_kv.stderr
 
 
 @pytest.mark.slow

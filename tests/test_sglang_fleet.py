@@ -142,12 +142,12 @@ def test_weights_change_under_running_requests_which_pause_and_go_on(fleet):
     """The asynchronous pipeline's case: a batch is being generated when new weights arrive. The
     update does not wait for the batch; running requests are paused (retracted), continue on the
     new weights, and keep the version they were sent on (their oldest tokens')."""
-    fleet, _, _, root = fleet
+    fleet, model_a, model_b, root = fleet
     fleet.update_weights_from_disk(root / "a", version=20)
     prompts = [[i % 120 + 1, 3] for i in range(12)]
     result, started = {}, time.monotonic()
     worker = threading.Thread(target=lambda: result.update(groups=fleet.generate(prompts, 2, SamplingParams(
-        temperature=1.0, max_new_tokens=400))))
+        temperature=0.0, max_new_tokens=400))))
     worker.start()
     while fleet.in_flight < 4 and time.monotonic() - started < 30:
         time.sleep(0.01)
@@ -164,11 +164,28 @@ def test_weights_change_under_running_requests_which_pause_and_go_on(fleet):
     sent = {(s.weight_version, s.extra["served_version"]) for s in samples}
     assert (20, "21") in sent, sent  # straddled the update: sent on 20, finished on 21
     assert sent <= {(20, "20"), (20, "21"), (21, "21")}
+    for p, group in enumerate(result["groups"]):  # greedy: model a's tokens, then model b's from where it paused
+        for sample in group:
+            out = sample.output_ids
+            if sample.extra["served_version"] == "20":
+                assert assert_greedy_of(model_a, prompts[p], out)
+            elif sample.weight_version == 21:
+                assert assert_greedy_of(model_b, prompts[p], out)
+            else:
+                switch = next(j for j in range(len(out) + 1) if j == len(out) or not greedy_step(model_a, prompts[p], out, j))
+                assert assert_greedy_of(model_b, prompts[p] + out[:switch], out[switch:]), (p, switch, out)
     assert pause_calls(fleet) > pauses
     assert update_s < batch_s / 2, (update_s, batch_s)  # generation stopped only for the update
     idle = pause_calls(fleet)
     fleet.update_weights_from_disk(root / "a", version=22)  # nothing running: nothing to pause
     assert pause_calls(fleet) == idle
+
+
+def greedy_step(model, prompt, out, j) -> bool:
+    """out[j] is model's argmax after prompt + out[:j]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out[:j]])).logits[0, -1]
+    return int(logits.argmax()) == out[j]
 
 
 def pause_calls(fleet) -> int:

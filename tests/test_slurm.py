@@ -52,18 +52,24 @@ def cluster():
 
 PLAIN = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 # heterogeneous: component 0 (the fleet) and component 1 (the trainer), one node each
+# one node split between the trainer's step and the fleet's: a task each
+ONE_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 HETEROGENEOUS = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", ":",
                  "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
 class Job:
-    def __init__(self, env, tmp: Path, steps: int, *overrides, layout=PLAIN):
+    def __init__(self, env, tmp: Path, steps: int, *overrides, layout=PLAIN, server_host="127.0.0.1"):
         self.env, self.run_dir = env, tmp / "run"
         backend = ["rollout.backend=sglang", CPU_SERVER] if HAVE_SGLANG else ["rollout.backend=local"]
         if not HAVE_SGLANG:
-            overrides = tuple(o for o in overrides if not o.startswith("rollout.weight_sync"))
-        submit_env = dict(env, RUN_DIR=str(self.run_dir), SERVER_HOST="127.0.0.1", REAL_MEGATRON_HOME=str(ROOT),
-                          SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=str(ROOT / "tests" / "support"))
+            fleet_only = ("rollout.weight_sync", "rollout.max_staleness", "rollout.fleet_nodes")
+            overrides = tuple(o for o in overrides if not o.startswith(fleet_only))
+        submit_env = dict(env, RUN_DIR=str(self.run_dir), REAL_MEGATRON_HOME=str(ROOT), SGLANG_USE_CPU_ENGINE="1",
+                          OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "support"))
+        submit_env.pop("SERVER_HOST", None)
+        if server_host:
+            submit_env["SERVER_HOST"] = server_host
         out = run(["sbatch", "--parsable", "--time=30", f"--output={tmp / 'job.out'}", *layout,
                    str(ROOT / "slurm" / "train.sbatch"),
                    str(ROOT / "configs" / "quickstart.yaml"), f"task.cache_dir={tmp.parent / 'task-cache'}",
@@ -147,8 +153,11 @@ def test_heterogeneous_job_runs_the_fleet_and_the_trainer_as_its_two_components(
         assert row["first_update_score_abs_max"] < 1e-5, row
 
 
-def test_usr1_checkpoints_requeues_and_resumes_to_the_same_final_step(cluster, tmp_path):
-    job = Job(cluster, tmp_path, 8, "checkpoint.every_steps=100")  # the only checkpoint: the signal's
+def test_one_node_async_job_usr1_checkpoints_requeues_and_resumes_to_the_same_final_step(cluster, tmp_path):
+    # `sbatch --nodes=1`: trainer and server share the node (a step each, servers on loopback by
+    # default), rollouts generated one version ahead; the only checkpoint is the signal's
+    job = Job(cluster, tmp_path, 8, "checkpoint.every_steps=100", "rollout.fleet_nodes=0", "rollout.max_staleness=1",
+              "logging.rollouts=true", layout=ONE_NODE, server_host=None)
     job.wait_for("step 2 in metrics.jsonl", lambda: len(job.steps_logged()) >= 2)
     # what --signal=B:USR1@300 does before the time limit: USR1 to the batch script only
     run(["scancel", "--signal=USR1", "--batch", job.id], env=cluster)
@@ -168,7 +177,16 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_final_step(cluster, t
     assert job.steps_logged() == list(range(1, 9))  # every step once, through the restart
     job_log = (job.run_dir / "logs" / "job.log").read_text()
     assert "trainer exited with code 75" in job_log and "requeueing" in job_log and "restart 1]" in job_log
+    assert "trainer 1x1 on n1" in job_log
     assert json.loads((job.run_dir / "summary.json").read_text())["steps"] == 8
+    if HAVE_SGLANG:
+        assert "SGLang server 0 ready at http://127.0.0.1:" in (job.run_dir / "logs" / "fleet.log").read_text()
+        assert "POST /generate" in (job.run_dir / "logs" / "sglang_0.log").read_text()
+        rows = [json.loads(line) for line in (job.run_dir / "rollouts.jsonl").read_text().splitlines()]
+        assert sorted({r["step"] for r in rows}) == list(range(1, 9))
+        assert {r["step"] - 1 - r["weight_version"] for r in rows} == {0, 1}  # ahead by one, never more
+        prompts = {(r["step"], r["group"]): r["source"] for r in rows}
+        assert len(prompts) == len(set(prompts.values())) == 8 * 8, "a prompt trained on twice across the requeue"
 
 
 def job_processes(job_id: str) -> list[str]:
