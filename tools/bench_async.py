@@ -36,9 +36,13 @@ CPU_SERVER_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--
 # (DP=4) and 4 SGLang servers (configs/real_r1distill_qwen_1p5b_1node.yaml): stated assumptions.
 PROJECTION = {
     "batch": "128 prompts x 8 samples, mean response 5,000 tokens, longest 8,192",
-    "generation_s": 170.0,  # 4 servers x ~3,000 decode tokens/s each at batch 256, plus the longest-tail
-    "training_s": 95.0,  # 5.3M tokens x (2 + 6 + 2 recompute) x 1.78e9 FLOPs at 40% of 4 x 989 TFLOP/s, x1.5 for the step's fixed costs
-    "sync_s": 6.0,  # 3.6 GB of bf16 weights written and loaded from local NVMe
+    # 5.1M decoded tokens over 4 servers at ~15,000 tokens/s each (batch ~256) is 85 s, but the
+    # longest 8,192-token response at ~60 tokens/s per sequence takes 137 s; + prefill and stragglers
+    "generation_s": 160.0,
+    # 5.3M tokens x 10 x 1.78e9 FLOPs (old log-probs 2, forward + backward 6, recompute 2) at 40% of
+    # 4 x 989 TFLOP/s is 60 s; x 1.5 for the step's fixed costs (optimizer, packing, output layer)
+    "training_s": 90.0,
+    "sync_s": 6.0,  # 3.6 GB of bf16 weights written to and loaded from local NVMe
 }
 
 
