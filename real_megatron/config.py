@@ -134,6 +134,10 @@ class AlgorithmConfig:
     # weight on its group terms (beyond the paper)
     importance_correction: Literal["none", "tis", "mis"] = "none"
     is_cap: float = 2.0
+    # REAL's objectives: one weight per rollout from its length-normalised ratio (sequence), or one
+    # per token inside s̄ (token: corrects rollouts generated ahead, rollout.max_staleness >= 1, where
+    # the sampler lags pi_old by whole updates); GRPO/DAPO weigh tokens, GSPO sequences, always
+    importance_unit: Literal["sequence", "token"] = "sequence"
     mismatch_threshold: float = 0.5  # |log pi_old - log pi_engine| above this counts in mismatch_frac
 
 
@@ -553,6 +557,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if a.dynamic_sampling and r.n_samples < 2:
         errors.append(f"algorithm.dynamic_sampling with rollout.n_samples={r.n_samples}: a group of one rollout is "
                       "always uniform, so every round would be set aside")
+    if a.importance_unit != "sequence" and a.name not in ("real", "real_no_anchor", "real_bce"):
+        errors.append(f"algorithm.importance_unit applies to REAL's objectives; {a.name} has its own unit")
     if a.is_cap <= 1:
         errors.append(f"algorithm.is_cap must be > 1, got {a.is_cap}")
     if a.importance_correction != "none" and r.use_engine_logprobs:

@@ -135,6 +135,33 @@ def test_real_importance_weight_is_the_length_normalised_ratio():
             batch.logprobs, old, batch.loss_mask, seq, batch.rewards, batch.group_ids))
 
 
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_real_token_unit_weighs_each_tokens_term_of_the_score(correction):
+    """importance_unit=token: s̄_i = mean_t w_t (log pi - log pi_old), w_t the capped pi_old / pi_engine
+    of the token; 0 at the first update, and dL/dlog pi_t = dL/ds̄_i x w_t / n_i."""
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    old = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0], dtype=D)
+    ratio = torch.tensor([0.5, 3.0, 1e-7, 1.0, 1.25], dtype=D)  # pi_old / pi_engine per token
+    engine = old - ratio.log()
+    w = {"tis": ratio.clamp(max=2.0), "mis": torch.where((ratio >= 0.5) & (ratio <= 2.0), ratio, 0.0)}[correction]
+    shift = torch.tensor([0.3, -0.2, 5.0, 0.1, -0.4], dtype=D)  # a later update: pi_theta != pi_old
+    for delta in (torch.zeros(5, dtype=D), shift):
+        logprobs = (old + delta).requires_grad_(True)
+        batch = PolicyBatch(logprobs, old, torch.ones(5, dtype=torch.bool), seq, torch.tensor([1, 0]),
+                            torch.tensor([0, 0]), engine_logprobs=engine)
+        loss = build_objective("real", importance_correction=correction, importance_unit="token")(batch)["groups"]
+        loss.backward()
+        scores = torch.stack([(w * delta)[:3].sum() / 3, (w * delta)[3:].sum() / 2]).requires_grad_(True)
+        reference = real_loss(scores, torch.tensor([1, 0]), torch.tensor([0, 0]), tau=0.5)
+        reference.backward()
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
+        expected = scores.grad[seq] * w / torch.tensor([3.0, 3, 3, 2, 2], dtype=D)
+        torch.testing.assert_close(logprobs.grad, expected, rtol=1e-12, atol=1e-15)
+    assert logprobs.grad[2].abs() < 1e-6  # the token pi_old all but ruled out pulls (almost) nothing
+    with pytest.raises(ConfigError, match="importance_unit applies to REAL's objectives"):
+        load_config(None, ["algorithm.name=grpo", "algorithm.importance_unit=token"])
+
+
 def test_real_bce_is_the_papers_mean_over_informative_rollouts():
     """The released code: binary_cross_entropy_with_logits(s/tau, labels, reduction='mean') over the
     rollouts of groups with both labels. Same value and gradient here, in float64."""

@@ -109,16 +109,24 @@ class RealObjective(Objective):
     does (binary cross-entropy, reduction='mean'); "prompts" divides by prompts, like REAL."""
 
     def __init__(self, variant: str, *, tau: float = 0.5, skip_uniform_groups: bool = True,
-                 bce_normalise: str = "rollouts", **common):
+                 bce_normalise: str = "rollouts", importance_unit: str = "sequence", **common):
         super().__init__(**common)
         if bce_normalise not in ("rollouts", "prompts"):
             raise ValueError(f"bce_normalise must be 'rollouts' or 'prompts', got {bce_normalise!r}")
+        if importance_unit not in ("sequence", "token"):
+            raise ValueError(f"REAL's importance_unit must be 'sequence' or 'token', got {importance_unit!r}")
         self.variant, self.tau, self.skip_uniform_groups = variant, tau, skip_uniform_groups
-        self.bce_normalise = bce_normalise
+        self.bce_normalise, self.importance_unit = bce_normalise, importance_unit
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
-        scores = sequence_scores(batch.logprobs, batch.old_logprobs, batch.loss_mask, batch.seq_index, batch.num_sequences)
-        weights = self.sequence_weights(batch)  # an extension beyond the paper: off unless asked for
+        logprobs, weights = batch.logprobs, None  # importance weights: an extension beyond the paper
+        if self.importance_unit == "token" and self.importance_correction != "none":
+            # each token's term of s̄ weighted by its capped pi_old / pi_engine: s̄ = mean_t w_t (log pi - log pi_old),
+            # 0 at the first update as before; its gradient is the off-policy-corrected one per token
+            logprobs = batch.old_logprobs + self.token_weights(batch) * (batch.logprobs - batch.old_logprobs)
+        else:
+            weights = self.sequence_weights(batch)
+        scores = sequence_scores(logprobs, batch.old_logprobs, batch.loss_mask, batch.seq_index, batch.num_sequences)
         if batch.active is not None:
             active = batch.active.to(scores.dtype)
             weights = active if weights is None else weights * active
@@ -176,12 +184,13 @@ def build_objective(
     kl_coef: float = 0.0,
     importance_correction: str = "none",
     is_cap: float = 2.0,
+    importance_unit: str = "sequence",
 ) -> Objective:
     """The objective registered as `name` (one of OBJECTIVES), with the given hyper-parameters."""
     common = dict(kl=kl, kl_coef=kl_coef, importance_correction=importance_correction, is_cap=is_cap)
     if name in _REAL_VARIANTS:
         obj: Objective = RealObjective(_REAL_VARIANTS[name], tau=tau, skip_uniform_groups=skip_uniform_groups,
-                                       bce_normalise=bce_normalise, **common)
+                                       bce_normalise=bce_normalise, importance_unit=importance_unit, **common)
     elif name in _CLIP_DEFAULTS:
         low, high = _CLIP_DEFAULTS[name]
         obj = ClipObjective(
@@ -202,7 +211,7 @@ def objective_from_config(algorithm) -> Objective:
         algorithm.name, tau=algorithm.tau, skip_uniform_groups=algorithm.skip_uniform_groups,
         bce_normalise=algorithm.bce_normalise, clip_low=algorithm.clip_low, clip_high=algorithm.clip_high,
         kl=algorithm.kl, kl_coef=algorithm.kl_coef, importance_correction=algorithm.importance_correction,
-        is_cap=algorithm.is_cap,
+        is_cap=algorithm.is_cap, importance_unit=algorithm.importance_unit,
     )
 
 
