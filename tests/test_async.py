@@ -114,3 +114,4 @@ def test_staleness_needs_the_fleet_and_launch_needs_one_node(tmp_path):
     out = subprocess.run([sys.executable, "-m", "real_megatron.cli", "launch", str(CONFIG), "parallel.nodes=2",
                           f"train.output_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "launch runs one machine" in out.stderr and "slurm/train.sbatch" in out.stderr
+

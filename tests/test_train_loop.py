@@ -82,7 +82,7 @@ def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "real_megatron.cli",
            "train", str(ROOT / "configs" / "quickstart.yaml"), "--output-dir", str(tmp_path / "run"),
            f"task.cache_dir={tmp_path / 'cache'}", *TOY, "train.steps=2", "parallel.gpus_per_node=2",
-           "parallel.timeout_s=2", "task.eval_prompts=240", "eval.k=16", "eval.max_new_tokens=48", "eval.every_steps=0", "logging.progress_bar=false",
+           "parallel.timeout_s=2", "task.eval_prompts=360", "eval.k=16", "eval.max_new_tokens=48", "eval.every_steps=0", "logging.progress_bar=false",
            "logging.plot=false", "checkpoint.save_hf_final=false", "checkpoint.every_steps=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
