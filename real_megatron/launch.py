@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, load_config
+from .parallel_layout import launched_servers
 from .preemption import REQUEUE_EXIT_CODE
 
 GRACE_S = 30.0  # after a rank fails, the others get this long to exit on SIGTERM
@@ -92,7 +93,7 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
         raise ConfigError(f"launch runs one machine; the config asks for parallel.nodes={p.nodes}: use "
                           "slurm/train.sbatch for several nodes")
     env = dict(os.environ if environ is None else environ)
-    fleet = r.backend == "sglang" and not r.server_urls and not r.server_registry
+    fleet = launched_servers(cfg) > 0 and not r.server_registry  # servers of this launch (none when attached)
     gpus = visible_gpus(env)
     trainer_gpus, server_gpus = split_node(gpus, p.gpus_per_node, r.num_servers if fleet else 0, r.server_tp) \
         if gpus else (None, None)

@@ -22,10 +22,10 @@ import signal
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
