@@ -468,6 +468,9 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 # Combinations that cannot work, each with the reason.
 
 
+REAL_OBJECTIVES = ("real", "real_no_anchor", "real_bce")  # rewards as labels; the others weigh advantages
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     errors = []
     p, t, r, a = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm
@@ -540,7 +543,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 f"{rollouts_per_micro} rollouts, fewer than the {p.dp} data-parallel ranks: some rank would "
                 "have no data; raise train.prompts_per_micro_batch"
             )
-    if a.name in ("real", "real_no_anchor", "real_bce") and r.n_samples < 2 and a.skip_uniform_groups:
+    if a.name in REAL_OBJECTIVES and r.n_samples < 2 and a.skip_uniform_groups:
         errors.append(
             f"rollout.n_samples={r.n_samples} with algorithm.skip_uniform_groups: every group of one rollout "
             "is uniform, so every group would be skipped"
@@ -550,14 +553,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if a.overlong_buffer_tokens < 0 or a.overlong_buffer_tokens > r.max_new_tokens:
         errors.append(f"algorithm.overlong_buffer_tokens={a.overlong_buffer_tokens} must lie in [0, "
                       f"rollout.max_new_tokens={r.max_new_tokens}]")
-    if a.overlong_buffer_tokens and a.name in ("real", "real_no_anchor", "real_bce"):
+    if a.overlong_buffer_tokens and a.name in REAL_OBJECTIVES:
         errors.append(
             f"algorithm.overlong_buffer_tokens with algorithm.name={a.name}: REAL's rewards are class labels, a "
             "fractional penalty is not a label; use algorithm.truncated=negative or exclude")
     if a.dynamic_sampling and r.n_samples < 2:
         errors.append(f"algorithm.dynamic_sampling with rollout.n_samples={r.n_samples}: a group of one rollout is "
                       "always uniform, so every round would be set aside")
-    if a.importance_unit != "sequence" and a.name not in ("real", "real_no_anchor", "real_bce"):
+    if a.importance_unit != "sequence" and a.name not in REAL_OBJECTIVES:
         errors.append(f"algorithm.importance_unit applies to REAL's objectives; {a.name} has its own unit")
     if a.is_cap <= 1:
         errors.append(f"algorithm.is_cap must be > 1, got {a.is_cap}")

@@ -29,6 +29,7 @@ from typing import Optional
 from .config import ConfigError, load_config
 from .parallel_layout import launched_servers
 from .preemption import REQUEUE_EXIT_CODE
+from .rollout.sglang_fleet import split_gpus, visible_gpus
 
 GRACE_S = 30.0  # after a rank fails, the others get this long to exit on SIGTERM
 
@@ -40,8 +41,7 @@ def split_node(gpus: list[str], trainer: int, servers: int, server_tp: int) -> t
         raise ConfigError(
             f"this node has {len(gpus)} GPU(s) ({','.join(gpus) or 'none'}); the trainer's parallel.gpus_per_node="
             f"{trainer} and {servers} SGLang server(s) x rollout.server_tp={server_tp} need {need}")
-    rest = gpus[trainer:]
-    return gpus[:trainer], [rest[i * server_tp : (i + 1) * server_tp] for i in range(servers)]
+    return gpus[:trainer], split_gpus(gpus[trainer:], servers, server_tp)
 
 
 class Labelled:
@@ -85,7 +85,6 @@ def _cli(*args: str) -> list[str]:
 
 def launch(config: str, overrides: list[str], environ: Optional[dict] = None) -> int:
     from .actor.distributed import free_port
-    from .rollout.sglang_fleet import visible_gpus
 
     cfg = load_config(config, overrides)
     p, r = cfg.parallel, cfg.rollout

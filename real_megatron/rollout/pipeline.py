@@ -9,7 +9,8 @@ The bound is checked again when a batch is taken: a rollout sampled earlier than
 something else went wrong) is kept out of the loss and counted (`stale_dropped`).
 
 The old policy pi_old is the actor's own recomputation either way (its first update has s̄ = 0);
-the engine's log-probs only feed the mismatch metrics.
+the engine's log-probs feed the mismatch metrics and, when asked for, the importance correction
+(algorithm.importance_correction; per token inside s̄ with algorithm.importance_unit=token).
 
 Exact resume: batches are drawn from the dataset order in step order, and each remembers the data
 position after its prompts. A checkpoint at step s saves the position after step s's batch, so the
