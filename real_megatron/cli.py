@@ -26,6 +26,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"# GPUs: {nodes}")
         report, problems = _memory_report(cfg)
         print(report)
+        from .prepare import missing_inputs
+
+        missing = missing_inputs(cfg)
+        print(f"# inputs: {'missing here: ' + '; '.join(missing) + ' (real-megatron prepare fetches them)' if missing else 'present'}")
         problems = ([problem] if problem else []) + problems
         if problems:
             print(f"config error: {args.config}: the layout does not fit: {'; '.join(problems)}", file=sys.stderr)
@@ -37,6 +41,12 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .prepare import missing_inputs
+
+    missing = missing_inputs(cfg)
+    if missing:  # before any process group, server or evaluation starts
+        raise ConfigError(f"{args.config}: missing {'; '.join(missing)}; `real-megatron prepare {args.config}` "
+                          "downloads and converts them")
     from .actor.distributed import trainer_environment
     from .rank0_phases import is_rank0
     from .train import train
@@ -61,6 +71,50 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_settings(args: argparse.Namespace) -> None:
+    """Fill every eval setting a flag left unset from one config tree: --run DIR's config.yaml (the
+    model: DIR/final_hf), --config FILE (the model: model.path, or a task's warm-start), or the
+    defaults. Sampling (eval.k, temperature, max_new_tokens), data (eval.files or the task's held-out
+    set, prompt and answer keys, max prompt tokens), reward function and verifier timeout are the ones
+    training's evaluation uses."""
+    import re
+    from pathlib import Path
+
+    from .config import Config
+
+    if args.run and args.config:
+        raise ConfigError("eval: give --run DIR or --config FILE, not both")
+    if args.data:  # `--data a.parquet eval.k=4`: the nargs list swallows overrides that follow it
+        overrides = [d for d in args.data if re.match(r"^[a-z_]+\.[A-Za-z0-9_.]+=", d)]
+        args.data = [d for d in args.data if d not in overrides] or None
+        args.overrides = list(args.overrides) + overrides
+    source = Path(args.run) / "config.yaml" if args.run else args.config
+    cfg = load_config(source, list(args.overrides)) if source else Config()
+    d, e = cfg.data, cfg.eval
+    model, data, reward_fn = cfg.model.path, e.files, d.reward_fn
+    if cfg.task.name:  # the task's own warm-start, held-out set and reward
+        from .tasks.inputs import initial_model_dir, task_root
+
+        model, data = str(initial_model_dir(cfg)), [str(task_root(cfg) / "heldout.jsonl")]
+        reward_fn = "real_megatron.tasks.arithmetic:reward"
+    if args.run and (Path(args.run) / "final_hf" / "config.json").exists():
+        model = str(Path(args.run) / "final_hf")
+    tree = dict(model=model, data=data, k=e.k, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                # a benchmark is evaluated whole unless a run's config drops long prompts (as its training did)
+                max_prompt_tokens=d.max_prompt_tokens if source else 0, seed=cfg.train.seed,
+                tokenizer=None if cfg.task.name else cfg.model.tokenizer, prompt_key=d.prompt_key,
+                answer_key=d.answer_key, reward_fn=reward_fn, verifier_timeout_s=d.verifier_timeout_s,
+                stop_token_ids=cfg.rollout.stop_token_ids)
+    for key, value in tree.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("model", "data"):
+        if not getattr(args, key):
+            raise ConfigError(f"eval: no --{key}" + (f", and {source} names none" if source else
+                                                     " (or --config FILE / --run DIR that names it)"))
+    args.settings_from = str(source) if source else "defaults"
+
+
 def _eval(args: argparse.Namespace) -> int:
     """Pass@1 of an HF checkpoint on benchmark files (embedded engine or an SGLang fleet)."""
     import json
@@ -76,6 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .rewards import load_reward_fn
     from .rollout.types import SamplingParams
 
+    _eval_settings(args)
     model = Path(args.model)
     if not (model / "config.json").exists():
         print(f"eval error: {model} is not an HF checkpoint directory (no config.json)", file=sys.stderr)
@@ -108,12 +163,13 @@ def _eval(args: argparse.Namespace) -> int:
                              gpus=None if args.server_url else (visible_gpus() or None))
     try:
         report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
-                               progress=True)
+                               timeout_s=args.verifier_timeout_s, progress=True)
     finally:
         if hasattr(engine, "stop"):
             engine.stop()
     report.update(model=str(model), temperature=args.temperature, top_p=args.top_p,
-                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                  reward_fn=args.reward_fn, verifier_timeout_s=args.verifier_timeout_s, settings_from=args.settings_from)
     print(table_rows({model.name: report}))
     for name, b in report["benchmarks"].items():
         print(f"{name}: pass@1 {b['pass1']:.4f} ± {b['stderr']:.4f} over {b['problems']} problems x {args.k} "
@@ -122,6 +178,22 @@ def _eval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Download and convert what a config reads (model, training set, benchmarks); see prepare.py."""
+    from .prepare import prepare
+
+    cfg = load_config(args.config, list(args.overrides))
+    problems = prepare(cfg, download=not args.offline)
+    if problems:
+        print("prepare: still missing (paths are relative to this directory, as the trainer reads them):",
+              file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    print(f"prepare: everything {args.config} reads is in place")
     return 0
 
 
@@ -245,21 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="pass@1 of an HF checkpoint on benchmark files (the paper's Table 1 rows)")
-    ev.add_argument("--model", required=True, help="HF checkpoint directory")
-    ev.add_argument("--data", required=True, nargs="+", metavar="FILE", help="verl parquet or jsonl files")
-    ev.add_argument("--k", type=int, default=16, help="samples per problem")
-    ev.add_argument("--temperature", type=float, default=0.6)
+    # unset flags come from --run's or --config's tree (or the config defaults): see _eval_settings
+    ev.add_argument("--run", metavar="DIR", help="a training run directory: its config.yaml and final_hf/")
+    ev.add_argument("--config", metavar="FILE", help="a training config (a.b=c overrides follow it)")
+    ev.add_argument("--model", help="HF checkpoint directory (default: the run's final_hf, or model.path)")
+    ev.add_argument("--data", nargs="+", metavar="FILE", help="verl parquet or jsonl files (default: eval.files)")
+    ev.add_argument("--k", type=int, help="samples per problem (default: eval.k)")
+    ev.add_argument("--temperature", type=float, help="default: eval.temperature")
     ev.add_argument("--top-p", type=float, default=1.0)
-    ev.add_argument("--max-new-tokens", type=int, default=8192)
-    ev.add_argument("--max-prompt-tokens", type=int, default=0, help="drop longer prompts (0: keep every problem)")
+    ev.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens")
+    ev.add_argument("--max-prompt-tokens", type=int, help="drop longer prompts (0: keep every problem; default: "
+                    "data.max_prompt_tokens with --run/--config, else 0)")
     ev.add_argument("--limit", type=int, help="first N problems of each file (quick checks)")
     ev.add_argument("--out", help="write the report as JSON here")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--tokenizer", help="default: the model directory")
-    ev.add_argument("--prompt-key", default="prompt")
-    ev.add_argument("--answer-key", default="reward_model.ground_truth")
-    ev.add_argument("--reward-fn", default="real_megatron.rewards:math_reward", help="module:function")
-    ev.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="default: the tokenizer's eos")
+    ev.add_argument("--seed", type=int, help="default: train.seed")
+    ev.add_argument("--tokenizer", help="default: model.tokenizer, else the model directory")
+    ev.add_argument("--prompt-key", help="default: data.prompt_key")
+    ev.add_argument("--answer-key", help="default: data.answer_key")
+    ev.add_argument("--reward-fn", help="module:function (default: data.reward_fn)")
+    ev.add_argument("--verifier-timeout-s", type=float, help="default: data.verifier_timeout_s")
+    ev.add_argument("--stop-token-ids", type=int, nargs="*", help="default: rollout.stop_token_ids, else the "
+                    "tokenizer's eos")
     ev.add_argument("--backend", choices=["local", "sglang"], default="local",
                     help="local: transformers in this process; sglang: launch or attach SGLang servers")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="local engine")
@@ -267,7 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-servers", type=int, default=1, help="servers to launch (without --server-url)")
     ev.add_argument("--server-tp", type=int, default=1)
     ev.add_argument("--server-args", default="", help="extra sglang.launch_server arguments, one string")
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(func=_eval, overrides=[])
+
+    prep = sub.add_parser("prepare", help="download and convert the model and data files a config reads")
+    prep.add_argument("config", help="YAML config file (see configs/)")
+    prep.add_argument("overrides", nargs="*", metavar="a.b=c")
+    prep.add_argument("--offline", action="store_true", help="no downloads: convert files already in the raw dirs")
+    prep.set_defaults(func=_prepare)
 
     run = sub.add_parser("launch", help="run a config on this machine: SGLang servers and trainer ranks, GPUs split")
     run.add_argument("config", help="YAML config file (see configs/)")
@@ -310,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     # leaves those after an option unparsed, so collect every leftover of the form a.b=c.
     args, extra = parser.parse_known_args(argv)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown or (extra and args.command not in ("train", "launch", "serve", "launch-plan")):  # these take a.b=c
+    if unknown or (extra and args.command not in ("train", "eval", "prepare", "launch", "serve", "launch-plan")):  # these take a.b=c
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

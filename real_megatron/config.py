@@ -25,6 +25,15 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the source."""
 
 
+# The objectives' names, defined here once (the registry builds from them, `algorithm.name` accepts them)
+REAL_VARIANTS = {"real": "real", "real_no_anchor": "no_anchor", "real_bce": "bce"}  # name -> real_loss variant
+CLIP_RANGES = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}  # published (clip_low, clip_high)
+OBJECTIVES = (*REAL_VARIANTS, *CLIP_RANGES)
+REAL_OBJECTIVES = tuple(REAL_VARIANTS)  # rewards as labels; the others weigh advantages
+KL_TARGETS = ("none", "reference", "old")
+IMPORTANCE_CORRECTIONS = ("none", "tis", "mis")
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # HF checkpoint directory (config.json + safetensors)
@@ -87,7 +96,6 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 512
     health_timeout_s: float = 600.0
     request_timeout_s: float = 1800.0
-    max_retries: int = 3
     # requests in flight per server: SGLang batches hundreds of sequences per GPU; the fleet's
     # bound is this times the number of live servers (the paper's 128 prompts x 8 = 1024 samples
     # all in flight on 8 servers)
@@ -106,12 +114,13 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["real", "real_no_anchor", "real_bce", "grpo", "dapo", "gspo"] = "real"
+    name: Literal[OBJECTIVES] = "real"
     tau: float = 0.5  # REAL temperature
     skip_uniform_groups: bool = True  # groups whose rewards are all equal give no loss
     clip_low: Optional[float] = None  # baselines; None = the algorithm's published default
     clip_high: Optional[float] = None
-    kl: Literal["none", "reference", "old"] = "none"
+    # KL to the run's initial model (frozen, one extra forward per rollout batch) or to pi_old
+    kl: Literal[KL_TARGETS] = "none"
     kl_coef: float = 0.0
     updates_per_batch: int = 1  # passes over each rollout batch
     # REAL-BCE's divisor: "rollouts" = the rollouts of the groups in the loss (the paper's released
@@ -132,7 +141,7 @@ class AlgorithmConfig:
     # train-inference mismatch: importance weights from pi_old / pi_engine, capped at is_cap
     # (tis: min(r, C); mis: r inside [1/C, C], else out of the loss); for REAL a per-rollout
     # weight on its group terms (beyond the paper)
-    importance_correction: Literal["none", "tis", "mis"] = "none"
+    importance_correction: Literal[IMPORTANCE_CORRECTIONS] = "none"
     is_cap: float = 2.0
     # REAL's objectives: one weight per rollout from its length-normalised ratio (sequence), or one
     # per token inside s̄ (token: corrects rollouts generated ahead, rollout.max_staleness >= 1, where
@@ -144,13 +153,13 @@ class AlgorithmConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # verl parquet or jsonl
-    val_files: list[str] = field(default_factory=list)
     prompt_key: str = "prompt"
     answer_key: str = "reward_model.ground_truth"
     max_prompt_tokens: int = 1024
     skip_malformed: bool = False  # default: a malformed row is an error naming file and row
     shuffle: bool = True
     reward_fn: str = "real_megatron.rewards:math_reward"  # module:function
+    verifier_timeout_s: float = 5.0  # per response, training and evaluation alike (a timeout scores 0)
 
 
 @dataclass
@@ -203,6 +212,8 @@ class TrainConfig:
     # an update whose loss or gradient is NaN/inf is skipped (weights and optimizer untouched);
     # this many skipped updates in a row stop the run with an error naming the step
     max_consecutive_skips: int = 5
+    # algorithm.kl=reference: the reference model's weights wait in host memory between log-prob passes
+    reference_offload: bool = False
     seed: int = 1
     output_dir: str = "runs/default"
 
@@ -230,11 +241,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    jsonl: bool = True
+    """metrics.jsonl is always written (a resume trims it to the checkpoint); these add to it."""
+
     tensorboard: bool = True
     plot: bool = True
     progress_bar: bool = True
-    log_every: int = 1
     rollouts: bool = False  # rollouts.jsonl: every rollout trained on, with its prompt, version and label
 
 
@@ -468,7 +479,59 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 # Combinations that cannot work, each with the reason.
 
 
-REAL_OBJECTIVES = ("real", "real_no_anchor", "real_bce")  # rewards as labels; the others weigh advantages
+def _fields(cls: type, *skip: str) -> tuple[str, ...]:
+    section = {f.type: f.name for f in dataclasses.fields(Config)}[cls.__name__]
+    return tuple(f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name not in skip)
+
+
+# Keys that act only in some runs: (keys, whether they act in this run, why not otherwise). A value
+# other than the default where the key would do nothing is refused at load, with the reason, rather
+# than silently ignored (tests/test_config_keys.py walks every key of the tree against this table).
+_ENGINE_KEYS = ("backend", "n_samples", "temperature", "top_p", "max_new_tokens", "stop_token_ids", "use_engine_logprobs",
+                "weight_sync", "weight_sync_address", "weight_sync_bucket_mb", "max_staleness")  # the rest: the fleet's
+CONDITIONAL_KEYS = (
+    (_fields(TaskConfig, "name"), lambda c: c.task.name is not None,
+     "does nothing without task.name (the run reads data.*, eval.files and model.path)"),
+    (("data.train_files", "data.prompt_key", "data.answer_key", "data.skip_malformed", "data.reward_fn",
+      "model.path", "model.tokenizer", "eval.files"), lambda c: c.task.name is None,
+     "does nothing with task.name set (the task makes its own data, held-out set, model, tokenizer and reward)"),
+    (("data.verifier_timeout_s",), lambda c: c.task.name is None and c.data.reward_fn == DataConfig.reward_fn,
+     "times the math verifier only (data.reward_fn's default; a task or a custom function scores its own way)"),
+    (_fields(RolloutConfig, *_ENGINE_KEYS), lambda c: c.rollout.backend == "sglang",
+     "configures the SGLang fleet, and rollout.backend is 'local'"),
+    (("rollout.weight_sync_address", "rollout.weight_sync_bucket_mb"),
+     lambda c: c.rollout.backend == "sglang" and c.rollout.weight_sync == "distributed",
+     "configures the broadcast weight sync (rollout.weight_sync: distributed with rollout.backend: sglang)"),
+    (("algorithm.tau", "algorithm.skip_uniform_groups"), lambda c: c.algorithm.name in REAL_OBJECTIVES,
+     f"is REAL's ({', '.join(REAL_OBJECTIVES)}); the baselines weigh group-normalised advantages"),
+    (("algorithm.clip_low", "algorithm.clip_high"), lambda c: c.algorithm.name in CLIP_RANGES,
+     f"is the clip range of {', '.join(CLIP_RANGES)}; REAL's objectives do not clip"),
+    (("algorithm.bce_normalise",), lambda c: c.algorithm.name == "real_bce", "applies to algorithm.name=real_bce only"),
+    (("algorithm.max_sampling_rounds",), lambda c: c.algorithm.dynamic_sampling,
+     "bounds dynamic sampling (algorithm.dynamic_sampling: true)"),
+    (("algorithm.overlong_penalty",), lambda c: c.algorithm.overlong_buffer_tokens > 0,
+     "is the overlong penalty's size (algorithm.overlong_buffer_tokens > 0)"),
+    (("algorithm.is_cap", "algorithm.importance_unit"), lambda c: c.algorithm.importance_correction != "none",
+     "shapes the importance correction (algorithm.importance_correction: tis or mis)"),
+    (("algorithm.mismatch_threshold",), lambda c: not c.rollout.use_engine_logprobs,
+     "measures pi_old against the engine's log-probs; with rollout.use_engine_logprobs they are the same"),
+    (("optim.min_lr",), lambda c: c.optim.lr_schedule != "constant", "is where a decaying optim.lr_schedule ends"),
+    (("train.prompts_per_micro_batch",), lambda c: c.train.max_tokens_per_micro_batch is None,
+     "is replaced by train.max_tokens_per_micro_batch (micro-batches by tokens)"),
+    (("train.reference_offload",), lambda c: c.algorithm.kl == "reference",
+     "offloads the reference model of algorithm.kl='reference'"),
+)
+
+
+def key_default(key: str) -> Any:
+    section, name = key.split(".")
+    spec = {f.name: f for f in dataclasses.fields(Config)}[section].default_factory()
+    return getattr(spec, name)
+
+
+def key_value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
@@ -503,6 +566,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     if p.vpp is not None and (p.vpp < 1 or (p.vpp > 1 and p.pp < 2)):
         errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 and vpp >= 1")
+    if p.cp != 1:
+        errors.append(f"parallel.cp={p.cp}: context parallelism is not wired into the loss path yet (cp must be 1)")
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
     if t.prompts_per_step % t.prompts_per_mini_batch:
@@ -510,7 +575,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             f"train.prompts_per_step={t.prompts_per_step} is not divisible into mini-batches of "
             f"train.prompts_per_mini_batch={t.prompts_per_mini_batch} whole prompt groups"
         )
-    if t.prompts_per_mini_batch % t.prompts_per_micro_batch:
+    if t.max_tokens_per_micro_batch is None and t.prompts_per_mini_batch % t.prompts_per_micro_batch:
         errors.append(
             f"train.prompts_per_mini_batch={t.prompts_per_mini_batch} is not divisible into micro-batches of "
             f"train.prompts_per_micro_batch={t.prompts_per_micro_batch} whole prompt groups (REAL's group "
@@ -535,7 +600,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 f"{p.dp} data-parallel ranks) x {longest} tokens (data.max_prompt_tokens + rollout.max_new_tokens) = "
                 f"{need}; raise it to at least {need}"
             )
-    if not errors and p.dp > 0:
+    if not errors and p.dp > 0 and t.max_tokens_per_micro_batch is None:
         rollouts_per_micro = t.prompts_per_micro_batch * r.n_samples
         if rollouts_per_micro < p.dp:
             errors.append(
@@ -588,9 +653,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"rollout.fleet_nodes must be >= 0, got {r.fleet_nodes}")
     if r.server_urls and r.server_registry:
         errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
-    if (r.server_urls or r.server_registry) and r.backend != "sglang":
-        errors.append(f"rollout.server_urls / server_registry need rollout.backend='sglang' (is {r.backend!r})")
     if r.backend == "sglang" and r.weight_sync == "distributed" and not r.server_urls and r.num_servers < 1:
         errors.append("rollout.weight_sync='distributed' needs at least one server")
+    for keys, acts, why in CONDITIONAL_KEYS:
+        if not acts(cfg):
+            errors += [f"{key}={key_value(cfg, key)!r} {why}" for key in keys if key_value(cfg, key) != key_default(key)]
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))

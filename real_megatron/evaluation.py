@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 
+from .config import DataConfig
 from .rewards import score_responses
 from .rollout.types import SamplingParams
 
@@ -21,7 +22,7 @@ def pass_at_1(per_problem: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = 5.0) -> list[float]:
+def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = DataConfig.verifier_timeout_s) -> list[float]:
     """The verifier's label of every sample of every group (groups[i] answers examples[i]), flat."""
     texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
     truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
@@ -29,7 +30,7 @@ def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = 5.0)
 
 
 def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: SamplingParams,
-                  timeout_s: float = 5.0, progress: bool = False) -> dict:
+                  timeout_s: float = DataConfig.verifier_timeout_s, progress: bool = False) -> dict:
     """sets: name -> list of Example. Returns per-benchmark results, their average, and the pooled
     pass@1 over every problem (`pass1`, `stderr`), with problem and sample counts."""
     benchmarks, pooled = {}, []
@@ -74,7 +75,8 @@ def evaluate(engine, inputs, cfg, step: int) -> dict:
                             stop_token_ids=inputs.stop_ids, seed=sampling_seed(cfg.train.seed, "evaluation", step))
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
     start = time.perf_counter()
-    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params)
+    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params,
+                           timeout_s=cfg.data.verifier_timeout_s)
     return dict(result, eval_s=time.perf_counter() - start)
 
 

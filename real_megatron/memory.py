@@ -17,6 +17,10 @@ distributed optimizer:
                fp32 gradient, the output weight's gradient; the naive path: [tokens, V/tp] logits
                and GPTModel's transposed copy (or one of them with the picked [response, V/tp] rows
                and their gradient)
+  reference    algorithm.kl=reference: the frozen initial model, weights only (model.dtype), on the
+               actor's layout; with train.reference_offload it is on the GPU only during the log-prob
+               pass, where the update's activations and output layer are not, so it adds only what it
+               exceeds them by (and the same bytes of pinned host memory per GPU)
   reserve      CUDA context, NCCL buffers, allocator fragmentation
 A micro-batch holds train.max_tokens_per_micro_batch tokens per rank when set (packed rows); else
 prompts_per_micro_batch x n_samples / dp sequences of data.max_prompt_tokens + rollout.max_new_tokens.
@@ -170,7 +174,8 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
         how_tokens = f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len})"
     shape = MicroBatchShape(tokens=tokens, response_tokens=int(tokens * response_share), attention_area=area)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
-    in_flight = min(pp, max(1, t.prompts_per_mini_batch // t.prompts_per_micro_batch))
+    micro_batches = pp if t.max_tokens_per_micro_batch else t.prompts_per_mini_batch // t.prompts_per_micro_batch
+    in_flight = min(pp, max(1, micro_batches))  # a token budget's count varies: assume enough to fill the pipeline
     activations = in_flight * activation_bytes(
         arch, shape, layers=per_stage_layers, tp=tp, sequence_parallel=p.sequence_parallel,
         recompute=cfg.model.recompute_activations, dtype_bytes=dtype_bytes, flash_attention=True)
@@ -188,8 +193,19 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
          else "naive: [tokens, V/tp] logits and their gradient"),
         ("reserve", RESERVE_GB, "CUDA context, NCCL, fragmentation"),
     ]
+    if cfg.algorithm.kl == "reference":
+        rows.insert(-1, reference_row(weights, activations + logits, t.reference_offload))
     total = sum(gb for _, gb, _ in rows)
     return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here)
+
+
+def reference_row(weights: float, update_peak: float, offload: bool) -> tuple[str, float, str]:
+    """The frozen reference model's share (bytes in, a row out): resident, or offloaded between passes."""
+    if not offload:
+        return ("reference model (kl)", weights / GB, "frozen initial weights, resident (train.reference_offload: false)")
+    return ("reference model (kl)", max(0.0, weights - update_peak) / GB,
+            f"offloaded to host between passes: its {weights / GB:.1f} GB sit in the update's activation room "
+            "during the log-prob pass")
 
 
 def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> tuple[str, bool]:

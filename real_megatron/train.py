@@ -9,7 +9,8 @@
         log metrics; evaluate and checkpoint every so often
 With rollout.max_staleness = k >= 1 the fleet generates ahead, k versions at most (rollout/pipeline.py).
 
-Everything a run leaves is in its output directory: config.yaml, metrics.jsonl, TensorBoard events,
+Everything a run leaves is in its output directory: config.yaml, initial_model.json (what it began
+from), metrics.jsonl, TensorBoard events,
 checkpoints/, final_hf/, summary.json and curves.png.
 """
 
@@ -36,6 +37,7 @@ def train(cfg: Config) -> dict:
     from .actor.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
     from .actor.distributed import init_distributed, shutdown
     from .actor.model import ArchSpec
+    from .actor.reference import record_initial_model, recorded_initial_model
     from .convert.hf_io import HFCheckpointReader
     from .metrics import MetricsLogger, RolloutLog, plot_curves
     from .objectives import objective_from_config
@@ -51,14 +53,19 @@ def train(cfg: Config) -> dict:
 
     inputs = prepare_inputs(cfg)
     spec = ArchSpec.from_pretrained(inputs.model_dir)
+    resume = None if cfg.checkpoint.resume == "none" else (
+        latest_checkpoint(ckpt_root) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
+    if resume is None and is_rank0():
+        record_initial_model(run_dir, inputs.model_dir)  # what a resumed run's reference model is rebuilt from
+    # kl='reference': the run's initial model, also after a resume (not the checkpoint's weights)
+    reference = None if cfg.algorithm.kl != "reference" else HFCheckpointReader(
+        recorded_initial_model(run_dir) if resume is not None else inputs.model_dir, spec).get
     actor = Actor(spec, ActorSettings.from_config(cfg, pad_id=inputs.tokenizer.pad_token_id or 0),
-                  objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get)
+                  objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get, reference)
     engine = on_rank0("starting the rollout engine", lambda: make_engine(cfg, inputs, run_dir), timeout_s=p.timeout_s,
                       share=False)
 
     start_step, history = 0, {}
-    resume = None if cfg.checkpoint.resume == "none" else (
-        latest_checkpoint(ckpt_root) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume))
     if resume is not None:
         state = load_checkpoint(actor, resume)
         start_step, history = state["step"], state.get("history", {})

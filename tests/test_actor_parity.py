@@ -112,3 +112,23 @@ def test_resume_is_bit_identical(tmp_path):
     resumed, log = run(tmp_path, "resumed", 2, ["--steps", "2", "--load", str(tmp_path / "ckpt")])
     assert "step 2:" in log and "step 3:" in log
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def kl_of(log: str) -> list[float]:
+    return [float(x) for x in re.findall(r"kl_mean (\S+)", log)]
+
+
+def test_kl_to_the_reference_model_agrees_across_layouts(tmp_path):
+    """algorithm.kl=reference: the frozen initial model on each layout's own shards (TP=2, PP=2)
+    gives the same log pi_ref, so the same KL (0 at step 0's update, > 0 at step 1's) and, gradient
+    compared through the parameters (adam eps 1, no clipping), the same update as one process. The
+    KL term changes that update: without it the parameters differ."""
+    kl = ["--kl", "reference", "--kl-coef", "2", "--steps", "2"]
+    reference, log = run(tmp_path, "kl-one", 1, ["--micro-batches", "1"] + kl + SENSITIVE)
+    assert kl_of(log)[0] == 0.0 and kl_of(log)[1] > 1e-4, log
+    plain, _ = run(tmp_path, "no-kl", 1, ["--micro-batches", "1", "--steps", "2"] + SENSITIVE)
+    assert max_rel_diff(reference, plain) > 1e-4
+    for name, (n, args) in {"kl-tp2": (2, ["--tp", "2"] + BUDGET), "kl-pp2": (2, ["--pp", "2"] + BUDGET)}.items():
+        params, out = run(tmp_path, name, n, args + kl + SENSITIVE)
+        assert max_rel_diff(reference, params) <= 1e-6, name
+        assert kl_of(out)[0] == 0.0 and kl_of(out)[1] == pytest.approx(kl_of(log)[1], rel=1e-6), name

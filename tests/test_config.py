@@ -50,7 +50,7 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
     cases = {
         "train:\n  steps: ten\n": ("train.steps", "expects int", "'ten'"),
         "parallel:\n  tp: 2.5\n": ("parallel.tp", "expects int", "2.5"),
-        "logging:\n  jsonl: 1\n": ("logging.jsonl", "expects bool", "1"),
+        "logging:\n  plot: 1\n": ("logging.plot", "expects bool", "1"),
         "algorithm:\n  name: ppo\n": ("algorithm.name", "one of 'real'", "'ppo'"),
         "data:\n  train_files: a.parquet\n": ("data.train_files", "list of str", "'a.parquet'"),
         "rollout:\n  stop_token_ids: [1, x]\n": ("rollout.stop_token_ids[1]", "expects int", "'x'"),
@@ -90,7 +90,7 @@ def test_ints_are_accepted_as_floats_and_yaml_exponents_are_numbers(tmp_path):
         ("parallel:\n  gpus_per_node: 4\nrollout:\n  n_samples: 2\ntrain:\n  max_tokens_per_micro_batch: 99999\n",
          "would leave ranks without data"),
         ("train:\n  steps: 0\n", "train.steps must be > 0"),
-        ("optim:\n  lr: 1.0e-6\n  min_lr: 1.0e-5\n", "above optim.lr"),
+        ("optim:\n  lr: 1.0e-6\n  min_lr: 1.0e-5\n  lr_schedule: cosine\n", "above optim.lr"),
     ],
 )
 def test_impossible_combinations_say_why(tmp_path, text, reason):

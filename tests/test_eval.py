@@ -127,3 +127,44 @@ def test_table_rows_are_the_papers_layout():
     report = {"benchmarks": {"aime": {"pass1": 0.2876}, "math": {"pass1": 0.8}}, "average": 0.54375}
     assert table_rows({"REAL-1.5B": report}).splitlines() == [
         "| Model | aime | math | Avg. |", "|---|---|---|---|", "| REAL-1.5B | 28.8 | 80.0 | 54.4 |"]
+
+
+def test_eval_reads_a_run_directory_and_flags_override_its_tree(tiny_model, tmp_path):
+    """--run DIR: k, lengths, temperature, data files, prompt/answer keys, reward function and the
+    verifier's timeout come from DIR/config.yaml (as training's evaluation used them), the model from
+    DIR/final_hf; a flag, or an a.b=c override of the tree, wins."""
+    from real_megatron.config import load_config, save_config
+
+    model, _ = tiny_model
+    run = tmp_path / "run"
+    (run / "final_hf").mkdir(parents=True)
+    for f in model.iterdir():
+        (run / "final_hf" / f.name).symlink_to(f)
+    cfg = load_config(None, [f"model.path={model}", f"eval.files=[{data_file('aime')}, {data_file('amc')}]",
+                             "eval.k=3", "eval.max_new_tokens=5", "eval.temperature=0.9", "data.verifier_timeout_s=7",
+                             "data.max_prompt_tokens=4096", "train.seed=5"])
+    save_config(cfg, run / "config.yaml")
+
+    def evaluate(*extra):
+        out = tmp_path / "report.json"
+        proc = subprocess.run([sys.executable, "-m", "real_megatron.cli", "eval", "--run", str(run), "--out", str(out),
+                               *extra], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    report = evaluate()
+    assert (report["k"], report["max_new_tokens"], report["temperature"], report["seed"]) == (3, 5, 0.9, 5)
+    assert (report["verifier_timeout_s"], report["max_prompt_tokens"]) == (7.0, 4096)
+    assert report["model"] == str(run / "final_hf") and report["settings_from"] == str(run / "config.yaml")
+    assert list(report["benchmarks"]) == ["aime", "amc"] and report["samples"] == 3 * (30 + 83)
+    report = evaluate("--k", "1", "--data", str(data_file("aime")), "eval.temperature=0.5")
+    assert (report["k"], report["temperature"], report["samples"]) == (1, 0.5, 30)
+
+
+def test_eval_without_a_model_or_with_both_sources_says_so(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "real_megatron.cli", "eval", "--data", "x.parquet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "eval: no --model" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "real_megatron.cli", "eval", "--run", str(tmp_path), "--config",
+                           str(ROOT / "configs" / "quickstart.yaml")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not both" in proc.stderr, proc.stderr[-2000:]

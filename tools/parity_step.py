@@ -10,7 +10,8 @@ layout starts from the same weights. Each step is one rollout batch of 8 prompt 
 old log-probs are recomputed, then one REAL update (tau 0.5, AdamW, fp32, grad clip 1.0). Rank 0 writes all
 parameters, gathered to full HF-named tensors, to --out (safetensors). --steps 0 writes the initial
 parameters. Files of different layouts must agree to max relative difference <= 1e-5.
---save/--load write/read a checkpoint after/before the steps (resume check).
+--save/--load write/read a checkpoint after/before the steps (resume check). --kl reference adds a
+KL term to the seed's initial model (the frozen reference, on the same layout), --kl old to pi_old.
 The actor's data path is its default (packed rows, fused output layer, micro-batches of whole
 groups); --padded, --naive-output-layer and --max-tokens select the others for comparison.
 """
@@ -74,6 +75,8 @@ def main() -> int:
     parser.add_argument("--naive-output-layer", action="store_true", help="GPTModel's logits instead of the fused path")
     parser.add_argument("--max-tokens", type=int, help="micro-batches by this token budget per rank "
                         "(instead of --micro-batches)")
+    parser.add_argument("--kl", choices=["none", "reference", "old"], default="none", help="KL term of the loss")
+    parser.add_argument("--kl-coef", type=float, default=0.0)
     parser.add_argument("--save", help="write a checkpoint here after the steps")
     parser.add_argument("--load", help="resume from this checkpoint before the steps")
     parser.add_argument("--init-from", help="start from these weights instead of the seed: an HF checkpoint "
@@ -118,7 +121,8 @@ def main() -> int:
             source = args.init_from  # megatron dist checkpoint
         else:
             source = HFCheckpointReader(args.init_from, spec).get
-    actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), source)
+    objective = build_objective("real", tau=0.5, skip_uniform_groups=True, kl=args.kl, kl_coef=args.kl_coef)
+    actor = Actor(spec, settings, objective, source)
     start = 0
     if args.load:
         start = load_checkpoint(actor, args.load)["step"]
@@ -126,7 +130,8 @@ def main() -> int:
         metrics = actor.train_step(synthetic_rollouts(args.seed, step))
         if torch.distributed.get_rank() == 0:
             print(f"step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
-                  f"micro_batches {metrics['micro_batches']}", flush=True)
+                  f"micro_batches {metrics['micro_batches']}" + (f" kl_mean {metrics['kl_mean']:.10e}" if args.kl != "none"
+                                                                 else ""), flush=True)
     if args.save:
         save_checkpoint(actor, args.save, {"step": start + args.steps})
     state = actor.gather_hf_state_dict()

@@ -25,15 +25,17 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import OptimConfig
+from ..config import AlgorithmConfig, OptimConfig, TrainConfig
 from ..objectives import PolicyBatch, normalise
 from ..objectives.importance import mismatch_partials
+from ..objectives.kl import k3_kl
 from ..objectives.registry import Objective, RealObjective
 from ..rank0_phases import is_rank0
 from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
+from .reference import ReferenceModel
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
 
 log = logging.getLogger(__name__)
@@ -48,19 +50,21 @@ class ActorSettings:
     dtype: torch.dtype = torch.float32
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, clipping, lr schedule
     total_steps: int = 1000  # optimizer steps, for the lr schedule
-    groups_per_mini_batch: int = 32
-    groups_per_micro_batch: int = 8  # when max_tokens_per_micro_batch is None
-    max_tokens_per_micro_batch: Optional[int] = None  # token budget per (micro-batch, rank)
-    pack_sequences: bool = True  # rollouts packed into one row per micro-batch (else right-padded rows)
-    fused_output_layer: bool = True  # log-probs from hidden states without [tokens, V] logits
-    updates_per_batch: int = 1
+    # defaults are the config's (config.py defines each once)
+    groups_per_mini_batch: int = TrainConfig.prompts_per_mini_batch
+    groups_per_micro_batch: int = TrainConfig.prompts_per_micro_batch  # when max_tokens_per_micro_batch is None
+    max_tokens_per_micro_batch: Optional[int] = TrainConfig.max_tokens_per_micro_batch  # per (micro-batch, rank)
+    pack_sequences: bool = TrainConfig.pack_sequences  # rollouts packed into one row (else right-padded rows)
+    fused_output_layer: bool = TrainConfig.fused_output_layer  # log-probs without [tokens, V] logits
+    updates_per_batch: int = AlgorithmConfig.updates_per_batch
     use_engine_logprobs: bool = False
     recompute_activations: bool = False
     pad_id: int = 0
-    max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
+    max_consecutive_skips: int = TrainConfig.max_consecutive_skips  # non-finite updates in a row before the run stops
     # log-probs of the sampling distribution, softmax(logits / T), as the engines report them
     logprob_temperature: float = 1.0
-    mismatch_threshold: float = 0.5  # |log pi_old - log pi_engine| counted in mismatch_frac
+    mismatch_threshold: float = AlgorithmConfig.mismatch_threshold  # |log pi_old - log pi_engine| in mismatch_frac
+    reference_offload: bool = TrainConfig.reference_offload  # kl='reference': reference weights in host memory between passes
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> "ActorSettings":
@@ -75,6 +79,7 @@ class ActorSettings:
             use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
             pad_id=pad_id, max_consecutive_skips=t.max_consecutive_skips,
             logprob_temperature=r.temperature if r.temperature > 0 else 1.0, mismatch_threshold=a.mismatch_threshold,
+            reference_offload=t.reference_offload,
         )
 
 
@@ -117,9 +122,12 @@ def device_memory() -> dict:
 
 class Actor:
     def __init__(self, spec: ArchSpec, settings: ActorSettings, objective: Objective,
-                 weights: Callable[[str], torch.Tensor] | str):
+                 weights: Callable[[str], torch.Tensor] | str,
+                 reference: Callable[[str], torch.Tensor] | str | None = None):
         """weights: HF tensors by name (a checkpoint reader, or a fresh initialisation), or the
-        directory of a megatron dist checkpoint (converted, or saved by training) to load."""
+        directory of a megatron dist checkpoint (converted, or saved by training) to load.
+        reference: the reference policy's weights for kl='reference' (default: `weights`, the
+        initial model; a resumed run passes the model it began from, see reference.py)."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -177,6 +185,10 @@ class Actor:
         self.consecutive_skips = 0  # non-finite updates in a row (saved in checkpoints)
         # where the model lives: micro-batches and metric tensors go here (NCCL reduces CUDA tensors only)
         self.device = next(unwrap(self.chunks[0]).parameters()).device
+        self.reference = None  # frozen initial weights on this layout, for kl='reference'
+        if objective.kl == "reference":
+            self.reference = ReferenceModel(spec, self.config, weights if reference is None else reference,
+                                            fused_output_layer=s.fused_output_layer, offload=s.reference_offload)
 
     # --- one RL step -------------------------------------------------------------------------
 
@@ -214,6 +226,12 @@ class Actor:
                 self.compute_old_logprobs(mini)
         timings["old_logprobs_s"] = time.perf_counter() - start
         mismatch = None if s.use_engine_logprobs else self._mismatch_partials(minis)
+        if self.reference is not None:  # log pi_ref: one more forward of the batch, frozen weights
+            start = time.perf_counter()
+            with self.reference.resident() as chunks:
+                for mini in minis:
+                    self.compute_logprobs(mini, "ref_logprobs", chunks)
+            timings["ref_logprobs_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         records = []
@@ -233,13 +251,17 @@ class Actor:
         metrics["tokens_per_s"] = tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
         return metrics
 
-    @torch.no_grad()
     def compute_old_logprobs(self, mini: MiniBatch) -> None:
         """log pi_old of every response token, by a forward-only pass (kept on the last stage)."""
-        outputs = self._schedule(mini, forward_only=True, mode="logprobs")
+        self.compute_logprobs(mini, "old_logprobs", self.chunks)
+
+    @torch.no_grad()
+    def compute_logprobs(self, mini: MiniBatch, field: str, chunks: list) -> None:
+        """Token log-probs of `chunks` (the actor's, or the reference's) into each micro-batch's `field`."""
+        outputs = self._schedule(mini, forward_only=True, mode="logprobs", chunks=chunks)
         if self.is_last_stage:
             for mb, out in zip(mini.micro_batches, outputs):
-                mb.old_logprobs = out["logprobs"]
+                setattr(mb, field, out["logprobs"])
 
     def _mismatch_partials(self, minis: list[MiniBatch]) -> Optional[torch.Tensor]:
         """This rank's mismatch partials (see mismatch_partials) over every micro-batch carrying
@@ -308,7 +330,7 @@ class Actor:
                          else "a non-finite gradient (on another rank)")
         return " and ".join(parts)
 
-    def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str) -> list[dict]:
+    def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str, chunks: list | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens,
@@ -316,11 +338,12 @@ class Actor:
         num_micro = len(mini.micro_batches)
         seq = max(mb.tokens.shape[1] for mb in mini.micro_batches)
         mbs = max(mb.tokens.shape[0] for mb in mini.micro_batches)
-        vpp = len(self.chunks)
+        chunks = self.chunks if chunks is None else chunks
+        vpp = len(chunks)
         iterators = [iter(mini.micro_batches) for _ in range(vpp)] if vpp > 1 else iter(mini.micro_batches)
         step = partial(self._forward_step, mode=mode, counts=counts, num_micro=num_micro)
         return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iterators, model=self.chunks if vpp > 1 else self.chunks[0],
+            forward_step_func=step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
             num_microbatches=num_micro, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
         )
 
@@ -359,12 +382,16 @@ class Actor:
             pos = mb.rewards > 0.5
             # every entry a tensor on the actor's device, computed without a host sync
             inf = torch.full((1,), float("inf"), device=scores.device, dtype=scores.dtype)
+            # the KL term is a local sum (unlike REAL's full-batch value): kept apart for the loss record
+            kl_loss, kl_sum, kl_tokens = self._kl_record(batch, counts)
 
             def extreme(mask, reduce, empty):  # min/max over the masked scores; `empty` if none
                 return reduce(torch.cat([scores.where(mask, empty), empty]))
             record = {
                 # REAL's value is the full mini-batch value on every DP rank; the baselines' are local
-                "loss": loss.detach() / (self.dp_size if isinstance(self.objective, RealObjective) else 1),
+                "loss": ((loss.detach() - kl_loss) / self.dp_size + kl_loss if isinstance(self.objective, RealObjective)
+                         else loss.detach()),
+                "kl_sum": kl_sum, "kl_tokens": kl_tokens,
                 "entropy_sum": entropy.sum(), "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
                 "score_pos_sum": scores.where(pos, 0.0).sum(), "score_pos_n": pos.sum().float(),
                 "score_neg_sum": scores.where(~pos, 0.0).sum(), "score_neg_n": (~pos).sum().float(),
@@ -374,7 +401,20 @@ class Actor:
             }
         return scaled, record
 
-    SUM_KEYS = ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n")
+    def _kl_record(self, batch: PolicyBatch, counts: dict):
+        """(the KL term of this micro-batch's loss, k3 summed over its tokens in the loss, their
+        count): zeros without a KL term. k3 per token against the KL target, pi_ref or pi_old."""
+        zero = torch.zeros((), device=batch.logprobs.device)
+        if self.objective.kl == "none":
+            return zero, zero, zero
+        inside = batch.in_loss()
+        target = inside.old_logprobs if self.objective.kl == "old" else inside.ref_logprobs
+        mask = inside.loss_mask.to(batch.logprobs.dtype)
+        kl_loss = normalise(self.objective.kl_terms(inside), counts)
+        return kl_loss.detach(), (k3_kl(inside.logprobs.detach(), target) * mask).sum(), mask.sum()
+
+    SUM_KEYS = ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n",
+                "kl_sum", "kl_tokens")
     MIN_KEYS, MAX_KEYS = ("score_pos_min", "score_neg_min"), ("score_pos_max", "score_neg_max")
 
     def _metric_tensors(self, records: list[dict], first: list[dict], mismatch: Optional[torch.Tensor]
@@ -402,7 +442,7 @@ class Actor:
         out = {}
         if self.is_last_stage and flat:
             sums, mins, maxs = self._metric_tensors(flat, updates[0]["records"], mismatch)
-            loss, ent, tok, ps_, pn, ns, nn, abs_sum, k3_sum, above, compared = sums.tolist()
+            loss, ent, tok, ps_, pn, ns, nn, kl_sum, kl_tokens, abs_sum, k3_sum, above, compared = sums.tolist()
             n = len(updates)
             out = {
                 "loss": loss / n, "entropy": ent / max(tok, 1),
@@ -417,6 +457,8 @@ class Actor:
                 # the first optimizer step of this batch sees pi_theta = pi_old: s̄ should be 0
                 "first_update_score_abs_max": maxs[2].item(),
             }
+            if self.objective.kl != "none":  # k3 per token against the KL target, over every update of the step
+                out["kl_mean"] = kl_sum / kl_tokens if kl_tokens else float("nan")
             if compared:  # train-inference mismatch, log pi_old vs the engine's log-probs, per token
                 out.update(mismatch_abs_mean=abs_sum / compared, mismatch_abs_max=maxs[3].item(),
                            mismatch_kl=k3_sum / compared, mismatch_frac=above / compared)

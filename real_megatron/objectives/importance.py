@@ -19,9 +19,8 @@ import math
 
 import torch
 
+from ..config import IMPORTANCE_CORRECTIONS as MODES
 from .segments import segment_sum
-
-MODES = ("none", "tis", "mis")
 
 
 def _weights(log_ratio: torch.Tensor, mode: str, cap: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ from typing import Literal, Optional
 
 import torch
 
+from ..config import CLIP_RANGES, IMPORTANCE_CORRECTIONS, KL_TARGETS, OBJECTIVES, REAL_VARIANTS, AlgorithmConfig
 from .distributed import real_loss_across_ranks
-from .importance import MODES as IMPORTANCE_MODES
 from .importance import sequence_importance_weights, token_importance_weights
 from .kl import sequence_kl
 from .policy_gradient import group_advantages, sequence_clip_loss, token_clip_loss
@@ -56,12 +56,12 @@ class PolicyBatch:
 class Objective:
     name: str
 
-    def __init__(self, *, kl: str = "none", kl_coef: float = 0.0, importance_correction: str = "none",
-                 is_cap: float = 2.0):
-        if kl not in ("none", "reference", "old"):
-            raise ValueError(f"kl must be 'none', 'reference' or 'old', got {kl!r}")
-        if importance_correction not in IMPORTANCE_MODES:
-            raise ValueError(f"importance_correction must be one of {', '.join(IMPORTANCE_MODES)}, got {importance_correction!r}")
+    def __init__(self, *, kl: str, kl_coef: float, importance_correction: str, is_cap: float):
+        if kl not in KL_TARGETS:
+            raise ValueError(f"kl must be one of {', '.join(KL_TARGETS)}, got {kl!r}")
+        if importance_correction not in IMPORTANCE_CORRECTIONS:
+            raise ValueError(f"importance_correction must be one of {', '.join(IMPORTANCE_CORRECTIONS)}, "
+                             f"got {importance_correction!r}")
         if not is_cap > 1:
             raise ValueError(f"is_cap must be > 1, got {is_cap}")
         self.kl, self.kl_coef = kl, kl_coef
@@ -70,13 +70,19 @@ class Objective:
     def __call__(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         batch = batch.in_loss()
         terms = self.policy_terms(batch, dp_group)
-        if self.kl != "none" and self.kl_coef > 0:
-            target = batch.old_logprobs if self.kl == "old" else batch.ref_logprobs
-            if target is None:
-                raise ValueError("kl='reference' needs PolicyBatch.ref_logprobs (log-probs of the reference model)")
-            kl = sequence_kl(batch.logprobs, target, batch.loss_mask, batch.seq_index, batch.num_sequences)
-            terms["sequences"] = terms.get("sequences", 0.0) + self.kl_coef * kl.sum()
+        for unit, value in self.kl_terms(batch).items():
+            terms[unit] = terms.get(unit, 0.0) + value
         return terms
+
+    def kl_terms(self, batch: PolicyBatch) -> dict[Unit, torch.Tensor]:
+        """kl_coef x the token-mean k3 KL per sequence to pi_ref or pi_old, summed ({} without KL)."""
+        if self.kl == "none" or self.kl_coef <= 0:
+            return {}
+        target = batch.old_logprobs if self.kl == "old" else batch.ref_logprobs
+        if target is None:
+            raise ValueError("kl='reference' needs PolicyBatch.ref_logprobs (log-probs of the reference model)")
+        kl = sequence_kl(batch.logprobs, target, batch.loss_mask, batch.seq_index, batch.num_sequences)
+        return {"sequences": self.kl_coef * kl.sum()}
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         raise NotImplementedError
@@ -108,8 +114,8 @@ class RealObjective(Objective):
     groups in the loss (informative ones with skip_uniform_groups), as the paper's released code
     does (binary cross-entropy, reduction='mean'); "prompts" divides by prompts, like REAL."""
 
-    def __init__(self, variant: str, *, tau: float = 0.5, skip_uniform_groups: bool = True,
-                 bce_normalise: str = "rollouts", importance_unit: str = "sequence", **common):
+    def __init__(self, variant: str, *, tau: float, skip_uniform_groups: bool, bce_normalise: str,
+                 importance_unit: str, **common):
         super().__init__(**common)
         if bce_normalise not in ("rollouts", "prompts"):
             raise ValueError(f"bce_normalise must be 'rollouts' or 'prompts', got {bce_normalise!r}")
@@ -166,53 +172,29 @@ class ClipObjective(Objective):
         return {"sequences": token_clip_loss(*args, **clip, reduce="sequence_mean", weights=weights)}
 
 
-# name -> (factory, published defaults for the clip range)
-_CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
-_REAL_VARIANTS = {"real": "real", "real_no_anchor": "no_anchor", "real_bce": "bce"}
-OBJECTIVES = tuple(_REAL_VARIANTS) + tuple(_CLIP_DEFAULTS)
-
-
-def build_objective(
-    name: str,
-    *,
-    tau: float = 0.5,
-    skip_uniform_groups: bool = True,
-    bce_normalise: str = "rollouts",
-    clip_low: float | None = None,
-    clip_high: float | None = None,
-    kl: str = "none",
-    kl_coef: float = 0.0,
-    importance_correction: str = "none",
-    is_cap: float = 2.0,
-    importance_unit: str = "sequence",
-) -> Objective:
-    """The objective registered as `name` (one of OBJECTIVES), with the given hyper-parameters."""
-    common = dict(kl=kl, kl_coef=kl_coef, importance_correction=importance_correction, is_cap=is_cap)
-    if name in _REAL_VARIANTS:
-        obj: Objective = RealObjective(_REAL_VARIANTS[name], tau=tau, skip_uniform_groups=skip_uniform_groups,
-                                       bce_normalise=bce_normalise, importance_unit=importance_unit, **common)
-    elif name in _CLIP_DEFAULTS:
-        low, high = _CLIP_DEFAULTS[name]
-        obj = ClipObjective(
-            name,
-            clip_low=low if clip_low is None else clip_low,
-            clip_high=high if clip_high is None else clip_high,
-            **common,
-        )
-    else:
+def build_objective(name: str, **options) -> Objective:
+    """The objective registered as `name` (one of OBJECTIVES); `options` are AlgorithmConfig fields
+    (tau, kl, kl_coef, ...), whose defaults are the config's."""
+    if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; registered: {', '.join(OBJECTIVES)}")
-    obj.name = name
-    return obj
+    return objective_from_config(AlgorithmConfig(name=name, **options))
 
 
-def objective_from_config(algorithm) -> Objective:
+def objective_from_config(algorithm: AlgorithmConfig) -> Objective:
     """Build from an `AlgorithmConfig` section."""
-    return build_objective(
-        algorithm.name, tau=algorithm.tau, skip_uniform_groups=algorithm.skip_uniform_groups,
-        bce_normalise=algorithm.bce_normalise, clip_low=algorithm.clip_low, clip_high=algorithm.clip_high,
-        kl=algorithm.kl, kl_coef=algorithm.kl_coef, importance_correction=algorithm.importance_correction,
-        is_cap=algorithm.is_cap, importance_unit=algorithm.importance_unit,
-    )
+    a = algorithm
+    common = dict(kl=a.kl, kl_coef=a.kl_coef, importance_correction=a.importance_correction, is_cap=a.is_cap)
+    if a.name in REAL_VARIANTS:
+        obj: Objective = RealObjective(REAL_VARIANTS[a.name], tau=a.tau, skip_uniform_groups=a.skip_uniform_groups,
+                                       bce_normalise=a.bce_normalise, importance_unit=a.importance_unit, **common)
+    elif a.name in CLIP_RANGES:
+        low, high = CLIP_RANGES[a.name]
+        obj = ClipObjective(a.name, clip_low=low if a.clip_low is None else a.clip_low,
+                            clip_high=high if a.clip_high is None else a.clip_high, **common)
+    else:
+        raise ValueError(f"unknown objective {a.name!r}; registered: {', '.join(OBJECTIVES)}")
+    obj.name = a.name
+    return obj
 
 
 def normalise(terms: dict[Unit, torch.Tensor], counts: dict[Unit, float]) -> torch.Tensor:

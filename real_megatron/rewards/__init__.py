@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from ..config import DataConfig
 from .math import extract_answer, math_reward, math_rewards
 
 RewardFn = Callable[..., float]
@@ -25,7 +26,8 @@ def load_reward_fn(path: str) -> RewardFn:
     return fn
 
 
-def score_responses(fn: RewardFn, texts: list[str], truths: list, timeout_s: float = 5.0) -> list[float]:
+def score_responses(fn: RewardFn, texts: list[str], truths: list,
+                    timeout_s: float = DataConfig.verifier_timeout_s) -> list[float]:
     """fn over (response, ground truth) pairs; the math verifier scores all of them in parallel."""
     if fn is math_reward:
         return math_rewards(texts, truths, timeout_s=timeout_s)  # every verifier worker at once

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..config import DataConfig
+
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = str(Path(__file__).with_name("verifier_worker.py"))
@@ -190,14 +192,16 @@ def default_pool() -> VerifierPool:
     return _pool
 
 
-def math_reward(response: str, ground_truth, *, require_think_close: bool = False, timeout_s: float = 5.0) -> float:
+def math_reward(response: str, ground_truth, *, require_think_close: bool = False,
+                timeout_s: float = DataConfig.verifier_timeout_s) -> float:
     """1.0 if the final \\boxed answer of `response` equals the ground truth (string, number, or a
     list of acceptable answers) by math-verify, else 0.0. Never raises."""
     return math_rewards([response], [ground_truth], require_think_close=require_think_close, timeout_s=timeout_s)[0]
 
 
 def math_rewards(
-    responses: Iterable[str], ground_truths: Iterable, *, require_think_close: bool = False, timeout_s: float = 5.0
+    responses: Iterable[str], ground_truths: Iterable, *, require_think_close: bool = False,
+    timeout_s: float = DataConfig.verifier_timeout_s
 ) -> list[float]:
     """Batch form of math_reward, spread over the verifier workers."""
     jobs = []

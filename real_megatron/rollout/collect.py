@@ -85,7 +85,8 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
         examples = inputs.train_set.next_batch(t.prompts_per_step)
         params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                                 stop_token_ids=inputs.stop_ids, seed=sampling_seed(t.seed, "rollouts", step, rounds))
-        rollouts, phase = generate_rollouts(engine, inputs, examples, r.n_samples, params, 5.0)
+        rollouts, phase = generate_rollouts(engine, inputs, examples, r.n_samples, params,
+                                              cfg.data.verifier_timeout_s)
         rounds += 1
         for key in timings:
             timings[key] += phase[key]

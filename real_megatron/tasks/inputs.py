@@ -75,9 +75,11 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_set = PromptDataset([root / "train.jsonl"], tokenizer, seed=cfg.train.seed, max_prompt_tokens=10_000)
-    held_set = PromptDataset([root / "heldout.jsonl"], tokenizer, shuffle=False, max_prompt_tokens=10_000)
-    return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, task.reward, (tokenizer.eos_token_id,))
+    train_set = PromptDataset([root / "train.jsonl"], tokenizer, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                              max_prompt_tokens=cfg.data.max_prompt_tokens)
+    held_set = PromptDataset([root / "heldout.jsonl"], tokenizer, shuffle=False, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    stop = tuple(cfg.rollout.stop_token_ids) or (tokenizer.eos_token_id,)
+    return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, task.reward, stop)
 
 
 def task_root(cfg: Config) -> Path:
