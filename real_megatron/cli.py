@@ -24,6 +24,10 @@ def _train(args: argparse.Namespace) -> int:
         print(describe_layout(cfg.parallel))
         nodes, problem = describe_nodes(cfg)
         print(f"# GPUs: {nodes}")
+        if cfg.rollout.backend == "sglang":
+            from .rollout.engine_setup import describe_fleet
+
+            print(f"# fleet: {describe_fleet(cfg)}")
         report, problems = _memory_report(cfg)
         print(report)
         from .prepare import missing_inputs
@@ -49,10 +53,14 @@ def _train(args: argparse.Namespace) -> int:
                           "downloads and converts them")
     from .actor.distributed import trainer_environment
     from .rank0_phases import is_rank0
+    from .rollout.engine_setup import apply_trainer_fleet_environment
+    from .rollout.fleet_auth import private_run
     from .train import train
 
     for key, value in trainer_environment(cfg, torch.cuda.is_available()).items():
         os.environ.setdefault(key, value)  # before CUDA starts; a user's own value wins
+    apply_trainer_fleet_environment(cfg)  # before NCCL starts: the servers' side of the weight group
+    private_run(cfg, check_key=is_rank0())  # rank 0 alone talks to the fleet
     from .progress import quiet_library_bars
 
     quiet_library_bars()
@@ -154,13 +162,17 @@ def _eval(args: argparse.Namespace) -> int:
         engine = LocalEngine.from_pretrained(model, pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
                                              dtype=getattr(torch, args.dtype))
     else:
+        from .rollout.fleet_auth import read_key_file
         from .rollout.sglang_env import default_server_python
         from .rollout.sglang_fleet import SGLangFleet, visible_gpus
 
+        # launched servers get a key made for them; attached ones the --api-key-file's
+        key = read_key_file(args.api_key_file) if args.api_key_file else None
         engine = SGLangFleet(model_path=str(model), urls=args.server_url or None, num_servers=args.num_servers,
                              server_tp=args.server_tp, server_python=default_server_python(),
                              server_args=shlex.split(args.server_args), log_dir=Path(args.out or ".").parent / "logs",
-                             gpus=None if args.server_url else (visible_gpus() or None))
+                             gpus=None if args.server_url else (visible_gpus() or None), api_key=key,
+                             key_source=args.api_key_file)
     try:
         report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
                                timeout_s=args.verifier_timeout_s, progress=True)
@@ -201,12 +213,15 @@ def _launch_plan(args: argparse.Namespace) -> int:
     """What a launcher needs from a config, as shell assignments (slurm/train.sbatch evals them)."""
     import shlex
 
+    from .rollout.engine_setup import trainer_fleet_environment
+
     cfg = load_config(args.config, list(args.overrides))
     p, r = cfg.parallel, cfg.rollout
     plan = {
         "TRAINER_NODES": p.nodes, "TRAINER_TASKS_PER_NODE": p.gpus_per_node, "ROLLOUT_BACKEND": r.backend,
         "FLEET_SERVERS": launched_servers(cfg), "SERVER_TP": r.server_tp, "CONFIG_FLEET_NODES": r.fleet_nodes,
         "OUTPUT_DIR": cfg.train.output_dir,
+        "TRAINER_ENV": " ".join(f"{k}={v}" for k, v in trainer_fleet_environment(cfg).items()),
     }
     for key, value in plan.items():
         print(f"{key}={shlex.quote(str(value))}")
@@ -224,10 +239,12 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from .rollout.fleet_auth import private_run
     from .rollout.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, list(args.overrides))
+    private_run(cfg)
     index = args.index if args.index is not None else int(os.environ.get("SLURM_PROCID", 0))
     run_dir = Path(cfg.train.output_dir)
     registry = Path(cfg.rollout.server_registry or run_dir / "servers")
@@ -342,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local: transformers in this process; sglang: launch or attach SGLang servers")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="local engine")
     ev.add_argument("--server-url", nargs="*", default=[], help="attach to these SGLang servers")
+    ev.add_argument("--api-key-file", help="the key the --server-url servers require (one line, mode 0600)")
     ev.add_argument("--num-servers", type=int, default=1, help="servers to launch (without --server-url)")
     ev.add_argument("--server-tp", type=int, default=1)
     ev.add_argument("--server-args", default="", help="extra sglang.launch_server arguments, one string")

@@ -86,9 +86,15 @@ class RolloutConfig:
     num_servers: int = 1
     server_tp: int = 1
     server_host: str = "127.0.0.1"
+    # `serve --host node` (slurm/train.sbatch on several nodes) listens on this network interface's
+    # address (e.g. ib0); None: the address this node's hostname resolves to. Never 0.0.0.0.
+    server_interface: Optional[str] = None
     server_base_port: int = 30000
     server_python: Optional[str] = None  # interpreter of SGLang's own environment
     server_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
+    # the servers' bearer key: None = RUN_DIR/fleet_api_key, a random key made with the run
+    # directory (mode 0600); a file of your own (one line, mode 0600) for servers started with it
+    api_key_file: Optional[str] = None
     weight_sync: Literal["disk", "distributed"] = "disk"
     # distributed: the address servers reach trainer rank 0 at (default $MASTER_ADDR, else
     # 127.0.0.1), and the size of one broadcast bucket
@@ -97,9 +103,9 @@ class RolloutConfig:
     health_timeout_s: float = 600.0
     request_timeout_s: float = 1800.0
     # requests in flight per server: SGLang batches hundreds of sequences per GPU; the fleet's
-    # bound is this times the number of live servers (the paper's 128 prompts x 8 = 1024 samples
-    # all in flight on 8 servers)
-    max_requests_per_server: int = 128
+    # bound is this times the number of live servers. 0: ceil(train.prompts_per_step x n_samples /
+    # servers), the whole step in flight (the paper's 128 prompts x 8 on 8 servers: 128 each)
+    max_requests_per_server: int = 0
     # GPUs (ids as the trainer sees them) for servers the trainer launches, server_tp each; empty:
     # the GPUs of this node after the trainer's parallel.gpus_per_node
     server_gpus: list[int] = field(default_factory=list)
@@ -645,6 +651,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append("rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'")
     if r.max_staleness < 0:
         errors.append(f"rollout.max_staleness must be >= 0, got {r.max_staleness}")
+    if r.max_requests_per_server < 0:
+        errors.append(f"rollout.max_requests_per_server must be >= 0 (0: from the batch), got {r.max_requests_per_server}")
     if r.max_staleness > 0 and r.backend != "sglang":
         errors.append(
             f"rollout.max_staleness={r.max_staleness} needs rollout.backend='sglang': the embedded engine generates in "

@@ -7,6 +7,9 @@ that does not fit the GPUs this process sees is refused before anything starts. 
 `real-megatron serve` process bound to 127.0.0.1 that registers in RUN_DIR/servers; the trainer
 ranks (RANK / WORLD_SIZE / LOCAL_RANK, a free rendezvous port) attach to them.
 
+Everything the launch and its children write is the user's alone (umask 077); the servers require
+the run's key, RUN_DIR/fleet_api_key, made here if the run has none (rollout/fleet_auth.py).
+
 As in the Slurm job: logs in RUN_DIR/logs (trainer.log and fleet.log with every line labelled by
 rank or server, sglang_<i>.log per server; rank 0's lines also on this terminal), SIGUSR1 or
 SIGTERM (and Ctrl-C) go to the trainer, which checkpoints after its step and exits 75; when a rank
@@ -29,6 +32,8 @@ from typing import Optional
 from .config import ConfigError, load_config
 from .parallel_layout import launched_servers
 from .preemption import REQUEUE_EXIT_CODE
+from .rollout.engine_setup import trainer_fleet_environment
+from .rollout.fleet_auth import private_run
 from .rollout.sglang_fleet import split_gpus, visible_gpus
 
 GRACE_S = 30.0  # after a rank fails, the others get this long to exit on SIGTERM
@@ -96,6 +101,7 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
     gpus = visible_gpus(env)
     trainer_gpus, server_gpus = split_node(gpus, p.gpus_per_node, r.num_servers if fleet else 0, r.server_tp) \
         if gpus else (None, None)
+    private_run(cfg)  # before anything is written; a wrong key file stops here
     run_dir = Path(cfg.train.output_dir).resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,7 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
     ranks = []
     for rank in range(p.gpus_per_node):
         own = dict(env, RANK=str(rank), WORLD_SIZE=str(p.gpus_per_node), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **trainer_fleet_environment(cfg))
         if trainer_gpus:
             own["CUDA_VISIBLE_DEVICES"] = ",".join(trainer_gpus)
         ranks.append(Labelled(_cli("train", config, *overrides), own, logs / "trainer.log", str(rank), echo=rank == 0))

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -216,7 +217,7 @@ def test_killing_a_server_mid_batch_loses_and_duplicates_nothing(fleet):
 
 def test_attached_mode_and_no_server_left(fleet):
     fleet, _, _, _ = fleet
-    attached = SGLangFleet(urls=[s.url for s in fleet.servers], health_timeout_s=60)
+    attached = SGLangFleet(urls=[s.url for s in fleet.servers], health_timeout_s=60, api_key=fleet.api_key)
     out = attached.generate([[5, 6]], 1, SamplingParams(temperature=0.0, max_new_tokens=3))
     assert len(out[0][0].output_ids) == 3
     attached.stop()  # attached servers are not ours: they keep running
@@ -277,3 +278,76 @@ def test_each_launched_server_keeps_its_own_gpus_and_the_request_bound_follows_t
         environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
         assert f"CUDA_VISIBLE_DEVICES={want}".encode() in environ, (server.index, server.restarts)
         assert not any(v.startswith(b"CUDA_DEVICE_MAX_CONNECTIONS=") for v in environ)  # the trainer's only
+
+
+def status_of(url: str, path: str, body=None, key=None) -> int:
+    """The HTTP status `url` answers `path` with (the body, if any, POSTed as JSON)."""
+    import urllib.error
+
+    from real_megatron.rollout.sglang_fleet import http_json
+
+    try:
+        http_json(url + path, body, timeout=30, key=key)
+        return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_without_the_key_the_servers_refuse_generation_weights_and_control(fleet):
+    """Launched servers require the fleet's key: without it, or with another, /generate, the weight
+    endpoints and /pause_generation answer 401; /health stays open (the registration wait uses it).
+    The key is not on any server's command line (every user of a node can read those), and the
+    servers' logs, which SGLang fills with its arguments, are the user's alone."""
+    fleet, _, _, root = fleet
+    key = fleet.api_key
+    assert key and len(key) >= 40
+    calls = [("/generate", {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}),
+             ("/update_weights_from_disk", {"model_path": str(root / "b")}),
+             ("/pause_generation", {"mode": "retract"}),
+             ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1,
+                                             "world_size": 2, "group_name": "x", "backend": "gloo"}),
+             ("/flush_cache", {}), ("/get_server_info", None)]
+    for server in fleet.servers:
+        for path, body in calls:
+            assert status_of(server.url, path, body) == 401, (server.url, path)
+            assert status_of(server.url, path, body, key="not-" + key) == 401, (server.url, path)
+        assert status_of(server.url, "/health") == 200
+        assert status_of(server.url, "/generate", calls[0][1], key=key) == 200
+        assert key.encode() not in Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+        assert server.auth_file is None  # read at start, then removed
+        assert server.log_path.stat().st_mode & 0o777 == 0o600
+    assert not any(key in p.read_text() for p in Path(tempfile.gettempdir()).glob("sglang-auth-*.yaml"))
+
+
+def test_a_wrong_key_is_an_error_at_attach_naming_its_file(fleet):
+    fleet, *_ = fleet
+    with pytest.raises(FleetError, match=r"refused the fleet's key \(/run/key-file\) with HTTP 401"):
+        SGLangFleet(urls=[fleet.servers[0].url], api_key="wrong", key_source="/run/key-file", health_timeout_s=60)
+    with pytest.raises(FleetError, match=r"requires a key \(HTTP 401\): give its file \(rollout.api_key_file"):
+        SGLangFleet(urls=[fleet.servers[0].url], health_timeout_s=60)
+
+
+def test_disk_weights_load_on_every_server_at_once_each_within_its_deadline(fleet):
+    """A server that stops answering (SIGSTOP) while weights load is dropped after its own
+    deadline, and the other, listed after it, has loaded at once rather than after that deadline."""
+    fleet, _, _, root = fleet
+    path, version = fleet.weights_path or root / "a", fleet.weight_version  # what the servers hold already
+    live = [s for s in fleet.servers if s.alive]
+    assert len(live) == 2
+    deadline = 6
+    attached = SGLangFleet(urls=[s.url for s in live], api_key=fleet.api_key, request_timeout_s=deadline,
+                           health_timeout_s=60)
+    os.killpg(live[0].process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        attached.update_weights_from_disk(path, version)
+        took = time.monotonic() - start
+    finally:
+        os.killpg(live[0].process.pid, signal.SIGCONT)
+    hung, other = attached.servers
+    assert not hung.alive and other.alive and other.weight_version == version
+    assert deadline <= took < 2 * deadline, took  # the hung server's deadline, not the sum of two
+    begin, end = attached.last_calls[other.index]
+    assert end < deadline / 2, attached.last_calls  # did not wait for the hung one
+    print(f"with one server hung: {took:.1f}s (deadline {deadline}s); the other began after {begin:.2f}s, "
+          f"done after {end:.2f}s")

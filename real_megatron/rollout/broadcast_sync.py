@@ -11,6 +11,13 @@ Membership is fixed per group: when a server died or came back since the last pu
 torn down and made again with the servers that are up, before the next push; a restarted server
 is back in rotation only once it has the current weights. A server that dies during a broadcast
 makes that push fail with an error naming it (the trainer's checkpoint and requeue take over).
+
+What is protected and what is not: only a holder of the fleet's key can tell a server to join a
+group, where, and to take a bucket (every call here carries it). The group itself is torch's: its
+rendezvous is an unauthenticated TCP store on the trainer's address and a fresh port, open from
+when the servers are told until every rank has joined (seconds); a process that reaches that port
+first could take a server's rank. NCCL wants NCCL_CUMEM_ENABLE equal on every rank: SGLang sets 0,
+and so does the trainer when this sync is configured (engine_setup.trainer_fleet_environment).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch.distributed as dist
 
 from ..actor.distributed import free_port
 from ..convert.export import iter_buckets
-from .sglang_fleet import FleetError, SGLangFleet, Server, http_json
+from .sglang_fleet import FleetError, SGLangFleet, Server
 
 log = logging.getLogger(__name__)
 GROUP_NAME = "real_megatron_weights"
@@ -54,8 +61,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class _Calls:
     """The same HTTP call to several servers at once, each in a thread; errors collected."""
 
-    def __init__(self, calls: list[tuple[Server, str, dict]], timeout_s: float):
-        self.errors: list[str] = []
+    def __init__(self, fleet: SGLangFleet, calls: list[tuple[Server, str, dict]], timeout_s: float):
+        self.fleet, self.errors = fleet, []
         self.threads = [threading.Thread(target=self._call, args=(s, path, body, timeout_s), daemon=True)
                         for s, path, body in calls]
         for thread in self.threads:
@@ -63,7 +70,7 @@ class _Calls:
 
     def _call(self, server: Server, path: str, body: dict, timeout_s: float) -> None:
         try:
-            reply = http_json(server.url + path, body, timeout=timeout_s)
+            reply = self.fleet.call(server, path, body, timeout=timeout_s)
             if reply.get("success") is False:
                 self.errors.append(f"{server.url}{path}: {reply.get('message')}")
         except urllib.error.HTTPError as exc:  # SGLang answers a refusal with 400 and a message
@@ -107,7 +114,7 @@ class BroadcastWeightSync:
 
     def _server_tp(self, server: Server) -> int:
         try:
-            return int(http_json(server.url + "/get_server_info", timeout=30).get("tp_size", server.tp))
+            return int(self.fleet.call(server, "/get_server_info", timeout=30).get("tp_size", server.tp))
         except (OSError, ValueError):
             return server.tp
 
@@ -120,7 +127,7 @@ class BroadcastWeightSync:
         world = 1 + sum(sizes)
         port = free_port(self.address)
         offsets = [1 + sum(sizes[:i]) for i in range(len(members))]
-        calls = _Calls([(s, "/init_weights_update_group",
+        calls = _Calls(self.fleet, [(s, "/init_weights_update_group",
                          {"master_address": self.address, "master_port": port, "rank_offset": offset,
                           "world_size": world, "group_name": GROUP_NAME, "backend": self.backend})
                         for s, offset in zip(members, offsets)], self.timeout_s)
@@ -134,7 +141,7 @@ class BroadcastWeightSync:
             return
         live = [s for s in self.members if s.alive]
         try:
-            _Calls([(s, "/destroy_weights_update_group", {"group_name": GROUP_NAME}) for s in live],
+            _Calls(self.fleet, [(s, "/destroy_weights_update_group", {"group_name": GROUP_NAME}) for s in live],
                    60).join("leaving the weight group", 60)
         except FleetError as exc:
             log.warning("%s", exc)
@@ -146,7 +153,7 @@ class BroadcastWeightSync:
     def _session(self, path: str) -> bool:
         """SGLang >= 0.5.2x brackets updates in begin/end_weight_update; older servers lack them."""
         try:
-            _Calls([(s, path, {}) for s in self.members], self.timeout_s).join(path, self.timeout_s)
+            _Calls(self.fleet, [(s, path, {}) for s in self.members], self.timeout_s).join(path, self.timeout_s)
             return True
         except FleetError as exc:
             if "HTTP 404" in str(exc):
@@ -167,7 +174,8 @@ class BroadcastWeightSync:
                 body = {"names": [n for n, _ in bucket], "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
                         "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
                         "flush_cache": following is None, "weight_version": str(version)}
-                calls = _Calls([(s, "/update_weights_from_distributed", body) for s in self.members], self.timeout_s)
+                calls = _Calls(self.fleet, [(s, "/update_weights_from_distributed", body) for s in self.members],
+                               self.timeout_s)
                 time.sleep(0.01)  # a refusal comes back at once: do not start a broadcast nobody receives
                 if calls.failed_early():
                     calls.join(f"weights version {version}", self.timeout_s)

@@ -8,12 +8,60 @@ from disk (safetensors, servers reload) or by NCCL broadcast in buckets (rollout
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from pathlib import Path
 
 from ..config import Config
 from ..rank0_phases import is_rank0
+
+log = logging.getLogger(__name__)
+
+
+def requests_per_server(cfg: Config) -> int:
+    """rollout.max_requests_per_server, or (0) a step's samples spread over the servers: the whole
+    batch in flight at once, however many servers there are."""
+    r = cfg.rollout
+    if r.max_requests_per_server > 0:
+        return r.max_requests_per_server
+    servers = len(r.server_urls) or r.num_servers
+    return math.ceil(cfg.train.prompts_per_step * r.n_samples / max(1, servers))
+
+
+def describe_fleet(cfg: Config) -> str:
+    """The fleet's request bound and key, for --dry-run."""
+    from .fleet_auth import key_file_of
+
+    r = cfg.rollout
+    servers = len(r.server_urls) or r.num_servers
+    bound = requests_per_server(cfg)
+    why = (f"rollout.max_requests_per_server={r.max_requests_per_server}" if r.max_requests_per_server else
+           f"ceil({cfg.train.prompts_per_step} prompts x {r.n_samples} samples / {servers} server(s))")
+    return (f"{servers} SGLang server(s), up to {bound} requests in flight each ({why}); "
+            f"key {key_file_of(cfg)}, weights by {r.weight_sync}")
+
+
+def trainer_fleet_environment(cfg: Config) -> dict[str, str]:
+    """What the trainer's environment must say before NCCL starts, for the fleet: SGLang's
+    processes run with NCCL_CUMEM_ENABLE=0 (unless told otherwise), and an NCCL group whose ranks
+    disagree on it fails or hangs, so the weight-update group's trainer side says the same."""
+    r = cfg.rollout
+    if r.backend == "sglang" and r.weight_sync == "distributed":
+        return {"NCCL_CUMEM_ENABLE": "0"}
+    return {}
+
+
+def apply_trainer_fleet_environment(cfg: Config, environ=None) -> None:
+    """trainer_fleet_environment into `environ` (os.environ), overriding: a different value there
+    would break the group, so it is replaced, with a warning."""
+    environ = os.environ if environ is None else environ
+    for key, value in trainer_fleet_environment(cfg).items():
+        if environ.get(key, value) != value:
+            log.warning("%s=%s replaced by %s: the SGLang servers of the weight-update group use %s",
+                        key, environ[key], value, value)
+        environ[key] = value
 
 
 def make_engine(cfg: Config, inputs, run_dir: Path):
@@ -26,21 +74,23 @@ def make_engine(cfg: Config, inputs, run_dir: Path):
 
         config = transformers.AutoConfig.from_pretrained(inputs.model_dir)
         return LocalEngine(config, pad_token_id=inputs.tokenizer.pad_token_id or 0, seed=cfg.train.seed)
+    from .fleet_auth import fleet_key
     from .sglang_env import default_server_python
     from .sglang_fleet import SGLangFleet
 
     r = cfg.rollout
+    key, key_file = fleet_key(cfg)
     urls = r.server_urls or None
     if r.server_registry:  # servers of another job step (slurm/train.sbatch) announce themselves here
         from .registry import wait_for_servers
 
-        urls = wait_for_servers(r.server_registry, r.num_servers, r.health_timeout_s)
+        urls = wait_for_servers(r.server_registry, r.num_servers, r.health_timeout_s, key=key)
     return SGLangFleet(
         model_path=str(inputs.model_dir), urls=urls, num_servers=r.num_servers, server_tp=r.server_tp,
         host=r.server_host, base_port=r.server_base_port, server_python=r.server_python or default_server_python(),
         server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
-        request_timeout_s=r.request_timeout_s, max_requests_per_server=r.max_requests_per_server,
-        gpus=None if urls else launched_server_gpus(cfg),
+        request_timeout_s=r.request_timeout_s, max_requests_per_server=requests_per_server(cfg),
+        gpus=None if urls else launched_server_gpus(cfg), api_key=key, key_source=str(key_file),
     )
 
 
@@ -68,6 +118,7 @@ def make_broadcaster(cfg: Config, engine):
     if r.backend != "sglang" or r.weight_sync != "distributed" or not is_rank0():
         return None
     address = r.weight_sync_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    log.info("weight-update group on %s (NCCL_CUMEM_ENABLE=%s)", address, os.environ.get("NCCL_CUMEM_ENABLE"))
     return BroadcastWeightSync(engine, address=address, bucket_bytes=r.weight_sync_bucket_mb * 2**20,
                                timeout_s=cfg.parallel.timeout_s)
 

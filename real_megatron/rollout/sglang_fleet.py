@@ -11,6 +11,11 @@ asynchronous pipeline's, rollout.max_staleness >= 1) are paused on their servers
 generation stops only for the sync itself. Every sample records the version its server held when it
 was sent (a sample that straddled an update is as old as its first token), and the prefix cache is
 flushed with each update.
+
+Every server the fleet launches requires a bearer key (the run's, or one made for these servers:
+rollout/fleet_auth.py) and every request carries it; /health stays open, so a server is first
+healthy, then asked one authenticated question, which a wrong key fails with a 401 naming its file.
+Weights from disk are loaded by every server at once, each with its own deadline.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .fleet_auth import auth_headers, new_key, server_auth_file
 from .types import Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,9 +45,10 @@ class FleetError(RuntimeError):
     pass
 
 
-def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0) -> dict:
+def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0, key: Optional[str] = None) -> dict:
+    """GET (no payload) or POST JSON; `key` goes as `Authorization: Bearer`."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **auth_headers(key)},
                                      method="GET" if payload is None else "POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
@@ -91,6 +98,7 @@ class Server:
     tp: int = 1  # ranks this server has in a weight broadcast group
     awaiting_weights: bool = False  # restarted, healthy, not in rotation until the next broadcast
     gpus: Optional[list[str]] = None  # its CUDA_VISIBLE_DEVICES when launched (None: inherited)
+    auth_file: Optional[Path] = None  # the key for SGLang to read at start; removed once it is up
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -104,14 +112,23 @@ class SGLangFleet:
                  server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
                  health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0,
                  max_requests_per_server: int = 128, max_restarts: int = 2, first_index: int = 0,
-                 gpus: Optional[list[str]] = None):
+                 gpus: Optional[list[str]] = None, api_key: Optional[str] = None, key_source: Optional[str] = None):
         """first_index: number of the first launched server (its log is sglang_<index>.log).
         max_requests_per_server: requests in flight per server (SGLang batches them on its GPUs);
         the fleet's bound is this times the number of live servers.
         gpus: GPU ids (as this process sees them) for the launched servers, server_tp each, in
-        order; None leaves CUDA_VISIBLE_DEVICES as it is (a CPU run, or Slurm bound the task)."""
+        order; None leaves CUDA_VISIBLE_DEVICES as it is (a CPU run, or Slurm bound the task).
+        api_key: the servers' bearer key (key_source: its file, for errors). Launched servers always
+        require one: without it the fleet makes one for them. Attached servers without it are
+        called without a key."""
         if not urls and not model_path:
             raise ValueError("SGLangFleet needs server urls to attach to, or a model_path to launch servers with")
+        if not urls and api_key is None:
+            api_key, key_source = new_key(), "a key made for these servers"
+        if not urls and "--config" in (server_args or []):
+            raise FleetError("rollout.server_args: --config is taken by the fleet (it passes the servers' key in one); "
+                             "give SGLang's options directly")
+        self.api_key, self.key_source = api_key, key_source or "no key"
         self.health_timeout_s, self.request_timeout_s = health_timeout_s, request_timeout_s
         self.max_restarts = max_restarts
         self.log_dir = Path(log_dir)
@@ -122,6 +139,7 @@ class SGLangFleet:
         self.weight_version, self.weights_path = 0, None  # what every server in rotation holds
         self.weights_set = False  # True once this fleet has pushed weights (disk or broadcast)
         self.last_throughput = 0.0  # generated tokens per second of the last batch
+        self.last_calls: dict[int, tuple[float, float]] = {}  # the last call on every server: its seconds
         if urls:
             self.servers = [Server(i, u.rstrip("/"), tp=server_tp) for i, u in enumerate(urls)]
         else:
@@ -146,11 +164,45 @@ class SGLangFleet:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def _launch(self, server: Server) -> None:
-        log_file = open(server.log_path, "a")
+        # SGLang logs its arguments, the key among them: the log is the user's alone, whatever the umask
+        log_file = os.fdopen(os.open(server.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
+        os.fchmod(log_file.fileno(), 0o600)
         env = self._env if server.gpus is None else dict(self._env, CUDA_VISIBLE_DEVICES=",".join(server.gpus))
-        server.process = subprocess.Popen(server.command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        self._drop_auth_file(server)
+        server.auth_file = server_auth_file(self.api_key)
+        server.process = subprocess.Popen(server.command + ["--config", str(server.auth_file)], stdout=log_file,
+                                          stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)  # its own process group: we stop all of it
+        log_file.close()  # the child has its own descriptor
         server.alive = True
+
+    @staticmethod
+    def _drop_auth_file(server: Server) -> None:
+        if server.auth_file is not None:
+            server.auth_file.unlink(missing_ok=True)
+            server.auth_file = None
+
+    def call(self, server: Server, path: str, body: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+        """One authenticated request to `server` (GET without a body)."""
+        return http_json(server.url + path, body, timeout=self.request_timeout_s if timeout is None else timeout,
+                         key=self.api_key)
+
+    def _key_accepted(self, server: Server) -> bool:
+        """/health is open to all: one call that needs the key tells a wrong key at start (an
+        error naming the key's file); False while the server cannot answer yet."""
+        try:
+            self.call(server, "/model_info", timeout=30)
+            return True
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403) and self.api_key is None:
+                raise FleetError(f"SGLang server {server.index} ({server.url}) requires a key (HTTP {exc.code}): give its "
+                                 "file (rollout.api_key_file, or eval --api-key-file)") from None
+            if exc.code in (401, 403):
+                raise FleetError(f"SGLang server {server.index} ({server.url}) refused the fleet's key "
+                                 f"({self.key_source}) with HTTP {exc.code}: it was started with another key") from None
+            return False
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def wait_healthy(self, servers: list[Server]) -> None:
         deadline = time.monotonic() + self.health_timeout_s
@@ -161,10 +213,13 @@ class SGLangFleet:
                     raise FleetError(f"SGLang server {server.index} ({server.url}) exited with code "
                                      f"{server.process.returncode} while starting; log tail:\n{server.log_tail()}")
                 try:
-                    http_json(server.url + "/health", timeout=5)
-                    pending.remove(server)
+                    http_json(server.url + "/health", timeout=5, key=self.api_key)
                 except (urllib.error.URLError, OSError, ValueError):
-                    pass
+                    continue
+                if not self._key_accepted(server):
+                    continue
+                self._drop_auth_file(server)  # SGLang read it at start
+                pending.remove(server)
             if pending and time.monotonic() > deadline:
                 s = pending[0]
                 raise FleetError(f"SGLang server {s.index} ({s.url}) not healthy after {self.health_timeout_s:.0f}s; "
@@ -175,6 +230,7 @@ class SGLangFleet:
     def stop(self) -> None:
         """Stop the servers this fleet launched (and only those)."""
         for server in self.servers:
+            self._drop_auth_file(server)
             if server.process is not None and server.process.poll() is None:
                 try:
                     os.killpg(server.process.pid, signal.SIGTERM)
@@ -253,7 +309,7 @@ class SGLangFleet:
                                 "skip_special_tokens": False, "no_stop_trim": True},
             "return_logprob": True,
         }
-        return http_json(server.url + "/generate", payload, timeout=self.request_timeout_s)
+        return self.call(server, "/generate", payload)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         """n samples per prompt; returns when every sample is done (or raises FleetError). Safe to
@@ -312,9 +368,8 @@ class SGLangFleet:
 
     def _load(self, server: Server, path: str | Path, version: int) -> None:
         """One server loads an HF checkpoint, tagged `version`; the prefix cache is flushed."""
-        reply = http_json(server.url + "/update_weights_from_disk",
-                          {"model_path": str(path), "weight_version": str(version), "flush_cache": True},
-                          timeout=self.request_timeout_s)
+        reply = self.call(server, "/update_weights_from_disk",
+                          {"model_path": str(path), "weight_version": str(version), "flush_cache": True})
         if reply.get("success") is False:
             raise FleetError(f"SGLang server {server.url} refused the weights at {path}: {reply.get('message')}")
         server.weight_version = version
@@ -337,7 +392,7 @@ class SGLangFleet:
 
     def _control(self, server: Server, path: str, body: dict) -> None:
         try:
-            http_json(server.url + path, body, timeout=self.request_timeout_s)
+            self.call(server, path, body)
         except (urllib.error.URLError, OSError) as exc:
             self._fail(server, f"{path} failed: {exc}")
 
@@ -349,13 +404,46 @@ class SGLangFleet:
         self.weight_version, self.weights_path, self.weights_set = version, None, True
 
     def update_weights_from_disk(self, path: str | Path, version: int) -> None:
-        """Every live server loads the HF checkpoint at `path`; generation pauses meanwhile."""
+        """Every live server loads the HF checkpoint at `path`, all at once, each within
+        request_timeout_s; generation pauses meanwhile. A server that fails or does not answer in
+        time is taken out (restarted if launched); a refusal is an error naming the server."""
         with self.changing_weights():
-            for server in [s for s in self.servers if s.alive]:
-                try:
-                    self._load(server, path, version)
-                except (urllib.error.URLError, OSError) as exc:
-                    self._fail(server, f"weight update failed: {exc}")
+            outcome = self._on_each([s for s in self.servers if s.alive],
+                                    lambda server: self._load(server, path, version), self.request_timeout_s)
+            refused = []
+            for server, error in outcome:
+                if isinstance(error, FleetError):
+                    refused.append(str(error))
+                elif error is not None:
+                    self._fail(server, f"weight update from {path} failed: {error}")
+            if refused:
+                raise FleetError("; ".join(refused))
             self.weight_version, self.weights_path, self.weights_set = version, path, True
             if not any(s.alive for s in self.servers):
                 raise FleetError(f"no SGLang server took the weights of version {version}")
+
+    def _on_each(self, servers: list[Server], work, deadline_s: float) -> list[tuple[Server, object]]:
+        """work(server) for every server at once, each in a daemon thread (a hung server's thread
+        is left behind); (server, None | the exception raised | a timeout message) for each. The seconds
+        after the call each began and ended go to last_calls (server index: (start, end))."""
+        outcome: dict = {}
+        origin = time.monotonic()
+        self.last_calls = {}
+
+        def run(server: Server) -> None:
+            begin = time.monotonic() - origin
+            try:
+                work(server)
+                outcome[server.index] = None
+            except Exception as exc:  # noqa: BLE001 - reported with the server's name by the caller
+                outcome[server.index] = exc
+            self.last_calls[server.index] = (begin, time.monotonic() - origin)
+
+        threads = [(s, threading.Thread(target=run, args=(s,), daemon=True)) for s in servers]
+        for _, thread in threads:
+            thread.start()
+        end = time.monotonic() + deadline_s
+        for _, thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        late = f"no answer within {deadline_s:.0f}s"
+        return [(s, outcome.get(s.index, late)) for s, _ in threads]

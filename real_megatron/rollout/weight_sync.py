@@ -13,13 +13,14 @@ from pathlib import Path
 
 from ..convert.convert import write_hf_checkpoint
 from ..rank0_phases import on_rank0
+from .fleet_auth import private_dir
 from .sglang_fleet import SGLangFleet
 
 
 def sync_to_fleet_from_disk(actor, fleet: SGLangFleet, directory: str | Path, version: int, side_dir: Path | None,
                             timeout_s: float = 600.0) -> Path:
     """Write weights version `version` under `directory` and have every server load them."""
-    target = Path(directory) / f"v{version:06d}"
+    target = private_dir(directory) / f"v{version:06d}"  # the job's user only (files: the trainer's umask)
     write_hf_checkpoint(actor.chunks, actor.spec, target, side_dir, actor.settings.dtype)
 
     def load_on_servers():  # rank 0 alone; minutes for a large model
