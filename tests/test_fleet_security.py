@@ -94,9 +94,11 @@ def test_the_request_bound_follows_the_batch_and_the_fleet():
     assert requests_per_server(one_node) == -(-t.prompts_per_step * r.n_samples // r.num_servers)
     assert requests_per_server(one_node) * r.num_servers >= t.prompts_per_step * r.n_samples  # the whole batch
     assert requests_per_server(load_config(CONFIG, ["rollout.backend=sglang", "rollout.num_servers=3"])) == 86  # 32x8/3
-    assert requests_per_server(load_config(CONFIG, ["rollout.backend=sglang", "rollout.max_requests_per_server=7"])) == 7
+    fixed = load_config(CONFIG, ["rollout.backend=sglang", "rollout.max_requests_per_server=7"])
+    assert requests_per_server(fixed) == 7
     out = subprocess.run([sys.executable, "-m", "real_megatron.cli", "train", str(CONFIG), "--dry-run",
-                          "rollout.backend=sglang", "rollout.num_servers=2"], capture_output=True, text=True, timeout=300)
+                          "rollout.backend=sglang", "rollout.num_servers=2"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ("# fleet: 2 SGLang server(s), up to 128 requests in flight each (ceil(32 prompts x 8 samples / 2 "
             "server(s)))") in out.stdout
@@ -109,8 +111,9 @@ def test_the_trainer_agrees_with_sglang_on_nccl_cumem_for_the_weight_group(tmp_p
     environ = {"NCCL_CUMEM_ENABLE": "1"}  # a different value would split the group: replaced
     apply_trainer_fleet_environment(distributed, environ)
     assert environ == {"NCCL_CUMEM_ENABLE": "0"}
-    plan = subprocess.run([sys.executable, "-m", "real_megatron.cli", "launch-plan", str(CONFIG), "rollout.backend=sglang",
-                           "rollout.weight_sync=distributed"], capture_output=True, text=True, timeout=300)
+    plan = subprocess.run([sys.executable, "-m", "real_megatron.cli", "launch-plan", str(CONFIG),
+                           "rollout.backend=sglang", "rollout.weight_sync=distributed"], capture_output=True, text=True,
+                          timeout=300)
     assert "TRAINER_ENV=NCCL_CUMEM_ENABLE=0" in plan.stdout.splitlines(), plan.stdout + plan.stderr
     # `real-megatron train` sets it in its own environment before NCCL starts
     script = ("import os, sys; from real_megatron import cli, train as t; "

@@ -195,8 +195,8 @@ class SGLangFleet:
             return True
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403) and self.api_key is None:
-                raise FleetError(f"SGLang server {server.index} ({server.url}) requires a key (HTTP {exc.code}): give its "
-                                 "file (rollout.api_key_file, or eval --api-key-file)") from None
+                raise FleetError(f"SGLang server {server.index} ({server.url}) requires a key (HTTP {exc.code}): "
+                                 "give its file (rollout.api_key_file, or eval --api-key-file)") from None
             if exc.code in (401, 403):
                 raise FleetError(f"SGLang server {server.index} ({server.url}) refused the fleet's key "
                                  f"({self.key_source}) with HTTP {exc.code}: it was started with another key") from None
