@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What tools/gpu_check.sh needs on a single-GPU machine without internet, made here (any machine
-# with internet and the CPU install): megatron-core's cp312 wheel (and psutil's) for that
-# machine's Python (and pytest's), plus reference files computed on this CPU. Everything goes to gpu_bundle/
-# (git-ignored, a few MB): carry it with the checkout.
+# with internet and the CPU install): the newest megatron-core wheel the project allows for that
+# machine's Python (3.12: 0.19.x; 3.11: 0.16.1), the small packages the check imports beside it
+# (pytest, psutil, pyyaml, tqdm, packaging), and reference files computed on this CPU. Everything
+# goes to gpu_bundle/ (git-ignored, about 8 MB): carry it with the checkout.
 #
 #   tools/gpu_bundle.sh [--python-version 3.12] [--out gpu_bundle]
 set -euo pipefail
@@ -19,13 +20,14 @@ while [[ $# -gt 0 ]]; do
 done
 py="$root/.venv/bin/python"
 [[ -x $py ]] || { echo "gpu_bundle.sh: run tools/install.sh first (the CPU references need it)" >&2; exit 2; }
-mkdir -p "$out/wheels"
-mcore=$("$py" -c 'import importlib.metadata as m; print(m.version("megatron-core"))')
+rm -rf "$out/wheels"; mkdir -p "$out/wheels"
+# the project's own range (pyproject.toml): pip picks the newest release with a wheel for that Python
+mcore=$("$py" -c 'import re, sys; print(re.search(r"\"(megatron-core[^\"]*)\"", open(sys.argv[1]).read()).group(1))' "$root/pyproject.toml")
 # --no-deps: the GPU machine has torch, numpy, transformers and safetensors; the rest is here
 # (megatron-core needs packaging >= 24.2; the check's kernel tests need pytest)
 "$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$out/wheels" \
   --python-version "$pyver" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux_2_28_x86_64 "megatron-core==$mcore" "packaging>=24.2" psutil pyyaml tqdm \
+  --platform manylinux_2_28_x86_64 "$mcore" "packaging>=24.2" psutil pyyaml tqdm \
   pytest pytest-timeout pluggy iniconfig pygments
 # CPU references: a tiny model's initial weights (HF) and its parameters after one REAL update
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

@@ -7,8 +7,9 @@ on 8k-token sequences, in bf16 on one GPU: the GPU check's item (c).
 
 Checks and prints: s̄ exactly 0 at the first update (old log-probs recomputed by the same model),
 finite loss and gradient norm; tokens/s and model FLOPs utilisation (6 N per trained token plus
-2 N per old-log-prob token plus attention, against --peak-tflops); peak GPU memory against the
---dry-run estimate for the same shape. Exit code 1 when a check fails.
+2 N per old-log-prob token plus attention, N without the input embedding, against --peak-tflops);
+peak GPU memory against the --dry-run estimate for the same shape. The random weights are drawn
+on the GPU. Exit code 1 when a check fails.
 
 Full activation recompute is on by default: without Transformer Engine the local layer spec
 materialises every head's [s, s] attention scores (12 x 8192^2 fp32 = 3 GB per sequence per layer),
@@ -63,7 +64,8 @@ def main() -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     init_distributed(timeout_s=600)
     spec = ArchSpec.from_hf(shape)
-    weights = init_hf_state_dict(spec, seed=0, dtype=dtype)
+    # drawn where the model lives: 1.78B parameters drawn on the host would take minutes
+    weights = init_hf_state_dict(spec, seed=0, dtype=dtype, device="cuda" if cuda else "cpu")
     recompute = not args.no_recompute
     # log-probs at the paper's sampling temperature, as a run computes them
     settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1, groups_per_micro_batch=1,
@@ -85,9 +87,11 @@ def main() -> int:
 
     tokens = seq * args.rollouts
     params = sum(p.numel() for chunk in actor.chunks for p in chunk.parameters())
+    # the input embedding is a lookup, not a matmul: its parameters do no FLOPs (the output layer's do)
+    matmul_params = params - spec.vocab_size * spec.hidden_size
     attention = 12 * spec.num_layers * spec.hidden_size * seq * tokens / 2  # causal QK^T and AV, fwd+bwd
     # model FLOPs (the recomputed forward is not counted, as MFU conventionally does not)
-    flops = 6 * params * tokens + 2 * params * tokens + attention * 4 / 3
+    flops = 6 * matmul_params * tokens + 2 * matmul_params * tokens + attention * 4 / 3
     score_abs_max = metrics["first_update_score_abs_max"]  # the trainer's own check (one mini-batch: every rollout)
     cfg = load_config(None, [f"model.dtype={'bfloat16' if cuda else 'float32'}", "rollout.n_samples=%d" % args.rollouts,
                              f"data.max_prompt_tokens={prompt}", f"rollout.max_new_tokens={seq - prompt}",
@@ -97,7 +101,7 @@ def main() -> int:
     estimate = estimate_memory(cfg, architecture_of(cfg), 80.0)
     out = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
-        "params": params, "tokens": tokens, "recompute": recompute, "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "params": params, "matmul_params": matmul_params, "tokens": tokens, "recompute": recompute, "seconds": seconds, "tokens_per_s": tokens / seconds,
         "mfu": flops / seconds / (args.peak_tflops * 1e12) if cuda else float("nan"),
         "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "score_abs_max_first_update": score_abs_max,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),

@@ -76,22 +76,24 @@ def iter_hf_tensors(chunks: list[torch.nn.Module], spec: ArchSpec) -> Iterator[t
 
 
 def init_hf_state_dict(
-    spec: ArchSpec, seed: int, dtype: torch.dtype = torch.float32, bias_std: float = 0.0
+    spec: ArchSpec, seed: int, dtype: torch.dtype = torch.float32, bias_std: float = 0.0,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """A fresh model's weights in HF layout, from `seed` alone: the same numbers whatever the
-    parallel layout that later loads them. Norms 1, biases N(0, bias_std) (0 by default),
-    matrices N(0, initializer_range)."""
-    gen = torch.Generator().manual_seed(seed)
+    parallel layout that later loads them (on one device type: CUDA's generator draws other
+    numbers than the CPU's). Norms 1, biases N(0, bias_std) (0 by default), matrices
+    N(0, initializer_range), drawn in float32 and rounded once to `dtype`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     shapes = _hf_shapes(spec)
     out = {}
     for name in expected_hf_names(spec):
         shape = shapes(name)
         if name.endswith("norm.weight") or "layernorm" in name:
-            out[name] = torch.ones(shape, dtype=dtype)
+            out[name] = torch.ones(shape, dtype=dtype, device=device)
         elif name.endswith(".bias"):
-            out[name] = (torch.randn(shape, generator=gen) * bias_std).to(dtype)
+            out[name] = (torch.randn(shape, generator=gen, device=device) * bias_std).to(dtype)
         else:
-            out[name] = (torch.randn(shape, generator=gen) * spec.initializer_range).to(dtype)
+            out[name] = (torch.randn(shape, generator=gen, device=device) * spec.initializer_range).to(dtype)
     return out
 
 
