@@ -253,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _memory_report(cfg) -> tuple[str, list[str]]:
     """The estimate per trainer GPU and per server GPU, and what does not fit."""
-    from .memory import architecture_of, estimate_memory, server_memory
+    from .memory import architecture_of, estimate_memory, optimizer_format, server_memory
 
     arch = architecture_of(cfg)
     if arch is None:
@@ -261,7 +261,9 @@ def _memory_report(cfg) -> tuple[str, list[str]]:
                 "lacks the architecture)"), []
     capacity = cfg.parallel.gpu_memory_gb
     estimate = estimate_memory(cfg, arch, capacity)
-    lines = [f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)", estimate.describe()]
+    chosen, why = optimizer_format(cfg, arch)
+    lines = [f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)", estimate.describe(),
+             f"# checkpoints: optimizer state {chosen} ({why})"]
     problems = [] if estimate.fits else [f"a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB"]
     if cfg.rollout.backend == "sglang":
         text, fits = server_memory(cfg, arch, capacity)

@@ -34,12 +34,23 @@ KL_TARGETS = ("none", "reference", "old")
 IMPORTANCE_CORRECTIONS = ("none", "tis", "mis")
 
 
+# float16 needs a dynamic loss scale wired through the schedule and an overflow-skip policy that
+# lets the scaler back off; neither exists here, and without them updates vanish (the optimizer
+# unscales gradients that were never scaled) or every overflow stops the run
+FLOAT16_REFUSED = ("float16 training has no loss scaling here (its gradients would be unscaled by 2^32 "
+                   "without ever being scaled); use bfloat16 (or float32)")
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # HF checkpoint directory (config.json + safetensors)
     tokenizer: Optional[str] = None  # defaults to `path`
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     recompute_activations: bool = False
+    # with recompute_activations: how many layers of each pipeline stage are recomputed (megatron's
+    # block method: the first N); null = the fewest that fit parallel.gpu_memory_gb by the memory
+    # estimate (--dry-run prints the choice; 0 when everything fits without)
+    recompute_layers: Optional[int] = None
     # An HF checkpoint is authoritative for the architecture; these build a fresh model when no
     # checkpoint exists yet (tiny models in tests and the CPU quickstart), and give --dry-run's
     # memory estimate the architecture when the checkpoint is not on this machine.
@@ -241,8 +252,11 @@ class CheckpointConfig:
     resume: str = "auto"  # "auto" (latest in dir), "none", or a checkpoint path
     save_hf_final: bool = True
     # fully_reshardable: loads under any layout and layer spec (host memory at save and load: 12 B
-    # per parameter of a model-parallel shard); dp_reshardable: each rank its own shard, same spec only
-    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # per parameter of a model-parallel shard, on one rank of each DP group); dp_reshardable: each
+    # rank its own shard (cheap at any size), same spec and TP/PP only; auto: fully_reshardable while
+    # that host memory is at most memory.FULLY_RESHARDABLE_MAX_GB, else dp_reshardable (7B at TP=2
+    # would gather ~46 GB onto one host)
+    optimizer_format: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
 
 
 @dataclass
@@ -524,6 +538,8 @@ CONDITIONAL_KEYS = (
     (("optim.min_lr",), lambda c: c.optim.lr_schedule != "constant", "is where a decaying optim.lr_schedule ends"),
     (("train.prompts_per_micro_batch",), lambda c: c.train.max_tokens_per_micro_batch is None,
      "is replaced by train.max_tokens_per_micro_batch (micro-batches by tokens)"),
+    (("model.recompute_layers",), lambda c: c.model.recompute_activations,
+     "sizes activation recompute (model.recompute_activations: true)"),
     (("train.reference_offload",), lambda c: c.algorithm.kl == "reference",
      "offloads the reference model of algorithm.kl='reference'"),
 )
@@ -576,6 +592,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"parallel.cp={p.cp}: context parallelism is not wired into the loss path yet (cp must be 1)")
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
+    if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
+        errors.append(f"model.recompute_layers must be >= 0 (or null: sized to fit), got {cfg.model.recompute_layers}")
+    if cfg.model.dtype == "float16":
+        errors.append("model.dtype=float16: " + FLOAT16_REFUSED)
     if t.prompts_per_step % t.prompts_per_mini_batch:
         errors.append(
             f"train.prompts_per_step={t.prompts_per_step} is not divisible into mini-batches of "

@@ -94,16 +94,18 @@ class MicroBatchShape:
 
 def activation_bytes(arch: Architecture, shape: MicroBatchShape, *, layers: int, tp: int = 1,
                      sequence_parallel: bool = False, recompute: bool = False, dtype_bytes: int = 2,
-                     flash_attention: bool = True) -> float:
-    """Bytes one micro-batch's layers keep for backward on one rank (see the module docstring)."""
+                     flash_attention: bool = True, recompute_layers: int | None = None) -> float:
+    """Bytes one micro-batch's layers keep for backward on one rank (see the module docstring).
+    recompute_layers: of `layers`, how many are recomputed (block recompute; None = all)."""
     h, f, kv = arch.hidden, arch.ffn, arch.kv_heads * arch.head_dim
     outside_tp = 4 * h  # the norms' and the column-parallel linears' inputs: replicated unless SP
     inside_tp = (3 * h + 2 * kv + 3 * f) if flash_attention else (8 * h + 5 * f)
     per_token = (outside_tp / (tp if sequence_parallel else 1) + inside_tp / tp) * dtype_bytes
     probabilities = 0 if flash_attention else shape.attention_area * arch.heads / tp * 4  # fp32 softmax
     layer = shape.tokens * per_token + probabilities
-    if recompute:
-        return layers * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes + layer
+    redone = (layers if recompute_layers is None else min(layers, recompute_layers)) if recompute else 0
+    if redone:  # a recomputed layer keeps its input; one layer's set exists again during its backward
+        return redone * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes + (layers - redone + 1) * layer
     return layers * layer
 
 
@@ -128,6 +130,7 @@ class MemoryEstimate:
     capacity_gb: float
     params_total: int
     params_here: int
+    without_te: str | None = None  # the local spec's figure, where it differs
 
     @property
     def fits(self) -> bool:
@@ -139,6 +142,8 @@ class MemoryEstimate:
         lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
         verdict = "fits" if self.fits else "does NOT fit: raise tp/pp, enable recompute or shrink the micro-batch"
         lines.append(f"  {'total':<{width}}  {self.total_gb:7.1f} GB  of {self.capacity_gb:.0f} GB per GPU: {verdict}")
+        if self.without_te:
+            lines.append(f"  {self.without_te}")
         return "\n".join(lines)
 
 
@@ -146,7 +151,30 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> MemoryEstimate:
+def recompute_layers(cfg, arch: Architecture | None, capacity_gb: float | None = None) -> int | None:
+    """Layers per pipeline stage to recompute: 0 without recompute; model.recompute_layers when
+    given; else the fewest whose estimate stays within RECOMPUTE_HEADROOM of the GPU (all of them
+    when none does). None = all (the architecture unknown)."""
+    if not cfg.model.recompute_activations:
+        return 0
+    if cfg.model.recompute_layers is not None:
+        return cfg.model.recompute_layers
+    if arch is None:
+        return None
+    capacity = cfg.parallel.gpu_memory_gb if capacity_gb is None else capacity_gb
+    per_stage = math.ceil(arch.layers / cfg.parallel.pp)
+    if cfg.parallel.vpp and cfg.parallel.vpp > 1:
+        return per_stage  # block recompute counts per virtual chunk: keep the simple plan there
+    for n in range(per_stage + 1):
+        if estimate_memory(cfg, arch, capacity, recompute=n).total_gb <= RECOMPUTE_HEADROOM * capacity:
+            return n
+    return per_stage
+
+
+def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recompute: int | None = -1) -> MemoryEstimate:
+    """recompute: layers per stage recomputed (-1: the run's plan, recompute_layers; None: all)."""
+    if recompute == -1:
+        recompute = recompute_layers(cfg, arch, capacity_gb)
     p, t, r = cfg.parallel, cfg.train, cfg.rollout
     tp, pp, dp = p.tp, p.pp, max(1, p.dp)
     per_stage_layers = math.ceil(arch.layers / pp)
@@ -176,10 +204,24 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
     micro_batches = pp if t.max_tokens_per_micro_batch else t.prompts_per_mini_batch // t.prompts_per_micro_batch
     in_flight = min(pp, max(1, micro_batches))  # a token budget's count varies: assume enough to fill the pipeline
-    activations = in_flight * activation_bytes(
-        arch, shape, layers=per_stage_layers, tp=tp, sequence_parallel=p.sequence_parallel,
-        recompute=cfg.model.recompute_activations, dtype_bytes=dtype_bytes, flash_attention=True)
-    how_act = "full recompute" if cfg.model.recompute_activations else "no recompute"
+    # Transformer Engine's flash attention for 16-bit models; float32 runs take the local spec
+    # (actor/model.py), whose core attention keeps fp32 scores of every head
+    flash = cfg.model.dtype != "float32"
+
+    def activations_with(flash_attention: bool) -> float:
+        return in_flight * activation_bytes(
+            arch, shape, layers=per_stage_layers, tp=tp, sequence_parallel=p.sequence_parallel,
+            recompute=recompute != 0, dtype_bytes=dtype_bytes, flash_attention=flash_attention,
+            recompute_layers=recompute)
+    activations = activations_with(flash)
+    if recompute == 0:
+        how_act = "no recompute" + (" (everything fits without)" if cfg.model.recompute_activations else "")
+    elif recompute is None or recompute >= per_stage_layers:
+        how_act = "full recompute"
+    else:
+        how_act = (f"block recompute of {recompute} of {per_stage_layers} layers per stage"
+                   + ("" if cfg.model.recompute_layers is not None else " (the fewest that fit)"))
+    attention = "flash attention (Transformer Engine)" if flash else "local spec attention (fp32 scores, float32 model)"
     logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=t.fused_output_layer)
     rows = [
         (f"weights ({cfg.model.dtype})", weights / GB, f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage"),
@@ -187,7 +229,7 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
         ("optimizer (Adam)", optimizer / GB,
          f"{optimizer_per_param} B/param" + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")),
         ("activations", activations / GB,
-         f"{how_tokens}, {how_act}, {in_flight} in flight, flash attention (Transformer Engine)"),
+         f"{how_tokens}, {how_act}, {in_flight} in flight, {attention}"),
         ("output layer and loss", logits / GB,
          "fused: logit tiles, picked hidden states, output-weight gradient" if t.fused_output_layer
          else "naive: [tokens, V/tp] logits and their gradient"),
@@ -196,7 +238,41 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> Memor
     if cfg.algorithm.kl == "reference":
         rows.insert(-1, reference_row(weights, activations + logits, t.reference_offload))
     total = sum(gb for _, gb, _ in rows)
-    return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here)
+    without_te = None
+    if flash:  # the same run on GPUs without Transformer Engine: the local spec's attention scores
+        extra = (activations_with(False) - activations) / GB
+        without_te = (f"without Transformer Engine (local spec: fp32 attention scores, {arch.heads} heads x the "
+                      f"blocks' length^2): activations +{extra:.1f} GB, total {total + extra:.1f} GB")
+    return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here, without_te)
+
+
+# sized recompute aims below the GPU's memory by this factor: the estimate is first-order
+RECOMPUTE_HEADROOM = 0.9
+FULLY_RESHARDABLE_MAX_GB = 8.0  # host memory one rank may gather for a fully reshardable optimizer save
+
+
+def optimizer_format(cfg, arch: Architecture | None) -> tuple[str, str]:
+    """(checkpoint.optimizer_format to use, why): `auto` takes fully_reshardable (any layout, any
+    spec) while the optimizer state gathered on one host per DP group stays small, else
+    dp_reshardable (each rank its own shard)."""
+    chosen = cfg.checkpoint.optimizer_format
+    if chosen != "auto":
+        return chosen, "checkpoint.optimizer_format"
+    if arch is None:
+        return "fully_reshardable", "auto: model size unknown"
+    p = cfg.parallel
+    shard_params = arch.total_params() / (p.tp * p.pp)
+    gathered = shard_params * 12 / GB  # fp32 master + Adam m, v of one model-parallel shard
+    if gathered <= FULLY_RESHARDABLE_MAX_GB:
+        return "fully_reshardable", f"auto: {gathered:.1f} GB of optimizer state per model-parallel shard"
+    return "dp_reshardable", (f"auto: {gathered:.0f} GB of optimizer state per model-parallel shard would be gathered "
+                              f"on one host (> {FULLY_RESHARDABLE_MAX_GB:.0f} GB); resharding to another tp/pp needs "
+                              "checkpoint.optimizer_format=fully_reshardable")
+
+
+def checkpoint_optimizer_format(cfg) -> str:
+    """The optimizer format a run's checkpoints are written in (see optimizer_format)."""
+    return optimizer_format(cfg, architecture_of(cfg))[0]
 
 
 def reference_row(weights: float, update_peak: float, offload: bool) -> tuple[str, float, str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from .config import Config, save_config
 from .evaluation import evaluate, run_summary
 from .kill_points import kill_point
+from .memory import checkpoint_optimizer_format
 from .rank0_phases import is_rank0, on_rank0
 from .rollout.engine_setup import close_engine, make_broadcaster, make_engine, sync_weights
 from .rollout.pipeline import RolloutSource
@@ -60,6 +61,7 @@ def train(cfg: Config) -> dict:
     # kl='reference': the run's initial model, also after a resume (not the checkpoint's weights)
     reference = None if cfg.algorithm.kl != "reference" else HFCheckpointReader(
         recorded_initial_model(run_dir) if resume is not None else inputs.model_dir, spec).get
+    optimizer_format = checkpoint_optimizer_format(cfg)
     actor = Actor(spec, ActorSettings.from_config(cfg, pad_id=inputs.tokenizer.pad_token_id or 0),
                   objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get, reference)
     engine = on_rank0("starting the rollout engine", lambda: make_engine(cfg, inputs, run_dir), timeout_s=p.timeout_s,
@@ -113,7 +115,7 @@ def train(cfg: Config) -> dict:
         if stopping or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
             save_checkpoint(actor, ckpt_root / f"step_{step:06d}",
                             {"step": step, "data": batch.data_state, "history": history},
-                            cfg.checkpoint.optimizer_format)
+                            optimizer_format)
             prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         if stopping and step < t.steps:
             if is_rank0():

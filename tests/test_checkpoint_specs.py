@@ -46,7 +46,7 @@ def _body(rank, world_size, out_dir):
     local_spec = model_module.layer_spec
 
     def build(te_names: bool):
-        model_module.layer_spec = (lambda s: te_named_layer_spec(local_spec(s))) if te_names else local_spec
+        model_module.layer_spec = (lambda s, *_: te_named_layer_spec(local_spec(s))) if te_names else local_spec
         try:
             return model_module.build_model_chunks(spec, model_module.transformer_config(spec))
         finally:
@@ -78,7 +78,7 @@ def _body(rank, world_size, out_dir):
     objective = objective_from_config(AlgorithmConfig(name="real"))
     actors = []
     for te_names in (True, False):
-        model_module.layer_spec = (lambda s: te_named_layer_spec(local_spec(s))) if te_names else local_spec
+        model_module.layer_spec = (lambda s, *_: te_named_layer_spec(local_spec(s))) if te_names else local_spec
         try:
             actors.append(Actor(spec, settings, objective, weights.__getitem__))
         finally:
@@ -97,7 +97,7 @@ def _body(rank, world_size, out_dir):
         report["dp_reshardable_across_specs"] = "loaded"
     except RuntimeError as exc:
         report["dp_reshardable_across_specs"] = str(exc)
-    model_module.layer_spec = lambda s: te_named_layer_spec(local_spec(s))
+    model_module.layer_spec = lambda s, *_: te_named_layer_spec(local_spec(s))
     try:
         same = Actor(spec, settings, objective, weights.__getitem__)
     finally:

@@ -47,7 +47,8 @@ def test_servers_get_disjoint_gpus_after_the_trainers():
     cfg = load_config(QUICKSTART, ["rollout.backend=sglang", "rollout.server_gpus=[2,3]"])
     assert launched_server_gpus(cfg, {"CUDA_VISIBLE_DEVICES": "2,3,6,7"}) == ["6", "7"]
     with pytest.raises(ValueError, match=r"rollout.server_gpus names GPU\(s\) \[3\]; this process sees 2"):
-        launched_server_gpus(load_config(QUICKSTART, ["rollout.server_gpus=[0,3]"]), {"CUDA_VISIBLE_DEVICES": "0,1"})
+        launched_server_gpus(load_config(QUICKSTART, ["rollout.backend=sglang", "rollout.server_gpus=[0,3]"]),
+                             {"CUDA_VISIBLE_DEVICES": "0,1"})
     assert launched_server_gpus(cfg, {"CUDA_VISIBLE_DEVICES": ""}) is None  # no GPU: nothing to assign
 
 
@@ -66,3 +67,137 @@ def test_gpu_configs_turn_on_the_fusions_megatron_validates():
     assert gpu.bias_activation_fusion and gpu.bias_dropout_fusion
     assert gpu.gradient_accumulation_fusion == layers._grad_accum_fusion_available
     assert gpu.apply_rope_fusion is False  # no Transformer Engine here: its RoPE kernel is absent
+
+
+def test_float32_takes_the_local_spec_even_where_transformer_engine_is(monkeypatch):
+    """TE has no float32 attention for packed (THD) sequences: an fp32 run on a GPU with TE uses the
+    local spec (the quickstart's dtype); bf16 takes TE's. CUDA and TE are made present here."""
+    import sys
+    import types
+
+    import torch
+
+    from real_megatron.actor import model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    assert model.use_transformer_engine(torch.bfloat16) is True
+    assert model.use_transformer_engine(torch.float32) is False
+
+
+def test_transformer_engine_linears_keep_their_weight_gradient_fusion_without_apex():
+    """TE linears (fuse_wgrad_accumulation) get their fusion; megatron's own linears, which would need
+    Apex's kernel, keep theirs off."""
+    import torch
+
+    from real_megatron.actor.model import fuse_te_weight_gradients
+
+    class TELinear(torch.nn.Linear):  # TE's attribute, as transformer_engine.pytorch.Linear has it
+        fuse_wgrad_accumulation = False
+
+    class MegatronLinear(torch.nn.Linear):
+        gradient_accumulation_fusion = False
+
+    model = torch.nn.Sequential(TELinear(4, 4), torch.nn.Sequential(TELinear(4, 4), MegatronLinear(4, 4)))
+    assert fuse_te_weight_gradients(model) == 2
+    assert model[0].fuse_wgrad_accumulation and model[1][0].fuse_wgrad_accumulation
+    assert model[1][1].gradient_accumulation_fusion is False and not hasattr(model[1][1], "fuse_wgrad_accumulation")
+
+
+def test_float16_is_refused_at_load_with_the_reason():
+    from real_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dtype=float16: float16 training has no loss scaling"):
+        load_config(QUICKSTART, ["model.dtype=float16"])
+
+
+def test_gpu_memory_metrics_come_from_the_cuda_runtime_of_the_current_device(monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=3 the process's device 0 is physical GPU 3: NVML by index 0 would
+    read another GPU. The metric is the CUDA runtime's free/total of the current device."""
+    import torch
+
+    from real_megatron.actor.actor import device_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * 2**30, 141 * 2**30))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 7 * 2**30)
+    assert device_memory() == {"gpu_peak_allocated_gb": 7.0, "gpu_used_gb": 111.0}
+
+
+def _host_checks_body(rank, world_size):
+    import dataclasses
+
+    from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.distributed import init_distributed
+    from real_megatron.actor.model import ArchSpec
+    from real_megatron.actor.weights import init_hf_state_dict
+    from real_megatron.config import AlgorithmConfig
+    from real_megatron.objectives import objective_from_config
+    from tiny_actor import TINY, tiny_rollouts
+
+    init_distributed(timeout_s=60)
+    spec = ArchSpec.from_hf(TINY)
+    actor = Actor(spec, ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2),
+                  objective_from_config(AlgorithmConfig(name="real")), init_hf_state_dict(spec, seed=0).__getitem__)
+    rollouts = tiny_rollouts()
+    bad_id = list(rollouts)
+    bad_id[5] = dataclasses.replace(rollouts[5], response_ids=[3, 96, 4])
+    with pytest.raises(ValueError, match=r"step 7: rollout 5 \(group 1\) has token id 96 outside the vocabulary \[0, 96\)"):
+        actor.train_step(bad_id, step=7)
+    bad_label = list(rollouts)
+    bad_label[2] = dataclasses.replace(rollouts[2], reward=0.5)
+    with pytest.raises(ValueError, match=r"rollout 2 \(group 0\) has reward 0.5; REAL's objectives take 0/1"):
+        actor.train_step(bad_label, step=7)
+    assert actor.optimizer_steps == 0
+    assert actor.train_step(rollouts, step=7)["skipped_updates"] == 0  # valid ones train
+
+
+def test_token_ids_and_labels_are_checked_on_the_host_before_the_step():
+    """The kernels and REAL's loss skip their value checks on GPUs (a device sync per micro-batch);
+    the actor checks every rollout on the host first, with an error naming the rollout."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from multiprocess import run_processes
+
+    run_processes(_host_checks_body, 1)
+
+
+def _recompute_body(rank, world_size):
+    import torch
+
+    from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.distributed import init_distributed
+    from real_megatron.actor.model import ArchSpec
+    from real_megatron.actor.weights import init_hf_state_dict, unwrap
+    from real_megatron.config import AlgorithmConfig, OptimConfig
+    from real_megatron.objectives import objective_from_config
+    from tiny_actor import TINY, tiny_rollouts
+
+    init_distributed(timeout_s=60)
+    spec = ArchSpec.from_hf(dict(TINY, num_hidden_layers=4))
+    params = {}
+    for name, on, layers in (("none", False, None), ("block", True, 2), ("full", True, None)):
+        settings = ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2, recompute_activations=on,
+                                 recompute_layers=layers, optim=OptimConfig(lr=1e-3, clip_grad=0.0))
+        actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")),
+                      init_hf_state_dict(spec, seed=0).__getitem__)
+        method = (actor.config.recompute_method, actor.config.recompute_num_layers)
+        assert method == {"none": (None, None), "block": ("block", 2), "full": ("uniform", 1)}[name], (name, method)
+        actor.train_step(tiny_rollouts(), step=1)
+        params[name] = {n: p.detach().clone() for c in actor.chunks for n, p in unwrap(c).named_parameters()}
+    init = init_hf_state_dict(spec, seed=0)
+    assert not torch.equal(params["none"]["decoder.final_layernorm.weight"], init["model.norm.weight"])  # it trained
+    for name in ("block", "full"):  # recompute changes memory, never numbers (fp32, CPU)
+        assert all(torch.equal(params[name][k], params["none"][k]) for k in params["none"]), name
+
+
+def test_block_recompute_of_some_layers_trains_exactly_as_without():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from multiprocess import run_processes
+
+    run_processes(_recompute_body, 1)

@@ -95,3 +95,49 @@ def test_the_estimate_holds_for_a_measured_actor_step_at_the_real_vocabulary():
         assert r["compute_peak_gb"] == pytest.approx(r["estimate_gb"], rel=0.25), (name, r)
     # the two paths differ by far more than the tolerance: the estimate tells them apart
     assert results["padded+naive"]["estimate_gb"] > 3 * results["packed+fused"]["estimate_gb"]
+
+
+def test_recompute_is_sized_from_the_estimate_and_dry_run_says_what_it_chose():
+    """Full recompute of every layer costs a forward per layer where memory allows less: with
+    model.recompute_layers null the fewest layers per stage (block recompute) that keep the estimate
+    within RECOMPUTE_HEADROOM of the GPU; given, as given; refused without recompute."""
+    from real_megatron.config import ConfigError
+    from real_megatron.memory import RECOMPUTE_HEADROOM, recompute_layers
+
+    cfg = load_config(ROOT / "configs/real_r1distill_qwen_7b.yaml")
+    arch = architecture_of(cfg)
+    n = recompute_layers(cfg, arch)
+    assert 0 < n < arch.layers
+    room = RECOMPUTE_HEADROOM * cfg.parallel.gpu_memory_gb
+    assert estimate_memory(cfg, arch, cfg.parallel.gpu_memory_gb, recompute=n).total_gb <= room
+    assert estimate_memory(cfg, arch, cfg.parallel.gpu_memory_gb, recompute=n - 1).total_gb > room
+    # a smaller GPU needs more layers recomputed; a huge one none
+    small = load_config(ROOT / "configs/real_r1distill_qwen_7b.yaml", ["parallel.gpu_memory_gb=64"])
+    assert recompute_layers(small, arch) > n
+    assert recompute_layers(load_config(ROOT / "configs/real_r1distill_qwen_7b.yaml", ["parallel.gpu_memory_gb=1000"]),
+                            arch) == 0
+    given = load_config(ROOT / "configs/real_r1distill_qwen_7b.yaml", ["model.recompute_layers=28"])
+    assert recompute_layers(given, arch) == 28
+    assert "full recompute," in estimate_memory(given, arch).describe()
+    out = subprocess.run([sys.executable, "-m", "real_megatron.cli", "train", str(ROOT / "configs/real_r1distill_qwen_7b.yaml"),
+                          "--dry-run"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert f"block recompute of {n} of 28 layers per stage (the fewest that fit)" in out.stdout, out.stdout + out.stderr
+    assert "# checkpoints: optimizer state dp_reshardable" in out.stdout  # 7B at TP=2: not gathered on one host
+    with pytest.raises(ConfigError, match="model.recompute_layers=3 sizes activation recompute"):
+        load_config(ROOT / "configs/quickstart.yaml", ["model.recompute_layers=3"])
+
+
+def test_the_local_specs_attention_is_modelled_beside_flash_attention():
+    """A float32 run takes the local spec (fp32 attention scores, heads x length^2); a 16-bit run's
+    estimate is Transformer Engine's, with the local spec's figure beside it."""
+    cfg = load_config(ROOT / "configs/real_r1distill_qwen_1p5b.yaml", ["model.recompute_activations=false"])
+    arch = architecture_of(cfg)
+    bf16 = estimate_memory(cfg, arch)
+    fp32 = estimate_memory(load_config(ROOT / "configs/real_r1distill_qwen_1p5b.yaml",
+                                       ["model.recompute_activations=false", "model.dtype=float32"]), arch)
+    act_bf16, act_fp32 = (next(gb for what, gb, _ in e.rows if what == "activations") for e in (bf16, fp32))
+    # the scores alone: 12 heads x 32768 tokens x 9216 (the longest sequence) x 4 bytes x 28 layers
+    scores = 12 * 32768 * 9216 * 4 * 28 / 1e9
+    assert act_fp32 > 2 * act_bf16 + scores * 0.99
+    assert "local spec attention" in fp32.describe() and fp32.without_te is None
+    assert bf16.without_te and "without Transformer Engine" in bf16.describe()

@@ -120,7 +120,7 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
     shape = MicroBatchShape(tokens=mb.tokens.numel(), response_tokens=mb.num_response_tokens, attention_area=area)
     nbytes = dtype.itemsize
     return (activation_bytes(arch, shape, layers=arch.layers, dtype_bytes=nbytes,
-                             flash_attention=use_transformer_engine(), recompute=settings.recompute_activations)
+                             flash_attention=use_transformer_engine(settings.dtype), recompute=settings.recompute_activations)
             + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.fused_output_layer))
 
 

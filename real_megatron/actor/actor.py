@@ -25,12 +25,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import AlgorithmConfig, OptimConfig, TrainConfig
+from ..config import FLOAT16_REFUSED, AlgorithmConfig, OptimConfig, TrainConfig
 from ..objectives import PolicyBatch, normalise
 from ..objectives.importance import mismatch_partials
 from ..objectives.kl import k3_kl
 from ..objectives.registry import Objective, RealObjective
 from ..rank0_phases import is_rank0
+from ..memory import architecture_of, recompute_layers
 from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
@@ -59,6 +60,7 @@ class ActorSettings:
     updates_per_batch: int = AlgorithmConfig.updates_per_batch
     use_engine_logprobs: bool = False
     recompute_activations: bool = False
+    recompute_layers: Optional[int] = None  # with recompute: the first N layers per stage (None: all)
     pad_id: int = 0
     max_consecutive_skips: int = TrainConfig.max_consecutive_skips  # non-finite updates in a row before the run stops
     # log-probs of the sampling distribution, softmax(logits / T), as the engines report them
@@ -77,6 +79,7 @@ class ActorSettings:
             max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, pack_sequences=t.pack_sequences,
             fused_output_layer=t.fused_output_layer, updates_per_batch=a.updates_per_batch,
             use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
+            recompute_layers=recompute_layers(cfg, architecture_of(cfg)),
             pad_id=pad_id, max_consecutive_skips=t.max_consecutive_skips,
             logprob_temperature=r.temperature if r.temperature > 0 else 1.0, mismatch_threshold=a.mismatch_threshold,
             reference_offload=t.reference_offload,
@@ -105,19 +108,12 @@ def rollout_stats(rollouts: list[Rollout]) -> dict:
 
 
 def device_memory() -> dict:
-    """Peak GPU memory of this process (torch) and the device's use (nvidia-ml-py, if installed)."""
+    """Peak GPU memory of this process (torch) and the device's use, from the CUDA runtime of the
+    current device (NVML counts devices physically, so its index is wrong under CUDA_VISIBLE_DEVICES)."""
     if not torch.cuda.is_available():
         return {}
-    out = {"gpu_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        out["gpu_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**30
-    except Exception:  # nvidia-ml-py absent or no NVML: torch's figure is still there
-        pass
-    return out
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30, "gpu_used_gb": (total - free) / 2**30}
 
 
 class Actor:
@@ -135,11 +131,13 @@ class Actor:
 
         self.spec, self.settings, self.objective = spec, settings, objective
         s, o = settings, settings.optim
+        if s.dtype == torch.float16:
+            raise ValueError("Actor: " + FLOAT16_REFUSED)
         if ps.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism is not wired into the loss path yet (cp must be 1)")
         self.config = transformer_config(
             spec, tp=s.tp, pp=s.pp, vpp=s.vpp, sequence_parallel=s.sequence_parallel, dtype=s.dtype,
-            recompute=s.recompute_activations,
+            recompute=s.recompute_activations, recompute_layers=s.recompute_layers,
         )
         chunks = build_model_chunks(spec, self.config)
         if s.fused_output_layer:
@@ -196,6 +194,7 @@ class Actor:
         """Old log-probs, then `updates_per_batch` passes of one optimizer step per mini-batch.
         `step` (the RL step) only names where a non-finite update happened."""
         s = self.settings
+        self._check_rollouts(rollouts, step)
         if s.use_engine_logprobs or self.objective.importance_correction != "none":
             # decided on the whole batch (the same on every rank), never inside one rank's micro-batch
             missing = [i for i, r in enumerate(rollouts)
@@ -250,6 +249,20 @@ class Actor:
         tokens = sum(r.num_tokens for r in rollouts)
         metrics["tokens_per_s"] = tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
         return metrics
+
+    def _check_rollouts(self, rollouts: list[Rollout], step: int | None) -> None:
+        """Token ids in the vocabulary and REAL's labels 0/1, checked here on the host, once per
+        batch: the kernels and the loss then skip their value checks, each a device sync per
+        micro-batch on a GPU."""
+        vocab = self.spec.vocab_size
+        for index, r in enumerate(rollouts):
+            bad = [t for t in (*r.prompt_ids, *r.response_ids) if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"step {step}: rollout {index} (group {r.group}) has token id {bad[0]} outside the "
+                                 f"vocabulary [0, {vocab})")
+            if isinstance(self.objective, RealObjective) and r.reward not in (0.0, 1.0):
+                raise ValueError(f"step {step}: rollout {index} (group {r.group}) has reward {r.reward}; REAL's "
+                                 "objectives take 0/1 rewards as labels")
 
     def compute_old_logprobs(self, mini: MiniBatch) -> None:
         """log pi_old of every response token, by a forward-only pass (kept on the last stage)."""

@@ -89,8 +89,9 @@ class MicroBatch:
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in moved.items():
             if isinstance(value, torch.Tensor) and value.device != device:
-                # pinned host memory would allow non_blocking; these tensors are small (ids, not activations)
-                moved[name] = value.to(device)
+                if device.type == "cuda":  # staged through pinned memory: the copy does not block the host
+                    value = value.pin_memory()
+                moved[name] = value.to(device, non_blocking=device.type == "cuda")
         return MicroBatch(**moved)
 
 

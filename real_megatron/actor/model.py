@@ -136,8 +136,12 @@ def rope_inv_freq(spec: ArchSpec) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def use_transformer_engine() -> bool:
-    if not torch.cuda.is_available():
+def use_transformer_engine(dtype: torch.dtype | None = None) -> bool:
+    """Transformer Engine's layer spec: with CUDA and TE, for bf16/fp16 models. float32 takes the
+    local spec: TE has no float32 backend for packed (THD) attention (flash and fused attention
+    are 16-bit only, and its unfused path refuses THD), so an fp32 run with TE would fail at its
+    first forward."""
+    if not torch.cuda.is_available() or dtype == torch.float32:
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -184,8 +188,11 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     recompute: bool = False,
     on_gpu: bool | None = None,
+    recompute_layers: int | None = None,
 ):
-    """on_gpu: None = whether CUDA is available (it decides the fusions and where init happens)."""
+    """on_gpu: None = whether CUDA is available (it decides the fusions and where init happens).
+    recompute_layers: with recompute, the first N layers of each stage (block method); None or all
+    of them = every layer (uniform, one at a time); 0 = none."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     spec.check_parallel(tp, pp, vpp)
@@ -225,10 +232,17 @@ def transformer_config(
         batch_p2p_comm=not (pp == 2 and vpp is not None and vpp > 1),
         context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        **_recompute(recompute, recompute_layers, spec.num_layers // (pp * (vpp or 1))),
     )
+
+
+def _recompute(on: bool, layers: int | None, per_chunk: int) -> dict:
+    """megatron's recompute settings: every layer one at a time (uniform), or the first N (block)."""
+    if not on or layers == 0:
+        return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    if layers is None or layers >= per_chunk:
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=layers)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -243,11 +257,11 @@ class RMSNorm(torch.nn.RMSNorm):
             self.weight.sequence_parallel = True
 
 
-def layer_spec(spec: ArchSpec):
+def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None):
     """Transformer Engine's spec (THD packed sequences through its fused attention), else the local
     one with core attention that also takes packed sequences (packed_attention.py) and RMSNorm that
     also takes sequence parallelism."""
-    if use_transformer_engine():
+    if use_transformer_engine(dtype):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
@@ -266,13 +280,30 @@ def layer_spec(spec: ArchSpec):
 
 def block_spec(spec: ArchSpec, config, vp_stage: int | None):
     """This stage's transformer block: its layers and, for the local spec, the final norm."""
-    local = layer_spec(spec)
-    if use_transformer_engine():
+    local = layer_spec(spec, config.params_dtype)
+    if use_transformer_engine(config.params_dtype):
         return local
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     return TransformerBlockSubmodules(layer_specs=[local] * get_num_layers_to_build(config, vp_stage=vp_stage),
                                       layer_norm=RMSNorm)
+
+
+def fuse_te_weight_gradients(model: torch.nn.Module) -> int:
+    """Turn on Transformer Engine's own fused weight-gradient accumulation (wgrad GEMMs write
+    straight into the fp32 main_grad) on every TE linear of `model`; returns how many.
+
+    megatron-core ties it to config.gradient_accumulation_fusion, which it only allows with Apex's
+    fused_weight_gradient_mlp_cuda (megatron's own linears, e.g. GPTModel's output layer, need it),
+    so without Apex TE would lose its fusion for no reason of its own. TE's linears read
+    `fuse_wgrad_accumulation` at every forward; megatron's own linears (`gradient_accumulation_fusion`)
+    are left as they are."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "fuse_wgrad_accumulation", None) is False:
+            module.fuse_wgrad_accumulation = True
+            count += 1
+    return count
 
 
 def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
@@ -298,6 +329,8 @@ def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
             rotary_base=int(spec.rope_theta),
             **kwargs,
         )
+        if use_transformer_engine(config.params_dtype) and not config.gradient_accumulation_fusion:
+            fuse_te_weight_gradients(model)  # no Apex: TE's own fusion still applies
         if getattr(model, "rotary_pos_emb", None) is not None:
             model.rotary_pos_emb.inv_freq = rope_inv_freq(spec).to(model.rotary_pos_emb.inv_freq.device)
         chunks.append(model)

@@ -44,20 +44,19 @@ def output_weight(model) -> torch.Tensor:
 def fused_token_logprobs(model, hidden: torch.Tensor, mb, *, vocab_size: int, tp_group, sequence_parallel: bool,
                          temperature: float = 1.0):
     """(log-probs, entropy) [N] of the response tokens from hidden states [b, s, h], under
-    softmax(logits / temperature): the hidden rows are divided instead (the same logits)."""
+    softmax(logits / temperature), the logits divided in float32 as the engines do."""
     picked = hidden[mb.rows, mb.cols]  # [N, h]: the positions that predict response tokens
-    if temperature != 1.0:
-        picked = picked / temperature
     return linear_token_logprobs(picked, output_weight(model), mb.targets, tp_group=tp_group, vocab_size=vocab_size,
-                                 sum_grad_hidden=not sequence_parallel, return_entropy=True)
+                                 sum_grad_hidden=not sequence_parallel, return_entropy=True, scale=1.0 / temperature,
+                                 check_ids=False)  # the actor checked every id on the host (Actor.train_step)
 
 
 def logits_token_logprobs(logits: torch.Tensor, mb, *, vocab_size: int, tp_group, tp_rank: int,
                           temperature: float = 1.0):
     """(log-probs, entropy) [N] from full logits [b, s, V/tp] (the naive path), under softmax(logits / T)."""
     picked = logits[mb.rows, mb.cols]  # [N, V/tp]
-    if temperature != 1.0:
-        picked = picked / temperature
+    if temperature != 1.0:  # in float32, as the engines divide
+        picked = picked.float() / temperature
     vocab_local = picked.shape[1]
     first = tp_rank * vocab_local
     if first + vocab_local > vocab_size:  # vocabulary padding for TP: not a real token
