@@ -46,11 +46,22 @@ def test_the_run_key_is_made_once_private_and_shared_by_racing_processes(tmp_pat
     assert _make_key(str(run)) == keys[0]  # a requeued job keeps its key
 
 
+def test_made_keys_never_start_like_a_flag():
+    """SGLang turns its --config file into "--api-key VALUE": a key starting with '-' would be read
+    as a flag and the server would not start (a url-safe base64 key did, 1 time in 64)."""
+    from real_megatron.rollout.fleet_auth import new_key
+
+    keys = [new_key() for _ in range(2000)]
+    assert all(len(k) == 64 and all(c in "0123456789abcdef" for c in k) for k in keys)
+    assert len(set(keys)) == len(keys)
+
+
 @pytest.mark.parametrize("content, file_mode, message", [
     (None, 0o600, "cannot be read"),
     ("", 0o600, "expected one line with the key"),
     ("two words\n", 0o600, "expected one line with the key"),
     ("secret\n", 0o640, "mode 0640 lets other users read it; chmod 600"),
+    ("-Zk3\n", 0o600, "starts with '-', which SGLang's argument parser reads as a flag"),
 ])
 def test_a_wrong_key_file_is_an_error_naming_it(tmp_path, content, file_mode, message):
     path = tmp_path / "my.key"

@@ -42,7 +42,9 @@ def private_dir(path: str | Path) -> Path:
 
 
 def new_key() -> str:
-    return secrets.token_urlsafe(32)  # 256 bits, url-safe: no quoting in a header or YAML
+    # 256 bits in hex: no quoting in a header or YAML, and never a leading "-", which SGLang's
+    # argument parser (its --config file becomes "--api-key VALUE") would read as another flag
+    return secrets.token_hex(32)
 
 
 def run_key_path(run_dir: str | Path) -> Path:
@@ -87,6 +89,9 @@ def read_key_file(path: str | Path) -> str:
     if not key or any(c.isspace() for c in key) or not key.isprintable():
         raise KeyFileError(f"fleet key file {path}: expected one line with the key (no spaces), "
                            f"found {'nothing' if not key else 'more'}")
+    if key.startswith("-"):
+        raise KeyFileError(f"fleet key file {path}: the key starts with '-', which SGLang's argument parser "
+                           "reads as a flag; use another key (e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
     return key
 
 
