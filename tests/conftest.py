@@ -9,3 +9,21 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
+
+
+def pytest_configure(config):
+    """The megatron-core tiers (tests/test_megatron_core_019.py) name the release they mean to test:
+    REAL_MEGATRON_EXPECT_MCORE (a version) and REAL_MEGATRON_EXPECT_MCORE_DIR (the folder it must be
+    imported from), so a PYTHONPATH that silently fell back to the venv's release stops the run."""
+    expected = os.environ.get("REAL_MEGATRON_EXPECT_MCORE")
+    folder = os.environ.get("REAL_MEGATRON_EXPECT_MCORE_DIR")
+    if not expected and not folder:
+        return
+    import pytest
+    import megatron.core
+
+    found, where = megatron.core.__version__, os.path.realpath(megatron.core.__file__)
+    if expected and found != expected:
+        raise pytest.UsageError(f"REAL_MEGATRON_EXPECT_MCORE={expected} but megatron.core {found} was imported from {where}")
+    if folder and not where.startswith(os.path.realpath(folder) + os.sep):
+        raise pytest.UsageError(f"megatron.core was imported from {where}, not from REAL_MEGATRON_EXPECT_MCORE_DIR={folder}")

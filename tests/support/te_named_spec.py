@@ -8,6 +8,7 @@ checkpoints can be moved between the two namings on a CPU.
 """
 
 import copy
+import functools
 import io
 
 import torch
@@ -54,5 +55,13 @@ def te_named_layer_spec(local_spec):
     layer.sharded_state_dict_keys_map = {}
     layer.self_attention.submodules.linear_qkv = NormedColumnParallelLinear
     layer.self_attention.submodules.core_attention = ExtraStateAttention
-    layer.mlp.submodules.linear_fc1 = NormedColumnParallelLinear
+    mlp_submodules(layer.mlp).linear_fc1 = NormedColumnParallelLinear
     return spec
+
+
+def mlp_submodules(mlp):
+    """The MLP's submodules: a ModuleSpec's (megatron-core 0.16) or, from 0.19, those bound into the
+    `functools.partial(MLP.as_mlp_submodule, submodules=...)` the layer specs build."""
+    if isinstance(mlp, functools.partial):
+        return mlp.keywords["submodules"]
+    return mlp.submodules
