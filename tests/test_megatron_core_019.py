@@ -3,7 +3,7 @@ wheel is cp312; its Python code runs on this venv's 3.11. tools/mcore_sources.sh
 wheel into the cache, and a pytest child runs with that folder on PYTHONPATH, ahead of the venv's
 0.16.1 (tests/conftest.py stops the child unless megatron.core is 0.19.2 from that folder).
 
-What the child runs (SELECTION; about 7 minutes on the 2-core CI machine):
+What the child runs (SELECTION; 315 s measured on the 2-core CI machine):
 - tests/test_checkpoint_specs.py: checkpoints between the local spec and TE's naming (0.19 builds
   the MLP spec as a functools.partial);
 - tests/test_actor_parity.py, all of it: the parity layouts (TP=2, PP=2 with 2 micro-batches,
