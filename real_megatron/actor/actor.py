@@ -256,9 +256,12 @@ class Actor:
         micro-batch on a GPU."""
         vocab = self.spec.vocab_size
         for index, r in enumerate(rollouts):
-            bad = [t for t in (*r.prompt_ids, *r.response_ids) if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"step {step}: rollout {index} (group {r.group}) has token id {bad[0]} outside the "
+            # builtin min/max run in C: millions of ids per step cost milliseconds; the slow scan
+            # that names the offending id runs only on failure
+            ids = (r.prompt_ids, r.response_ids)
+            if min(min(x, default=0) for x in ids) < 0 or max(max(x, default=0) for x in ids) >= vocab:
+                bad = next(t for x in ids for t in x if not 0 <= t < vocab)
+                raise ValueError(f"step {step}: rollout {index} (group {r.group}) has token id {bad} outside the "
                                  f"vocabulary [0, {vocab})")
             if isinstance(self.objective, RealObjective) and r.reward not in (0.0, 1.0):
                 raise ValueError(f"step {step}: rollout {index} (group {r.group}) has reward {r.reward}; REAL's "
