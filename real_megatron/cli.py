@@ -177,8 +177,7 @@ def _eval(args: argparse.Namespace) -> int:
         report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
                                timeout_s=args.verifier_timeout_s, progress=True)
     finally:
-        if hasattr(engine, "stop"):
-            engine.stop()
+        engine.close()
     report.update(model=str(model), temperature=args.temperature, top_p=args.top_p,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
                   reward_fn=args.reward_fn, verifier_timeout_s=args.verifier_timeout_s, settings_from=args.settings_from)

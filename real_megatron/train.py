@@ -26,7 +26,7 @@ from .evaluation import evaluate, run_summary
 from .kill_points import kill_point
 from .memory import checkpoint_optimizer_format
 from .rank0_phases import is_rank0, on_rank0
-from .rollout.engine_setup import close_engine, make_broadcaster, make_engine, sync_weights
+from .rollout.engine_setup import build_engine
 from .rollout.pipeline import RolloutSource
 from .tasks.inputs import prepare_inputs, warmstart_record
 
@@ -64,8 +64,7 @@ def train(cfg: Config) -> dict:
     optimizer_format = checkpoint_optimizer_format(cfg)
     actor = Actor(spec, ActorSettings.from_config(cfg, pad_id=inputs.tokenizer.pad_token_id or 0),
                   objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get, reference)
-    engine = on_rank0("starting the rollout engine", lambda: make_engine(cfg, inputs, run_dir), timeout_s=p.timeout_s,
-                      share=False)
+    engine = build_engine(cfg, inputs, run_dir)  # rank 0's generates; every rank's takes its part in loading weights
 
     start_step, history = 0, {}
     if resume is not None:
@@ -79,8 +78,7 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume_step=logged_until) if is_rank0() else None
     rollout_log = RolloutLog(run_dir, inputs.tokenizer, logged_until) if is_rank0() and cfg.logging.rollouts else None
     guard = PreemptionGuard()
-    broadcaster = make_broadcaster(cfg, engine)
-    sync_weights(actor, engine, run_dir, start_step, inputs.model_dir, cfg, broadcaster)
+    engine.load_weights(actor, start_step)
 
     def evaluation(step: int, name: str) -> dict:  # held-out pass@1, on rank 0
         return on_rank0(name, lambda: evaluate(engine, inputs, cfg, step), timeout_s=p.timeout_s)
@@ -101,7 +99,9 @@ def train(cfg: Config) -> dict:
         metrics.update(batch.metrics)
         if rollout_log:
             rollout_log.log(step, batch.rollouts)
-        metrics["sync_s"] = sync_weights(actor, engine, run_dir, step, inputs.model_dir, cfg, broadcaster)
+        sync_start = time.perf_counter()
+        engine.load_weights(actor, step)
+        metrics["sync_s"] = time.perf_counter() - sync_start
         metrics["step_s"] = time.perf_counter() - step_start  # one rollout batch, evaluation excluded
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < t.steps:
             metrics["val_pass1"] = evaluation(step, f"evaluation after step {step}")["pass1"]
@@ -120,10 +120,10 @@ def train(cfg: Config) -> dict:
         if stopping and step < t.steps:
             if is_rank0():
                 log.warning("stopped at step %d with a checkpoint in %s, for a requeue", step, ckpt_root)
-            _close([bar, logger, rollout_log, source], engine, broadcaster)
+            _close([bar, logger, rollout_log, source, engine])
             shutdown()
             return {"preempted_at": step}
-    _close([bar, source], None)
+    _close([bar, source])
 
     final = evaluation(t.steps, "final evaluation")
     if cfg.checkpoint.save_hf_final:
@@ -134,7 +134,7 @@ def train(cfg: Config) -> dict:
     if is_rank0():
         logger.log(t.steps, {"val_pass1": final["pass1"]})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    _close([logger, rollout_log], engine, broadcaster)
+    _close([logger, rollout_log, engine])
     if is_rank0() and cfg.logging.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
     shutdown()
@@ -142,12 +142,10 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def _close(closables: list, engine, broadcaster=None) -> None:
+def _close(closables: list) -> None:
     for closable in closables:
         if closable is not None:
             closable.close()
-    if engine is not None:
-        close_engine(engine, broadcaster)
 
 
 def _progress(cfg: Config, start: int):

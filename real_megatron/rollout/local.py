@@ -16,6 +16,18 @@ import torch
 from .types import Sample, SamplingParams
 
 
+class InMemoryWeights:
+    """The embedded engine's path: the whole model on rank 0, handed over in memory (small models)."""
+
+    def send(self, actor, engine, version: int) -> None:
+        state = actor.gather_hf_state_dict()  # a collective; the full model on rank 0 only
+        if engine is not None:
+            engine.update_weights(state.items(), version)
+
+    def close(self) -> None:
+        pass
+
+
 class LocalEngine:
     def __init__(self, hf_config=None, *, model=None, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
                  max_batch_sequences: int = 256, seed: int = 0):
@@ -30,6 +42,7 @@ class LocalEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_sequences = max_batch_sequences
         self.version = 0
+        self.weights = InMemoryWeights()  # how a trainer's weights reach it (see weight_sync.py)
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -40,6 +53,17 @@ class LocalEngine:
 
         return cls(model=transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype),
                    pad_token_id=pad_token_id, max_batch_sequences=max_batch_sequences, seed=seed)
+
+    @property
+    def weight_version(self) -> int:
+        return self.version
+
+    def load_weights(self, actor, version: int) -> None:
+        """The actor's weights (a collective over the trainer's ranks; rank 0 holds this engine)."""
+        self.weights.send(actor, self, version)
+
+    def close(self) -> None:
+        """Nothing outlives the process: the model is this process's memory."""
 
     @torch.no_grad()
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -138,6 +138,9 @@ class SGLangFleet:
         self.servers: list[Server] = []
         self.weight_version, self.weights_path = 0, None  # what every server in rotation holds
         self.weights_set = False  # True once this fleet has pushed weights (disk or broadcast)
+        # how a trainer's weights reach the servers (weight_sync.py: DiskWeights or BroadcastWeights),
+        # chosen by whoever builds the fleet for training (engine_setup.py); None: weights by hand
+        self.weights = None
         self.last_throughput = 0.0  # generated tokens per second of the last batch
         self.last_calls: dict[int, tuple[float, float]] = {}  # the last call on every server: its seconds
         if urls:
@@ -241,6 +244,19 @@ class SGLangFleet:
                     except ProcessLookupError:
                         pass
             server.alive = False
+
+    def load_weights(self, actor, version: int) -> None:
+        """The actor's weights to every server by the path chosen at build (a collective over the
+        trainer's ranks; rank 0 holds this fleet)."""
+        if self.weights is None:
+            raise FleetError("this fleet was built without a weight path (disk or broadcast)")
+        self.weights.send(actor, self, version)
+
+    def close(self) -> None:
+        """Leave the weight group, then stop the servers this fleet launched (attached ones keep running)."""
+        if self.weights is not None:
+            self.weights.close()
+        self.stop()
 
     def __enter__(self):
         return self

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Protocol
-
-import torch
+from typing import Optional, Protocol
 
 
 @dataclass(frozen=True)
@@ -35,8 +33,20 @@ class Sample:
 
 
 class Engine(Protocol):
+    """What the loop, the rollout source and the evaluation see of a generation engine; the
+    embedded engine (local.py) and the SGLang fleet (sglang_fleet.py) implement it, and trainer
+    ranks other than 0, which generate nothing, hold a `PeerEngine` (weight_sync.py). How weights
+    travel (in memory, disk, broadcast) is chosen when the engine is built, never by the loop."""
+
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
         """n samples for each prompt (token ids in and out), grouped per prompt."""
 
-    def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Replace the weights with HF-named tensors; later samples carry `version`."""
+    def load_weights(self, actor, version: int) -> None:
+        """The actor's current weights, as `version`; a collective: every trainer rank calls it."""
+
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights every later sample is drawn with."""
+
+    def close(self) -> None:
+        """Release what the engine holds (servers this process launched, the weight group)."""
