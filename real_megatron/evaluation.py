@@ -10,7 +10,8 @@ import math
 import time
 
 from .config import DataConfig
-from .rewards import score_responses
+from .rewards import score_groups
+from .rollout.collect import sampling_seed
 from .rollout.types import SamplingParams
 
 
@@ -20,13 +21,6 @@ def pass_at_1(per_problem: list[float]) -> tuple[float, float]:
     mean = sum(per_problem) / n
     var = sum((x - mean) ** 2 for x in per_problem) / max(1, n - 1)
     return mean, math.sqrt(var / n)
-
-
-def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = DataConfig.verifier_timeout_s) -> list[float]:
-    """The verifier's label of every sample of every group (groups[i] answers examples[i]), flat."""
-    texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
-    truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
-    return score_responses(reward_fn, texts, truths, timeout_s)
 
 
 def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: SamplingParams,
@@ -69,8 +63,6 @@ def table_rows(reports: dict[str, dict]) -> str:
 
 def evaluate(engine, inputs, cfg, step: int) -> dict:
     """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
-    from .rollout.collect import sampling_seed
-
     params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
                             stop_token_ids=inputs.stop_ids, seed=sampling_seed(cfg.train.seed, "evaluation", step))
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}

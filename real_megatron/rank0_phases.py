@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from .ranks import is_rank0
+
 log = logging.getLogger(__name__)
 PREFIX = "real_megatron/"
 BEAT_KEY = PREFIX + "rank0_heartbeat"
@@ -62,11 +64,6 @@ def _store():
     from torch.distributed import distributed_c10d
 
     return distributed_c10d._get_default_store()
-
-
-def is_rank0() -> bool:
-    """True on global rank 0, and in a process without a process group."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _multi_rank() -> bool:

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from real_megatron.actor.batching import Rollout, build_mini_batches, plan_mini_batches
+from real_megatron.actor.batching import build_mini_batches, plan_mini_batches
+from real_megatron.rollout.types import Rollout
 
 
 def rollouts(num_groups=8, per_group=4, seed=0):

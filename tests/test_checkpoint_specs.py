@@ -18,7 +18,7 @@ TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size
 
 
 def _rollouts(seed):
-    from real_megatron.actor.batching import Rollout
+    from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(seed)
     return [Rollout(torch.randint(1, 96, (4,), generator=gen).tolist(),

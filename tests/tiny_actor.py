@@ -9,7 +9,7 @@ TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size
 def tiny_rollouts(engine_logprobs: bool = False, nan_at: tuple[int, int, int] | None = None):
     """4 groups x 4 rollouts (rewards 1, 0, 1, 0), prompts of 5 tokens, responses of 3-6, from seed 0.
     engine_logprobs: each rollout carries engine log-probs; nan_at (group, rollout, token): one is NaN."""
-    from real_megatron.actor.batching import Rollout
+    from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(0)
     out = []

@@ -50,7 +50,7 @@ def response_lengths(n: int, seed: int, mean: float = 400.0, cap: int = 2048, si
 def rollout_batch(groups: int, size: int, seed: int, vocab: int = VOCAB):
     import torch
 
-    from real_megatron.actor.batching import Rollout
+    from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(seed + 1)
     lengths = response_lengths(groups * size, seed)

@@ -50,7 +50,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from real_megatron.actor.actor import Actor, ActorSettings
-    from real_megatron.actor.batching import Rollout
+    from real_megatron.rollout.types import Rollout
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict

@@ -36,7 +36,7 @@ MODEL = dict(
 
 
 def synthetic_rollouts(seed: int, step: int):
-    from real_megatron.actor.batching import Rollout
+    from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(seed * 1000 + step)
     rollouts = []

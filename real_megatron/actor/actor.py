@@ -30,9 +30,11 @@ from ..objectives import PolicyBatch, normalise
 from ..objectives.importance import mismatch_partials
 from ..objectives.kl import k3_kl
 from ..objectives.registry import Objective, RealObjective
-from ..rank0_phases import is_rank0
+from ..ranks import is_rank0, stage_first_rank
 from ..memory import architecture_of, recompute_layers
-from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
+from . import step_metrics
+from ..rollout.types import Rollout
+from .batching import MiniBatch, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
@@ -429,27 +431,13 @@ class Actor:
         kl_loss = normalise(self.objective.kl_terms(inside), counts)
         return kl_loss.detach(), (k3_kl(inside.logprobs.detach(), target) * mask).sum(), mask.sum()
 
-    SUM_KEYS = ("loss", "entropy_sum", "tokens", "score_pos_sum", "score_pos_n", "score_neg_sum", "score_neg_n",
-                "kl_sum", "kl_tokens")
-    MIN_KEYS, MAX_KEYS = ("score_pos_min", "score_neg_min"), ("score_pos_max", "score_neg_max")
-
     def _metric_tensors(self, records: list[dict], first: list[dict], mismatch: Optional[torch.Tensor]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sums, mins, maxs) of micro-batch records, on the actor's device, reduced over DP; the
-        first update's max |s̄| and the mismatch partials (zeros where absent) ride along."""
-        def stacked(keys, rows=records):
-            return torch.stack([torch.stack([r[k].to(torch.float64) for r in rows]) for k in keys])
-
-        if mismatch is None:
-            mismatch = torch.zeros((1, 5), dtype=torch.float64, device=self.device)
-        sums = torch.cat([stacked(self.SUM_KEYS).sum(1), mismatch[:, [0, 2, 3, 4]].sum(0)])
-        mins = stacked(self.MIN_KEYS).amin(1)
-        maxs = torch.cat([stacked(self.MAX_KEYS).amax(1), stacked(["score_abs_max"], first).amax(1),
-                          mismatch[:, 1].amax(0, keepdim=True)])
+        """(sums, mins, maxs) of micro-batch records by step_metrics' tables, on the actor's device,
+        reduced over DP; the first update's records and the mismatch partials ride along."""
+        sums, mins, maxs = step_metrics.metric_tensors(records, first, mismatch, self.device)
         if self.dp_size > 1:
-            dist.all_reduce(sums, group=self.dp_group)
-            dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=self.dp_group)
-            dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=self.dp_group)
+            step_metrics.all_reduce(sums, mins, maxs, self.dp_group)
         return sums, mins, maxs
 
     def _reduce_metrics(self, updates: list[dict], mismatch: Optional[torch.Tensor] = None) -> dict:
@@ -457,33 +445,13 @@ class Actor:
         flat = [r for u in updates for r in u["records"]]
         out = {}
         if self.is_last_stage and flat:
-            sums, mins, maxs = self._metric_tensors(flat, updates[0]["records"], mismatch)
-            loss, ent, tok, ps_, pn, ns, nn, kl_sum, kl_tokens, abs_sum, k3_sum, above, compared = sums.tolist()
-            n = len(updates)
-            out = {
-                "loss": loss / n, "entropy": ent / max(tok, 1),
-                "score_pos_mean": ps_ / pn if pn else float("nan"), "score_neg_mean": ns / nn if nn else float("nan"),
-                "score_pos_min": mins[0].item(), "score_pos_max": maxs[0].item(),
-                "score_neg_min": mins[1].item(), "score_neg_max": maxs[1].item(),
-                # over the updates applied (a skipped one has no norm)
-                "grad_norm": (sum(u["grad_norm"] for u in applied) / len(applied)
-                              if (applied := [u for u in updates if not u["skipped"]]) else float("nan")),
-                "lr": updates[-1]["lr"],
-                "skipped_updates": sum(u["skipped"] for u in updates),
-                # the first optimizer step of this batch sees pi_theta = pi_old: s̄ should be 0
-                "first_update_score_abs_max": maxs[2].item(),
-            }
-            if self.objective.kl != "none":  # k3 per token against the KL target, over every update of the step
-                out["kl_mean"] = kl_sum / kl_tokens if kl_tokens else float("nan")
-            if compared:  # train-inference mismatch, log pi_old vs the engine's log-probs, per token
-                out.update(mismatch_abs_mean=abs_sum / compared, mismatch_abs_max=maxs[3].item(),
-                           mismatch_kl=k3_sum / compared, mismatch_frac=above / compared)
+            values = step_metrics.named(*self._metric_tensors(flat, updates[0]["records"], mismatch))
+            out = step_metrics.report(values, updates, kl=self.objective.kl != "none")
         # every rank returns the same dict: broadcast from the last stage's first rank
         holder = [out]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # global rank of (last pipeline stage, tp 0, cp 0, dp 0) in megatron's tp-cp-dp-pp order
-            world, pp = dist.get_world_size(), self.ps.get_pipeline_model_parallel_world_size()
-            dist.broadcast_object_list(holder, src=world // pp * (pp - 1), device=self.device)
+            pp = self.ps.get_pipeline_model_parallel_world_size()
+            dist.broadcast_object_list(holder, src=stage_first_rank(pp - 1, pp), device=self.device)
         return holder[0]
 
     # --- weights out ---------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from ..ranks import barrier, global_rank, world_size
 from .model_state import load_model_state, model_sharded_state_dict
 from .weights import unwrap
 
@@ -69,15 +69,6 @@ def _order_file(directory: Path) -> Path:
     from megatron.core import parallel_state as ps
 
     return directory / ORDER_DIR / f"stage{ps.get_pipeline_model_parallel_rank()}.json"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -209,30 +200,30 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
     final = Path(directory)
     step = trainer_state.get("step", -1)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # empty: dist_checkpointing treats leftovers as a corrupt checkpoint
-    _barrier()
+    barrier()
     _write_results_in_process()
     dist_checkpointing.save(_sharded_state_dict(actor, optimizer_format=optimizer_format), str(tmp))
     kill_point("checkpoint_shards", step)
-    if _rank() == 0:
+    if global_rank() == 0:
         (tmp / "rng").mkdir()
         (tmp / ORDER_DIR).mkdir()
-    _barrier()
-    torch.save(_rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+    barrier()
+    torch.save(_rng_state(), tmp / "rng" / f"rank{global_rank():05d}.pt")
     if actor.dp_rank == 0 and actor.tp_rank == 0:  # one writer per pipeline stage
         _order_file(tmp).write_text(json.dumps(parameter_order(actor)))
-    if _rank() == 0:
+    if global_rank() == 0:
         state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,
                      consecutive_skips=getattr(actor, "consecutive_skips", 0),
                      optimizer_format=optimizer_format,
-                     world_size=dist.get_world_size() if dist.is_initialized() else 1)
+                     world_size=world_size())
         (tmp / f"{STATE_FILE}.partial").write_text(json.dumps(state, indent=1))
         os.replace(tmp / f"{STATE_FILE}.partial", tmp / STATE_FILE)  # never a half-written state file
     kill_point("checkpoint_state", step)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         aside = final.with_name(final.name + ".old")
         if final.exists():
             shutil.rmtree(aside, ignore_errors=True)
@@ -240,7 +231,7 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
         kill_point("checkpoint_swap", step)
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -273,8 +264,8 @@ def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
     actor.scheduler.load_state_dict(trainer_state.pop("scheduler"))
     actor.optimizer_steps = trainer_state.pop("optimizer_steps")
     actor.consecutive_skips = trainer_state.pop("consecutive_skips", 0)
-    rng_file = directory / "rng" / f"rank{_rank():05d}.pt"
-    if rng_file.exists() and trainer_state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+    rng_file = directory / "rng" / f"rank{global_rank():05d}.pt"
+    if rng_file.exists() and trainer_state.get("world_size") == world_size():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
 
@@ -297,7 +288,7 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
     """Keep the newest `keep_last` checkpoints (rank 0 deletes). Each goes by a rename first, so a
     kill mid-deletion never leaves a half-deleted directory that still looks complete; leftovers
     of interrupted saves and deletions (*.tmp, *.old, *.deleting) go too."""
-    if _rank() != 0:
+    if global_rank() != 0:
         return
     root = Path(root)
     doomed = [p for p in root.iterdir() if p.suffix in (".tmp", ".old", ".deleting") and _STEP_DIR.match(p.stem)] \

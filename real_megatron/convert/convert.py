@@ -21,19 +21,11 @@ import torch.distributed as dist
 from ..actor.model import ArchSpec, build_model_chunks, transformer_config
 from ..actor.model_state import load_model_weights, model_sharded_state_dict
 from ..actor.weights import iter_hf_tensors, load_hf_weights
+from ..ranks import barrier, global_rank, stage_first_rank
 from .hf_io import HFCheckpointReader, HFCheckpointWriter, copy_side_files
 
 INFO_FILE = "convert_info.json"
 HF_DIR = "hf"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _layout():
@@ -53,20 +45,20 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:
     chunks = build_model_chunks(spec, transformer_config(spec, tp=tp, pp=pp, dtype=dtype))
     load_hf_weights(chunks, spec, reader.get)
     tmp = out.with_name(out.name + ".tmp")
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         (tmp / HF_DIR).mkdir()
         copy_side_files(hf_dir, tmp / HF_DIR)
         info = {"source": str(hf_dir), "family": spec.family, "tp": tp, "pp": pp, "dtype": str(dtype).replace("torch.", "")}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-    _barrier()
+    barrier()
     return out
 
 
@@ -92,7 +84,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
         raise RuntimeError(f"{ckpt}: could not load its model weights into a {spec.family} model built from "
                            f"{side / 'config.json'} (a checkpoint of another model?): {reason}") from None
     out = write_hf_checkpoint(chunks, spec, Path(out_dir), side, dtype, max_shard_bytes)
-    _barrier()
+    barrier()
     return out
 
 
@@ -103,7 +95,7 @@ def write_hf_checkpoint(chunks, spec: ArchSpec, out: Path, side_dir: Path | None
     Every rank of a stage iterates (the TP gathers need all of them); with PP a stage's tensors
     then travel to rank 0 as one message. Used by the converter and by weight sync to servers.
     """
-    writer = HFCheckpointWriter(out, max_shard_bytes) if _rank() == 0 else None
+    writer = HFCheckpointWriter(out, max_shard_bytes) if global_rank() == 0 else None
     for name, tensor in iter_whole_model(chunks, spec):
         if writer is not None:
             writer.add(name, tensor.to(dtype))  # megatron may keep norms in float32
@@ -128,14 +120,8 @@ def iter_whole_model(chunks, spec: ArchSpec):
     for source_stage in range(pp):
         # on the host: a pickled CUDA tensor would unpickle onto the sender's device index
         holder = [[(n, t.cpu()) for n, t in iter_hf_tensors(chunks, spec)] if source_stage == stage else None]
-        dist.broadcast_object_list(holder, src=_stage_first_rank(source_stage))
+        dist.broadcast_object_list(holder, src=stage_first_rank(source_stage, _layout()[1]))
         yield from holder[0]
-
-
-def _stage_first_rank(stage: int) -> int:
-    """Global rank of (pipeline stage, tp 0, dp 0) in megatron's tp-cp-dp-pp order."""
-    world, pp = dist.get_world_size(), _layout()[1]
-    return stage * (world // pp)
 
 
 def _checkpoint_dtype(ckpt: Path, side: Path) -> torch.dtype:

@@ -34,4 +34,11 @@ def score_responses(fn: RewardFn, texts: list[str], truths: list,
     return [float(fn(text, truth)) for text, truth in zip(texts, truths)]
 
 
-__all__ = ["extract_answer", "load_reward_fn", "math_reward", "math_rewards", "score_responses"]
+def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = DataConfig.verifier_timeout_s) -> list[float]:
+    """The verifier's label of every sample of every group (groups[i] answers examples[i]), flat."""
+    texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
+    truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]
+    return score_responses(reward_fn, texts, truths, timeout_s)
+
+
+__all__ = ["extract_answer", "load_reward_fn", "math_reward", "math_rewards", "score_groups", "score_responses"]

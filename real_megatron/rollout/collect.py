@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..actor.batching import Rollout, informative_groups
-from .types import SamplingParams
+from ..rewards import score_groups
+from .types import Rollout, SamplingParams, informative_groups
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,6 @@ def sampling_seed(seed: int, purpose: str, step: int, round: int = 0) -> int:
 
 def generate_rollouts(engine, inputs, examples, n: int, params: SamplingParams, timeout_s: float):
     """(rollouts, metrics) on rank 0: samples, decoded responses, verifier labels."""
-    from ..evaluation import score_groups
-
     start = time.perf_counter()
     groups = engine.generate([ex.prompt_ids for ex in examples], n, params)
     gen_s = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""What every generation backend takes and returns, so the trainer cannot tell them apart."""
+"""What every generation backend takes and returns, so the trainer cannot tell them apart, and the
+rollouts the rollout side hands to the actor."""
 
 from __future__ import annotations
 
@@ -30,6 +31,37 @@ class Sample:
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
+
+
+@dataclass
+class Rollout:
+    """One sampled response with its label, as the rollout side hands it to the actor."""
+
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float  # the verifier's label, 0/1
+    group: int  # prompt group, 0..num_groups-1 within the rollout batch
+    engine_logprobs: Optional[list[float]] = None  # the sampler's, one per response token
+    truncated: bool = False
+    in_loss: bool = True  # False: out of the loss and out of its group (algorithm.truncated=exclude)
+    penalty: float = 0.0  # added to the reward of reward-weighted baselines (DAPO's overlong penalty)
+    weight_version: int = 0  # the weights it was sampled with (the oldest, if they changed mid-sample)
+    source: str = ""  # its prompt's file:row
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+
+def informative_groups(rollouts: list[Rollout]) -> set[int]:
+    """Groups whose rollouts in the loss carry both labels (a uniform group gives no signal)."""
+    labels: dict[int, set] = {}
+    for r in rollouts:
+        if r.in_loss:
+            labels.setdefault(r.group, set()).add(r.reward > 0.5)
+    return {g for g, seen in labels.items() if len(seen) == 2}
 
 
 class Engine(Protocol):
