@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: missing {'; '.join(missing)}; `real-megatron prepare {args.config}` "
                           "downloads and converts them")
     from .actor.distributed import trainer_environment
-    from .rank0_phases import is_rank0
+    from .ranks import is_rank0
     from .rollout.engine_setup import apply_trainer_fleet_environment
     from .rollout.fleet_auth import private_run
     from .train import train

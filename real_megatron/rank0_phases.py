@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from .ranks import is_rank0
 
 log = logging.getLogger(__name__)
 PREFIX = "real_megatron/"

@@ -25,8 +25,9 @@ from .config import Config, save_config
 from .evaluation import evaluate, run_summary
 from .kill_points import kill_point
 from .memory import checkpoint_optimizer_format
-from .rank0_phases import is_rank0, on_rank0
-from .rollout.engine_setup import build_engine
+from .rank0_phases import on_rank0
+from .ranks import is_rank0
+from .rollout.engines import build_engine
 from .rollout.pipeline import RolloutSource
 from .tasks.inputs import prepare_inputs, warmstart_record
 
