@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-
 log = logging.getLogger(__name__)
 PREFIX = "real_megatron/"
 BEAT_KEY = PREFIX + "rank0_heartbeat"
