@@ -20,18 +20,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .objectives.settings import CLIP_RANGES, REAL_OBJECTIVES, AlgorithmConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the source."""
-
-
-# The objectives' names, defined here once (the registry builds from them, `algorithm.name` accepts them)
-REAL_VARIANTS = {"real": "real", "real_no_anchor": "no_anchor", "real_bce": "bce"}  # name -> real_loss variant
-CLIP_RANGES = {"grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}  # published (clip_low, clip_high)
-OBJECTIVES = (*REAL_VARIANTS, *CLIP_RANGES)
-REAL_OBJECTIVES = tuple(REAL_VARIANTS)  # rewards as labels; the others weigh advantages
-KL_TARGETS = ("none", "reference", "old")
-IMPORTANCE_CORRECTIONS = ("none", "tis", "mis")
 
 
 # float16 needs a dynamic loss scale wired through the schedule and an overflow-skip policy that
@@ -127,44 +120,6 @@ class RolloutConfig:
     # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
     # 0 = generate, then train (synchronous)
     max_staleness: int = 0
-
-
-@dataclass
-class AlgorithmConfig:
-    name: Literal[OBJECTIVES] = "real"
-    tau: float = 0.5  # REAL temperature
-    skip_uniform_groups: bool = True  # groups whose rewards are all equal give no loss
-    clip_low: Optional[float] = None  # baselines; None = the algorithm's published default
-    clip_high: Optional[float] = None
-    # KL to the run's initial model (frozen, one extra forward per rollout batch) or to pi_old
-    kl: Literal[KL_TARGETS] = "none"
-    kl_coef: float = 0.0
-    updates_per_batch: int = 1  # passes over each rollout batch
-    # REAL-BCE's divisor: "rollouts" = the rollouts of the groups in the loss (the paper's released
-    # code: BCE with reduction='mean' over informative groups), "prompts" = like REAL
-    bce_normalise: Literal["rollouts", "prompts"] = "rollouts"
-    # DAPO's dynamic sampling: groups whose labels are all equal are set aside and more prompts are
-    # generated, rounds of train.prompts_per_step prompts, until the batch holds
-    # train.prompts_per_step informative groups or max_sampling_rounds rounds have run
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-    # responses cut at rollout.max_new_tokens: keep (as verified), negative (label 0), or exclude
-    # (out of the loss and out of their group)
-    truncated: Literal["keep", "negative", "exclude"] = "keep"
-    # DAPO's soft overlong penalty for reward-weighted baselines (0 = off): a response within the
-    # last overlong_buffer_tokens of rollout.max_new_tokens loses up to overlong_penalty reward
-    overlong_buffer_tokens: int = 0
-    overlong_penalty: float = 1.0
-    # train-inference mismatch: importance weights from pi_old / pi_engine, capped at is_cap
-    # (tis: min(r, C); mis: r inside [1/C, C], else out of the loss); for REAL a per-rollout
-    # weight on its group terms (beyond the paper)
-    importance_correction: Literal[IMPORTANCE_CORRECTIONS] = "none"
-    is_cap: float = 2.0
-    # REAL's objectives: one weight per rollout from its length-normalised ratio (sequence), or one
-    # per token inside s̄ (token: corrects rollouts generated ahead, rollout.max_staleness >= 1, where
-    # the sampler lags pi_old by whole updates); GRPO/DAPO weigh tokens, GSPO sequences, always
-    importance_unit: Literal["sequence", "token"] = "sequence"
-    mismatch_threshold: float = 0.5  # |log pi_old - log pi_engine| above this counts in mismatch_frac
 
 
 @dataclass
@@ -568,7 +523,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     positive("parallel", p, "nodes", "gpus_per_node", "tp", "pp", "cp", "timeout_s", "node_gpus")
     positive("train", t, "steps", "prompts_per_step", "prompts_per_mini_batch", "prompts_per_micro_batch")
     positive("rollout", r, "n_samples", "max_new_tokens", "num_servers", "server_tp")
-    positive("algorithm", a, "tau", "updates_per_batch", "max_sampling_rounds", "mismatch_threshold")
     positive("optim", cfg.optim, "lr")
     if cfg.task.name:
         positive("task", cfg.task, "warmstart_max_steps", "warmstart_check_every", "warmstart_batch")
@@ -580,6 +534,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
 
+    errors += a.check()  # the objective's own checks (objectives/settings.py)
+    if any(e.startswith("algorithm.") and "must be > 0" in e for e in errors):
+        raise ConfigError(f"{source}: " + "; ".join(errors))
     model_parallel = p.tp * p.pp * p.cp
     if p.world_size % model_parallel:
         errors.append(
@@ -651,18 +608,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if a.dynamic_sampling and r.n_samples < 2:
         errors.append(f"algorithm.dynamic_sampling with rollout.n_samples={r.n_samples}: a group of one rollout is "
                       "always uniform, so every round would be set aside")
-    if a.importance_unit != "sequence" and a.name not in REAL_OBJECTIVES:
-        errors.append(f"algorithm.importance_unit applies to REAL's objectives; {a.name} has its own unit")
-    if a.is_cap <= 1:
-        errors.append(f"algorithm.is_cap must be > 1, got {a.is_cap}")
     if a.importance_correction != "none" and r.use_engine_logprobs:
         errors.append(
             f"algorithm.importance_correction={a.importance_correction} with rollout.use_engine_logprobs: pi_old is "
             "then the engine's own, and every ratio pi_old / pi_engine is 1")
-    if a.kl != "none" and a.kl_coef <= 0:
-        errors.append(f"algorithm.kl={a.kl!r} needs algorithm.kl_coef > 0")
-    if a.kl == "none" and a.kl_coef > 0:
-        errors.append(f"algorithm.kl_coef={a.kl_coef} has no effect with algorithm.kl='none'; choose 'reference' or 'old'")
     if cfg.optim.min_lr > cfg.optim.lr:
         errors.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_steps > t.steps:

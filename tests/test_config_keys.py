@@ -1,9 +1,10 @@
 """Every key of the config tree does something, or says at load why it cannot.
 
 Two walks over every (section, key) of `Config`:
-1. read: the key is read by the package's code outside config.py's validation, found in its
-   syntax tree (`cfg.section.key`, or `x.key` where `x` was bound to `cfg.section` or is a
-   parameter named or typed as the section, or `self.key` inside the section's own class);
+1. read: the key is read by the package's code outside validation (config.py's `validate`, a
+   section's own `check`), found in its syntax tree (`cfg.section.key`, or `x.key` where `x` was
+   bound to `cfg.section` or is a parameter named or typed as the section, or `self.key` inside
+   the section's own class, wherever its owner defines it);
 2. refused: every key that acts only in some runs (config.CONDITIONAL_KEYS), set to a value other
    than its default in a shipped config where it would do nothing, is refused at load, naming the
    key and the reason.
@@ -69,8 +70,10 @@ def package_reads() -> set[str]:
         for node in tree.body:
             if path.name == "config.py" and isinstance(node, ast.FunctionDef) and node.name == "validate":
                 continue  # validation refuses values; it does not make them act
-            if path.name == "config.py" and isinstance(node, ast.ClassDef) and node.name in CLASS_SECTION:
-                reads |= _reads_in(node, {"self": CLASS_SECTION[node.name]})  # properties such as dp
+            if isinstance(node, ast.ClassDef) and node.name in CLASS_SECTION:  # a section, beside its owner
+                for item in node.body:  # properties such as dp; its own checks refuse values, like validate
+                    if not (isinstance(item, ast.FunctionDef) and item.name == "check"):
+                        reads |= _reads_in(item, {"self": CLASS_SECTION[node.name]})
                 continue
             if path.name == "config.py" and isinstance(node, ast.Assign):
                 continue  # the table of conditional keys names keys; it does not read them

@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from ..config import IMPORTANCE_CORRECTIONS as MODES
 from .segments import segment_sum
+from .settings import IMPORTANCE_CORRECTIONS as MODES
 
 
 def _weights(log_ratio: torch.Tensor, mode: str, cap: float) -> torch.Tensor:

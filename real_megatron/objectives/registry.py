@@ -16,12 +16,12 @@ from typing import Literal, Optional
 
 import torch
 
-from ..config import CLIP_RANGES, IMPORTANCE_CORRECTIONS, KL_TARGETS, OBJECTIVES, REAL_VARIANTS, AlgorithmConfig
 from .distributed import real_loss_across_ranks
 from .importance import sequence_importance_weights, token_importance_weights
 from .kl import sequence_kl
 from .policy_gradient import group_advantages, sequence_clip_loss, token_clip_loss
 from .real import real_loss, sequence_scores
+from .settings import OBJECTIVES, REAL_VARIANTS, AlgorithmConfig
 
 Unit = Literal["groups", "sequences", "tokens", "informative_sequences"]
 
@@ -54,18 +54,23 @@ class PolicyBatch:
 
 
 class Objective:
-    name: str
+    """An objective reads its settings from the `algorithm` section it is given (settings.py),
+    checked there once."""
 
-    def __init__(self, *, kl: str, kl_coef: float, importance_correction: str, is_cap: float):
-        if kl not in KL_TARGETS:
-            raise ValueError(f"kl must be one of {', '.join(KL_TARGETS)}, got {kl!r}")
-        if importance_correction not in IMPORTANCE_CORRECTIONS:
-            raise ValueError(f"importance_correction must be one of {', '.join(IMPORTANCE_CORRECTIONS)}, "
-                             f"got {importance_correction!r}")
-        if not is_cap > 1:
-            raise ValueError(f"is_cap must be > 1, got {is_cap}")
-        self.kl, self.kl_coef = kl, kl_coef
-        self.importance_correction, self.is_cap = importance_correction, is_cap
+    def __init__(self, settings: AlgorithmConfig):
+        self.algorithm = settings  # the `algorithm` section itself
+
+    @property
+    def name(self) -> str:
+        return self.algorithm.name
+
+    @property
+    def kl(self) -> str:
+        return self.algorithm.kl
+
+    @property
+    def importance_correction(self) -> str:
+        return self.algorithm.importance_correction
 
     def __call__(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         batch = batch.in_loss()
@@ -76,13 +81,13 @@ class Objective:
 
     def kl_terms(self, batch: PolicyBatch) -> dict[Unit, torch.Tensor]:
         """kl_coef x the token-mean k3 KL per sequence to pi_ref or pi_old, summed ({} without KL)."""
-        if self.kl == "none" or self.kl_coef <= 0:
+        if self.kl == "none" or self.algorithm.kl_coef <= 0:
             return {}
         target = batch.old_logprobs if self.kl == "old" else batch.ref_logprobs
         if target is None:
             raise ValueError("kl='reference' needs PolicyBatch.ref_logprobs (log-probs of the reference model)")
         kl = sequence_kl(batch.logprobs, target, batch.loss_mask, batch.seq_index, batch.num_sequences)
-        return {"sequences": self.kl_coef * kl.sum()}
+        return {"sequences": self.algorithm.kl_coef * kl.sum()}
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         raise NotImplementedError
@@ -98,7 +103,7 @@ class Objective:
         if self.importance_correction == "none":
             return None
         return token_importance_weights(batch.old_logprobs, self._engine_logprobs(batch),
-                                        mode=self.importance_correction, cap=self.is_cap)
+                                        mode=self.importance_correction, cap=self.algorithm.is_cap)
 
     def sequence_weights(self, batch: PolicyBatch) -> Optional[torch.Tensor]:
         """[N] importance weights of the length-normalised ratio (None without correction)."""
@@ -106,7 +111,7 @@ class Objective:
             return None
         return sequence_importance_weights(batch.old_logprobs, self._engine_logprobs(batch), batch.loss_mask,
                                            batch.seq_index, batch.num_sequences, mode=self.importance_correction,
-                                           cap=self.is_cap)
+                                           cap=self.algorithm.is_cap)
 
 
 class RealObjective(Objective):
@@ -114,19 +119,13 @@ class RealObjective(Objective):
     groups in the loss (informative ones with skip_uniform_groups), as the paper's released code
     does (binary cross-entropy, reduction='mean'); "prompts" divides by prompts, like REAL."""
 
-    def __init__(self, variant: str, *, tau: float, skip_uniform_groups: bool, bce_normalise: str,
-                 importance_unit: str, **common):
-        super().__init__(**common)
-        if bce_normalise not in ("rollouts", "prompts"):
-            raise ValueError(f"bce_normalise must be 'rollouts' or 'prompts', got {bce_normalise!r}")
-        if importance_unit not in ("sequence", "token"):
-            raise ValueError(f"REAL's importance_unit must be 'sequence' or 'token', got {importance_unit!r}")
-        self.variant, self.tau, self.skip_uniform_groups = variant, tau, skip_uniform_groups
-        self.bce_normalise, self.importance_unit = bce_normalise, importance_unit
+    def __init__(self, settings: AlgorithmConfig):
+        super().__init__(settings)
+        self.variant = REAL_VARIANTS[settings.name]
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         logprobs, weights = batch.logprobs, None  # importance weights: an extension beyond the paper
-        if self.importance_unit == "token" and self.importance_correction != "none":
+        if self.algorithm.importance_unit == "token" and self.importance_correction != "none":
             # each token's term of s̄ weighted by its capped pi_old / pi_engine: s̄ = mean_t w_t (log pi - log pi_old),
             # 0 at the first update as before; its gradient is the off-policy-corrected one per token
             logprobs = batch.old_logprobs + self.token_weights(batch) * (batch.logprobs - batch.old_logprobs)
@@ -136,7 +135,8 @@ class RealObjective(Objective):
         if batch.active is not None:
             active = batch.active.to(scores.dtype)
             weights = active if weights is None else weights * active
-        options = dict(tau=self.tau, variant=self.variant, skip_uniform_groups=self.skip_uniform_groups, weights=weights)
+        options = dict(tau=self.algorithm.tau, variant=self.variant, skip_uniform_groups=self.algorithm.skip_uniform_groups,
+                       weights=weights)
         if batch.num_groups is None:
             loss = real_loss(scores, batch.rewards, batch.group_ids, **options)
         else:
@@ -147,17 +147,18 @@ class RealObjective(Objective):
 
     @property
     def unit(self) -> Unit:
-        if self.variant != "bce" or self.bce_normalise == "prompts":
+        if self.variant != "bce" or self.algorithm.bce_normalise == "prompts":
             return "groups"
-        return "informative_sequences" if self.skip_uniform_groups else "sequences"
+        return "informative_sequences" if self.algorithm.skip_uniform_groups else "sequences"
 
 
 class ClipObjective(Objective):
     """GRPO / DAPO (token ratio) and GSPO (sequence ratio)."""
 
-    def __init__(self, kind: str, *, clip_low: float, clip_high: float, **common):
-        super().__init__(**common)
-        self.kind, self.clip_low, self.clip_high = kind, clip_low, clip_high
+    def __init__(self, settings: AlgorithmConfig):
+        super().__init__(settings)
+        self.kind = settings.name
+        self.clip_low, self.clip_high = settings.clip_range()
 
     def policy_terms(self, batch: PolicyBatch, dp_group=None) -> dict[Unit, torch.Tensor]:
         adv = batch.advantages if batch.advantages is not None else group_advantages(batch.rewards, batch.group_ids)
@@ -172,29 +173,20 @@ class ClipObjective(Objective):
         return {"sequences": token_clip_loss(*args, **clip, reduce="sequence_mean", weights=weights)}
 
 
+def objective_from_config(algorithm: AlgorithmConfig) -> Objective:
+    """The objective of an `algorithm` section, which it keeps (not a copy of its fields)."""
+    errors = algorithm.check()
+    if errors:
+        raise ValueError("; ".join(errors))
+    return (RealObjective if algorithm.name in REAL_VARIANTS else ClipObjective)(algorithm)
+
+
 def build_objective(name: str, **options) -> Objective:
-    """The objective registered as `name` (one of OBJECTIVES); `options` are AlgorithmConfig fields
-    (tau, kl, kl_coef, ...), whose defaults are the config's."""
+    """The objective registered as `name` (one of OBJECTIVES) with `algorithm` options (tau, kl,
+    kl_coef, ...) over the section's defaults; a shorthand for tests and tools."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; registered: {', '.join(OBJECTIVES)}")
     return objective_from_config(AlgorithmConfig(name=name, **options))
-
-
-def objective_from_config(algorithm: AlgorithmConfig) -> Objective:
-    """Build from an `AlgorithmConfig` section."""
-    a = algorithm
-    common = dict(kl=a.kl, kl_coef=a.kl_coef, importance_correction=a.importance_correction, is_cap=a.is_cap)
-    if a.name in REAL_VARIANTS:
-        obj: Objective = RealObjective(REAL_VARIANTS[a.name], tau=a.tau, skip_uniform_groups=a.skip_uniform_groups,
-                                       bce_normalise=a.bce_normalise, importance_unit=a.importance_unit, **common)
-    elif a.name in CLIP_RANGES:
-        low, high = CLIP_RANGES[a.name]
-        obj = ClipObjective(a.name, clip_low=low if a.clip_low is None else a.clip_low,
-                            clip_high=high if a.clip_high is None else a.clip_high, **common)
-    else:
-        raise ValueError(f"unknown objective {a.name!r}; registered: {', '.join(OBJECTIVES)}")
-    obj.name = a.name
-    return obj
 
 
 def normalise(terms: dict[Unit, torch.Tensor], counts: dict[Unit, float]) -> torch.Tensor:
