@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import types
@@ -20,34 +21,18 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .actor.settings import ActorConfig, CheckpointConfig, ModelConfig, OptimConfig
+from .data.settings import DataConfig
+from .evaluation import EvalConfig
 from .objectives.settings import CLIP_RANGES, REAL_OBJECTIVES, AlgorithmConfig
+from .rollout.settings import RolloutConfig
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the source."""
-
-
-# float16 needs a dynamic loss scale wired through the schedule and an overflow-skip policy that
-# lets the scaler back off; neither exists here, and without them updates vanish (the optimizer
-# unscales gradients that were never scaled) or every overflow stops the run
-FLOAT16_REFUSED = ("float16 training has no loss scaling here (its gradients would be unscaled by 2^32 "
-                   "without ever being scaled); use bfloat16 (or float32)")
-
-
-@dataclass
-class ModelConfig:
-    path: Optional[str] = None  # HF checkpoint directory (config.json + safetensors)
-    tokenizer: Optional[str] = None  # defaults to `path`
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    recompute_activations: bool = False
-    # with recompute_activations: how many layers of each pipeline stage are recomputed (megatron's
-    # block method: the first N); null = the fewest that fit parallel.gpu_memory_gb by the memory
-    # estimate (--dry-run prints the choice; 0 when everything fits without)
-    recompute_layers: Optional[int] = None
-    # An HF checkpoint is authoritative for the architecture; these build a fresh model when no
-    # checkpoint exists yet (tiny models in tests and the CPU quickstart), and give --dry-run's
-    # memory estimate the architecture when the checkpoint is not on this machine.
-    hf_config_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,67 +59,6 @@ class ParallelConfig:
 
 
 @dataclass
-class RolloutConfig:
-    backend: Literal["local", "sglang"] = "local"
-    n_samples: int = 8  # G: rollouts per prompt
-    temperature: float = 0.6
-    top_p: float = 1.0
-    max_new_tokens: int = 8192
-    stop_token_ids: list[int] = field(default_factory=list)
-    use_engine_logprobs: bool = False  # default: the actor recomputes exact old log-probs
-    # SGLang fleet: attach to `server_urls`, or to the `num_servers` servers that register in
-    # `server_registry` (a directory; slurm/train.sbatch starts them as their own job step),
-    # or launch `num_servers` servers from the trainer.
-    server_urls: list[str] = field(default_factory=list)
-    server_registry: Optional[str] = None
-    num_servers: int = 1
-    server_tp: int = 1
-    server_host: str = "127.0.0.1"
-    # `serve --host node` (slurm/train.sbatch on several nodes) listens on this network interface's
-    # address (e.g. ib0); None: the address this node's hostname resolves to. Never 0.0.0.0.
-    server_interface: Optional[str] = None
-    server_base_port: int = 30000
-    server_python: Optional[str] = None  # interpreter of SGLang's own environment
-    server_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
-    # the servers' bearer key: None = RUN_DIR/fleet_api_key, a random key made with the run
-    # directory (mode 0600); a file of your own (one line, mode 0600) for servers started with it
-    api_key_file: Optional[str] = None
-    weight_sync: Literal["disk", "distributed"] = "disk"
-    # distributed: the address servers reach trainer rank 0 at (default $MASTER_ADDR, else
-    # 127.0.0.1), and the size of one broadcast bucket
-    weight_sync_address: Optional[str] = None
-    weight_sync_bucket_mb: int = 512
-    health_timeout_s: float = 600.0
-    request_timeout_s: float = 1800.0
-    # requests in flight per server: SGLang batches hundreds of sequences per GPU; the fleet's
-    # bound is this times the number of live servers. 0: ceil(train.prompts_per_step x n_samples /
-    # servers), the whole step in flight (the paper's 128 prompts x 8 on 8 servers: 128 each)
-    max_requests_per_server: int = 0
-    # GPUs (ids as the trainer sees them) for servers the trainer launches, server_tp each; empty:
-    # the GPUs of this node after the trainer's parallel.gpus_per_node
-    server_gpus: list[int] = field(default_factory=list)
-    # nodes of their own for the servers in a Slurm job (slurm/train.sbatch); 0: the servers run on
-    # the trainer's node(s), on the GPUs after the trainer's parallel.gpus_per_node (one 8-GPU node)
-    fleet_nodes: int = 1
-    # asynchronous rollouts: the fleet generates up to this many batches ahead while the actor
-    # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
-    # 0 = generate, then train (synchronous)
-    max_staleness: int = 0
-
-
-@dataclass
-class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # verl parquet or jsonl
-    prompt_key: str = "prompt"
-    answer_key: str = "reward_model.ground_truth"
-    max_prompt_tokens: int = 1024
-    skip_malformed: bool = False  # default: a malformed row is an error naming file and row
-    shuffle: bool = True
-    reward_fn: str = "real_megatron.rewards:math_reward"  # module:function
-    verifier_timeout_s: float = 5.0  # per response, training and evaluation alike (a timeout scores 0)
-
-
-@dataclass
 class TaskConfig:
     """A built-in synthetic task: its data, tokenizer and warm-start model are made offline."""
 
@@ -157,61 +81,12 @@ class TaskConfig:
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = True
-
-
-@dataclass
 class TrainConfig:
     steps: int = 1000  # RL steps (rollout batches)
     prompts_per_step: int = 128  # global rollout batch, in prompts
     prompts_per_mini_batch: int = 32  # one optimizer step
-    prompts_per_micro_batch: int = 8  # one forward/backward, whole groups, spread over DP ranks
-    # micro-batches by tokens instead: each rank's share of a micro-batch holds at most this many
-    # prompt + response tokens (whole groups still; their number per mini-batch then varies)
-    max_tokens_per_micro_batch: Optional[int] = None
-    pack_sequences: bool = True  # each rank's rollouts one after another in one row (else padded rows)
-    fused_output_layer: bool = True  # log-probs from hidden states without [tokens, vocab] logits
-    # an update whose loss or gradient is NaN/inf is skipped (weights and optimizer untouched);
-    # this many skipped updates in a row stop the run with an error naming the step
-    max_consecutive_skips: int = 5
-    # algorithm.kl=reference: the reference model's weights wait in host memory between log-prob passes
-    reference_offload: bool = False
     seed: int = 1
     output_dir: str = "runs/default"
-
-
-@dataclass
-class EvalConfig:
-    every_steps: int = 0  # 0 = never during training
-    files: list[str] = field(default_factory=list)
-    k: int = 16  # samples per problem for pass@1
-    temperature: float = 0.6
-    max_new_tokens: int = 8192
-
-
-@dataclass
-class CheckpointConfig:
-    dir: Optional[str] = None  # default: <output_dir>/checkpoints
-    every_steps: int = 50
-    keep_last: int = 3
-    resume: str = "auto"  # "auto" (latest in dir), "none", or a checkpoint path
-    save_hf_final: bool = True
-    # fully_reshardable: loads under any layout and layer spec (host memory at save and load: 12 B
-    # per parameter of a model-parallel shard, on one rank of each DP group); dp_reshardable: each
-    # rank its own shard (cheap at any size), same spec and TP/PP only; auto: fully_reshardable while
-    # that host memory is at most memory.FULLY_RESHARDABLE_MAX_GB, else dp_reshardable (7B at TP=2
-    # would gather ~46 GB onto one host)
-    optimizer_format: Literal["auto", "fully_reshardable", "dp_reshardable"] = "auto"
 
 
 @dataclass
@@ -234,6 +109,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -342,12 +218,52 @@ def _build(cls: type, data: dict, path: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# Keys that moved to the section of their owner. The old name still works in files and overrides,
+# and logs the new name once per process; a saved config.yaml carries the new names.
+
+MOVED_KEYS = {
+    "train.prompts_per_micro_batch": "actor.prompts_per_micro_batch",
+    "train.max_tokens_per_micro_batch": "actor.max_tokens_per_micro_batch",
+    "train.pack_sequences": "actor.pack_sequences",
+    "train.fused_output_layer": "actor.fused_output_layer",
+    "train.max_consecutive_skips": "actor.max_consecutive_skips",
+    "train.reference_offload": "actor.reference_offload",
+}
+_told: set[str] = set()  # old names already logged in this process
+
+
+def _tell_moved(old: str) -> str:
+    new = MOVED_KEYS[old]
+    if old not in _told:
+        _told.add(old)
+        log.warning("config key %s is now %s; the old name still works", old, new)
+    return new
+
+
+def rename_moved_keys(data: dict, source: str) -> dict:
+    """`data` (sections of plain values) with every moved key under its new name; both names at
+    once is an error, since one would silently win."""
+    for old in MOVED_KEYS:
+        section, name = old.split(".")
+        if not isinstance(data.get(section), dict) or name not in data[section]:
+            continue
+        new_section, new_name = _tell_moved(old).split(".")
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # reported as a wrong type when the tree is built
+        if new_name in target:
+            raise ConfigError(f"{source}: '{old}' and '{MOVED_KEYS[old]}' are the same key (its old and new name); keep one")
+        target[new_name] = data[section].pop(name)
+    return data
+
+
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
-    cfg = _build(Config, data, "", source)
+    cfg = _build(Config, rename_moved_keys(data, source), "", source)
     validate(cfg, source)
     return cfg
 
@@ -376,6 +292,8 @@ def apply_override(data: dict, override: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override '{override}': expected the form section.key=value")
+    if key in MOVED_KEYS:  # after the files' keys were renamed: the override must reach the same key
+        key = _tell_moved(key)
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -422,6 +340,7 @@ def _read_with_base(path: Path, chain: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = data.pop("base", None)
+    rename_moved_keys(data, str(path))  # each file by itself, so a base and its child may name a key differently
     if base is None:
         return data
     base_path = path.parent / str(base)
@@ -491,11 +410,11 @@ CONDITIONAL_KEYS = (
     (("algorithm.mismatch_threshold",), lambda c: not c.rollout.use_engine_logprobs,
      "measures pi_old against the engine's log-probs; with rollout.use_engine_logprobs they are the same"),
     (("optim.min_lr",), lambda c: c.optim.lr_schedule != "constant", "is where a decaying optim.lr_schedule ends"),
-    (("train.prompts_per_micro_batch",), lambda c: c.train.max_tokens_per_micro_batch is None,
-     "is replaced by train.max_tokens_per_micro_batch (micro-batches by tokens)"),
+    (("actor.prompts_per_micro_batch",), lambda c: c.actor.max_tokens_per_micro_batch is None,
+     "is replaced by actor.max_tokens_per_micro_batch (micro-batches by tokens)"),
     (("model.recompute_layers",), lambda c: c.model.recompute_activations,
      "sizes activation recompute (model.recompute_activations: true)"),
-    (("train.reference_offload",), lambda c: c.algorithm.kl == "reference",
+    (("actor.reference_offload",), lambda c: c.algorithm.kl == "reference",
      "offloads the reference model of algorithm.kl='reference'"),
 )
 
@@ -513,7 +432,7 @@ def key_value(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config, source: str = "<config>") -> None:
     errors = []
-    p, t, r, a = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm
+    p, t, r, a, ac = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm, cfg.actor
 
     def positive(section: str, obj: Any, *names: str) -> None:
         for name in names:
@@ -521,7 +440,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 errors.append(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
 
     positive("parallel", p, "nodes", "gpus_per_node", "tp", "pp", "cp", "timeout_s", "node_gpus")
-    positive("train", t, "steps", "prompts_per_step", "prompts_per_mini_batch", "prompts_per_micro_batch")
+    positive("train", t, "steps", "prompts_per_step", "prompts_per_mini_batch")
+    positive("actor", ac, "prompts_per_micro_batch")
+    positive("algorithm", a, "tau", "updates_per_batch", "max_sampling_rounds", "mismatch_threshold")
     positive("rollout", r, "n_samples", "max_new_tokens", "num_servers", "server_tp")
     positive("optim", cfg.optim, "lr")
     if cfg.task.name:
@@ -534,9 +455,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
 
-    errors += a.check()  # the objective's own checks (objectives/settings.py)
-    if any(e.startswith("algorithm.") and "must be > 0" in e for e in errors):
-        raise ConfigError(f"{source}: " + "; ".join(errors))
+    for section in (cfg.model, cfg.optim, a, r):  # each section's own checks, beside its owner
+        errors += section.check()
+
     model_parallel = p.tp * p.pp * p.cp
     if p.world_size % model_parallel:
         errors.append(
@@ -549,22 +470,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"parallel.cp={p.cp}: context parallelism is not wired into the loss path yet (cp must be 1)")
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
-    if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:
-        errors.append(f"model.recompute_layers must be >= 0 (or null: sized to fit), got {cfg.model.recompute_layers}")
-    if cfg.model.dtype == "float16":
-        errors.append("model.dtype=float16: " + FLOAT16_REFUSED)
     if t.prompts_per_step % t.prompts_per_mini_batch:
         errors.append(
             f"train.prompts_per_step={t.prompts_per_step} is not divisible into mini-batches of "
             f"train.prompts_per_mini_batch={t.prompts_per_mini_batch} whole prompt groups"
         )
-    if t.max_tokens_per_micro_batch is None and t.prompts_per_mini_batch % t.prompts_per_micro_batch:
+    if ac.max_tokens_per_micro_batch is None and t.prompts_per_mini_batch % ac.prompts_per_micro_batch:
         errors.append(
             f"train.prompts_per_mini_batch={t.prompts_per_mini_batch} is not divisible into micro-batches of "
-            f"train.prompts_per_micro_batch={t.prompts_per_micro_batch} whole prompt groups (REAL's group "
+            f"actor.prompts_per_micro_batch={ac.prompts_per_micro_batch} whole prompt groups (REAL's group "
             "log-sum-exp needs every group inside one micro-batch)"
         )
-    if t.max_tokens_per_micro_batch is not None and p.dp > 0:
+    if ac.max_tokens_per_micro_batch is not None and p.dp > 0:
         longest = cfg.data.max_prompt_tokens + r.max_new_tokens
         # a group never splits, and its rollouts spread over the DP ranks: the budget must hold
         # ceil(n_samples / dp) of the longest possible rollouts, or some step could not be cut
@@ -572,24 +489,24 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         need = per_rank * longest
         if r.n_samples < p.dp:
             errors.append(
-                f"train.max_tokens_per_micro_batch with rollout.n_samples={r.n_samples} < {p.dp} data-parallel ranks: "
+                f"actor.max_tokens_per_micro_batch with rollout.n_samples={r.n_samples} < {p.dp} data-parallel ranks: "
                 "a micro-batch of one prompt group would leave ranks without data; use "
-                "train.prompts_per_micro_batch (no token budget) or fewer data-parallel ranks"
+                "actor.prompts_per_micro_batch (no token budget) or fewer data-parallel ranks"
             )
-        elif t.max_tokens_per_micro_batch < need:
+        elif ac.max_tokens_per_micro_batch < need:
             errors.append(
-                f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} cannot hold one prompt group at its "
+                f"actor.max_tokens_per_micro_batch={ac.max_tokens_per_micro_batch} cannot hold one prompt group at its "
                 f"longest: {per_rank} rollout(s) per rank (rollout.n_samples={r.n_samples} over "
                 f"{p.dp} data-parallel ranks) x {longest} tokens (data.max_prompt_tokens + rollout.max_new_tokens) = "
                 f"{need}; raise it to at least {need}"
             )
-    if not errors and p.dp > 0 and t.max_tokens_per_micro_batch is None:
-        rollouts_per_micro = t.prompts_per_micro_batch * r.n_samples
+    if not errors and p.dp > 0 and ac.max_tokens_per_micro_batch is None:
+        rollouts_per_micro = ac.prompts_per_micro_batch * r.n_samples
         if rollouts_per_micro < p.dp:
             errors.append(
-                f"a micro-batch holds {t.prompts_per_micro_batch} prompts x {r.n_samples} rollouts = "
+                f"a micro-batch holds {ac.prompts_per_micro_batch} prompts x {r.n_samples} rollouts = "
                 f"{rollouts_per_micro} rollouts, fewer than the {p.dp} data-parallel ranks: some rank would "
-                "have no data; raise train.prompts_per_micro_batch"
+                "have no data; raise actor.prompts_per_micro_batch"
             )
     if a.name in REAL_OBJECTIVES and r.n_samples < 2 and a.skip_uniform_groups:
         errors.append(
@@ -612,26 +529,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(
             f"algorithm.importance_correction={a.importance_correction} with rollout.use_engine_logprobs: pi_old is "
             "then the engine's own, and every ratio pi_old / pi_engine is 1")
-    if cfg.optim.min_lr > cfg.optim.lr:
-        errors.append(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}")
-    if r.weight_sync == "distributed" and r.backend != "sglang":
-        errors.append("rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'")
-    if r.max_staleness < 0:
-        errors.append(f"rollout.max_staleness must be >= 0, got {r.max_staleness}")
-    if r.max_requests_per_server < 0:
-        errors.append(f"rollout.max_requests_per_server must be >= 0 (0: from the batch), got {r.max_requests_per_server}")
-    if r.max_staleness > 0 and r.backend != "sglang":
-        errors.append(
-            f"rollout.max_staleness={r.max_staleness} needs rollout.backend='sglang': the embedded engine generates in "
-            "the trainer's own process on the trainer's own devices, so there is nothing to overlap training with")
-    if r.fleet_nodes < 0:
-        errors.append(f"rollout.fleet_nodes must be >= 0, got {r.fleet_nodes}")
-    if r.server_urls and r.server_registry:
-        errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
-    if r.backend == "sglang" and r.weight_sync == "distributed" and not r.server_urls and r.num_servers < 1:
-        errors.append("rollout.weight_sync='distributed' needs at least one server")
     for keys, acts, why in CONDITIONAL_KEYS:
         if not acts(cfg):
             errors += [f"{key}={key_value(cfg, key)!r} {why}" for key in keys if key_value(cfg, key) != key_default(key)]

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
-from .config import DataConfig
+from .data.settings import DataConfig
 from .rewards import score_groups
 from .rollout.collect import sampling_seed
 from .rollout.types import SamplingParams
+
+
+@dataclass
+class EvalConfig:
+    """The `eval` section: held-out pass@1 during and after training."""
+
+    every_steps: int = 0  # 0 = never during training
+    files: list[str] = field(default_factory=list)
+    k: int = 16  # samples per problem for pass@1
+    temperature: float = 0.6
+    max_new_tokens: int = 8192
 
 
 def pass_at_1(per_problem: list[float]) -> tuple[float, float]:

@@ -18,12 +18,12 @@ distributed optimizer:
                and GPTModel's transposed copy (or one of them with the picked [response, V/tp] rows
                and their gradient)
   reference    algorithm.kl=reference: the frozen initial model, weights only (model.dtype), on the
-               actor's layout; with train.reference_offload it is on the GPU only during the log-prob
+               actor's layout; with actor.reference_offload it is on the GPU only during the log-prob
                pass, where the update's activations and output layer are not, so it adds only what it
                exceeds them by (and the same bytes of pinned host memory per GPU)
   reserve      CUDA context, NCCL buffers, allocator fragmentation
-A micro-batch holds train.max_tokens_per_micro_batch tokens per rank when set (packed rows); else
-prompts_per_micro_batch x n_samples / dp sequences of data.max_prompt_tokens + rollout.max_new_tokens.
+A micro-batch holds actor.max_tokens_per_micro_batch tokens per rank when set (packed rows); else
+actor.prompts_per_micro_batch x n_samples / dp sequences of data.max_prompt_tokens + rollout.max_new_tokens.
 The architecture comes from model.path/config.json, or from model.hf_config_overrides when the
 checkpoint is not on this machine (the shipped configs carry their model's public numbers).
 """
@@ -175,7 +175,7 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
     """recompute: layers per stage recomputed (-1: the run's plan, recompute_layers; None: all)."""
     if recompute == -1:
         recompute = recompute_layers(cfg, arch, capacity_gb)
-    p, t, r = cfg.parallel, cfg.train, cfg.rollout
+    p, t, r, actor = cfg.parallel, cfg.train, cfg.rollout, cfg.actor
     tp, pp, dp = p.tp, p.pp, max(1, p.dp)
     per_stage_layers = math.ceil(arch.layers / pp)
     embed = arch.vocab * arch.hidden
@@ -192,17 +192,17 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
 
     seq_len = cfg.data.max_prompt_tokens + r.max_new_tokens
     response_share = r.max_new_tokens / seq_len
-    if t.max_tokens_per_micro_batch and t.pack_sequences:
-        tokens = t.max_tokens_per_micro_batch
+    if actor.max_tokens_per_micro_batch and actor.pack_sequences:
+        tokens = actor.max_tokens_per_micro_batch
         area = tokens * seq_len  # the budget filled with sequences as long as they can be
         how_tokens = f"{tokens} tokens per micro-batch per rank (packed)"
     else:
-        sequences = math.ceil(t.prompts_per_micro_batch * r.n_samples / dp)
+        sequences = math.ceil(actor.prompts_per_micro_batch * r.n_samples / dp)
         tokens, area = sequences * seq_len, sequences * seq_len**2
         how_tokens = f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len})"
     shape = MicroBatchShape(tokens=tokens, response_tokens=int(tokens * response_share), attention_area=area)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
-    micro_batches = pp if t.max_tokens_per_micro_batch else t.prompts_per_mini_batch // t.prompts_per_micro_batch
+    micro_batches = pp if actor.max_tokens_per_micro_batch else t.prompts_per_mini_batch // actor.prompts_per_micro_batch
     in_flight = min(pp, max(1, micro_batches))  # a token budget's count varies: assume enough to fill the pipeline
     # Transformer Engine's flash attention for 16-bit models; float32 runs take the local spec
     # (actor/model.py), whose core attention keeps fp32 scores of every head
@@ -222,7 +222,7 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         how_act = (f"block recompute of {recompute} of {per_stage_layers} layers per stage"
                    + ("" if cfg.model.recompute_layers is not None else " (the fewest that fit)"))
     attention = "flash attention (Transformer Engine)" if flash else "local spec attention (fp32 scores, float32 model)"
-    logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=t.fused_output_layer)
+    logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=actor.fused_output_layer)
     rows = [
         (f"weights ({cfg.model.dtype})", weights / GB, f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage"),
         ("gradients (fp32 main_grad)", grads / GB, "full buffer on every DP rank"),
@@ -231,12 +231,12 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         ("activations", activations / GB,
          f"{how_tokens}, {how_act}, {in_flight} in flight, {attention}"),
         ("output layer and loss", logits / GB,
-         "fused: logit tiles, picked hidden states, output-weight gradient" if t.fused_output_layer
+         "fused: logit tiles, picked hidden states, output-weight gradient" if actor.fused_output_layer
          else "naive: [tokens, V/tp] logits and their gradient"),
         ("reserve", RESERVE_GB, "CUDA context, NCCL, fragmentation"),
     ]
     if cfg.algorithm.kl == "reference":
-        rows.insert(-1, reference_row(weights, activations + logits, t.reference_offload))
+        rows.insert(-1, reference_row(weights, activations + logits, actor.reference_offload))
     total = sum(gb for _, gb, _ in rows)
     without_te = None
     if flash:  # the same run on GPUs without Transformer Engine: the local spec's attention scores
@@ -278,7 +278,7 @@ def checkpoint_optimizer_format(cfg) -> str:
 def reference_row(weights: float, update_peak: float, offload: bool) -> tuple[str, float, str]:
     """The frozen reference model's share (bytes in, a row out): resident, or offloaded between passes."""
     if not offload:
-        return ("reference model (kl)", weights / GB, "frozen initial weights, resident (train.reference_offload: false)")
+        return ("reference model (kl)", weights / GB, "frozen initial weights, resident (actor.reference_offload: false)")
     return ("reference model (kl)", max(0.0, weights - update_peak) / GB,
             f"offloaded to host between passes: its {weights / GB:.1f} GB sit in the update's activation room "
             "during the log-prob pass")

@@ -33,6 +33,7 @@ def _body(rank, world_size, out_dir):
 
     import real_megatron.actor.model as model_module
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
     from real_megatron.actor.distributed import init_distributed
     from real_megatron.actor.model_state import model_sharded_state_dict
@@ -74,7 +75,7 @@ def _body(rank, world_size, out_dir):
 
     # a trainer checkpoint (model, distributed optimizer, scheduler) across the specs
     weights = init_hf_state_dict(spec, seed=2, bias_std=0.02)
-    settings = ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2, optim=OptimConfig(lr=1e-3))
+    settings = ActorSettings(groups_per_mini_batch=4, actor=ActorConfig(prompts_per_micro_batch=2), optim=OptimConfig(lr=1e-3))
     objective = objective_from_config(AlgorithmConfig(name="real"))
     actors = []
     for te_names in (True, False):

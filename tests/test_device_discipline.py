@@ -40,6 +40,7 @@ class MixedDevices(TorchFunctionMode):
 
 def _actor_on_meta(rank, world_size, results):
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.batching import build_mini_batches
     from real_megatron.actor.distributed import init_distributed
     from real_megatron.actor.model import ArchSpec
@@ -50,7 +51,7 @@ def _actor_on_meta(rank, world_size, results):
     init_distributed(timeout_s=60)
     spec = ArchSpec.from_hf(TINY)
     weights = init_hf_state_dict(spec, seed=0)
-    actor = Actor(spec, ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2),
+    actor = Actor(spec, ActorSettings(groups_per_mini_batch=4, actor=ActorConfig(prompts_per_micro_batch=2)),
                   objective_from_config(AlgorithmConfig(name="real")), weights.__getitem__)
     assert actor.device == torch.device("cpu")
     for chunk in actor.chunks:

@@ -128,6 +128,7 @@ def _host_checks_body(rank, world_size):
     import dataclasses
 
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.distributed import init_distributed
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict
@@ -137,7 +138,7 @@ def _host_checks_body(rank, world_size):
 
     init_distributed(timeout_s=60)
     spec = ArchSpec.from_hf(TINY)
-    actor = Actor(spec, ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2),
+    actor = Actor(spec, ActorSettings(groups_per_mini_batch=4, actor=ActorConfig(prompts_per_micro_batch=2)),
                   objective_from_config(AlgorithmConfig(name="real")), init_hf_state_dict(spec, seed=0).__getitem__)
     rollouts = tiny_rollouts()
     bad_id = list(rollouts)
@@ -168,6 +169,7 @@ def _recompute_body(rank, world_size):
     import torch
 
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.distributed import init_distributed
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict, unwrap
@@ -179,7 +181,7 @@ def _recompute_body(rank, world_size):
     spec = ArchSpec.from_hf(dict(TINY, num_hidden_layers=4))
     params = {}
     for name, on, layers in (("none", False, None), ("block", True, 2), ("full", True, None)):
-        settings = ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2, recompute_activations=on,
+        settings = ActorSettings(groups_per_mini_batch=4, actor=ActorConfig(prompts_per_micro_batch=2), recompute_activations=on,
                                  recompute_layers=layers, optim=OptimConfig(lr=1e-3, clip_grad=0.0))
         actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")),
                       init_hf_state_dict(spec, seed=0).__getitem__)

@@ -37,6 +37,7 @@ def _with_engine_logprobs(spec, state):
 
 def _body(rank, world_size):
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.distributed import init_distributed
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict
@@ -47,7 +48,7 @@ def _body(rank, world_size):
     spec = ArchSpec.from_hf(TINY)
     state = init_hf_state_dict(spec, seed=0)
     rollouts, offsets = _with_engine_logprobs(spec, state)
-    settings = ActorSettings(groups_per_mini_batch=4, groups_per_micro_batch=2, logprob_temperature=TEMPERATURE,
+    settings = ActorSettings(groups_per_mini_batch=4, actor=ActorConfig(prompts_per_micro_batch=2), logprob_temperature=TEMPERATURE,
                              mismatch_threshold=0.5, optim=OptimConfig(lr=1e-3))
     actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real", importance_correction="tis")),
                   state.__getitem__)

@@ -38,6 +38,8 @@ def _same(a, b) -> bool:
 
 def _body(rank, world_size):
     from real_megatron.actor.actor import Actor, ActorSettings, NonFiniteUpdates
+    from real_megatron.actor.settings import ActorConfig
+    from real_megatron.config import ParallelConfig
     from real_megatron.actor.distributed import init_distributed
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict, unwrap
@@ -46,8 +48,9 @@ def _body(rank, world_size):
 
     init_distributed(tp=2, timeout_s=60)
     spec = ArchSpec.from_hf(TINY)
-    settings = ActorSettings(tp=2, groups_per_mini_batch=4, groups_per_micro_batch=2, use_engine_logprobs=True,
-                             max_consecutive_skips=3, optim=OptimConfig(lr=1e-3, clip_grad=1.0))
+    settings = ActorSettings(parallel=ParallelConfig(tp=2, gpus_per_node=2), groups_per_mini_batch=4,
+                             actor=ActorConfig(prompts_per_micro_batch=2, max_consecutive_skips=3),
+                             use_engine_logprobs=True, optim=OptimConfig(lr=1e-3, clip_grad=1.0))
     actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")),
                   init_hf_state_dict(spec, seed=0).__getitem__)
 

@@ -58,14 +58,15 @@ def tiny_actor(kl, offload=False, lr=1e-2):
     from tiny_actor import TINY
 
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict
     from real_megatron.config import OptimConfig
 
     spec = ArchSpec.from_hf(TINY)
     weights = init_hf_state_dict(spec, 0)
-    settings = ActorSettings(optim=OptimConfig(lr=lr), groups_per_mini_batch=4, groups_per_micro_batch=2,
-                             total_steps=10, reference_offload=offload)
+    settings = ActorSettings(optim=OptimConfig(lr=lr), groups_per_mini_batch=4, total_steps=10,
+                             actor=ActorConfig(prompts_per_micro_batch=2, reference_offload=offload))
     return Actor(spec, settings, build_objective("real", kl=kl, kl_coef=0.1), weights.__getitem__)
 
 

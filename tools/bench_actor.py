@@ -121,7 +121,7 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
     nbytes = dtype.itemsize
     return (activation_bytes(arch, shape, layers=arch.layers, dtype_bytes=nbytes,
                              flash_attention=use_transformer_engine(settings.dtype), recompute=settings.recompute_activations)
-            + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.fused_output_layer))
+            + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.actor.fused_output_layer))
 
 
 def worker(args) -> dict:
@@ -132,6 +132,7 @@ def worker(args) -> dict:
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.config import OptimConfig
     from real_megatron.objectives import build_objective
 
@@ -147,10 +148,10 @@ def worker(args) -> dict:
     dtype = getattr(torch, args.dtype)
     groups = args.groups
     settings = ActorSettings(
-        dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=groups,
-        groups_per_micro_batch=args.groups_per_micro if args.padded else groups,
-        max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
-        pack_sequences=not args.padded, fused_output_layer=not args.naive, total_steps=10,
+        dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=groups, total_steps=10,
+        actor=ActorConfig(prompts_per_micro_batch=args.groups_per_micro if args.padded else groups,
+                          max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
+                          pack_sequences=not args.padded, fused_output_layer=not args.naive),
     )
     weights = init_hf_state_dict(spec, seed=args.seed, dtype=dtype)
     actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), weights.__getitem__)
@@ -164,8 +165,8 @@ def worker(args) -> dict:
     actor.train_step(warm)
 
     batch = rollout_batch(groups, args.group_size, args.seed)
-    minis = build_mini_batches(batch, groups, settings.groups_per_micro_batch, 1, 0, packed=settings.pack_sequences,
-                               max_tokens=settings.max_tokens_per_micro_batch)
+    minis = build_mini_batches(batch, groups, settings.actor.prompts_per_micro_batch, 1, 0,
+                               packed=settings.actor.pack_sequences, max_tokens=settings.actor.max_tokens_per_micro_batch)
     micro = [mb for m in minis for mb in m.micro_batches]
     estimate = max(estimated_step_bytes(hf_config, mb, settings, dtype) for mb in micro)
     if args.device == "cuda":

@@ -50,6 +50,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from real_megatron.actor.actor import Actor, ActorSettings
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.rollout.types import Rollout
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
@@ -68,8 +69,9 @@ def main() -> int:
     weights = init_hf_state_dict(spec, seed=0, dtype=dtype, device="cuda" if cuda else "cpu")
     recompute = not args.no_recompute
     # log-probs at the paper's sampling temperature, as a run computes them
-    settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1, groups_per_micro_batch=1,
-                             recompute_activations=recompute, logprob_temperature=0.6)
+    settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1,
+                             actor=ActorConfig(prompts_per_micro_batch=1), recompute_activations=recompute,
+                             logprob_temperature=0.6)
     actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")), weights.__getitem__)
     del weights
     gen = torch.Generator().manual_seed(0)
@@ -96,7 +98,7 @@ def main() -> int:
     cfg = load_config(None, [f"model.dtype={'bfloat16' if cuda else 'float32'}", "rollout.n_samples=%d" % args.rollouts,
                              f"data.max_prompt_tokens={prompt}", f"rollout.max_new_tokens={seq - prompt}",
                              "train.prompts_per_step=1", "train.prompts_per_mini_batch=1",
-                             "train.prompts_per_micro_batch=1", f"model.recompute_activations={str(recompute).lower()}"]
+                             "actor.prompts_per_micro_batch=1", f"model.recompute_activations={str(recompute).lower()}"]
                       + [f"model.hf_config_overrides.{k}={v}" for k, v in shape.items()])
     estimate = estimate_memory(cfg, architecture_of(cfg), 80.0)
     out = {

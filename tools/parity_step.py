@@ -93,7 +93,8 @@ def main() -> int:
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
     from real_megatron.actor.weights import init_hf_state_dict
-    from real_megatron.config import OptimConfig
+    from real_megatron.actor.settings import ActorConfig
+    from real_megatron.config import OptimConfig, ParallelConfig
     from real_megatron.convert.hf_io import HFCheckpointReader
     from real_megatron.objectives import build_objective
 
@@ -104,11 +105,11 @@ def main() -> int:
     # Adam turns its rounding noise into +-lr steps; from zero that noise would be the whole tensor.
     weights = init_hf_state_dict(spec, args.seed, bias_std=spec.initializer_range)
     settings = ActorSettings(
-        tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel),
         optim=OptimConfig(lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad),
-        groups_per_mini_batch=GROUPS, groups_per_micro_batch=GROUPS // args.micro_batches, total_steps=100,
-        max_tokens_per_micro_batch=args.max_tokens, pack_sequences=not args.padded,
-        fused_output_layer=not args.naive_output_layer,
+        groups_per_mini_batch=GROUPS, total_steps=100,
+        actor=ActorConfig(prompts_per_micro_batch=GROUPS // args.micro_batches, max_tokens_per_micro_batch=args.max_tokens,
+                          pack_sequences=not args.padded, fused_output_layer=not args.naive_output_layer),
     )
     if args.write_hf and torch.distributed.get_rank() == 0:
         os.makedirs(args.write_hf, exist_ok=True)

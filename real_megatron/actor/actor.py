@@ -25,20 +25,21 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import FLOAT16_REFUSED, AlgorithmConfig, OptimConfig, TrainConfig
+from ..config import AlgorithmConfig, ParallelConfig, TrainConfig
+from ..memory import architecture_of, recompute_layers
 from ..objectives import PolicyBatch, normalise
 from ..objectives.importance import mismatch_partials
 from ..objectives.kl import k3_kl
 from ..objectives.registry import Objective, RealObjective
 from ..ranks import is_rank0, stage_first_rank
-from ..memory import architecture_of, recompute_layers
-from . import step_metrics
 from ..rollout.types import Rollout
+from . import step_metrics
 from .batching import MiniBatch, build_mini_batches, padding_fraction
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
 from .reference import ReferenceModel
+from .settings import FLOAT16_REFUSED, ActorConfig, OptimConfig
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
 
 log = logging.getLogger(__name__)
@@ -46,45 +47,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ActorSettings:
-    tp: int = 1
-    pp: int = 1
-    vpp: Optional[int] = None
-    sequence_parallel: bool = False
-    dtype: torch.dtype = torch.float32
+    """What an Actor is built from: its own section (`actor`), its optimizer's (`optim`) and the
+    layout (`parallel`), each taken as loaded, and the few facts it reads from other sections
+    (from_config gathers them; their defaults are those sections')."""
+
+    actor: ActorConfig = field(default_factory=ActorConfig)  # micro-batches, output layer, skips, offload
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, clipping, lr schedule
-    total_steps: int = 1000  # optimizer steps, for the lr schedule
-    # defaults are the config's (config.py defines each once)
-    groups_per_mini_batch: int = TrainConfig.prompts_per_mini_batch
-    groups_per_micro_batch: int = TrainConfig.prompts_per_micro_batch  # when max_tokens_per_micro_batch is None
-    max_tokens_per_micro_batch: Optional[int] = TrainConfig.max_tokens_per_micro_batch  # per (micro-batch, rank)
-    pack_sequences: bool = TrainConfig.pack_sequences  # rollouts packed into one row (else right-padded rows)
-    fused_output_layer: bool = TrainConfig.fused_output_layer  # log-probs without [tokens, V] logits
-    updates_per_batch: int = AlgorithmConfig.updates_per_batch
-    use_engine_logprobs: bool = False
-    recompute_activations: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tp, pp, vpp, sequence_parallel
+    dtype: torch.dtype = torch.float32  # model.dtype
+    recompute_activations: bool = False  # model.recompute_activations
     recompute_layers: Optional[int] = None  # with recompute: the first N layers per stage (None: all)
-    pad_id: int = 0
-    max_consecutive_skips: int = TrainConfig.max_consecutive_skips  # non-finite updates in a row before the run stops
+    total_steps: int = 1000  # optimizer steps, for the lr schedule
+    groups_per_mini_batch: int = TrainConfig.prompts_per_mini_batch  # one optimizer step
+    updates_per_batch: int = AlgorithmConfig.updates_per_batch
+    use_engine_logprobs: bool = False  # rollout.use_engine_logprobs
     # log-probs of the sampling distribution, softmax(logits / T), as the engines report them
     logprob_temperature: float = 1.0
     mismatch_threshold: float = AlgorithmConfig.mismatch_threshold  # |log pi_old - log pi_engine| in mismatch_frac
-    reference_offload: bool = TrainConfig.reference_offload  # kl='reference': reference weights in host memory between passes
+    pad_id: int = 0
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> "ActorSettings":
-        """The actor's settings for a run's config (parallel layout, optimizer, batching, algorithm)."""
-        p, t, r, a = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm
+        """The actor's settings for a run's config: its sections, and the facts of the run it needs."""
+        t, r, a = cfg.train, cfg.rollout, cfg.algorithm
         return cls(
-            tp=p.tp, pp=p.pp, vpp=p.vpp, sequence_parallel=p.sequence_parallel, dtype=getattr(torch, cfg.model.dtype),
-            optim=cfg.optim, total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * a.updates_per_batch,
-            groups_per_mini_batch=t.prompts_per_mini_batch, groups_per_micro_batch=t.prompts_per_micro_batch,
-            max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, pack_sequences=t.pack_sequences,
-            fused_output_layer=t.fused_output_layer, updates_per_batch=a.updates_per_batch,
-            use_engine_logprobs=r.use_engine_logprobs, recompute_activations=cfg.model.recompute_activations,
-            recompute_layers=recompute_layers(cfg, architecture_of(cfg)),
-            pad_id=pad_id, max_consecutive_skips=t.max_consecutive_skips,
-            logprob_temperature=r.temperature if r.temperature > 0 else 1.0, mismatch_threshold=a.mismatch_threshold,
-            reference_offload=t.reference_offload,
+            actor=cfg.actor, optim=cfg.optim, parallel=cfg.parallel, dtype=getattr(torch, cfg.model.dtype),
+            recompute_activations=cfg.model.recompute_activations, recompute_layers=recompute_layers(cfg, architecture_of(cfg)),
+            total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * a.updates_per_batch,
+            groups_per_mini_batch=t.prompts_per_mini_batch, updates_per_batch=a.updates_per_batch,
+            use_engine_logprobs=r.use_engine_logprobs, logprob_temperature=r.temperature if r.temperature > 0 else 1.0,
+            mismatch_threshold=a.mismatch_threshold, pad_id=pad_id,
         )
 
 
@@ -138,11 +130,12 @@ class Actor:
         if ps.get_context_parallel_world_size() > 1:
             raise NotImplementedError("context parallelism is not wired into the loss path yet (cp must be 1)")
         self.config = transformer_config(
-            spec, tp=s.tp, pp=s.pp, vpp=s.vpp, sequence_parallel=s.sequence_parallel, dtype=s.dtype,
+            spec, tp=s.parallel.tp, pp=s.parallel.pp, vpp=s.parallel.vpp, sequence_parallel=s.parallel.sequence_parallel,
+            dtype=s.dtype,
             recompute=s.recompute_activations, recompute_layers=s.recompute_layers,
         )
         chunks = build_model_chunks(spec, self.config)
-        if s.fused_output_layer:
+        if s.actor.fused_output_layer:
             for chunk in chunks:
                 if chunk.post_process:
                     return_hidden_states(chunk)
@@ -188,7 +181,7 @@ class Actor:
         self.reference = None  # frozen initial weights on this layout, for kl='reference'
         if objective.kl == "reference":
             self.reference = ReferenceModel(spec, self.config, weights if reference is None else reference,
-                                            fused_output_layer=s.fused_output_layer, offload=s.reference_offload)
+                                            fused_output_layer=s.actor.fused_output_layer, offload=s.actor.reference_offload)
 
     # --- one RL step -------------------------------------------------------------------------
 
@@ -210,9 +203,9 @@ class Actor:
         timings = {}
         start = time.perf_counter()
         minis = build_mini_batches(
-            rollouts, s.groups_per_mini_batch, s.groups_per_micro_batch, self.dp_size, self.dp_rank,
-            pad_id=s.pad_id, pad_to_multiple=s.tp if s.sequence_parallel else 1, uniform_shape=s.pp > 1,
-            packed=s.pack_sequences, max_tokens=s.max_tokens_per_micro_batch,
+            rollouts, s.groups_per_mini_batch, s.actor.prompts_per_micro_batch, self.dp_size, self.dp_rank,
+            pad_id=s.pad_id, pad_to_multiple=s.parallel.tp if s.parallel.sequence_parallel else 1,
+            uniform_shape=s.parallel.pp > 1, packed=s.actor.pack_sequences, max_tokens=s.actor.max_tokens_per_micro_batch,
         )
         timings["batch_s"] = time.perf_counter() - start
         layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),
@@ -312,10 +305,10 @@ class Actor:
             if is_rank0():
                 log.warning("%s: update skipped, %s; weights and optimizer state unchanged (%d in a row)",
                             where, problem, self.consecutive_skips)
-            if self.consecutive_skips >= self.settings.max_consecutive_skips:
+            if self.consecutive_skips >= self.settings.actor.max_consecutive_skips:
                 raise NonFiniteUpdates(
-                    f"{where}: {self.consecutive_skips} updates in a row skipped (train.max_consecutive_skips="
-                    f"{self.settings.max_consecutive_skips}); the last had {problem}")
+                    f"{where}: {self.consecutive_skips} updates in a row skipped (actor.max_consecutive_skips="
+                    f"{self.settings.actor.max_consecutive_skips}); the last had {problem}")
             return {"records": outputs, "grad_norm": float("nan"), "lr": float(self.optimizer.param_groups[0]["lr"]),
                     "skipped": 1.0}
         self.consecutive_skips = 0
@@ -373,9 +366,9 @@ class Actor:
 
     def _token_logprobs(self, model, mb, output: torch.Tensor):
         temperature = self.settings.logprob_temperature
-        if self.settings.fused_output_layer:
+        if self.settings.actor.fused_output_layer:
             return fused_token_logprobs(model, output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
-                                        sequence_parallel=self.settings.sequence_parallel, temperature=temperature)
+                                        sequence_parallel=self.settings.parallel.sequence_parallel, temperature=temperature)
         return logits_token_logprobs(output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
                                      tp_rank=self.tp_rank, temperature=temperature)
 

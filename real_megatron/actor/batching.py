@@ -129,7 +129,7 @@ def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size
         longest = max(rollouts[i].num_tokens for i in groups[g])
         if longest > budget:
             raise ValueError(
-                f"a rollout of prompt group {g} has {longest} tokens, more than train.max_tokens_per_micro_batch="
+                f"a rollout of prompt group {g} has {longest} tokens, more than actor.max_tokens_per_micro_batch="
                 f"{budget}; raise the budget to at least data.max_prompt_tokens + rollout.max_new_tokens"
             )
         for gs in micro_groups:
@@ -140,7 +140,7 @@ def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size
             if max(_spread(rollouts, groups[g], dp_size)[1]) > budget:
                 raise ValueError(
                     f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens) does not fit one micro-batch of "
-                    f"{dp_size} data-parallel ranks x train.max_tokens_per_micro_batch={budget} tokens (a group "
+                    f"{dp_size} data-parallel ranks x actor.max_tokens_per_micro_batch={budget} tokens (a group "
                     "cannot be split across micro-batches: REAL normalises over it); raise the budget"
                 )
             micro_groups.append([g])

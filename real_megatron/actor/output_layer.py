@@ -8,7 +8,7 @@ backward. Under sequence parallelism the hidden states are all-gathered first (b
 reduce-scatter, so the kernel leaves its hidden gradient unsummed). With tied embeddings the weight
 is the shared one, so its gradient reaches the embedding (megatron syncs first and last stage).
 
-The naive path (train.fused_output_layer: false) keeps GPTModel's logits and picks their rows.
+The naive path (actor.fused_output_layer: false) keeps GPTModel's logits and picks their rows.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from ..config import DataConfig
+from ..data.settings import DataConfig
 from .math import extract_answer, math_reward, math_rewards
 
 RewardFn = Callable[..., float]

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..config import DataConfig
+from ..data.settings import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,78 @@
+"""The rollout side's settings: the `rollout` section (sampling, the engine, the SGLang fleet and
+how weights reach it), its defaults and its own checks. Checks that involve other sections are
+config.py's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["local", "sglang"] = "local"
+    n_samples: int = 8  # G: rollouts per prompt
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+    stop_token_ids: list[int] = field(default_factory=list)
+    use_engine_logprobs: bool = False  # default: the actor recomputes exact old log-probs
+    # SGLang fleet: attach to `server_urls`, or to the `num_servers` servers that register in
+    # `server_registry` (a directory; slurm/train.sbatch starts them as their own job step),
+    # or launch `num_servers` servers from the trainer.
+    server_urls: list[str] = field(default_factory=list)
+    server_registry: Optional[str] = None
+    num_servers: int = 1
+    server_tp: int = 1
+    server_host: str = "127.0.0.1"
+    # `serve --host node` (slurm/train.sbatch on several nodes) listens on this network interface's
+    # address (e.g. ib0); None: the address this node's hostname resolves to. Never 0.0.0.0.
+    server_interface: Optional[str] = None
+    server_base_port: int = 30000
+    server_python: Optional[str] = None  # interpreter of SGLang's own environment
+    server_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
+    # the servers' bearer key: None = RUN_DIR/fleet_api_key, a random key made with the run
+    # directory (mode 0600); a file of your own (one line, mode 0600) for servers started with it
+    api_key_file: Optional[str] = None
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    # distributed: the address servers reach trainer rank 0 at (default $MASTER_ADDR, else
+    # 127.0.0.1), and the size of one broadcast bucket
+    weight_sync_address: Optional[str] = None
+    weight_sync_bucket_mb: int = 512
+    health_timeout_s: float = 600.0
+    request_timeout_s: float = 1800.0
+    # requests in flight per server: SGLang batches hundreds of sequences per GPU; the fleet's
+    # bound is this times the number of live servers. 0: ceil(train.prompts_per_step x n_samples /
+    # servers), the whole step in flight (the paper's 128 prompts x 8 on 8 servers: 128 each)
+    max_requests_per_server: int = 0
+    # GPUs (ids as the trainer sees them) for servers the trainer launches, server_tp each; empty:
+    # the GPUs of this node after the trainer's parallel.gpus_per_node
+    server_gpus: list[int] = field(default_factory=list)
+    # nodes of their own for the servers in a Slurm job (slurm/train.sbatch); 0: the servers run on
+    # the trainer's node(s), on the GPUs after the trainer's parallel.gpus_per_node (one 8-GPU node)
+    fleet_nodes: int = 1
+    # asynchronous rollouts: the fleet generates up to this many batches ahead while the actor
+    # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
+    # 0 = generate, then train (synchronous)
+    max_staleness: int = 0
+
+    def check(self) -> list[str]:
+        """What is wrong inside this section alone (each a sentence naming the key); [] if nothing."""
+        errors = []
+        if self.weight_sync == "distributed" and self.backend != "sglang":
+            errors.append("rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'")
+        if self.max_staleness < 0:
+            errors.append(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.max_requests_per_server < 0:
+            errors.append(f"rollout.max_requests_per_server must be >= 0 (0: from the batch), got {self.max_requests_per_server}")
+        if self.max_staleness > 0 and self.backend != "sglang":
+            errors.append(
+                f"rollout.max_staleness={self.max_staleness} needs rollout.backend='sglang': the embedded engine generates "
+                "in the trainer's own process on the trainer's own devices, so there is nothing to overlap training with")
+        if self.fleet_nodes < 0:
+            errors.append(f"rollout.fleet_nodes must be >= 0, got {self.fleet_nodes}")
+        if self.server_urls and self.server_registry:
+            errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
+        if self.backend == "sglang" and self.weight_sync == "distributed" and not self.server_urls and self.num_servers < 1:
+            errors.append("rollout.weight_sync='distributed' needs at least one server")
+        return errors
