@@ -73,14 +73,15 @@ def table_rows(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(engine, inputs, cfg, step: int) -> dict:
-    """Held-out pass@1 (k samples per problem), per eval set and pooled, with its standard error."""
-    params = SamplingParams(temperature=cfg.eval.temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
-                            stop_token_ids=inputs.stop_ids, seed=sampling_seed(cfg.train.seed, "evaluation", step))
+def evaluate(engine, inputs, settings: EvalConfig, step: int, *, seed: int, verifier_timeout_s: float) -> dict:
+    """Held-out pass@1 (settings.k samples per problem), per eval set and pooled, with its standard
+    error; the samples drawn from a seed of (run seed, step), so a resumed run evaluates alike."""
+    params = SamplingParams(temperature=settings.temperature, top_p=1.0, max_new_tokens=settings.max_new_tokens,
+                            stop_token_ids=inputs.stop_ids, seed=sampling_seed(seed, "evaluation", step))
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
     start = time.perf_counter()
-    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, cfg.eval.k, params,
-                           timeout_s=cfg.data.verifier_timeout_s)
+    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, settings.k, params,
+                           timeout_s=verifier_timeout_s)
     return dict(result, eval_s=time.perf_counter() - start)
 
 
