@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..config import AlgorithmConfig, ParallelConfig, TrainConfig
 from ..memory import architecture_of, recompute_layers
-from ..objectives import PolicyBatch, normalise
+from ..objectives import PolicyBatch, normalise, sequence_scores
 from ..objectives.importance import mismatch_partials
 from ..objectives.kl import k3_kl
 from ..objectives.registry import Objective, RealObjective
@@ -387,8 +387,6 @@ class Actor:
         # megatron divides by the micro-batch count and DDP averages over DP: undo both (see top)
         scaled = loss * (num_micro * self.dp_size)
         with torch.no_grad():
-            from ..objectives import sequence_scores
-
             scores = sequence_scores(logprobs, mb.old_logprobs, batch.loss_mask, mb.seq_index, n_seq)
             pos = mb.rewards > 0.5
             # every entry a tensor on the actor's device, computed without a host sync

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..objectives.policy_gradient import group_advantages
 from ..rollout.types import Rollout, informative_groups
 
 
@@ -268,8 +269,6 @@ def build_mini_batches(
     """This DP rank's mini-batches. uniform_shape: every micro-batch of a mini-batch padded to one
     [rows, width] (what pipeline parallelism needs). packed: one packed row per micro-batch.
     max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each)."""
-    from ..objectives import group_advantages
-
     for i, r in enumerate(rollouts):
         if not r.response_ids or not r.prompt_ids:
             raise ValueError(f"rollout {i} (group {r.group}) has an empty {'response' if r.prompt_ids else 'prompt'}")

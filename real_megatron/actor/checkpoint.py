@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..kill_points import kill_point
 from ..ranks import barrier, global_rank, world_size
 from .model_state import load_model_state, model_sharded_state_dict
 from .weights import unwrap
@@ -194,8 +195,6 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
     `<name>.tmp`, the state file (what makes a checkpoint count) last, then one rename. A directory
     of the same name (a run resumed and saving the same step again) is first renamed aside."""
     from megatron.core import dist_checkpointing
-
-    from ..kill_points import kill_point
 
     final = Path(directory)
     step = trainer_state.get("step", -1)

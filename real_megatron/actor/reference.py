@@ -24,6 +24,11 @@ from typing import Callable
 
 import torch
 
+from .model import build_model_chunks
+from .model_state import load_model_weights
+from .output_layer import return_hidden_states
+from .weights import load_hf_weights
+
 RECORD = "initial_model.json"
 _SAMPLE_BYTES = 1 << 20  # fingerprint: each weight file's size, header and ends, not all its bytes
 
@@ -80,11 +85,6 @@ class ReferenceModel:
 
     def __init__(self, spec, config, weights: Callable[[str], torch.Tensor] | str, *, fused_output_layer: bool,
                  offload: bool):
-        from .model import build_model_chunks
-        from .model_state import load_model_weights
-        from .output_layer import return_hidden_states
-        from .weights import load_hf_weights
-
         self.chunks = build_model_chunks(spec, config)
         for chunk in self.chunks:
             if fused_output_layer and chunk.post_process:
