@@ -64,15 +64,15 @@ class Evaluator:
 
     def __init__(self, engine: Engine, inputs: Inputs, settings: EvalConfig, *, seed: int, verifier_timeout_s: float,
                  last_step: int, timeout_s: float):
-        self.engine, self.inputs, self.settings = engine, inputs, settings
+        self.engine, self.inputs, self.eval = engine, inputs, settings  # the `eval` section
         self.seed, self.verifier_timeout_s, self.last_step, self.timeout_s = seed, verifier_timeout_s, last_step, timeout_s
 
     def due(self, step: int) -> bool:
         """A mid-run evaluation after `step` (the final one is the loop's own)."""
-        return bool(self.settings.every_steps) and step % self.settings.every_steps == 0 and step < self.last_step
+        return bool(self.eval.every_steps) and step % self.eval.every_steps == 0 and step < self.last_step
 
     def __call__(self, step: int, phase: str) -> dict:
-        return on_rank0(phase, lambda: evaluate(self.engine, self.inputs, self.settings, step, seed=self.seed,
+        return on_rank0(phase, lambda: evaluate(self.engine, self.inputs, self.eval, step, seed=self.seed,
                                                 verifier_timeout_s=self.verifier_timeout_s), timeout_s=self.timeout_s)
 
 

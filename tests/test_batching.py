@@ -97,7 +97,7 @@ def test_token_budget_bounds_every_rank_and_keeps_groups_whole(dp, budget):
 def test_budget_errors_name_the_rollout_or_group_and_the_fix():
     rs = rollouts(num_groups=2, per_group=4, seed=4)
     longest = max(r.num_tokens for r in rs)
-    with pytest.raises(ValueError, match=rf"{longest} tokens, more than train.max_tokens_per_micro_batch={longest - 1}"):
+    with pytest.raises(ValueError, match=rf"{longest} tokens, more than actor.max_tokens_per_micro_batch={longest - 1}"):
         plan_mini_batches(rs, 2, 2, 1, max_tokens=longest - 1)
     # every rollout fits, but a group of 4 does not fit one rank: it cannot be split
     with pytest.raises(ValueError, match=r"prompt group \d \(4 rollouts, \d+ tokens\) does not fit one micro-batch of 1"):

@@ -1,5 +1,5 @@
 """A NaN or inf loss or gradient skips that update, leaving weights, Adam state and the lr schedule
-as they were, with the same verdict on every rank; train.max_consecutive_skips in a row stop the run
+as they were, with the same verdict on every rank; actor.max_consecutive_skips in a row stop the run
 with an error naming the step. Injected for real: NaN engine log-probs (the old policy of the loss)
 and an inf gradient on one tensor-parallel rank only."""
 
@@ -79,7 +79,7 @@ def _body(rank, world_size):
     for step in (5, 6):
         actor.train_step(_rollouts(poison=True), step=step)
     with pytest.raises(NonFiniteUpdates, match=r"step 7, update 1 of 1, mini-batch 1 of 1: 3 updates in a row "
-                                                 r"skipped \(train.max_consecutive_skips=3\); the last had a non-finite loss"):
+                                                 r"skipped \(actor.max_consecutive_skips=3\); the last had a non-finite loss"):
         actor.train_step(_rollouts(poison=True), step=7)
 
 
