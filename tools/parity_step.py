@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1, help="context parallelism: each packed sequence over cp ranks")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=1)
@@ -97,7 +98,7 @@ def main() -> int:
     from real_megatron.convert.hf_io import HFCheckpointReader
     from real_megatron.objectives import build_objective
 
-    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=300, seed=args.seed)
+    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, timeout_s=300, seed=args.seed)
     model = dict(MODEL, tie_word_embeddings=args.tied)
     spec = ArchSpec.from_hf(model, "parity model")
     # Non-zero biases: the k_proj bias has an exactly zero gradient (softmax is shift-invariant), so

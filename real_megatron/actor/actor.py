@@ -33,6 +33,7 @@ from ..objectives.registry import Objective, RealObjective
 from ..rank0_phases import is_rank0
 from ..memory import architecture_of, recompute_layers
 from .batching import MiniBatch, Rollout, build_mini_batches, padding_fraction
+from .context_parallel import full_token_values
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
@@ -133,10 +134,11 @@ class Actor:
         s, o = settings, settings.optim
         if s.dtype == torch.float16:
             raise ValueError("Actor: " + FLOAT16_REFUSED)
-        if ps.get_context_parallel_world_size() > 1:
-            raise NotImplementedError("context parallelism is not wired into the loss path yet (cp must be 1)")
+        # context parallelism: each packed sequence split over the CP group (context_parallel.py)
+        self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        self.cp_group = ps.get_context_parallel_group() if self.cp_size > 1 else None
         self.config = transformer_config(
-            spec, tp=s.tp, pp=s.pp, vpp=s.vpp, sequence_parallel=s.sequence_parallel, dtype=s.dtype,
+            spec, tp=s.tp, pp=s.pp, vpp=s.vpp, cp=self.cp_size, sequence_parallel=s.sequence_parallel, dtype=s.dtype,
             recompute=s.recompute_activations, recompute_layers=s.recompute_layers,
         )
         chunks = build_model_chunks(spec, self.config)
@@ -210,7 +212,7 @@ class Actor:
         minis = build_mini_batches(
             rollouts, s.groups_per_mini_batch, s.groups_per_micro_batch, self.dp_size, self.dp_rank,
             pad_id=s.pad_id, pad_to_multiple=s.tp if s.sequence_parallel else 1, uniform_shape=s.pp > 1,
-            packed=s.pack_sequences, max_tokens=s.max_tokens_per_micro_batch,
+            packed=s.pack_sequences, max_tokens=s.max_tokens_per_micro_batch, cp_size=self.cp_size, cp_rank=self.cp_rank,
         )
         timings["batch_s"] = time.perf_counter() - start
         layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),
@@ -379,6 +381,8 @@ class Actor:
 
     def _loss(self, model, mb, mode: str, counts: dict, num_micro: int, output: torch.Tensor):
         logprobs, entropy = self._token_logprobs(model, mb, output)
+        if self.cp_size > 1:  # every CP rank's scored tokens, in the micro-batch's order (megatron scales by CP)
+            logprobs, entropy = full_token_values(mb, self.cp_group, self.cp_rank, logprobs, entropy)
         if mode == "logprobs":
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
         n_seq = mb.rewards.numel()
