@@ -354,7 +354,7 @@ class Actor:
         counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens,
                   "informative_sequences": mini.num_informative_sequences}
         num_micro = len(mini.micro_batches)
-        seq = max(mb.tokens.shape[1] for mb in mini.micro_batches)
+        seq = max(mb.tokens.shape[1] for mb in mini.micro_batches) * self.cp_size  # megatron divides by CP
         mbs = max(mb.tokens.shape[0] for mb in mini.micro_batches)
         chunks = self.chunks if chunks is None else chunks
         vpp = len(chunks)

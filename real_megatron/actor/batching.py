@@ -160,7 +160,7 @@ def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size
         else:
             if max(_spread(cost, groups[g], dp_size)[1]) > budget:
                 raise ValueError(
-                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens) does not fit one micro-batch of "
+                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens{' per CP rank' if cp > 1 else ''}) does not fit one micro-batch of "
                     f"{dp_size} data-parallel ranks x train.max_tokens_per_micro_batch={budget} tokens (a group "
                     "cannot be split across micro-batches: REAL normalises over it); raise the budget"
                 )
@@ -214,7 +214,7 @@ def plan_mini_batches(
     plan = []
     for start in range(0, len(order), groups_per_mini):
         mini_groups = order[start : start + groups_per_mini]
-        size = {g: sum(rollouts[i].num_tokens for i in groups[g]) for g in mini_groups}
+        size = {g: sum(cost[i] for i in groups[g]) for g in mini_groups}  # tokens per rank (after a CP split)
         if max_tokens:
             micro_groups = _micro_by_budget(rollouts, groups, size, mini_groups, dp_size, max_tokens, cost, cp, multiple)
         else:

@@ -82,6 +82,8 @@ def layout_of(mb, cp: int, multiple: int = 1, width: int | None = None) -> Layou
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     padded = [padded_length(x, cp, multiple) for x in lengths]
     layout = Layout(padded, lengths, cp)
+    if width is not None and width < layout.local_width:
+        raise ValueError(f"a CP row of {layout.local_width} tokens does not fit the width {width} asked for")
     if width is not None and width > layout.local_width:
         extra = width - layout.local_width
         if extra % (2 * multiple):
