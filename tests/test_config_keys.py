@@ -141,5 +141,6 @@ def test_a_key_that_acts_is_accepted_where_it_acts():
     load_config(BASES[0][0], ["algorithm.name=grpo", "algorithm.clip_high=0.3"])
     load_config(BASES[1][0], ["data.verifier_timeout_s=9"])
     load_config(BASES[0][0], ["algorithm.importance_correction=tis", "algorithm.is_cap=3"])
-    with pytest.raises(ConfigError, match="context parallelism is not wired"):
-        load_config(BASES[1][0], ["parallel.cp=2", "parallel.gpus_per_node=8"])
+    assert load_config(BASES[1][0], ["parallel.cp=2", "parallel.gpus_per_node=8"]).parallel.cp == 2
+    with pytest.raises(ConfigError, match="parallel.cp=2 needs train.pack_sequences"):
+        load_config(BASES[1][0], ["parallel.cp=2", "parallel.gpus_per_node=8", "train.pack_sequences=false"])

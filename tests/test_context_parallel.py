@@ -163,3 +163,22 @@ def test_context_parallel_layouts_match_one_process_and_resume_at_cp1(tmp_path):
     assert len(one_loss["resumed"]) == 1 and len(one_loss["straight2"]) == 2
     assert max_rel_diff(one["straight2"], one["resumed"]) <= 1e-6
     assert max_rel_diff(one["straight2"], reference) > 1e-3  # the second step moved the parameters
+
+
+def test_memory_estimate_divides_what_cp_divides_and_adds_the_gathered_kv():
+    """Micro-batches by prompt count: a rank holds 1/cp of each sequence, so activations halve at
+    cp=2 (same dp); the local spec (float32) adds every layer's K/V of the whole row."""
+    from real_megatron.config import load_config
+    from real_megatron.memory import architecture_of, estimate_memory
+
+    path = ROOT / "configs" / "real_r1distill_qwen_7b_32k.yaml"
+    common = ["train.max_tokens_per_micro_batch=null", "train.prompts_per_micro_batch=1", "model.dtype=float32",
+              "rollout.max_new_tokens=3072"]  # 4k sequences: the local spec's fp32 scores stay a modest term
+    rows = {}
+    for cp, nodes in ((1, 2), (2, 4)):  # dp = 8 both
+        cfg = load_config(path, common + [f"parallel.cp={cp}", f"parallel.nodes={nodes}"])
+        rows[cp] = {what: gb for what, gb, _ in estimate_memory(cfg, architecture_of(cfg), 80.0).rows}
+    assert rows[2]["activations"] == pytest.approx(rows[1]["activations"] / 2, rel=1e-3)
+    arch = architecture_of(cfg)
+    kv = 28 * 2 * 4096 * arch.kv_heads * arch.head_dim / 2 * 4 / 1e9  # layers x K,V x row tokens x kv dim / tp x fp32
+    assert rows[2]["context-parallel K/V"] == pytest.approx(kv, rel=1e-3) and "context-parallel K/V" not in rows[1]
