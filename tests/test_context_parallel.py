@@ -132,7 +132,7 @@ def max_rel_diff(a, b):
 @pytest.mark.slow
 def test_context_parallel_layouts_match_one_process_and_resume_at_cp1(tmp_path):
     """fp32, adam eps 1, no clipping (the update is ~ lr x gradient): CP=2 alone, with TP=2 and
-    sequence parallelism, with DP=2 and with PP=2, fused output layer and GPTModel's logits, token
+    sequence parallelism, with DP=2 and with PP=2, with recompute, fused output layer and GPTModel's logits, token
     budgets cutting several micro-batches, rollouts of 2-3 tokens (below 2C) and odd lengths: loss
     and parameters within 1e-6 of one process with padded rows. A CP=2 run's checkpoint resumes
     at CP=1 (no CP state in checkpoints) to the same parameters as a straight CP=1 run."""
@@ -141,6 +141,7 @@ def test_context_parallel_layouts_match_one_process_and_resume_at_cp1(tmp_path):
         "cp2": ["--cp", "2"],
         "cp2-naive-budget": ["--cp", "2", "--max-tokens", "40"] + NAIVE,
         "cp2-save": ["--cp", "2", "--save", str(ckpt)],
+        "cp2-recompute": ["--cp", "2", "--recompute", "--max-tokens", "40"],  # the K/V gather reruns in backward
     })
     one, one_loss, _ = launch(tmp_path, "one", 1, {
         "reference": ["--padded"] + NAIVE, "straight2": ["--steps", "2"], "resumed": ["--load", str(ckpt)]})

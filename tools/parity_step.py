@@ -92,6 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-from", help="start from these weights instead of the seed: an HF checkpoint "
                         "directory or a megatron dist checkpoint (e.g. from `real-megatron convert`)")
     parser.add_argument("--write-hf", help="also write the seed's initial model as an HF checkpoint here")
+    parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
     parser.add_argument("--short-rollouts", action="store_true", help="prompt group 0 of 2-3 token rollouts")
     parser.add_argument("--layout", action="append", default=[], metavar='NAME="ARGS"',
                         help="run this layout too (several: one after another in this launch); --out is then a directory")
@@ -141,7 +142,7 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
         optim=OptimConfig(lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad),
         groups_per_mini_batch=GROUPS, groups_per_micro_batch=GROUPS // args.micro_batches, total_steps=100,
         max_tokens_per_micro_batch=args.max_tokens, pack_sequences=not args.padded,
-        fused_output_layer=not args.naive_output_layer,
+        fused_output_layer=not args.naive_output_layer, recompute_activations=args.recompute,
     )
     if args.write_hf and torch.distributed.get_rank() == 0:
         os.makedirs(args.write_hf, exist_ok=True)
