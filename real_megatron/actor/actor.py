@@ -501,7 +501,7 @@ class Actor:
         mine = {k: v.clone() for k, v in self.hf_tensors()}
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return mine
-        keep = self.dp_rank == 0 and self.tp_rank == 0
+        keep = self.dp_rank == 0 and self.tp_rank == 0 and self.cp_rank == 0  # one copy per pipeline stage
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine if keep else {}, parts, dst=0)
         if dist.get_rank() != 0:
