@@ -131,7 +131,7 @@ def max_rel_diff(a, b):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_context_parallel_layouts_match_one_process_and_resume_at_cp1(tmp_path):
-    """fp32, adam eps 1, no clipping (the update is ~ lr x gradient): CP=2 alone, with TP=2 and
+    """fp32, adam eps 1, no clipping (the update is ~ lr x gradient): CP=2 alone and CP=4, with TP=2 and
     sequence parallelism, with DP=2 and with PP=2, with recompute, fused output layer and GPTModel's logits, token
     budgets cutting several micro-batches, rollouts of 2-3 tokens (below 2C) and odd lengths: loss
     and parameters within 1e-6 of one process with padded rows. A CP=2 run's checkpoint resumes
@@ -149,6 +149,7 @@ def test_context_parallel_layouts_match_one_process_and_resume_at_cp1(tmp_path):
         "cp2-tp2-sp": ["--cp", "2", "--tp", "2", "--sequence-parallel", "--max-tokens", "40"],
         "cp2-dp2-naive": ["--cp", "2", "--max-tokens", "40"] + NAIVE,
         "cp2-pp2": ["--cp", "2", "--pp", "2", "--max-tokens", "40"],
+        "cp4": ["--cp", "4", "--max-tokens", "40"],  # 8 chunks: most rollouts are shorter than 2C
     })
     reference, loss = one["reference"], one_loss["reference"][0]
     for name, params in {**two, **four}.items():
