@@ -12,6 +12,8 @@ hands every rank the sum for its own chunks. Memory per rank: the gathered K/V o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -34,10 +36,11 @@ class _GatherKV(torch.autograd.Function):
         return reduce_scatter_stack(grad, ctx.group, "context-parallel attention: key/value gradients"), None
 
 
-def _index(padded: list[int], cp: int, rank: int, local: int):
+@functools.lru_cache(maxsize=8)  # every layer of a micro-batch asks for the same one
+def _index(padded: tuple[int, ...], cp: int, rank: int, local: int):
     """For the row's segments of global padded lengths `padded`: (global index -> place in the
     gathered [C * local] tokens, this rank's tokens' positions within their sequence)."""
-    layout = Layout(padded, padded, cp)
+    layout = Layout(list(padded), list(padded), cp)
     sizes = torch.tensor(padded)
     segment = torch.repeat_interleave(torch.arange(len(padded)), sizes)
     starts = torch.cumsum(sizes, 0) - sizes
@@ -63,7 +66,7 @@ def context_parallel_attention(attend, query, key, value, cu_seqlens_padded: tor
                          " in 2*cp chunks per sequence")
     device = query.device
     gather_index, query_position, local_starts, global_starts = (
-        x.to(device) if isinstance(x, torch.Tensor) else x for x in _index(padded, cp, rank, local))
+        x.to(device) if isinstance(x, torch.Tensor) else x for x in _index(tuple(padded), cp, rank, local))
     kv = _GatherKV.apply(torch.stack([key, value]), group)  # [C, 2, t, groups, dim]
     kv = kv.transpose(0, 1).reshape(2, cp * local, *key.shape[1:])[:, gather_index]  # [2, T, groups, dim], global order
     keys, values = kv[0], kv[1]
