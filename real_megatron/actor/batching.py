@@ -160,7 +160,8 @@ def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size
         else:
             if max(_spread(cost, groups[g], dp_size)[1]) > budget:
                 raise ValueError(
-                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens{' per CP rank' if cp > 1 else ''}) does not fit one micro-batch of "
+                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens{' per CP rank' if cp > 1 else ''}) "
+                    "does not fit one micro-batch of "
                     f"{dp_size} data-parallel ranks x train.max_tokens_per_micro_batch={budget} tokens (a group "
                     "cannot be split across micro-batches: REAL normalises over it); raise the budget"
                 )

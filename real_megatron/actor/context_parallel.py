@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
 
 def padded_length(length: int, cp: int, multiple: int = 1) -> int:
@@ -87,7 +86,8 @@ def layout_of(mb, cp: int, multiple: int = 1, width: int | None = None) -> Layou
     if width is not None and width > layout.local_width:
         extra = width - layout.local_width
         if extra % (2 * multiple):
-            raise ValueError(f"a CP row of {layout.local_width} tokens cannot be padded to {width} in chunks of {2 * multiple}")
+            raise ValueError(f"a CP row of {layout.local_width} tokens cannot be padded to {width} "
+                             f"in chunks of {2 * multiple}")
         layout.padded.append(extra * cp)
         layout.lengths.append(extra * cp)
     return layout
@@ -96,9 +96,10 @@ def layout_of(mb, cp: int, multiple: int = 1, width: int | None = None) -> Layou
 def split_micro_batch(mb, cp: int, rank: int, *, multiple: int = 1, width: int | None = None, pad_id: int = 0):
     """CP rank `rank`'s share of a packed micro-batch built for cp = 1: its two chunks of every
     sequence (tokens, original positions), the response tokens whose predicting position it holds
-    (rows/cols/targets: what the output layer scores here, and `cp_source`, where each of the micro-batch's tokens lands in the
-    gathered [C, N_max] log-probs), and the global padded cu_seqlens. Per-sequence and per-token
-    tensors of the whole micro-batch (seq_index, rewards, engine log-probs, ...) stay as they were."""
+    (rows/cols/targets: what the output layer scores here), `cp_source` (where each of the
+    micro-batch's tokens lands in the gathered [C, N_max] log-probs) and the global cu_seqlens,
+    real and padded. Per-sequence and per-token tensors of the whole micro-batch (seq_index,
+    rewards, engine log-probs, ...) stay as they were: the loss sees every token on every CP rank."""
     if not mb.packed:
         raise ValueError("context parallelism needs packed sequences (train.pack_sequences: true)")
     layout = layout_of(mb, cp, multiple, width)
