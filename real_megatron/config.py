@@ -42,7 +42,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel
     pp: int = 1  # pipeline parallel
     vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
-    cp: int = 1  # context parallel (needs Transformer Engine)
+    cp: int = 1  # context parallel: each packed sequence split over cp ranks (docs/context_parallel.md)
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # deadline of every collective
     gpu_memory_gb: float = 80.0  # per GPU, for the --dry-run memory estimate
@@ -430,6 +430,15 @@ def key_value(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+def _cp_hint(per_rank: int, longest: int, budget: int, p: ParallelConfig) -> str:
+    """', or parallel.cp=C' for the smallest context parallelism that fits the budget ('' if none)."""
+    for cp in (2, 4, 8, 16, 32, 64):
+        unit = 2 * cp * (p.tp if p.sequence_parallel else 1)
+        if cp > p.cp and per_rank * (-(-longest // unit) * unit // cp) <= budget:
+            return f", or split each sequence over parallel.cp={cp} context-parallel ranks"
+    return ""
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     errors = []
     p, t, r, a, ac = cfg.parallel, cfg.train, cfg.rollout, cfg.algorithm, cfg.actor
@@ -466,8 +475,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     if p.vpp is not None and (p.vpp < 1 or (p.vpp > 1 and p.pp < 2)):
         errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 and vpp >= 1")
-    if p.cp != 1:
-        errors.append(f"parallel.cp={p.cp}: context parallelism is not wired into the loss path yet (cp must be 1)")
+    if p.cp > 1 and not ac.pack_sequences:
+        errors.append(f"parallel.cp={p.cp} needs actor.pack_sequences: true (each packed sequence is split over the "
+                      "context-parallel ranks)")
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
     if t.prompts_per_step % t.prompts_per_mini_batch:
@@ -486,7 +496,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         # a group never splits, and its rollouts spread over the DP ranks: the budget must hold
         # ceil(n_samples / dp) of the longest possible rollouts, or some step could not be cut
         per_rank = -(-r.n_samples // p.dp)
-        need = per_rank * longest
+        # under CP the budget counts a rank's share: each sequence padded to 2*cp (x tp under SP) chunks
+        unit = 2 * p.cp * (p.tp if p.sequence_parallel else 1) if p.cp > 1 else 1
+        longest_per_rank = -(-longest // unit) * unit // p.cp
+        need = per_rank * longest_per_rank
         if r.n_samples < p.dp:
             errors.append(
                 f"actor.max_tokens_per_micro_batch with rollout.n_samples={r.n_samples} < {p.dp} data-parallel ranks: "
@@ -497,8 +510,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             errors.append(
                 f"actor.max_tokens_per_micro_batch={ac.max_tokens_per_micro_batch} cannot hold one prompt group at its "
                 f"longest: {per_rank} rollout(s) per rank (rollout.n_samples={r.n_samples} over "
-                f"{p.dp} data-parallel ranks) x {longest} tokens (data.max_prompt_tokens + rollout.max_new_tokens) = "
-                f"{need}; raise it to at least {need}"
+                f"{p.dp} data-parallel ranks) x {longest_per_rank} tokens (data.max_prompt_tokens + rollout.max_new_tokens"
+                f"{f', per rank under parallel.cp={p.cp}' if p.cp > 1 else ''}) = {need}; raise it to at least {need}"
+                + _cp_hint(per_rank, longest, ac.max_tokens_per_micro_batch, p)
             )
     if not errors and p.dp > 0 and ac.max_tokens_per_micro_batch is None:
         rollouts_per_micro = ac.prompts_per_micro_batch * r.n_samples

@@ -21,9 +21,14 @@ distributed optimizer:
                actor's layout; with actor.reference_offload it is on the GPU only during the log-prob
                pass, where the update's activations and output layer are not, so it adds only what it
                exceeds them by (and the same bytes of pinned host memory per GPU)
+  context par. parallel.cp > 1: each rank holds 1/cp of every sequence, so activations and the
+               attention scores shrink with it (for a given micro-batch); what CP adds is K/V of the
+               whole row: the local spec gathers every layer's K/V over the CP group and keeps them for
+               backward; Transformer Engine's ring passes two K/V chunks per layer at a time
   reserve      CUDA context, NCCL buffers, allocator fragmentation
-A micro-batch holds actor.max_tokens_per_micro_batch tokens per rank when set (packed rows); else
-actor.prompts_per_micro_batch x n_samples / dp sequences of data.max_prompt_tokens + rollout.max_new_tokens.
+A micro-batch holds actor.max_tokens_per_micro_batch tokens per rank when set (packed rows; under
+CP a rank's share after the split); else actor.prompts_per_micro_batch x n_samples / dp sequences of
+data.max_prompt_tokens + rollout.max_new_tokens, 1/cp of each on a rank.
 The architecture comes from model.path/config.json, or from model.hf_config_overrides when the
 checkpoint is not on this machine (the shipped configs carry their model's public numbers).
 """
@@ -123,6 +128,19 @@ def output_layer_bytes(arch: Architecture, shape: MicroBatchShape, *, tp: int = 
     return max(2 * logits, logits + 2 * picked)  # [s, b, V] and its transposed copy, or one and [N, V] + grad
 
 
+def context_parallel_kv_bytes(arch: Architecture, tokens: int, *, cp: int, layers: int, tp: int = 1,
+                              dtype_bytes: int = 2, flash_attention: bool = True, kept_layers: int | None = None) -> float:
+    """K/V that context parallelism adds on one rank for a micro-batch of `tokens` per rank: the local
+    spec keeps the gathered K/V of the row (cp x tokens) for each layer that keeps activations
+    (`kept_layers`, all by default); TE's ring holds two K/V chunks of one layer in flight."""
+    if cp <= 1:
+        return 0.0
+    row_kv = 2 * tokens * arch.kv_heads * arch.head_dim / tp * dtype_bytes  # one layer's K and V of a rank's share
+    if flash_attention:
+        return 2 * row_kv
+    return (layers if kept_layers is None else kept_layers) * cp * row_kv
+
+
 @dataclass
 class MemoryEstimate:
     rows: list[tuple[str, float, str]]  # (what, GB, how)
@@ -140,7 +158,7 @@ class MemoryEstimate:
         lines = [f"parameters: {_count(self.params_total)} in all, {_count(self.params_here)} on the heaviest GPU"]
         width = max(len(r[0]) for r in self.rows)
         lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
-        verdict = "fits" if self.fits else "does NOT fit: raise tp/pp, enable recompute or shrink the micro-batch"
+        verdict = "fits" if self.fits else "does NOT fit: raise tp/pp/cp, enable recompute or shrink the micro-batch"
         lines.append(f"  {'total':<{width}}  {self.total_gb:7.1f} GB  of {self.capacity_gb:.0f} GB per GPU: {verdict}")
         if self.without_te:
             lines.append(f"  {self.without_te}")
@@ -192,14 +210,18 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
 
     seq_len = cfg.data.max_prompt_tokens + r.max_new_tokens
     response_share = r.max_new_tokens / seq_len
+    cp = p.cp
     if actor.max_tokens_per_micro_batch and actor.pack_sequences:
         tokens = actor.max_tokens_per_micro_batch
-        area = tokens * seq_len  # the budget filled with sequences as long as they can be
-        how_tokens = f"{tokens} tokens per micro-batch per rank (packed)"
+        # the budget filled with sequences as long as they can be; under CP a rank's queries
+        # (1/cp of each sequence) attend to the whole sequence: the area per token is unchanged
+        area = tokens * seq_len
+        how_tokens = f"{tokens} tokens per micro-batch per rank (packed{f', after the cp={cp} split' if cp > 1 else ''})"
     else:
         sequences = math.ceil(actor.prompts_per_micro_batch * r.n_samples / dp)
-        tokens, area = sequences * seq_len, sequences * seq_len**2
-        how_tokens = f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len})"
+        tokens, area = math.ceil(sequences * seq_len / cp), math.ceil(sequences * seq_len**2 / cp)
+        how_tokens = (f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len}"
+                      + (f" / cp={cp})" if cp > 1 else ")"))
     shape = MicroBatchShape(tokens=tokens, response_tokens=int(tokens * response_share), attention_area=area)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
     micro_batches = pp if actor.max_tokens_per_micro_batch else t.prompts_per_mini_batch // actor.prompts_per_micro_batch
@@ -235,12 +257,21 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
          else "naive: [tokens, V/tp] logits and their gradient"),
         ("reserve", RESERVE_GB, "CUDA context, NCCL, fragmentation"),
     ]
+    def gathered_kv(flash_attention: bool) -> float:
+        kept = per_stage_layers if not recompute else (per_stage_layers - min(per_stage_layers, recompute or per_stage_layers) + 1)
+        return in_flight * context_parallel_kv_bytes(arch, tokens, cp=cp, layers=per_stage_layers, tp=tp,
+                                                     dtype_bytes=dtype_bytes, flash_attention=flash_attention,
+                                                     kept_layers=kept)
+    if cp > 1:
+        rows.insert(-1, ("context-parallel K/V", gathered_kv(flash) / GB,
+                         f"cp={cp}: " + ("two K/V chunks per layer in flight (TE's ring)" if flash
+                                         else "every kept layer's K/V gathered over the CP group (local spec)")))
     if cfg.algorithm.kl == "reference":
         rows.insert(-1, reference_row(weights, activations + logits, actor.reference_offload))
     total = sum(gb for _, gb, _ in rows)
     without_te = None
     if flash:  # the same run on GPUs without Transformer Engine: the local spec's attention scores
-        extra = (activations_with(False) - activations) / GB
+        extra = (activations_with(False) - activations + gathered_kv(False) - gathered_kv(True)) / GB
         without_te = (f"without Transformer Engine (local spec: fp32 attention scores, {arch.heads} heads x the "
                       f"blocks' length^2): activations +{extra:.1f} GB, total {total + extra:.1f} GB")
     return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here, without_te)

@@ -140,9 +140,10 @@ def test_a_key_that_would_do_nothing_is_refused_at_load(key, acts, why):
 
 def test_a_key_that_acts_is_accepted_where_it_acts():
     """The same refusals do not fire where the key has an effect."""
-    load_config(BASES[0][0], ["algorithm.kl=reference", "algorithm.kl_coef=0.01", "train.reference_offload=true"])
+    load_config(BASES[0][0], ["algorithm.kl=reference", "algorithm.kl_coef=0.01", "actor.reference_offload=true"])
     load_config(BASES[0][0], ["algorithm.name=grpo", "algorithm.clip_high=0.3"])
     load_config(BASES[1][0], ["data.verifier_timeout_s=9"])
     load_config(BASES[0][0], ["algorithm.importance_correction=tis", "algorithm.is_cap=3"])
-    with pytest.raises(ConfigError, match="context parallelism is not wired"):
-        load_config(BASES[1][0], ["parallel.cp=2", "parallel.gpus_per_node=8"])
+    assert load_config(BASES[1][0], ["parallel.cp=2", "parallel.gpus_per_node=8"]).parallel.cp == 2
+    with pytest.raises(ConfigError, match="parallel.cp=2 needs actor.pack_sequences"):
+        load_config(BASES[1][0], ["parallel.cp=2", "parallel.gpus_per_node=8", "actor.pack_sequences=false"])

@@ -45,3 +45,25 @@ def test_table4_row_differs_from_table1_in_its_keys_only_and_dry_runs(name):
     assert out.returncode == 0 and out.stdout.rstrip().endswith("config OK"), out.stderr
     has_reference = "reference model (kl)" in out.stdout
     assert has_reference == (TABLE4[name].get(("algorithm", "kl")) == "reference"), out.stdout[-1500:]
+
+
+def test_long_rollout_config_needs_context_parallelism_to_fit():
+    """32k-token responses without recompute: --dry-run's plan fits at cp=2 (16,896 tokens per GPU);
+    at cp=1 the budget cannot hold a rollout (the error names a cp that would), and the budget
+    that could does not fit the GPU."""
+    from real_megatron.config import ConfigError
+    from real_megatron.memory import architecture_of, estimate_memory
+
+    path = ROOT / "configs" / "real_r1distill_qwen_7b_32k.yaml"
+    out = subprocess.run([EXE, "train", str(path), "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("config OK"), out.stderr
+    assert "tp=2 pp=1 cp=2 dp=8" in out.stdout and "context-parallel K/V" in out.stdout
+    assert "16896 tokens per micro-batch per rank (packed, after the cp=2 split)" in out.stdout
+    assert ": fits" in out.stdout
+    with pytest.raises(ConfigError, match=r"at least 33792, or split each sequence over parallel.cp=2"):
+        load_config(path, ["parallel.cp=1", "parallel.nodes=2"])
+    whole = load_config(path, ["parallel.cp=1", "parallel.nodes=2", "actor.max_tokens_per_micro_batch=33792"])
+    estimate = estimate_memory(whole, architecture_of(whole), 80.0)
+    assert not estimate.fits and estimate.total_gb > 100
+    split = load_config(path)
+    assert estimate_memory(split, architecture_of(split), 80.0).fits

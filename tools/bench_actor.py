@@ -14,6 +14,13 @@ rows); packed + fused cuts them by --max-tokens per micro-batch. Before the time
 process runs one small step so that Adam's state exists: the peak is memory above the model,
 gradients and optimizer state (resident set size on CPU, sampled every 2 ms; torch's allocator
 peak on CUDA).
+
+    .venv/bin/python tools/bench_actor.py --cp 2 --groups 1 --group-size 2 --mean-response 3000 --max-response 6000
+
+--cp C compares context parallelism instead: packed + fused at cp=1 (one process) against cp=C (C
+processes under torchrun, each sequence split over them), on the same rollouts in the same run,
+with the machine's threads shared out equally (cp=1: all of them; cp=C: 1/C each). Peaks are per
+rank (the largest over the CP ranks).
 """
 
 from __future__ import annotations
@@ -47,13 +54,13 @@ def response_lengths(n: int, seed: int, mean: float = 400.0, cap: int = 2048, si
     return [lengths[i] for i in order]
 
 
-def rollout_batch(groups: int, size: int, seed: int, vocab: int = VOCAB):
+def rollout_batch(groups: int, size: int, seed: int, vocab: int = VOCAB, mean: float = 400.0, cap: int = 2048):
     import torch
 
     from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(seed + 1)
-    lengths = response_lengths(groups * size, seed)
+    lengths = response_lengths(groups * size, seed, mean, cap)
     rollouts = []
     for g in range(groups):
         prompt = torch.randint(1, vocab, (int(torch.randint(80, 121, (1,), generator=gen)),), generator=gen).tolist()
@@ -112,14 +119,23 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
     from real_megatron.memory import Architecture, MicroBatchShape, activation_bytes, output_layer_bytes
 
     arch = Architecture.from_hf(hf_config)
-    if mb.packed:
+    cp_kv = 0.0
+    if mb.cp_source is not None:  # a CP rank: its queries (1/cp of each sequence) against whole sequences
+        from real_megatron.memory import context_parallel_kv_bytes
+
+        cp = int(mb.cu_seqlens_padded[-1]) // mb.tokens.numel()
+        lengths = (mb.cu_seqlens_padded[1:] - mb.cu_seqlens_padded[:-1]).tolist()
+        area = sum(n * n for n in lengths) // cp
+        cp_kv = context_parallel_kv_bytes(arch, mb.tokens.numel(), cp=cp, layers=arch.layers, dtype_bytes=dtype.itemsize,
+                                          flash_attention=use_transformer_engine(settings.dtype))
+    elif mb.packed:
         lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
         area = sum(n * n for n in lengths)
     else:
         area = mb.tokens.shape[0] * mb.tokens.shape[1] ** 2
     shape = MicroBatchShape(tokens=mb.tokens.numel(), response_tokens=mb.num_response_tokens, attention_area=area)
     nbytes = dtype.itemsize
-    return (activation_bytes(arch, shape, layers=arch.layers, dtype_bytes=nbytes,
+    return cp_kv + (activation_bytes(arch, shape, layers=arch.layers, dtype_bytes=nbytes,
                              flash_attention=use_transformer_engine(settings.dtype), recompute=settings.recompute_activations)
             + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.actor.fused_output_layer))
 
@@ -137,7 +153,8 @@ def worker(args) -> dict:
     from real_megatron.objectives import build_objective
 
     torch.set_num_threads(args.threads)
-    init_distributed(tp=1, pp=1, timeout_s=600, seed=args.seed)
+    init_distributed(tp=1, pp=1, cp=args.cp_ranks, timeout_s=600, seed=args.seed)
+    cp_rank = torch.distributed.get_rank() if args.cp_ranks > 1 else 0
     heads = max(2, args.hidden // 64)
     hf_config = dict(
         model_type="qwen2", vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
@@ -159,14 +176,15 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
 
     # a small first step: Adam's state and every buffer exist before the measured step
-    warm = rollout_batch(groups, args.group_size, args.seed + 7)
+    warm = rollout_batch(groups, args.group_size, args.seed + 7, mean=args.mean_response, cap=args.max_response)
     for r in warm:
         r.response_ids = r.response_ids[:8]
     actor.train_step(warm)
 
-    batch = rollout_batch(groups, args.group_size, args.seed)
+    batch = rollout_batch(groups, args.group_size, args.seed, mean=args.mean_response, cap=args.max_response)
     minis = build_mini_batches(batch, groups, settings.actor.prompts_per_micro_batch, 1, 0,
-                               packed=settings.actor.pack_sequences, max_tokens=settings.actor.max_tokens_per_micro_batch)
+                               packed=settings.actor.pack_sequences, max_tokens=settings.actor.max_tokens_per_micro_batch,
+                               cp_size=args.cp_ranks, cp_rank=cp_rank)
     micro = [mb for m in minis for mb in m.micro_batches]
     estimate = max(estimated_step_bytes(hf_config, mb, settings, dtype) for mb in micro)
     if args.device == "cuda":
@@ -207,15 +225,23 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mean-response", type=float, default=400.0, help="response lengths' mean (log-normal)")
+    parser.add_argument("--max-response", type=int, default=2048, help="response lengths' cap")
+    parser.add_argument("--cp", type=int, default=1, help="compare cp=1 with this context parallelism instead")
     parser.add_argument("--only", choices=list(VARIANTS), help="run one variant")
+    parser.add_argument("--cp-ranks", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker_out:
-        Path(args.worker_out).write_text(json.dumps(worker(args)))
+        result = worker(args)
+        rank = int(os.environ.get("RANK", 0))
+        Path(args.worker_out + (f".{rank}" if args.cp_ranks > 1 else "")).write_text(json.dumps(result))
         return 0
+    if args.cp > 1:
+        return compare_cp(args)
 
     shared = [a for a in sys.argv[1:] if a not in ("--json",)]
     if args.only:
@@ -259,6 +285,58 @@ def main() -> int:
         elif key in ("peak_gb", "compute_peak_gb"):
             ratio = f"1/{base[key] / max(new[key], 1e-9):.1f}"
         print(f"| {label:42} | {fmt.format(base[key]):>12} | {fmt.format(new[key]):>12} | {ratio:>7} |")
+    return 0
+
+
+def compare_cp(args) -> int:
+    """packed + fused at cp=1 against cp=args.cp on the same rollouts: tokens/s, peaks per rank."""
+    shared = [a for a in sys.argv[1:] if a != "--json"]
+    shared = [a for i, a in enumerate(shared) if not (a == "--cp" or (i and shared[i - 1] == "--cp"))]
+    shared = [a for i, a in enumerate(shared) if not (a == "--threads" or (i and shared[i - 1] == "--threads"))]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS: RSS tracks use
+    results = {}
+    for cp in (1, args.cp):
+        out = f"/tmp/bench_actor_{os.getpid()}_cp{cp}.json"
+        threads = ["--threads", str(max(1, args.threads // cp))]
+        launcher = [sys.executable] if cp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={cp}"]
+        env["OMP_NUM_THREADS"] = threads[1]
+        proc = subprocess.run([*launcher, __file__, *shared, *threads, "--cp-ranks", str(cp), "--worker-out", out],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return 1
+        files = [Path(out)] if cp == 1 else [Path(f"{out}.{r}") for r in range(cp)]
+        ranks = [json.loads(f.read_text()) for f in files]
+        for f in files:
+            f.unlink()
+        merged = dict(ranks[0])
+        for key in ("peak_gb", "compute_peak_gb", "estimate_gb", "max_slots", "step_s"):
+            merged[key] = max(r[key] for r in ranks)
+        merged["tokens_per_s"] = 2 * merged["tokens"] / merged["step_s"]
+        results[f"cp={cp}"] = merged
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    base, new = results["cp=1"], results[f"cp={args.cp}"]
+    lengths = response_lengths(args.groups * args.group_size, args.seed, args.mean_response, args.max_response)
+    print(f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}, {args.dtype} on "
+          f"{args.device}, {args.threads} threads in all; packed rows, fused output layer, local spec attention")
+    print(f"batch: {args.groups} group(s) x {args.group_size} rollouts, prompts 80-120 tokens, responses log-normal "
+          f"(sigma 1, mean {args.mean_response:.0f}, cap {args.max_response}): {sorted(lengths)}; "
+          f"{base['tokens']:,} tokens ({base['response_tokens']:,} response); budget {args.max_tokens} tokens per rank\n")
+    rows = [("tokens/s", "tokens_per_s", "{:.0f}"), ("step s", "step_s", "{:.1f}"),
+            ("micro-batches", "micro_batches", "{}"), ("token slots per rank (largest micro-batch)", "max_slots", "{}"),
+            ("peak memory GB per rank (above model + optimizer)", "peak_gb", "{:.3f}"),
+            ("  of which forward/backward (optimizer step out)", "compute_peak_gb", "{:.3f}"),
+            ("  the memory estimate of it", "estimate_gb", "{:.3f}"), ("loss", "loss", "{:.6f}")]
+    name = f"cp={args.cp}"
+    print(f"| {'':50} | {'cp=1':>10} | {name:>10} | {'ratio':>7} |")
+    print(f"|{'-' * 52}|{'-' * 12}|{'-' * 12}|{'-' * 9}|")
+    for label, key, fmt in rows:
+        ratio = f"{new[key] / base[key]:.2f}" if key in ("tokens_per_s", "peak_gb", "compute_peak_gb", "max_slots",
+                                                         "estimate_gb") else ""
+        print(f"| {label:50} | {fmt.format(base[key]):>10} | {fmt.format(new[key]):>10} | {ratio:>7} |")
     return 0
 
 

@@ -10,6 +10,10 @@ layout starts from the same weights. Each step is one rollout batch of 8 prompt 
 old log-probs are recomputed, then one REAL update (tau 0.5, AdamW, fp32, grad clip 1.0). Rank 0 writes all
 parameters, gathered to full HF-named tensors, to --out (safetensors). --steps 0 writes the initial
 parameters. Files of different layouts must agree to max relative difference <= 1e-5.
+--cp C splits each packed sequence over C context-parallel ranks; --short-rollouts adds rollouts of
+2-3 tokens (below 2C for C >= 2). --layout NAME="ARGS" (repeatable) runs several layouts in one
+launch, one after another on the same processes (ARGS added to the command line's), writing
+--out/NAME.safetensors and printing "layout NAME: step ...": process start-up paid once.
 --save/--load write/read a checkpoint after/before the steps (resume check). --kl reference adds a
 KL term to the seed's initial model (the frozen reference, on the same layout), --kl old to pi_old.
 The actor's data path is its default (packed rows, fused output layer, micro-batches of whole
@@ -35,28 +39,34 @@ MODEL = dict(
 )
 
 
-def synthetic_rollouts(seed: int, step: int):
+def synthetic_rollouts(seed: int, step: int, short: bool = False):
+    """short: group 0's rollouts are 2-3 tokens (a 1-token prompt, 1-2 response tokens)."""
     from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(seed * 1000 + step)
     rollouts = []
     for g in range(GROUPS):
         prompt = torch.randint(1, VOCAB, (int(torch.randint(3, 9, (1,), generator=gen)),), generator=gen).tolist()
+        if short and g == 0:
+            prompt = prompt[:1]
         rewards = [1.0, 0.0] + [float(x) for x in torch.randint(0, 2, (ROLLOUTS - 2,), generator=gen)]
         if g == GROUPS - 1:
             rewards = [1.0] * ROLLOUTS  # one uniform group
         for reward in rewards:
             length = int(torch.randint(2, 11, (1,), generator=gen))
+            if short and g == 0:
+                length = 1 + length % 2
             response = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
             rollouts.append(Rollout(prompt, response, reward, g))
     return rollouts
 
 
-def main() -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1, help="context parallelism: each packed sequence over cp ranks")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=1)
@@ -82,7 +92,31 @@ def main() -> int:
     parser.add_argument("--init-from", help="start from these weights instead of the seed: an HF checkpoint "
                         "directory or a megatron dist checkpoint (e.g. from `real-megatron convert`)")
     parser.add_argument("--write-hf", help="also write the seed's initial model as an HF checkpoint here")
+    parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
+    parser.add_argument("--short-rollouts", action="store_true", help="prompt group 0 of 2-3 token rollouts")
+    parser.add_argument("--layout", action="append", default=[], metavar='NAME="ARGS"',
+                        help="run this layout too (several: one after another in this launch); --out is then a directory")
+    return parser
+
+
+def main() -> int:
+    import shlex
+
+    parser = make_parser()
     args = parser.parse_args()
+    if not args.layout:
+        return run_layout(parser, args)
+    os.makedirs(args.out, exist_ok=True)
+    for item in args.layout:
+        name, _, extra = item.partition("=")
+        layout = parser.parse_args(sys.argv[1:] + shlex.split(extra))
+        layout.layout, layout.out = [], os.path.join(args.out, f"{name}.safetensors")
+        run_layout(parser, layout, prefix=f"layout {name}: ", last=item is args.layout[-1])
+    return 0
+
+
+def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
+    """One layout's steps and files; `last`: end the process group after (else only megatron's groups)."""
     if GROUPS % args.micro_batches:
         parser.error(f"--micro-batches must divide the {GROUPS} prompt groups")
 
@@ -98,7 +132,7 @@ def main() -> int:
     from real_megatron.convert.hf_io import HFCheckpointReader
     from real_megatron.objectives import build_objective
 
-    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, timeout_s=300, seed=args.seed)
+    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, timeout_s=300, seed=args.seed)
     model = dict(MODEL, tie_word_embeddings=args.tied)
     spec = ArchSpec.from_hf(model, "parity model")
     # Non-zero biases: the k_proj bias has an exactly zero gradient (softmax is shift-invariant), so
@@ -107,7 +141,7 @@ def main() -> int:
     settings = ActorSettings(
         parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel),
         optim=OptimConfig(lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad),
-        groups_per_mini_batch=GROUPS, total_steps=100,
+        groups_per_mini_batch=GROUPS, total_steps=100, recompute_activations=args.recompute,
         actor=ActorConfig(prompts_per_micro_batch=GROUPS // args.micro_batches, max_tokens_per_micro_batch=args.max_tokens,
                           pack_sequences=not args.padded, fused_output_layer=not args.naive_output_layer),
     )
@@ -128,9 +162,9 @@ def main() -> int:
     if args.load:
         start = load_checkpoint(actor, args.load)["step"]
     for step in range(start, start + args.steps):
-        metrics = actor.train_step(synthetic_rollouts(args.seed, step))
+        metrics = actor.train_step(synthetic_rollouts(args.seed, step, args.short_rollouts))
         if torch.distributed.get_rank() == 0:
-            print(f"step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
+            print(f"{prefix}step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
                   f"micro_batches {metrics['micro_batches']}" + (f" kl_mean {metrics['kl_mean']:.10e}" if args.kl != "none"
                                                                  else ""), flush=True)
     if args.save:
@@ -138,7 +172,14 @@ def main() -> int:
     state = actor.gather_hf_state_dict()
     if state is not None:
         save_file({k: v.contiguous() for k, v in state.items()}, args.out)
-    shutdown()
+    if last:
+        shutdown()
+    else:  # the next layout builds megatron's groups anew on the same processes
+        from megatron.core import parallel_state
+
+        del actor
+        torch.distributed.barrier()
+        parallel_state.destroy_model_parallel()
     return 0
 
 

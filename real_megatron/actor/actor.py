@@ -35,6 +35,7 @@ from ..ranks import is_rank0, stage_first_rank
 from ..rollout.types import Rollout
 from . import step_metrics
 from .batching import MiniBatch, build_mini_batches, padding_fraction
+from .context_parallel import full_token_values
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
@@ -127,11 +128,12 @@ class Actor:
         s, o = settings, settings.optim
         if s.dtype == torch.float16:
             raise ValueError("Actor: " + FLOAT16_REFUSED)
-        if ps.get_context_parallel_world_size() > 1:
-            raise NotImplementedError("context parallelism is not wired into the loss path yet (cp must be 1)")
+        # context parallelism: each packed sequence split over the CP group (context_parallel.py)
+        self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        self.cp_group = ps.get_context_parallel_group() if self.cp_size > 1 else None
         self.config = transformer_config(
-            spec, tp=s.parallel.tp, pp=s.parallel.pp, vpp=s.parallel.vpp, sequence_parallel=s.parallel.sequence_parallel,
-            dtype=s.dtype,
+            spec, tp=s.parallel.tp, pp=s.parallel.pp, vpp=s.parallel.vpp, cp=self.cp_size,
+            sequence_parallel=s.parallel.sequence_parallel, dtype=s.dtype,
             recompute=s.recompute_activations, recompute_layers=s.recompute_layers,
         )
         chunks = build_model_chunks(spec, self.config)
@@ -206,6 +208,7 @@ class Actor:
             rollouts, s.groups_per_mini_batch, s.actor.prompts_per_micro_batch, self.dp_size, self.dp_rank,
             pad_id=s.pad_id, pad_to_multiple=s.parallel.tp if s.parallel.sequence_parallel else 1,
             uniform_shape=s.parallel.pp > 1, packed=s.actor.pack_sequences, max_tokens=s.actor.max_tokens_per_micro_batch,
+            cp_size=self.cp_size, cp_rank=self.cp_rank,
         )
         timings["batch_s"] = time.perf_counter() - start
         layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),
@@ -347,7 +350,7 @@ class Actor:
         counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens,
                   "informative_sequences": mini.num_informative_sequences}
         num_micro = len(mini.micro_batches)
-        seq = max(mb.tokens.shape[1] for mb in mini.micro_batches)
+        seq = max(mb.tokens.shape[1] for mb in mini.micro_batches) * self.cp_size  # megatron divides by CP
         mbs = max(mb.tokens.shape[0] for mb in mini.micro_batches)
         chunks = self.chunks if chunks is None else chunks
         vpp = len(chunks)
@@ -374,6 +377,8 @@ class Actor:
 
     def _loss(self, model, mb, mode: str, counts: dict, num_micro: int, output: torch.Tensor):
         logprobs, entropy = self._token_logprobs(model, mb, output)
+        if self.cp_size > 1:  # every CP rank's scored tokens, in the micro-batch's order (megatron scales by CP)
+            logprobs, entropy = full_token_values(mb, self.cp_group, self.cp_rank, logprobs, entropy)
         if mode == "logprobs":
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
         n_seq = mb.rewards.numel()
@@ -456,7 +461,7 @@ class Actor:
         mine = {k: v.clone() for k, v in self.hf_tensors()}
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return mine
-        keep = self.dp_rank == 0 and self.tp_rank == 0
+        keep = self.dp_rank == 0 and self.tp_rank == 0 and self.cp_rank == 0  # one copy per pipeline stage
         parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine if keep else {}, parts, dst=0)
         if dist.get_rank() != 0:

@@ -27,6 +27,7 @@ import torch
 
 from ..objectives.policy_gradient import group_advantages
 from ..rollout.types import Rollout, informative_groups
+from .context_parallel import layout_of, split_micro_batch, tokens_per_rank
 
 
 @dataclass
@@ -51,10 +52,14 @@ class MicroBatch:
     old_logprobs: Optional[torch.Tensor] = None  # [N]
     ref_logprobs: Optional[torch.Tensor] = None  # [N]
     engine_logprobs: Optional[torch.Tensor] = None  # [N]
+    # context parallelism (context_parallel.py): rows/cols/targets are then this CP rank's share
+    cu_seqlens_padded: Optional[torch.Tensor] = None  # int32: global padded sequence starts (cu_seqlens: real)
+    cp_source: Optional[torch.Tensor] = None  # [N] each token's place in the CP-gathered [C * cp_tokens] values
+    cp_tokens: int = 0  # the most response tokens one CP rank scores
 
     @property
     def num_response_tokens(self) -> int:
-        return int(self.targets.numel())
+        return int(self.seq_index.numel())
 
     @property
     def packed(self) -> bool:
@@ -67,6 +72,7 @@ class MicroBatch:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
     def to(self, device: torch.device) -> "MicroBatch":
@@ -100,14 +106,15 @@ def _least_loaded(loads: list[int], allowed: list[bool] | None = None) -> int:
     return best
 
 
-def _spread(rollouts: list[Rollout], members: list[int], dp_size: int) -> tuple[list[list[int]], list[int]]:
-    """Rollouts onto ranks, longest first onto the least-loaded: (ids per rank, tokens per rank)."""
+def _spread(cost: list[int], members: list[int], dp_size: int) -> tuple[list[list[int]], list[int]]:
+    """Rollouts onto ranks, longest first onto the least-loaded: (ids per rank, tokens per rank).
+    cost: each rollout's tokens on a rank (its length, or its share after the CP split)."""
     ranks: list[list[int]] = [[] for _ in range(dp_size)]
     loads = [0] * dp_size
-    for i in sorted(members, key=lambda i: (-rollouts[i].num_tokens, i)):
+    for i in sorted(members, key=lambda i: (-cost[i], i)):
         r = _least_loaded(loads)
         ranks[r].append(i)
-        loads[r] += rollouts[i].num_tokens
+        loads[r] += cost[i]
     return [sorted(x) for x in ranks], loads
 
 
@@ -122,25 +129,25 @@ def _micro_by_count(size: dict[int, int], mini_groups: list[int], groups_per_mic
 
 
 def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size: dict[int, int],
-                     mini_groups: list[int], dp_size: int, budget: int) -> list[list[int]]:
+                     mini_groups: list[int], dp_size: int, budget: int, cost: list[int], cp: int = 1,
+                     multiple: int = 1) -> list[list[int]]:
     """First fit, largest group first: a group joins the first micro-batch whose rollouts, spread
-    over the ranks, keep every rank within `budget` tokens; else it opens a new micro-batch."""
+    over the ranks, keep every rank within `budget` tokens (`cost`: after the CP split); else it
+    opens a new micro-batch."""
     micro_groups: list[list[int]] = []
     for g in sorted(mini_groups, key=lambda g: (-size[g], g)):
-        longest = max(rollouts[i].num_tokens for i in groups[g])
-        if longest > budget:
-            raise ValueError(
-                f"a rollout of prompt group {g} has {longest} tokens, more than actor.max_tokens_per_micro_batch="
-                f"{budget}; raise the budget to at least data.max_prompt_tokens + rollout.max_new_tokens"
-            )
+        longest = max(groups[g], key=lambda i: (cost[i], -i))
+        if cost[longest] > budget:
+            raise ValueError(_too_long(rollouts, longest, cost[longest], budget, cp, multiple))
         for gs in micro_groups:
-            if max(_spread(rollouts, [i for h in gs + [g] for i in groups[h]], dp_size)[1]) <= budget:
+            if max(_spread(cost, [i for h in gs + [g] for i in groups[h]], dp_size)[1]) <= budget:
                 gs.append(g)
                 break
         else:
-            if max(_spread(rollouts, groups[g], dp_size)[1]) > budget:
+            if max(_spread(cost, groups[g], dp_size)[1]) > budget:
                 raise ValueError(
-                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens) does not fit one micro-batch of "
+                    f"prompt group {g} ({len(groups[g])} rollouts, {size[g]} tokens{' per CP rank' if cp > 1 else ''}) "
+                    "does not fit one micro-batch of "
                     f"{dp_size} data-parallel ranks x actor.max_tokens_per_micro_batch={budget} tokens (a group "
                     "cannot be split across micro-batches: REAL normalises over it); raise the budget"
                 )
@@ -148,12 +155,36 @@ def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size
     return micro_groups
 
 
+def _too_long(rollouts: list[Rollout], i: int, tokens: int, budget: int, cp: int, multiple: int) -> str:
+    """The error for a rollout longer than the budget: which one, and the parallel.cp that would fit it."""
+    r = rollouts[i]
+    where = f"rollout {i} (prompt group {r.group}{', ' + r.source if r.source else ''})"
+    length = r.num_tokens
+    fits = next((c for c in (2, 4, 8, 16, 32, 64) if c > cp and tokens_per_rank(length, c, multiple) <= budget), None)
+    split = f" ({tokens} per rank after the parallel.cp={cp} split)" if cp > 1 else ""
+    hint = (f"; or set parallel.cp={fits} (context parallelism: {tokens_per_rank(length, fits, multiple)} tokens per rank)"
+            if fits else "")
+    return (f"{where} has {length} tokens{split}, more than actor.max_tokens_per_micro_batch={budget}; raise the "
+            f"budget to at least data.max_prompt_tokens + rollout.max_new_tokens{' per CP rank' if cp > 1 else ''}"
+            + hint)
+
+
+def rank_tokens(rollouts: list[Rollout], cp: int = 1, multiple: int = 1) -> list[int]:
+    """Each rollout's tokens on one rank: its length, or under CP its share after the split."""
+    if cp == 1:
+        return [r.num_tokens for r in rollouts]
+    return [tokens_per_rank(r.num_tokens, cp, multiple) for r in rollouts]
+
+
 def plan_mini_batches(
     rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, cp: int = 1, multiple: int = 1,
 ) -> list[list[list[list[int]]]]:
     """Rollout ids as plan[mini][micro][dp_rank]; every group inside one micro-batch index.
-    max_tokens: cut micro-batches by this token budget per rank instead of groups_per_micro."""
+    max_tokens: cut micro-batches by this token budget per rank instead of groups_per_micro, each
+    rollout counted by its tokens per rank after a split over `cp` context-parallel ranks (each
+    sequence padded to 2 x cp x `multiple`)."""
+    cost = rank_tokens(rollouts, cp, multiple)
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(rollouts):
         groups.setdefault(r.group, []).append(i)
@@ -166,9 +197,9 @@ def plan_mini_batches(
     plan = []
     for start in range(0, len(order), groups_per_mini):
         mini_groups = order[start : start + groups_per_mini]
-        size = {g: sum(rollouts[i].num_tokens for i in groups[g]) for g in mini_groups}
+        size = {g: sum(cost[i] for i in groups[g]) for g in mini_groups}  # tokens per rank (after a CP split)
         if max_tokens:
-            micro_groups = _micro_by_budget(rollouts, groups, size, mini_groups, dp_size, max_tokens)
+            micro_groups = _micro_by_budget(rollouts, groups, size, mini_groups, dp_size, max_tokens, cost, cp, multiple)
         else:
             micro_groups = _micro_by_count(size, mini_groups, groups_per_micro)
         mini = []
@@ -179,7 +210,7 @@ def plan_mini_batches(
                     f"a micro-batch of {len(gs)} groups holds {len(members)} rollouts, fewer than the {dp_size} "
                     "data-parallel ranks"
                 )
-            mini.append(_spread(rollouts, members, dp_size)[0])
+            mini.append(_spread(cost, members, dp_size)[0])
         plan.append(mini)
     return plan
 
@@ -264,11 +295,15 @@ def padding_fraction(micro_batches: list[MicroBatch]) -> float:
 def build_mini_batches(
     rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int, dp_rank: int,
     *, pad_id: int = 0, pad_to_multiple: int = 1, uniform_shape: bool = False, packed: bool = False,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, cp_size: int = 1, cp_rank: int = 0,
 ) -> list[MiniBatch]:
     """This DP rank's mini-batches. uniform_shape: every micro-batch of a mini-batch padded to one
     [rows, width] (what pipeline parallelism needs). packed: one packed row per micro-batch.
-    max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each)."""
+    max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each).
+    cp_size > 1: each packed row split over the context-parallel ranks, this one's share
+    (context_parallel.py; pad_to_multiple then applies to each sequence's chunks)."""
+    if cp_size > 1 and not packed:
+        raise ValueError("context parallelism needs packed sequences (actor.pack_sequences: true)")
     for i, r in enumerate(rollouts):
         if not r.response_ids or not r.prompt_ids:
             raise ValueError(f"rollout {i} (group {r.group}) has an empty {'response' if r.prompt_ids else 'prompt'}")
@@ -280,20 +315,26 @@ def build_mini_batches(
                                               torch.tensor([r.group for r in rollouts])[active])
     informative = informative_groups(rollouts)
     minis = []
-    for mini in plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens):
+    plan = plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens, cp=cp_size,
+                             multiple=pad_to_multiple)
+    for mini in plan:
         micro_batches = []
         shape = None
-        if uniform_shape and packed:
+        if uniform_shape and packed and cp_size == 1:
             shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[dp_rank]) for ranks in mini))
-        elif uniform_shape:
+        elif uniform_shape and not packed:
             shape = (max(len(ranks[dp_rank]) for ranks in mini),
                      max(rollouts[i].num_tokens for ranks in mini for i in ranks[dp_rank]))
         for ranks in mini:
             micro_groups = sorted({rollouts[i].group for ids in ranks for i in ids})
             micro_batches.append(
                 make_micro_batch(rollouts, ranks[dp_rank], micro_groups, advantages, pad_id=pad_id,
-                                 pad_to_multiple=pad_to_multiple, shape=shape, packed=packed)
+                                 pad_to_multiple=pad_to_multiple if cp_size == 1 else 1, shape=shape, packed=packed)
             )
+        if cp_size > 1:  # every micro-batch of the mini-batch one width under PP (stages exchange one shape)
+            width = max(layout_of(mb, cp_size, pad_to_multiple).local_width for mb in micro_batches) if uniform_shape else None
+            micro_batches = [split_micro_batch(mb, cp_size, cp_rank, multiple=pad_to_multiple, width=width, pad_id=pad_id)
+                             for mb in micro_batches]
         ids = [i for ranks in mini for ids in ranks for i in ids]
         in_loss = [i for i in ids if rollouts[i].in_loss]
         minis.append(

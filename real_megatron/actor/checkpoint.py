@@ -211,7 +211,7 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
         (tmp / ORDER_DIR).mkdir()
     barrier()
     torch.save(_rng_state(), tmp / "rng" / f"rank{global_rank():05d}.pt")
-    if actor.dp_rank == 0 and actor.tp_rank == 0:  # one writer per pipeline stage
+    if actor.dp_rank == 0 and actor.tp_rank == 0 and getattr(actor, "cp_rank", 0) == 0:  # one writer per pipeline stage
         _order_file(tmp).write_text(json.dumps(parameter_order(actor)))
     if global_rank() == 0:
         state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,

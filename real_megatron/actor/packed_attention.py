@@ -9,38 +9,40 @@ uses), so a row of hundreds of short rollouts costs a few batched calls, and a l
 neither pays T^2 nor pads every sequence to the longest. RoPE positions restart at each sequence
 before this point (megatron applies THD RoPE per cu_seqlens segment), so a packed rollout sees
 exactly what it would see alone in a padded row.
+
+Under context parallelism (parallel.cp > 1) a rank holds two chunks of each sequence
+(context_parallel.py); megatron's own DotProductAttention refuses CP, so this class builds it as
+cp = 1 and attends across the CP group itself: keys and values are all-gathered (backward: their
+gradients summed back to their owners), each sequence's keys put back in order, and the rank's
+queries attend causally to the keys at or before their original position (cp_attention.py).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-WASTE = 1.0  # a batch's padded area may exceed its sequences' own area by at most this share
-
-
-def length_batches(lengths: list[int]) -> list[list[int]]:
-    """Sequence indices in batches of similar length: longest first, a batch grows while
-    count x longest^2 <= (1 + WASTE) x sum of its length^2."""
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    area = 0  # sum of length^2 over the last batch
-    for i in order:
-        if batches:
-            batch = batches[-1]
-            if (len(batch) + 1) * lengths[batch[0]] ** 2 <= (1 + WASTE) * (area + lengths[i] ** 2):
-                batch.append(i)
-                area += lengths[i] ** 2
-                continue
-        batches.append([i])
-        area = lengths[i] ** 2
-    return batches
-
+from .attention_batches import length_batches
+from .cp_attention import context_parallel_attention
 
 class PackedDotProductAttention(DotProductAttention):
+    def __init__(self, config, *args, **kwargs):
+        self.cp_size = config.context_parallel_size
+        if self.cp_size > 1:  # the parent refuses CP; the attention across CP ranks is ours (forward)
+            config = copy.copy(config)
+            config.context_parallel_size = 1
+        super().__init__(config, *args, **kwargs)
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        if self.cp_size > 1:
+            if packed_seq_params is None or packed_seq_params.cu_seqlens_q_padded is None:
+                raise ValueError("context parallelism needs packed sequences with padded cu_seqlens (context_parallel.py)")
+            return context_parallel_attention(super().forward, query, key, value, packed_seq_params.cu_seqlens_q_padded,
+                                              self.cp_size)
         if packed_seq_params is None:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias)
