@@ -55,6 +55,10 @@ class ModelConfig:
     # checkpoint exists yet (tiny models in tests and the CPU quickstart), and give --dry-run's
     # memory estimate the architecture when the checkpoint is not on this machine.
     hf_config_overrides: dict[str, Any] = field(default_factory=dict)
+    # mixture-of-experts models (docs/moe.md): megatron's token dispatcher between expert-parallel
+    # ranks, and the load-balancing loss's coefficient (null: the HF config's router_aux_loss_coef)
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_aux_loss_coef: Optional[float] = None
 
 
 @dataclass
@@ -65,6 +69,10 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel
     vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
     cp: int = 1  # context parallel (needs Transformer Engine)
+    # mixture-of-experts models: experts spread over ep ranks (carved out of data parallelism, with
+    # etp when it is below tp), each expert split etp ways (null: etp = tp)
+    ep: int = 1
+    etp: Optional[int] = None
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # deadline of every collective
     gpu_memory_gb: float = 80.0  # per GPU, for the --dry-run memory estimate
@@ -231,6 +239,10 @@ class TrainConfig:
     max_consecutive_skips: int = 5
     # algorithm.kl=reference: the reference model's weights wait in host memory between log-prob passes
     reference_offload: bool = False
+    # mixture-of-experts models: "rollout" = every actor forward (old log-probs, updates) routes each
+    # token to the experts the rollout engine routed it to; "none" = the actor's own routers.
+    # routing_mismatch_frac is measured either way (docs/moe_routing_replay.md)
+    routing_replay: Literal["none", "rollout"] = "rollout"
     seed: int = 1
     output_dir: str = "runs/default"
 
@@ -542,7 +554,40 @@ CONDITIONAL_KEYS = (
      "sizes activation recompute (model.recompute_activations: true)"),
     (("train.reference_offload",), lambda c: c.algorithm.kl == "reference",
      "offloads the reference model of algorithm.kl='reference'"),
+    (("train.routing_replay",), lambda c: _moe_or_unknown(c),
+     "replays mixture-of-experts routing, and the model is dense"),
+    (("parallel.ep", "parallel.etp", "model.moe_dispatcher", "model.moe_aux_loss_coef"), lambda c: _moe_or_unknown(c),
+     "shapes a mixture-of-experts model's experts, and the model is dense"),
 )
+
+
+def _expert_layout_errors(cfg: Config) -> list[str]:
+    """parallel.ep/etp against the world size, TP, PP and the model's experts (when it is known)."""
+    from .memory import architecture_of
+
+    p, errors = cfg.parallel, []
+    etp = p.tp if p.etp is None else p.etp
+    if p.ep < 1 or etp < 1:
+        return [f"parallel.ep={p.ep} and parallel.etp={p.etp} must be >= 1"]
+    if p.world_size % (p.ep * etp * p.pp):
+        errors.append(f"world size {p.world_size} is not divisible by parallel.ep x etp x pp = {p.ep}*{etp}*{p.pp} "
+                      "(megatron's expert groups: each pipeline stage's ranks split into ep x etp x expert-data)")
+    arch = architecture_of(cfg)
+    if arch is not None and arch.experts > 0:
+        if arch.experts % p.ep:
+            errors.append(f"parallel.ep={p.ep} does not divide the model's {arch.experts} experts")
+        if p.tp > 1 and not p.sequence_parallel:
+            errors.append(f"parallel.tp={p.tp} with a mixture-of-experts model needs parallel.sequence_parallel: true "
+                          "(megatron's MoE layer refuses to train under TP without it)")
+    return errors
+
+
+def _moe_or_unknown(cfg: Config) -> bool:
+    """Whether the run's model has experts (True when its architecture is not known here)."""
+    from .memory import architecture_of
+
+    arch = architecture_of(cfg)
+    return arch is None or arch.experts > 0
 
 
 def key_default(key: str) -> Any:
@@ -590,6 +635,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 and vpp >= 1")
     if p.cp != 1:
         errors.append(f"parallel.cp={p.cp}: context parallelism is not wired into the loss path yet (cp must be 1)")
+    errors += _expert_layout_errors(cfg)
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
     if cfg.model.recompute_layers is not None and cfg.model.recompute_layers < 0:

@@ -38,6 +38,9 @@ class Rollout:
     penalty: float = 0.0  # added to the reward of reward-weighted baselines (DAPO's overlong penalty)
     weight_version: int = 0  # the weights it was sampled with (the oldest, if they changed mid-sample)
     source: str = ""  # its prompt's file:row
+    # MoE models: the engine's experts per fed token, [prompt + response - 1, MoE layers, top_k]
+    # (rollout/routing.py), replayed by the actor (actor/routing_replay.py)
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +69,9 @@ class MicroBatch:
     old_logprobs: Optional[torch.Tensor] = None  # [N]
     ref_logprobs: Optional[torch.Tensor] = None  # [N]
     engine_logprobs: Optional[torch.Tensor] = None  # [N]
+    # the engine's experts at each token slot of `tokens`, int16 [b, s, MoE layers, top_k]; -1 where
+    # the engine routed nothing (each rollout's last token, padding); None when no rollout carries them
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def num_response_tokens(self) -> int:
@@ -242,6 +248,8 @@ def make_micro_batch(
             engine.extend(r.engine_logprobs)
         else:
             engine = None  # the engine's log-probs are used only when every rollout has them
+    routed = _routed_experts_slots(rollouts, ids, starts, [0] * len(ids) if packed else list(range(len(ids))),
+                                   tokens.shape)
     cu_seqlens, max_seqlen = None, 0
     if packed:
         bounds = starts + [offset] + ([width] if width > offset else [])  # the padding tail is a segment of its own
@@ -266,7 +274,22 @@ def make_micro_batch(
         max_seqlen=max_seqlen,
         sequence_tokens=offset,
         engine_logprobs=torch.tensor(engine, dtype=torch.float32) if engine is not None else None,
+        routed_experts=routed,
     )
+
+
+def _routed_experts_slots(rollouts: list[Rollout], ids: list[int], starts: list[int], rows: list[int],
+                          shape: torch.Size) -> Optional[torch.Tensor]:
+    """The engine's experts laid out like the token slots ([b, s, layers, k], -1 where none)."""
+    carried = [rollouts[i].routed_experts for i in ids if rollouts[i].routed_experts is not None]
+    if not carried:
+        return None
+    out = torch.full((*shape, *carried[0].shape[1:]), -1, dtype=torch.int16)
+    for i, row, start in zip(ids, rows, starts):
+        experts = rollouts[i].routed_experts
+        if experts is not None:
+            out[row, start : start + experts.shape[0]] = experts.to(torch.int16)
+    return out
 
 
 def padding_fraction(micro_batches: list[MicroBatch]) -> float:

@@ -4,15 +4,18 @@ For one machine without a GPU: the policy's weights arrive in memory through the
 export the SGLang fleet uses (HF-named tensors), generation uses the KV cache and sampling of
 transformers' `generate`, and each token's log-prob under the distribution it was sampled from
 (softmax of logits / temperature; top-p not renormalised) comes back with it, as SGLang's
-return_logprob reports it.
+return_logprob reports it. For a mixture-of-experts model each sample also carries the experts
+its tokens were routed to (rollout/routing.py), captured from transformers' routers.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
 
+from .routing import RouterCapture, RoutingShape
 from .types import Sample, SamplingParams
 
 
@@ -31,6 +34,8 @@ class LocalEngine:
         self.max_batch_sequences = max_batch_sequences
         self.version = 0
         self.generator = torch.Generator().manual_seed(seed)
+        # MoE models: samples carry their routed experts (None: a dense model)
+        self.routing = RoutingShape.of_hf_config(self.model.config)
 
     @classmethod
     def from_pretrained(cls, path, *, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
@@ -81,22 +86,32 @@ class LocalEngine:
         stop = list(params.stop_token_ids)
         sampling = params.temperature > 0
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
-            temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
-            top_k=0 if sampling else None, eos_token_id=stop or None, pad_token_id=self.pad_token_id,
-            return_dict_in_generate=True, output_logits=True,
-        )
+        capture = RouterCapture(self.model, self.routing) if self.routing else nullcontext()
+        with capture:
+            out = self._run_generate(ids, mask, params, sampling, stop)
         new = out.sequences[:, width:]
         logits = torch.stack(out.logits, dim=1).float()  # [batch, steps, vocab], raw
         if sampling:  # the distribution sampled from, as SGLang reports it (greedy: the raw one)
             logits = logits / params.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, new.unsqueeze(2)).squeeze(2)
-        samples = []
+        samples, lengths = [], []
         for i in range(len(prompts)):
             tokens = new[i].tolist()
             end = next((j + 1 for j, t in enumerate(tokens) if t in stop), None)
             finish = "stop" if end is not None else "length"
             end = end or len(tokens)
+            lengths.append(end)
             samples.append(Sample(-1, -1, tokens[:end], logprobs[i, :end].tolist(), finish, self.version))
+        if self.routing:
+            routed = capture.per_sequence(len(prompts), width, [len(p) for p in prompts], lengths)
+            for sample, experts in zip(samples, routed):
+                sample.routed_experts = experts
         return samples
+
+    def _run_generate(self, ids, mask, params: SamplingParams, sampling: bool, stop: list[int]):
+        return self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
+            temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None, eos_token_id=stop or None, pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True, output_logits=True,
+        )

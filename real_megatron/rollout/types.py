@@ -28,6 +28,9 @@ class Sample:
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
     weight_version: int = 0
     extra: dict = field(default_factory=dict)
+    # MoE models: the experts each fed token was routed to, [prompt + response - 1, MoE layers, top_k]
+    # (rollout/routing.py); None for a dense model
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def truncated(self) -> bool:
