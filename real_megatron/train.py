@@ -46,7 +46,7 @@ def train(cfg: Config) -> dict:
 
     p, t = cfg.parallel, cfg.train
     init_distributed(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=p.timeout_s,
-                     expected_world_size=p.world_size, seed=t.seed)
+                     expected_world_size=p.world_size, seed=t.seed, ep=p.ep, etp=p.etp)
     run_dir, started = Path(t.output_dir), time.time()
     ckpt_root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     if is_rank0():
