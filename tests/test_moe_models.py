@@ -68,10 +68,9 @@ def test_experts_in_a_dense_family_and_bad_expert_layouts_are_refused():
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("family,layout", [
-    ("qwen3_moe", ["--ep", 2]),
-    ("qwen3_moe", ["--tp", 2, "--ep", 2, "--etp", 1]),
-    ("qwen2_moe", ["--ep", 2, "--dispatcher", "allgather"]),
-    ("qwen2_moe", ["--tp", 2]),  # experts split over expert-TP = TP
+    pytest.param("qwen3_moe", ["--tp", 2, "--ep", 2, "--etp", 1], id="qwen3_moe-tp2-ep2-alltoall"),
+    pytest.param("qwen2_moe", ["--ep", 2, "--dispatcher", "allgather"], id="qwen2_moe-ep2-allgather"),
+    pytest.param("qwen2_moe", ["--tp", 2], id="qwen2_moe-tp2-etp2"),  # experts split over expert-TP = TP
 ])
 def test_logits_match_transformers(tmp_path, family, layout):
     # 3 layers with a dense one in the middle: the sparse/dense pattern is honoured

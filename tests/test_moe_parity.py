@@ -21,10 +21,10 @@ def test_moe_update_agrees_across_expert_tensor_pipeline_and_data_parallel_layou
     base = ["--hf", hf] + SENSITIVE
     reference, log = run(tmp_path, "reference", 1, base + NO_AUX)
     layouts = {  # the default data path: packed rows, fused output layer
-        "ep2": ["--ep", "2"],
-        "ep2-tp2-sp": ["--ep", "2", "--etp", "1", "--tp", "2", "--sequence-parallel"],
+        # EP=2 on 2 ranks is DP=2 for everything outside the experts
+        "ep2-dp2-allgather-budget": ["--ep", "2", "--dispatcher", "allgather", "--max-tokens", "70"],
+        "ep2-tp2-sp-alltoall": ["--ep", "2", "--etp", "1", "--tp", "2", "--sequence-parallel"],
         "pp2": ["--pp", "2"],
-        "dp2-allgather-budget": ["--dispatcher", "allgather", "--max-tokens", "70"],
     }
     for name, args in layouts.items():
         params, out = run(tmp_path, name, 2, base + NO_AUX + args)

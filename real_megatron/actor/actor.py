@@ -233,6 +233,7 @@ class Actor:
             rollouts, s.groups_per_mini_batch, s.groups_per_micro_batch, self.dp_size, self.dp_rank,
             pad_id=s.pad_id, pad_to_multiple=s.tp if s.sequence_parallel else 1, uniform_shape=s.pp > 1,
             packed=s.pack_sequences, max_tokens=s.max_tokens_per_micro_batch,
+            same_shape_across_ranks=s.ep > 1 and s.moe_dispatcher == "allgather",
         )
         timings["batch_s"] = time.perf_counter() - start
         layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),

@@ -302,11 +302,13 @@ def padding_fraction(micro_batches: list[MicroBatch]) -> float:
 def build_mini_batches(
     rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int, dp_rank: int,
     *, pad_id: int = 0, pad_to_multiple: int = 1, uniform_shape: bool = False, packed: bool = False,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, same_shape_across_ranks: bool = False,
 ) -> list[MiniBatch]:
     """This DP rank's mini-batches. uniform_shape: every micro-batch of a mini-batch padded to one
     [rows, width] (what pipeline parallelism needs). packed: one packed row per micro-batch.
-    max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each)."""
+    max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each).
+    same_shape_across_ranks: that one shape is the largest over every DP rank too (megatron's
+    allgather MoE dispatcher gathers equal-sized token blocks from the expert-parallel ranks)."""
     from ..objectives import group_advantages
 
     for i, r in enumerate(rollouts):
@@ -323,11 +325,12 @@ def build_mini_batches(
     for mini in plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens):
         micro_batches = []
         shape = None
-        if uniform_shape and packed:
-            shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[dp_rank]) for ranks in mini))
-        elif uniform_shape:
-            shape = (max(len(ranks[dp_rank]) for ranks in mini),
-                     max(rollouts[i].num_tokens for ranks in mini for i in ranks[dp_rank]))
+        sizes = range(dp_size) if same_shape_across_ranks else [dp_rank]  # whose micro-batches set the shape
+        if (uniform_shape or same_shape_across_ranks) and packed:
+            shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[r]) for ranks in mini for r in sizes))
+        elif uniform_shape or same_shape_across_ranks:
+            shape = (max(len(ranks[r]) for ranks in mini for r in sizes),
+                     max(rollouts[i].num_tokens for ranks in mini for r in sizes for i in ranks[r]))
         for ranks in mini:
             micro_groups = sorted({rollouts[i].group for ids in ranks for i in ids})
             micro_batches.append(
