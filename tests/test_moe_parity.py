@@ -1,5 +1,6 @@
 """One REAL update of a tiny MoE model (tools/parity_step.py --hf) agrees with one process under
-expert, tensor, pipeline and data parallelism; the load-balancing loss's gradient too; EP=2 resumes.
+expert, tensor, pipeline and data parallelism; the load-balancing loss's gradient too; checkpoints
+reshard across EP sizes.
 
 With --adam-eps 1 and no clipping the update is ~ lr * grad, so parameters compare gradients,
 their scale included. The model is a Qwen2-MoE (shared expert with its sigmoid gate, QKV bias).
@@ -40,12 +41,15 @@ def test_moe_update_agrees_across_expert_tensor_pipeline_and_data_parallel_layou
     assert max_rel_diff(with_aux, pp_aux) <= 1e-6
 
 
-def test_expert_parallel_checkpoint_resumes_exactly(tmp_path):
-    """Distributed optimizer with expert parameters (megatron chains a dense and an expert optimizer):
-    EP=2 saves after one step and resumes for a second; one process runs both."""
+def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
+    """Model and distributed optimizer (megatron chains a dense and an expert optimizer): a
+    checkpoint written at EP=2 resumes at EP=1 and the reverse; one process runs both steps."""
     hf = str(make_moe_checkpoint(tmp_path / "hf", "qwen3_moe"))
     base = ["--hf", hf] + SENSITIVE + NO_AUX
     straight, _ = run(tmp_path, "straight", 1, base + ["--steps", "2"])
-    run(tmp_path, "first", 2, base + ["--ep", "2", "--steps", "1", "--save", str(tmp_path / "ckpt")])
-    resumed, _ = run(tmp_path, "resumed", 2, base + ["--ep", "2", "--steps", "1", "--load", str(tmp_path / "ckpt")])
-    assert max_rel_diff(straight, resumed) <= 1e-6
+    for save_procs, load_procs in ((2, 1), (1, 2)):
+        ckpt = str(tmp_path / f"ckpt-ep{save_procs}")
+        layout = {1: [], 2: ["--ep", "2"]}
+        run(tmp_path, f"first-ep{save_procs}", save_procs, base + layout[save_procs] + ["--steps", "1", "--save", ckpt])
+        resumed, _ = run(tmp_path, f"resumed-ep{load_procs}", load_procs, base + layout[load_procs] + ["--steps", "1", "--load", ckpt])
+        assert max_rel_diff(straight, resumed) <= 1e-6, f"EP={save_procs} -> EP={load_procs}"

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .moe import MOE_FAMILIES, MoESpec, moe_config_kwargs
+from .moe import MOE_FAMILIES, MoESpec, mark_expert_params, moe_config_kwargs
 
 SUPPORTED_FAMILIES = ("qwen2", "llama", "qwen3") + MOE_FAMILIES  # HF model_type
 
@@ -372,6 +372,8 @@ def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
             rotary_base=int(spec.rope_theta),
             **kwargs,
         )
+        if spec.moe is not None:
+            mark_expert_params(model)  # one optimizer structure at every EP size (checkpoints reshard)
         if use_transformer_engine(config.params_dtype) and not config.gradient_accumulation_fusion:
             fuse_te_weight_gradients(model)  # no Apex: TE's own fusion still applies
         if getattr(model, "rotary_pos_emb", None) is not None:

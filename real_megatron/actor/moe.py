@@ -144,3 +144,20 @@ def moe_layers(chunks: list[torch.nn.Module]) -> Iterator[tuple[int, torch.nn.Mo
         for layer in getattr(getattr(model, "decoder", None), "layers", []):
             if isinstance(layer.mlp, MoELayer):
                 yield layer.layer_number - 1, layer.mlp
+
+
+def mark_expert_params(model: torch.nn.Module) -> int:
+    """Routed experts' parameters as expert-parallel (`allreduce = False`) at every EP size.
+
+    megatron marks them so only when ep > 1 (its linears: not (is_expert and expert_parallel)); the
+    mark sends them to DDP's expert buffers (reduced over the expert-data-parallel group, which is
+    the data-parallel group at ep = 1 with etp = tp) and to a second, chained optimizer. Marking
+    them at ep = 1 too gives every layout the same optimizer structure, so a checkpoint's
+    optimizer state loads across EP sizes (megatron's ChainedOptimizer state at ep > 1 against a
+    single optimizer's at ep = 1 would not). Returns how many parameters were marked."""
+    count = 0
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name and getattr(param, "allreduce", True):
+            param.allreduce = False
+            count += 1
+    return count
