@@ -148,3 +148,14 @@ def _replay_body(rank, world_size, path):
 def test_replay_gives_the_old_logprobs_the_engines_experts_and_the_metric_sees_the_mismatch(tmp_path):
     path = make_moe_checkpoint(tmp_path / "m", "qwen3_moe")
     run_processes(_replay_body, 2, str(path))
+
+
+def test_routing_replay_is_refused_for_a_dense_model_and_on_by_default_for_moe():
+    from real_megatron.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(ConfigError, match=r"train.routing_replay='none' replays mixture-of-experts routing, and the "
+                                          r"model is dense"):
+        load_config(root / "quickstart.yaml", ["train.routing_replay=none"])
+    assert load_config(root / "quickstart_moe.yaml").train.routing_replay == "rollout"
+    assert load_config(root / "quickstart_moe.yaml", ["train.routing_replay=none"]).train.routing_replay == "none"

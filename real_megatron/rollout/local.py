@@ -10,6 +10,7 @@ its tokens were routed to (rollout/routing.py), captured from transformers' rout
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from typing import Iterable
 
@@ -17,6 +18,32 @@ import torch
 
 from .routing import RouterCapture, RoutingShape
 from .types import Sample, SamplingParams
+
+
+# the streaming export's per-expert (on-disk) names; transformers keeps one stacked tensor per layer
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def _in_memory_target(state: dict, name: str) -> tuple[str, torch.Tensor]:
+    """(what is written, the tensor to copy into) for an exported HF name: the parameter itself, or
+    one expert's slice of transformers' stacked expert tensors (gate_up_proj [E, 2 f, h]: gate rows
+    then up rows, as transformers merges checkpoints on load; down_proj [E, h, f])."""
+    if name in state:
+        return name, state[name]
+    match = _EXPERT.fullmatch(name)
+    if match is None or f"{match[1]}.down_proj" not in state:
+        raise KeyError(f"embedded engine: the exported tensor {name!r} is not a parameter of the model")
+    prefix, expert, kind = match[1], int(match[2]), match[3]
+    if kind == "down":
+        return f"{prefix}.down_proj[{expert}]", state[f"{prefix}.down_proj"][expert]
+    fused = state[f"{prefix}.gate_up_proj"][expert]
+    half = fused.shape[0] // 2
+    return f"{prefix}.gate_up_proj[{expert}].{kind}", fused[:half] if kind == "gate" else fused[half:]
+
+
+def _slices(tensor: torch.Tensor, name: str) -> int:
+    """How many exported tensors fill a stacked expert tensor."""
+    return tensor.shape[0] * (2 if name.endswith("gate_up_proj") else 1)
 
 
 class LocalEngine:
@@ -51,14 +78,15 @@ class LocalEngine:
         state = self.model.state_dict()
         seen = set()
         for name, tensor in tensors:
-            if name not in state:
-                raise KeyError(f"embedded engine: the exported tensor {name!r} is not a parameter of the model")
-            if state[name].shape != tensor.shape:
-                raise ValueError(f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}")
-            state[name].copy_(tensor)
+            name, target = _in_memory_target(state, name)
+            if target.shape != tensor.shape:
+                raise ValueError(f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(tensor)
             seen.add(name)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        missing = set(state) - seen - tied
+        missing = {n for n in state if not n.endswith(("experts.gate_up_proj", "experts.down_proj"))} - seen - tied
+        missing |= {f"{n} (expert slices)" for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                    and sum(s.startswith(n + "[") for s in seen) != _slices(state[n], n)}
         if missing:
             raise KeyError(f"embedded engine: the update lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         self.version = version
