@@ -38,6 +38,7 @@ from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
 from .reference import ReferenceModel
 from .routing_replay import RoutingReplay, check_routed_experts
+from .moe_router import moe_padding_mask
 from .moe_stats import MoEStats
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
 
@@ -401,7 +402,8 @@ class Actor:
         if self.routing is not None:  # this chunk's routers: the micro-batch's engine experts
             self.routing.feed(model, mb.routed_experts)
         # last stage: hidden states [b, s, h] (fused) or logits [b, s, V/tp]; packed rows are [1, T]
-        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(),
+                       **moe_padding_mask(self.spec, self.config, mb))
         return output, partial(self._loss, unwrap(model), mb, mode, counts, num_micro)
 
     def _token_logprobs(self, model, mb, output: torch.Tensor):

@@ -294,8 +294,8 @@ def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None, num_experts: in
     if use_transformer_engine(dtype):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=spec.qk_norm)
+        return _with_router(get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=spec.qk_norm))
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from .packed_attention import PackedDotProductAttention
@@ -306,7 +306,20 @@ def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None, num_experts: in
     layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
     if spec.qk_norm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
-    return local
+    return _with_router(local)
+
+
+def _with_router(layer):
+    """An MoE layer's router: megatron's TopKRouter with the aux loss over the whole micro-batch
+    (moe_router.py); dense layers pass through."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    mlp = layer.submodules.mlp
+    if getattr(mlp, "module", None) is MoELayer:
+        from .moe_router import MicroBatchAuxLossRouter
+
+        mlp.submodules.router = MicroBatchAuxLossRouter
+    return layer
 
 
 def block_spec(spec: ArchSpec, config, vp_stage: int | None):

@@ -45,8 +45,12 @@ class MoEStats:
                 return
             with torch.no_grad():
                 hidden = args[0].detach().reshape(-1, router.weight.shape[1])
-                probs = torch.softmax(torch.nn.functional.linear(hidden, router.weight.detach()).float(), dim=-1)
                 routing_map = output[1].reshape(-1, experts)
+                padding = args[1] if len(args) > 1 else None  # GPTModel's padding_mask: True = padding
+                if padding is not None:
+                    keep = ~padding.reshape(-1)
+                    hidden, routing_map = hidden[keep], routing_map[keep]
+                probs = torch.softmax(torch.nn.functional.linear(hidden, router.weight.detach()).float(), dim=-1)
                 row = self.sums[slot]
                 row[:experts] += routing_map.sum(dim=0).to(row.dtype)
                 row[experts:2 * experts] += probs.sum(dim=0).to(row.dtype)
