@@ -12,12 +12,11 @@ Which layers are sparse: layer i (from 0) is an MoE layer iff i is not in `mlp_o
 (i + 1) % decoder_sparse_step == 0; the others are dense MLPs of `intermediate_size`
 (megatron's `moe_layer_freq` as a 0/1 list).
 
-The load-balancing loss is megatron-core's `aux_loss` (Switch Transformer, per MoE layer, over the
-tokens of one micro-batch of one data-parallel rank: E * sum_e f_e P_e with f_e the share of the
-top-k assignments to expert e, P_e the mean router probability of e), summed over layers, times
-the coefficient. transformers pools the layers into one f and P and does not divide f by k; the
-coefficient's default is the HF config's `router_aux_loss_coef` all the same (what the model was
-trained with), and `model.moe_aux_loss_coef` overrides it.
+The load-balancing loss is the Switch loss per MoE layer and micro-batch over all of the
+micro-batch's tokens (moe_router.py: megatron's TopKRouter with f summed over the TP/DP/CP ranks),
+summed over layers, times the coefficient. transformers pools the layers into one f and P and does
+not divide f by k; the coefficient's default is the HF config's `router_aux_loss_coef` all the
+same (what the model was trained with), and `model.moe_aux_loss_coef` overrides it.
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ sequence parallelism) and reported as:
 
     moe_aux_loss          mean over MoE layers of E/k * sum_e (c_e/T) (s_e/T): the Switch
                           load-balancing loss over all of the step's training tokens (1 = uniform
-                          routing at uniform probabilities; megatron's per-micro-batch term that
-                          enters the gradient, times model.moe_aux_loss_coef, estimates it)
+                          routing at uniform probabilities; the per-micro-batch term that enters
+                          the gradient, times model.moe_aux_loss_coef, estimates it)
     moe_expert_load_max   mean over MoE layers of max_e c_e / (T k / E): the busiest expert's load
                           relative to a uniform split (1 = balanced)
     moe_expert_load_min   the same for the idlest expert (0 = an expert received no token)
 
-The numbers do not depend on the parallel layout or the micro-batch split of a step (sums only).
+The numbers do not depend on the parallel layout or the micro-batch split of a step (sums only;
+padding tokens, which GPTModel's padding_mask marks, are left out).
 With activation recompute a layer's forward runs twice in training; the statistics count both
 runs (same routing, so the ratios are unchanged).
 """
