@@ -102,3 +102,23 @@ def test_round_trip_across_expert_layouts_is_bit_identical(tmp_path, family, dty
     assert set(original) == set(back) and any(".experts.3." in n for n in back)
     for name in original:
         assert back[name].dtype == original[name].dtype and torch.equal(back[name], original[name]), name
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.ep=3", "parallel.gpus_per_node=3"], "parallel.ep=3 does not divide the model's"),
+    (["parallel.ep=4"], "not divisible by parallel.ep x etp x pp"),
+    (["parallel.tp=2"], "needs parallel.sequence_parallel: true"),
+])
+def test_expert_layouts_are_checked_at_load(overrides, message):
+    from real_megatron.config import ConfigError, load_config
+
+    load_config(ROOT / "configs" / "quickstart_moe.yaml")  # EP=2 over two processes: valid
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "quickstart_moe.yaml", overrides)
+
+
+def test_dense_models_refuse_expert_settings():
+    from real_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="parallel.ep"):
+        load_config(ROOT / "configs" / "quickstart.yaml", ["parallel.ep=2", "parallel.gpus_per_node=2"])
