@@ -122,3 +122,14 @@ def test_dense_models_refuse_expert_settings():
 
     with pytest.raises(ConfigError, match="parallel.ep"):
         load_config(ROOT / "configs" / "quickstart.yaml", ["parallel.ep=2", "parallel.gpus_per_node=2"])
+
+
+def test_moe_layers_get_the_micro_batch_aux_loss_router():
+    """Both spec shapes (megatron-core 0.16's ModuleSpec, 0.19's functools.partial) take the router
+    whose aux loss spans the whole micro-batch (its gradient is layout-independent)."""
+    from real_megatron.actor.model import layer_spec
+    from real_megatron.actor.moe_router import MicroBatchAuxLossRouter
+
+    mlp = layer_spec(ArchSpec.from_hf(_hf_config("qwen2_moe")), torch.float32, num_experts=4).submodules.mlp
+    submodules = getattr(mlp, "submodules", None) or mlp.keywords["submodules"]
+    assert submodules.router is MicroBatchAuxLossRouter

@@ -312,13 +312,14 @@ def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None, num_experts: in
 def _with_router(layer):
     """An MoE layer's router: megatron's TopKRouter with the aux loss over the whole micro-batch
     (moe_router.py); dense layers pass through."""
-    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
-    mlp = layer.submodules.mlp
-    if getattr(mlp, "module", None) is MoELayer:
+    mlp = layer.submodules.mlp  # a ModuleSpec (0.16), or functools.partial(MoELayer, submodules=...) (0.19)
+    submodules = getattr(mlp, "submodules", None) or getattr(mlp, "keywords", {}).get("submodules")
+    if isinstance(submodules, MoESubmodules):
         from .moe_router import MicroBatchAuxLossRouter
 
-        mlp.submodules.router = MicroBatchAuxLossRouter
+        submodules.router = MicroBatchAuxLossRouter
     return layer
 
 
