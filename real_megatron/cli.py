@@ -288,13 +288,15 @@ def closing_table(summary: dict, run_dir: str) -> str:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    """Run in a process group of tp * pp ranks; started alone, relaunch under torchrun."""
+    """Run in a process group of lcm(tp, ep * etp) * pp ranks; started alone, relaunch under torchrun."""
+    import math
     import os
     import subprocess
 
     from .actor.distributed import init_distributed, launch_env, shutdown
 
-    ranks = args.tp * args.pp
+    etp = args.tp if args.etp is None else args.etp
+    ranks = math.lcm(args.tp, args.ep * etp) * args.pp
     if launch_env().world_size == 1 and ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                "-m", "real_megatron.cli"] + sys.argv[1:]
@@ -303,7 +305,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     from .actor.model import UnsupportedModelError
 
-    init_distributed(tp=args.tp, pp=args.pp, expected_world_size=ranks, timeout_s=args.timeout)
+    init_distributed(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, expected_world_size=ranks, timeout_s=args.timeout)
     try:
         if args.direction == "hf-to-megatron":
             out = hf_to_megatron(args.hf, args.out)
@@ -402,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to run with")
         p.add_argument("--pp", type=int, default=1, help="pipeline stages to run with")
+        p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (mixture-of-experts models)")
+        p.add_argument("--etp", type=int, default=None, help="expert tensor-parallel ranks (default: --tp)")
         p.add_argument("--timeout", type=float, default=600.0, help="deadline of every collective, seconds")
         p.set_defaults(func=_convert)
     return parser

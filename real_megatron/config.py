@@ -43,6 +43,10 @@ class ParallelConfig:
     pp: int = 1  # pipeline parallel
     vpp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
     cp: int = 1  # context parallel: each packed sequence split over cp ranks (docs/context_parallel.md)
+    # mixture-of-experts models: experts spread over ep ranks (carved out of data parallelism, with
+    # etp when it is below tp), each expert split etp ways (null: etp = tp)
+    ep: int = 1
+    etp: Optional[int] = None
     sequence_parallel: bool = False
     timeout_s: float = 600.0  # deadline of every collective
     gpu_memory_gb: float = 80.0  # per GPU, for the --dry-run memory estimate
@@ -229,6 +233,7 @@ MOVED_KEYS = {
     "train.fused_output_layer": "actor.fused_output_layer",
     "train.max_consecutive_skips": "actor.max_consecutive_skips",
     "train.reference_offload": "actor.reference_offload",
+    "train.routing_replay": "actor.routing_replay",
 }
 _told: set[str] = set()  # old names already logged in this process
 
@@ -416,7 +421,43 @@ CONDITIONAL_KEYS = (
      "sizes activation recompute (model.recompute_activations: true)"),
     (("actor.reference_offload",), lambda c: c.algorithm.kl == "reference",
      "offloads the reference model of algorithm.kl='reference'"),
+    (("actor.routing_replay",), lambda c: _moe_or_unknown(c),
+     "replays mixture-of-experts routing, and the model is dense"),
+    (("parallel.ep", "parallel.etp", "model.moe_dispatcher", "model.moe_aux_loss_coef"), lambda c: _moe_or_unknown(c),
+     "shapes a mixture-of-experts model's experts, and the model is dense"),
 )
+
+
+def _expert_layout_errors(cfg: Config) -> list[str]:
+    """parallel.ep/etp against the world size, TP, PP and the model's experts (when it is known)."""
+    from .memory import architecture_of
+
+    p, errors = cfg.parallel, []
+    etp = p.tp if p.etp is None else p.etp
+    if p.ep < 1 or etp < 1:
+        return [f"parallel.ep={p.ep} and parallel.etp={p.etp} must be >= 1"]
+    if p.world_size % (p.ep * etp * p.pp):
+        errors.append(f"world size {p.world_size} is not divisible by parallel.ep x etp x pp = {p.ep}*{etp}*{p.pp} "
+                      "(megatron's expert groups: each pipeline stage's ranks split into ep x etp x expert-data)")
+    arch = architecture_of(cfg)
+    if arch is not None and arch.experts > 0:
+        if arch.experts % p.ep:
+            errors.append(f"parallel.ep={p.ep} does not divide the model's {arch.experts} experts")
+        if p.tp > 1 and not p.sequence_parallel:
+            errors.append(f"parallel.tp={p.tp} with a mixture-of-experts model needs parallel.sequence_parallel: true "
+                          "(megatron's MoE layer refuses to train under TP without it)")
+        if p.cp > 1:  # a rollout's routed experts would have to follow its tokens through the CP split
+            errors.append(f"parallel.cp={p.cp} with a mixture-of-experts model is not supported yet (routing replay's "
+                          "experts are not split over the context-parallel ranks); use parallel.cp=1")
+    return errors
+
+
+def _moe_or_unknown(cfg: Config) -> bool:
+    """Whether the run's model has experts (True when its architecture is not known here)."""
+    from .memory import architecture_of
+
+    arch = architecture_of(cfg)
+    return arch is None or arch.experts > 0
 
 
 def key_default(key: str) -> Any:
@@ -478,6 +519,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if p.cp > 1 and not ac.pack_sequences:
         errors.append(f"parallel.cp={p.cp} needs actor.pack_sequences: true (each packed sequence is split over the "
                       "context-parallel ranks)")
+    errors += _expert_layout_errors(cfg)
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
     if t.prompts_per_step % t.prompts_per_mini_batch:

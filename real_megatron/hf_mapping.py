@@ -9,6 +9,12 @@ Layouts (megatron-core, per TP rank):
   glu   linear_fc1 rows: this rank's slice of gate_proj, then its slice of up_proj
   vocab embedding / output rows: the vocabulary padded to a multiple of tp, split evenly
   column / row   split along dim 0 / dim 1;   replicated   the same on every rank
+
+Mixture-of-experts layers (Qwen3-MoE, Qwen2-MoE): the router and Qwen2-MoE's shared-expert gate
+are replicated; a shared expert is a dense MLP over TP; each routed expert is a glu/row pair split
+over expert-tensor-parallel (ETP) ranks, and expert-parallel (EP) rank r holds experts
+r*E/ep .. (r+1)*E/ep - 1 (local index j = global e - r*E/ep). Rules of routed experts have
+`expert=True`, their HF names an "{e}" for the global expert index.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ if TYPE_CHECKING:  # only its fields are read: this map sits below actor/ and co
 
 @dataclass(frozen=True)
 class Rule:
-    hf: tuple[str, ...]  # HF names, "{i}" = global layer index
+    hf: tuple[str, ...]  # HF names, "{i}" = global layer index, "{e}" = global expert index
     kind: str  # qkv | glu | vocab | column | row | replicated
+    expert: bool = False  # a routed expert's weight: split over ETP, spread over EP
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -48,7 +55,21 @@ _LAYER_RULES = {
     "mlp.linear_fc1.layer_norm_weight": Rule(("model.layers.{i}.post_attention_layernorm.weight",), "replicated"),
     "mlp.linear_fc1.weight": Rule(("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "glu"),
     "mlp.linear_fc2.weight": Rule(("model.layers.{i}.mlp.down_proj.weight",), "row"),
+    # mixture-of-experts layers (megatron's MoELayer)
+    "mlp.router.weight": Rule(("model.layers.{i}.mlp.gate.weight",), "replicated"),
+    "mlp.shared_experts.linear_fc1.weight": Rule(
+        ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight"), "glu"),
+    "mlp.shared_experts.linear_fc2.weight": Rule(("model.layers.{i}.mlp.shared_expert.down_proj.weight",), "row"),
+    "mlp.shared_experts.gate_weight": Rule(("model.layers.{i}.mlp.shared_expert_gate.weight",), "replicated"),
 }
+
+_EXPERT_RULES = {
+    "linear_fc1": Rule(("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+                       "glu", expert=True),
+    "linear_fc2": Rule(("model.layers.{i}.mlp.experts.{e}.down_proj.weight",), "row", expert=True),
+}
+# SequentialMLP (local spec): experts.local_experts.<j>.linear_fc1.weight; TEGroupedMLP: experts.linear_fc1.weight<j>
+_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
 
 _MODEL_RULES = {
     "embedding.word_embeddings.weight": Rule(("model.embed_tokens.weight",), "vocab"),
@@ -57,13 +78,20 @@ _MODEL_RULES = {
 }
 
 
-def rule_for(name: str, spec: ArchSpec, layer_number: int | None = None) -> tuple[Rule, list[str]]:
-    """The rule of megatron parameter `name` and its HF names (layer index made global)."""
+def rule_for(name: str, spec: ArchSpec, layer_number: int | None = None,
+             expert_offset: int = 0) -> tuple[Rule, list[str]]:
+    """The rule of megatron parameter `name` and its HF names (layer index made global; a routed
+    expert's local index plus `expert_offset`, this EP rank's first expert, made global)."""
     match = _LAYER.match(name)
     if match:
         suffix = match.group(2)
         rule = _LAYER_RULES.get(suffix)
         index = layer_number if layer_number is not None else int(match.group(1))
+        expert = _EXPERT.match(suffix)
+        if expert:
+            local, linear = (expert.group(1), expert.group(2)) if expert.group(1) else (expert.group(4), expert.group(3))
+            rule = _EXPERT_RULES[linear]
+            return rule, [h.format(i=index, e=int(local) + expert_offset) for h in rule.hf]
         if rule is None:
             raise KeyError(f"no HF mapping for megatron parameter {name!r} (layer suffix {suffix!r})")
         return rule, [h.format(i=index) for h in rule.hf]
@@ -141,7 +169,14 @@ def expected_hf_names(spec: ArchSpec) -> list[str]:
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.o_proj.weight"]
         names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if spec.moe is not None and spec.moe.layer_pattern[i]:
+            names.append(p + "mlp.gate.weight")
+            names += [p + f"mlp.experts.{e}.{x}_proj.weight" for e in range(spec.moe.num_experts) for x in ("gate", "up", "down")]
+            if spec.moe.shared_expert_intermediate_size:
+                names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+                names.append(p + "mlp.shared_expert_gate.weight")
+        else:
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
         if spec.qkv_bias:
             names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
         if spec.qk_norm:

@@ -26,6 +26,14 @@ distributed optimizer:
                whole row: the local spec gathers every layer's K/V over the CP group and keeps them for
                backward; Transformer Engine's ring passes two K/V chunks per layer at a time
   reserve      CUDA context, NCCL buffers, allocator fragmentation
+Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE): expert weights are split over parallel.ep x etp
+(each rank holds E/ep experts, each cut etp ways), the rest over tp; the distributed optimizer
+shards expert state over the expert-data-parallel ranks (world / (pp x ep x etp)) and the rest over
+dp. An MoE layer keeps, per token, its top_k routed copies (the expert input, fc1's output and the
+activation's, the expert output for the weighted sum) and the router's fp32 scores instead of a
+dense MLP's; the dispatcher's send and receive buffers of one layer (alltoall: tokens x top_k x h
+each way; allgather: the tokens of all ep ranks) exist once. Routing is taken as balanced: a
+micro-batch whose tokens crowd onto few experts needs more on their ranks.
 A micro-batch holds actor.max_tokens_per_micro_batch tokens per rank when set (packed rows; under
 CP a rank's share after the split); else actor.prompts_per_micro_batch x n_samples / dp sequences of
 data.max_prompt_tokens + rollout.max_new_tokens, 1/cp of each on a rank.
@@ -57,25 +65,61 @@ class Architecture:
     head_dim: int
     qkv_bias: bool = True
     qk_norm: bool = False
+    # mixture of experts (0 experts: a dense model)
+    experts: int = 0
+    top_k: int = 0
+    moe_ffn: int = 0  # one expert's intermediate size
+    shared_ffn: int = 0  # Qwen2-MoE's gated shared expert (0: none)
+    moe_layers: int = 0  # how many layers are MoE layers (the rest dense MLPs of `ffn`)
 
     @classmethod
     def from_hf(cls, c: dict) -> "Architecture":
         heads = c["num_attention_heads"]
+        family = c.get("model_type", "qwen2")
+        moe = {}
+        if family in ("qwen3_moe", "qwen2_moe"):
+            # actor/moe.py's rule (MoESpec): layer i is sparse unless in mlp_only_layers, every decoder_sparse_step-th
+            dense = set(c.get("mlp_only_layers") or [])
+            step = c.get("decoder_sparse_step", 1) or 1
+            moe = dict(experts=c.get("num_experts") or c["num_local_experts"], top_k=c["num_experts_per_tok"],
+                       moe_ffn=c["moe_intermediate_size"], shared_ffn=c.get("shared_expert_intermediate_size") or 0,
+                       moe_layers=sum(i not in dense and (i + 1) % step == 0 for i in range(c["num_hidden_layers"])))
         return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
-                   kv_heads=c.get("num_key_value_heads", heads), ffn=c["intermediate_size"], vocab=c["vocab_size"],
+                   kv_heads=c.get("num_key_value_heads", heads), ffn=c.get("intermediate_size", 0), vocab=c["vocab_size"],
                    tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-                   qkv_bias=bool(c.get("attention_bias", c.get("model_type", "qwen2") == "qwen2")),
-                   qk_norm=c.get("model_type") == "qwen3")
+                   qkv_bias=bool(c.get("qkv_bias", True)) if family == "qwen2_moe"
+                   else bool(c.get("attention_bias", family == "qwen2")),
+                   qk_norm=family in ("qwen3", "qwen3_moe"), **moe)
 
-    def layer_params(self) -> int:
+    def attention_params(self) -> int:
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
         attention = h * q + 2 * h * kv + q * h  # q, k, v, o
-        attention += (q + 2 * kv) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
-        return attention + 3 * h * self.ffn + 2 * h  # gated MLP, two norms
+        return attention + (q + 2 * kv) * self.qkv_bias + 2 * self.head_dim * self.qk_norm + 2 * h  # + two norms
+
+    def expert_params(self) -> int:
+        """One expert of one MoE layer (gated MLP)."""
+        return 3 * self.hidden * self.moe_ffn
+
+    def moe_layer_dense_params(self) -> int:
+        """An MoE layer's parameters outside its experts: attention, norms, router, shared expert and its gate."""
+        shared = 3 * self.hidden * self.shared_ffn + self.hidden if self.shared_ffn else 0
+        return self.attention_params() + self.experts * self.hidden + shared
+
+    def layer_params(self) -> int:
+        """A dense layer: attention, norms, gated MLP."""
+        return self.attention_params() + 3 * self.hidden * self.ffn
+
+    def _embeddings(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden  # + the final norm
 
     def total_params(self) -> int:
-        embed = self.vocab * self.hidden
-        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+        dense_layers = self.layers - self.moe_layers
+        moe = self.moe_layers * (self.moe_layer_dense_params() + self.experts * self.expert_params())
+        return self._embeddings() + dense_layers * self.layer_params() + moe
+
+    def active_params(self) -> int:
+        """Parameters one token passes through: every expert but its top_k left out."""
+        return self.total_params() - self.moe_layers * (self.experts - self.top_k) * self.expert_params()
 
 
 def architecture_of(cfg) -> Architecture | None:
@@ -84,8 +128,9 @@ def architecture_of(cfg) -> Architecture | None:
     facts = dict(cfg.model.hf_config_overrides)
     if cfg.task.name:  # a built-in task's vocabulary is its tokenizer's
         facts.setdefault("vocab_size", cfg.task.tokenizer_vocab)
-    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    return Architecture.from_hf(facts) if all(k in facts for k in needed) else None
+    needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    mlp = "moe_intermediate_size" if facts.get("model_type") in ("qwen3_moe", "qwen2_moe") else "intermediate_size"
+    return Architecture.from_hf(facts) if all(k in facts for k in needed + (mlp,)) else None
 
 
 @dataclass
@@ -99,7 +144,7 @@ class MicroBatchShape:
 
 def activation_bytes(arch: Architecture, shape: MicroBatchShape, *, layers: int, tp: int = 1,
                      sequence_parallel: bool = False, recompute: bool = False, dtype_bytes: int = 2,
-                     flash_attention: bool = True, recompute_layers: int | None = None) -> float:
+                     flash_attention: bool = True, recompute_layers: int | None = None, etp: int = 1) -> float:
     """Bytes one micro-batch's layers keep for backward on one rank (see the module docstring).
     recompute_layers: of `layers`, how many are recomputed (block recompute; None = all)."""
     h, f, kv = arch.hidden, arch.ffn, arch.kv_heads * arch.head_dim
@@ -108,10 +153,38 @@ def activation_bytes(arch: Architecture, shape: MicroBatchShape, *, layers: int,
     per_token = (outside_tp / (tp if sequence_parallel else 1) + inside_tp / tp) * dtype_bytes
     probabilities = 0 if flash_attention else shape.attention_area * arch.heads / tp * 4  # fp32 softmax
     layer = shape.tokens * per_token + probabilities
+    if arch.experts:  # the MoE layers' share of `layers`: their MLP keeps routed copies, not 3 ffn
+        moe_count = min(layers, round(layers * arch.moe_layers / arch.layers))
+        moe_layer = layer + shape.tokens * (moe_mlp_bytes_per_token(arch, tp, sequence_parallel, etp, dtype_bytes)
+                                            - 3 * f / tp * dtype_bytes)
+    else:
+        moe_count, moe_layer = 0, layer
+    kept = (layers - moe_count) * layer + moe_count * moe_layer
     redone = (layers if recompute_layers is None else min(layers, recompute_layers)) if recompute else 0
     if redone:  # a recomputed layer keeps its input; one layer's set exists again during its backward
-        return redone * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes + (layers - redone + 1) * layer
-    return layers * layer
+        return (redone * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes
+                + kept * (layers - redone) / layers + max(layer, moe_layer))
+    return kept
+
+
+def moe_mlp_bytes_per_token(arch: Architecture, tp: int, sequence_parallel: bool, etp: int, dtype_bytes: int) -> float:
+    """What an MoE layer's MLP keeps per token of the micro-batch: top_k routed copies of the expert
+    input and output (h each), fc1's output (2 moe_ffn / etp) and the activation's (moe_ffn / etp),
+    the router's fp32 logits and probabilities, and a shared expert's 3 ffn / tp (Qwen2-MoE)."""
+    share = 1 / tp if sequence_parallel else 1  # the router sees this rank's sequence shard
+    routed = arch.top_k * (2 * arch.hidden + 3 * arch.moe_ffn / etp) * dtype_bytes
+    shared = 3 * arch.shared_ffn / tp * dtype_bytes
+    return (routed + 2 * arch.experts * 4) * share + shared
+
+
+def dispatcher_bytes(arch: Architecture, tokens: int, *, ep: int, tp: int, sequence_parallel: bool,
+                     dispatcher: str, dtype_bytes: int) -> float:
+    """One MoE layer's token exchange, alive while that layer runs: alltoall sends and receives
+    tokens x top_k hidden states (balanced routing); allgather gathers every ep rank's tokens."""
+    local = tokens / (tp if sequence_parallel else 1)
+    if dispatcher == "allgather":
+        return local * ep * (arch.hidden * dtype_bytes + arch.experts * 4)  # hidden states and routing probs
+    return 2 * local * arch.top_k * arch.hidden * dtype_bytes
 
 
 def output_layer_bytes(arch: Architecture, shape: MicroBatchShape, *, tp: int = 1, dtype_bytes: int = 2,
@@ -149,13 +222,16 @@ class MemoryEstimate:
     params_total: int
     params_here: int
     without_te: str | None = None  # the local spec's figure, where it differs
+    params_active: int | None = None  # mixture of experts: what one token passes through
+
 
     @property
     def fits(self) -> bool:
         return self.total_gb <= self.capacity_gb
 
     def describe(self) -> str:
-        lines = [f"parameters: {_count(self.params_total)} in all, {_count(self.params_here)} on the heaviest GPU"]
+        active = f", {_count(self.params_active)} active per token" if self.params_active else ""
+        lines = [f"parameters: {_count(self.params_total)} in all{active}, {_count(self.params_here)} on the heaviest GPU"]
         width = max(len(r[0]) for r in self.rows)
         lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
         verdict = "fits" if self.fits else "does NOT fit: raise tp/pp/cp, enable recompute or shrink the micro-batch"
@@ -200,13 +276,20 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
     # the first stage holds the embedding, the last the output layer: one matrix on either end
     # stage when pp > 1 (tied embeddings keep a copy on each), both on the one stage when pp == 1
     ends = embed * (2 if pp == 1 and not arch.tied else 1)
-    here = (per_stage_layers * arch.layer_params() + ends) // tp
+    ep, etp = expert_parallel(cfg)
+    moe_here = min(per_stage_layers, math.ceil(arch.moe_layers / pp))  # MoE layers on the heaviest stage
+    dense_here = ((per_stage_layers - moe_here) * arch.layer_params() + moe_here * arch.moe_layer_dense_params()
+                  + ends) // tp
+    experts_here = moe_here * arch.experts * arch.expert_params() // (ep * etp)
+    here = dense_here + experts_here
     model_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
     weights = here * model_bytes
     grads = here * 4
     optimizer_per_param = (8 if model_bytes == 4 else 12)  # (fp32 master +) Adam m, v
     shard = dp if cfg.optim.use_distributed_optimizer else 1
-    optimizer = here * optimizer_per_param / shard
+    # expert state is sharded over the expert-data-parallel ranks (the ranks holding the same experts)
+    expert_dp = max(1, p.world_size // (pp * ep * etp)) if cfg.optim.use_distributed_optimizer else 1
+    optimizer = dense_here * optimizer_per_param / shard + experts_here * optimizer_per_param / expert_dp
 
     seq_len = cfg.data.max_prompt_tokens + r.max_new_tokens
     response_share = r.max_new_tokens / seq_len
@@ -234,7 +317,7 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         return in_flight * activation_bytes(
             arch, shape, layers=per_stage_layers, tp=tp, sequence_parallel=p.sequence_parallel,
             recompute=recompute != 0, dtype_bytes=dtype_bytes, flash_attention=flash_attention,
-            recompute_layers=recompute)
+            recompute_layers=recompute, etp=etp)
     activations = activations_with(flash)
     if recompute == 0:
         how_act = "no recompute" + (" (everything fits without)" if cfg.model.recompute_activations else "")
@@ -245,11 +328,15 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
                    + ("" if cfg.model.recompute_layers is not None else " (the fewest that fit)"))
     attention = "flash attention (Transformer Engine)" if flash else "local spec attention (fp32 scores, float32 model)"
     logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=actor.fused_output_layer)
+    experts_how = (f"; experts: {arch.experts // ep} of {arch.experts} per rank (ep={ep}), each cut etp={etp} ways, "
+                   f"{_count(experts_here)} of {_count(here)} parameters" if arch.experts else "")
     rows = [
-        (f"weights ({cfg.model.dtype})", weights / GB, f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage"),
+        (f"weights ({cfg.model.dtype})", weights / GB,
+         f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage{experts_how}"),
         ("gradients (fp32 main_grad)", grads / GB, "full buffer on every DP rank"),
         ("optimizer (Adam)", optimizer / GB,
-         f"{optimizer_per_param} B/param" + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")),
+         f"{optimizer_per_param} B/param" + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")
+         + (f" (experts over expert-dp={expert_dp})" if arch.experts and shard > 1 else "")),
         ("activations", activations / GB,
          f"{how_tokens}, {how_act}, {in_flight} in flight, {attention}"),
         ("output layer and loss", logits / GB,
@@ -266,6 +353,10 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         rows.insert(-1, ("context-parallel K/V", gathered_kv(flash) / GB,
                          f"cp={cp}: " + ("two K/V chunks per layer in flight (TE's ring)" if flash
                                          else "every kept layer's K/V gathered over the CP group (local spec)")))
+    if arch.experts:
+        rows.insert(-1, ("MoE dispatcher buffers", dispatcher_bytes(
+            arch, tokens, ep=ep, tp=tp, sequence_parallel=p.sequence_parallel, dispatcher=cfg.model.moe_dispatcher,
+            dtype_bytes=dtype_bytes) / GB, f"{cfg.model.moe_dispatcher}: one layer's token exchange (balanced routing)"))
     if cfg.algorithm.kl == "reference":
         rows.insert(-1, reference_row(weights, activations + logits, actor.reference_offload))
     total = sum(gb for _, gb, _ in rows)
@@ -274,7 +365,16 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         extra = (activations_with(False) - activations + gathered_kv(False) - gathered_kv(True)) / GB
         without_te = (f"without Transformer Engine (local spec: fp32 attention scores, {arch.heads} heads x the "
                       f"blocks' length^2): activations +{extra:.1f} GB, total {total + extra:.1f} GB")
-    return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here, without_te)
+    return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here, without_te,
+                          arch.active_params() if arch.experts else None)
+
+
+def expert_parallel(cfg) -> tuple[int, int]:
+    """(parallel.ep, parallel.etp), etp null meaning tp; (1, 1) before a config has them."""
+    p = cfg.parallel
+    ep = getattr(p, "ep", 1) or 1
+    etp = getattr(p, "etp", None)
+    return ep, (p.tp if etp is None else etp)
 
 
 # sized recompute aims below the GPU's memory by this factor: the estimate is first-order

@@ -197,7 +197,7 @@ def build_run(cfg: Config) -> Run:
     from the latest checkpoint), the engine holding the actor's weights, and the rest."""
     p, t = cfg.parallel, cfg.train
     init_distributed(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=p.timeout_s,
-                     expected_world_size=p.world_size, seed=t.seed)
+                     expected_world_size=p.world_size, seed=t.seed, ep=p.ep, etp=p.etp)
     run_dir, started = Path(t.output_dir), time.time()
     if is_rank0():
         save_config(cfg, run_dir / "config.yaml")

@@ -15,6 +15,8 @@ def _value(key: str):
     default = key_default(key)
     if isinstance(default, bool):
         return not default
+    if isinstance(default, str):  # a choice: another of the field's values
+        return {"rollout": "none"}[default]
     if default is None:  # max_tokens_per_micro_batch: a budget that holds one group at the default lengths
         return 8 * 9216
     return default * 2 if key.endswith("prompts_per_micro_batch") else default + 1  # still divides a mini-batch

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from real_megatron.actor.batching import Rollout, build_mini_batches, plan_mini_batches
+from real_megatron.actor.batching import build_mini_batches, plan_mini_batches
+from real_megatron.rollout.types import Rollout
 from real_megatron.actor.context_parallel import padded_length, split_micro_batch, tokens_per_rank
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,3 +66,28 @@ def test_incomplete_or_foreign_updates_are_refused(reference):
     state.pop("model.norm.weight")
     with pytest.raises(KeyError, match="lacks 1 tensors"):
         engine.update_weights(state.items(), 1)
+
+
+def test_an_moe_model_takes_the_exports_per_expert_tensors_into_its_stacked_experts(tmp_path):
+    """The streaming export names each expert's projections as the checkpoint files do; transformers
+    keeps one stacked tensor per layer: after the update the engine's logits are exactly those of the
+    model loaded from that checkpoint, and an update missing one expert's tensor is refused by name."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from support.moe_models import make_moe_checkpoint
+
+    start, target = make_moe_checkpoint(tmp_path / "a", seed=0), make_moe_checkpoint(tmp_path / "b", seed=1)
+    engine = LocalEngine(model=transformers.AutoModelForCausalLM.from_pretrained(start).eval())
+    exported = load_file(target / "model.safetensors")
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in exported
+    engine.update_weights(exported.items(), 1)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = transformers.AutoModelForCausalLM.from_pretrained(target).eval()(ids).logits
+        assert torch.equal(engine.model(ids).logits, expected)
+    with pytest.raises(KeyError, match=r"lacks 1 tensors, e.g. \['model.layers.1.mlp.experts.gate_up_proj \(expert slices\)'\]"):
+        engine.update_weights([(k, v) for k, v in exported.items() if k != "model.layers.1.mlp.experts.2.up_proj.weight"], 2)

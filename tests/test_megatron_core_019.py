@@ -38,7 +38,9 @@ SELECTION = ["tests/test_checkpoint_specs.py", "tests/test_actor_parity.py", "te
              C + "test_clear_errors", C + "test_buckets_keep_order_and_size",
              C + "test_trainer_starts_from_a_converted_checkpoint_in_another_layout",
              L + "[2-qwen2_tied]", L + "[2-llama3_scaled]", L + "[2-qwen3_qknorm]",
-             "tests/test_train_loop.py::test_quickstart_shaped_run_leaves_every_artefact"]
+             "tests/test_train_loop.py::test_quickstart_shaped_run_leaves_every_artefact",
+             "tests/test_moe_models.py::test_logits_match_transformers[qwen3_moe-tp2-ep2-alltoall]",
+             "tests/test_moe_models.py::test_moe_layers_get_the_micro_batch_aux_loss_router"]
 
 
 def test_the_actor_checkpoints_conversion_and_training_loop_under_megatron_core_0_19():

@@ -141,3 +141,37 @@ def test_the_local_specs_attention_is_modelled_beside_flash_attention():
     assert act_fp32 > 2 * act_bf16 + scores * 0.99
     assert "local spec attention" in fp32.describe() and fp32.without_te is None
     assert bf16.without_te and "without Transformer Engine" in bf16.describe()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_moe_parameter_counts_equal_the_real_models(family):
+    """Mixture-of-experts: every parameter (one layer dense through mlp_only_layers), and the active
+    ones (all but the unrouted experts' weights) from the model's own expert tensors."""
+    config_cls = {"qwen3_moe": transformers.Qwen3MoeConfig, "qwen2_moe": transformers.Qwen2MoeConfig}[family]
+    extra = {"qwen3_moe": dict(head_dim=24), "qwen2_moe": dict(shared_expert_intermediate_size=40)}[family]
+    config = config_cls(**SMALL, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
+                        tie_word_embeddings=False, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    arch = Architecture.from_hf(config.to_dict())
+    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    per_layer = sum(p.numel() for p in experts[0].parameters())
+    assert arch.moe_layers == len(experts) == 2
+    assert arch.total_params() == sum(p.numel() for p in model.parameters())
+    assert arch.active_params() == arch.total_params() - len(experts) * per_layer * (6 - 2) // 6
+
+
+def test_qwen3_30b_a3b_counts_are_the_published_and_transformers_on_the_meta_device():
+    """The shipped 30B-A3B config's architecture against transformers' Qwen3MoeForCausalLM of the
+    same config built on the meta device: 30.5B parameters, 3.3B active (the published figures)."""
+    import torch
+
+    cfg = load_config(ROOT / "configs" / "real_qwen3_30b_a3b.yaml")
+    arch = architecture_of(cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.Qwen3MoeConfig(**{k: v for k, v in cfg.model.hf_config_overrides.items() if k != "model_type"}))
+    total = sum(p.numel() for p in model.parameters())
+    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    unrouted = sum(sum(p.numel() for p in m.parameters()) for m in experts) * (128 - 8) // 128
+    assert arch.total_params() == total and round(total / 1e9, 1) == 30.5
+    assert arch.active_params() == total - unrouted and 3.3 <= arch.active_params() / 1e9 < 3.4  # published: "3.3B"

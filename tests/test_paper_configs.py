@@ -67,3 +67,22 @@ def test_long_rollout_config_needs_context_parallelism_to_fit():
     assert not estimate.fits and estimate.total_gb > 100
     split = load_config(path)
     assert estimate_memory(split, architecture_of(split), 80.0).fits
+
+
+def test_qwen3_30b_a3b_configs_dry_run_their_moe_plan_and_the_one_node_split_is_refused():
+    """Multi-node: parameters in all and active, experts per GPU, the dispatcher's buffers, the
+    servers' KV room, and a fit. One node of 8 x 80 GB: Adam over 30.5B parameters does not fit four
+    trainer GPUs, and the dry run says so (exit 2) with the figure."""
+    def dry_run(name):
+        return subprocess.run([EXE, "train", str(ROOT / "configs" / name), "--dry-run"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    out = dry_run("real_qwen3_30b_a3b.yaml")
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("config OK"), out.stderr
+    for line in ("parameters: 30.53 B in all, 3.35 B active per token", "experts: 16 of 128 per rank (ep=8)",
+                 "MoE dispatcher buffers", "SGLang server GPU: weights 30.5 GB (bf16, tp=2)", "per GPU: fits"):
+        assert line in out.stdout, out.stdout[-2500:]
+    one_node = dry_run("real_qwen3_30b_a3b_1node.yaml")
+    assert one_node.returncode == 2, one_node.stdout[-2000:]
+    assert "experts: 32 of 128 per rank (ep=4)" in one_node.stdout and "does NOT fit" in one_node.stdout
+    assert "the layout does not fit: a trainer GPU needs about 158 GB of 80 GB" in one_node.stderr

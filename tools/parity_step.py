@@ -18,6 +18,9 @@ launch, one after another on the same processes (ARGS added to the command line'
 KL term to the seed's initial model (the frozen reference, on the same layout), --kl old to pi_old.
 The actor's data path is its default (packed rows, fused output layer, micro-batches of whole
 groups); --padded, --naive-output-layer and --max-tokens select the others for comparison.
+--hf DIR trains that HF checkpoint instead of the seed's model (e.g. a tiny Qwen3-MoE); with a
+mixture-of-experts model --ep/--etp spread its experts, --moe-aux-loss-coef sets the
+load-balancing loss (default: the HF config's) and --dispatcher picks megatron's token dispatcher.
 """
 
 from __future__ import annotations
@@ -94,6 +97,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-hf", help="also write the seed's initial model as an HF checkpoint here")
     parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
     parser.add_argument("--short-rollouts", action="store_true", help="prompt group 0 of 2-3 token rollouts")
+    parser.add_argument("--hf", help="train this HF checkpoint directory instead of the seed's tiny model")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel (mixture-of-experts models)")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: --tp)")
+    parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
+    parser.add_argument("--moe-aux-loss-coef", type=float, default=None, help="default: the HF config's")
     parser.add_argument("--layout", action="append", default=[], metavar='NAME="ARGS"',
                         help="run this layout too (several: one after another in this launch); --out is then a directory")
     return parser
@@ -132,18 +140,22 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
     from real_megatron.convert.hf_io import HFCheckpointReader
     from real_megatron.objectives import build_objective
 
-    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, timeout_s=300, seed=args.seed)
+    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, timeout_s=300, seed=args.seed, ep=args.ep,
+                     etp=args.etp)
     model = dict(MODEL, tie_word_embeddings=args.tied)
-    spec = ArchSpec.from_hf(model, "parity model")
+    spec = ArchSpec.from_pretrained(args.hf) if args.hf else ArchSpec.from_hf(model, "parity model")
     # Non-zero biases: the k_proj bias has an exactly zero gradient (softmax is shift-invariant), so
     # Adam turns its rounding noise into +-lr steps; from zero that noise would be the whole tensor.
     weights = init_hf_state_dict(spec, args.seed, bias_std=spec.initializer_range)
     settings = ActorSettings(
-        parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel),
+        parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
+                                ep=args.ep, etp=args.etp),
         optim=OptimConfig(lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad),
         groups_per_mini_batch=GROUPS, total_steps=100, recompute_activations=args.recompute,
         actor=ActorConfig(prompts_per_micro_batch=GROUPS // args.micro_batches, max_tokens_per_micro_batch=args.max_tokens,
-                          pack_sequences=not args.padded, fused_output_layer=not args.naive_output_layer),
+                          pack_sequences=not args.padded, fused_output_layer=not args.naive_output_layer,
+                          routing_replay="none"),
+        moe_dispatcher=args.dispatcher, moe_aux_loss_coef=args.moe_aux_loss_coef,
     )
     if args.write_hf and torch.distributed.get_rank() == 0:
         os.makedirs(args.write_hf, exist_ok=True)
@@ -151,6 +163,8 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
         with open(os.path.join(args.write_hf, "config.json"), "w") as f:
             json.dump(dict(model, architectures=["Qwen2ForCausalLM"], torch_dtype="float32"), f, indent=1)
     source = weights.__getitem__
+    if args.hf:
+        source = HFCheckpointReader(args.hf, spec).get
     if args.init_from:
         if os.path.exists(os.path.join(args.init_from, "metadata.json")):
             source = args.init_from  # megatron dist checkpoint
@@ -166,7 +180,9 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
         if torch.distributed.get_rank() == 0:
             print(f"{prefix}step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
                   f"micro_batches {metrics['micro_batches']}" + (f" kl_mean {metrics['kl_mean']:.10e}" if args.kl != "none"
-                                                                 else ""), flush=True)
+                                                                 else "")
+                  + (f" moe_aux_loss {metrics['moe_aux_loss']:.10e} moe_expert_load_max {metrics['moe_expert_load_max']:.6f}"
+                     if "moe_aux_loss" in metrics else ""), flush=True)
     if args.save:
         save_checkpoint(actor, args.save, {"step": start + args.steps})
     state = actor.gather_hf_state_dict()

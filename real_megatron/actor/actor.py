@@ -40,7 +40,10 @@ from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
 from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
 from .reference import ReferenceModel
-from .settings import FLOAT16_REFUSED, ActorConfig, OptimConfig
+from .moe_router import moe_padding_mask
+from .moe_stats import MoEStats
+from .routing_replay import RoutingReplay, check_routed_experts
+from .settings import FLOAT16_REFUSED, ActorConfig, ModelConfig, OptimConfig
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ class ActorSettings:
     logprob_temperature: float = 1.0
     mismatch_threshold: float = AlgorithmConfig.mismatch_threshold  # |log pi_old - log pi_engine| in mismatch_frac
     pad_id: int = 0
+    moe_dispatcher: str = ModelConfig.moe_dispatcher  # MoE models: model.moe_dispatcher
+    moe_aux_loss_coef: Optional[float] = None  # model.moe_aux_loss_coef (None: the HF config's router_aux_loss_coef)
 
     @classmethod
     def from_config(cls, cfg, pad_id: int) -> "ActorSettings":
@@ -78,6 +83,7 @@ class ActorSettings:
             groups_per_mini_batch=t.prompts_per_mini_batch, updates_per_batch=a.updates_per_batch,
             use_engine_logprobs=r.use_engine_logprobs, logprob_temperature=r.temperature if r.temperature > 0 else 1.0,
             mismatch_threshold=a.mismatch_threshold, pad_id=pad_id,
+            moe_dispatcher=cfg.model.moe_dispatcher, moe_aux_loss_coef=cfg.model.moe_aux_loss_coef,
         )
 
 
@@ -131,10 +137,14 @@ class Actor:
         # context parallelism: each packed sequence split over the CP group (context_parallel.py)
         self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         self.cp_group = ps.get_context_parallel_group() if self.cp_size > 1 else None
+        if self.cp_size > 1 and spec.moe is not None:
+            raise ValueError("Actor: context parallelism with a mixture-of-experts model is not supported yet "
+                             "(routing replay's experts are not split over the context-parallel ranks)")
         self.config = transformer_config(
             spec, tp=s.parallel.tp, pp=s.parallel.pp, vpp=s.parallel.vpp, cp=self.cp_size,
             sequence_parallel=s.parallel.sequence_parallel, dtype=s.dtype,
             recompute=s.recompute_activations, recompute_layers=s.recompute_layers,
+            ep=s.parallel.ep, etp=s.parallel.etp, moe_dispatcher=s.moe_dispatcher, moe_aux_loss_coef=s.moe_aux_loss_coef,
         )
         chunks = build_model_chunks(spec, self.config)
         if s.actor.fused_output_layer:
@@ -180,6 +190,14 @@ class Actor:
         self.consecutive_skips = 0  # non-finite updates in a row (saved in checkpoints)
         # where the model lives: micro-batches and metric tensors go here (NCCL reduces CUDA tensors only)
         self.device = next(unwrap(self.chunks[0]).parameters()).device
+        # MoE models: each router takes the engine's experts (replay) and measures where its own differ
+        self.routing = None if spec.moe is None else RoutingReplay(
+            self.chunks, replay=s.actor.routing_replay == "rollout", moe_layer_indices=spec.moe.moe_layers,
+            tp_rank=self.tp_rank, tp_size=s.parallel.tp, sequence_parallel=s.parallel.sequence_parallel)
+        # MoE models: load-balancing loss and expert load per step, summed over the ranks with other tokens or layers
+        self.moe_stats = None if spec.moe is None else MoEStats(
+            self.chunks, spec.moe, [self.dp_group, self.tp_group if s.parallel.sequence_parallel else None,
+                                    ps.get_pipeline_model_parallel_group()], self.device)
         self.reference = None  # frozen initial weights on this layout, for kl='reference'
         if objective.kl == "reference":
             self.reference = ReferenceModel(spec, self.config, weights if reference is None else reference,
@@ -202,6 +220,11 @@ class Actor:
                 raise ValueError(f"step {step}: {why} needs the engine's log-prob of every response token; "
                                  f"{len(missing)} of {len(rollouts)} rollouts lack them (e.g. rollout {missing[0]}, "
                                  f"group {rollouts[missing[0]].group})")
+        if self.routing is not None:
+            m = self.spec.moe
+            check_routed_experts(rollouts, len(m.moe_layers), m.top_k, m.num_experts, step=step,
+                                 required=s.actor.routing_replay == "rollout")
+            self.routing.start_measuring()
         timings = {}
         start = time.perf_counter()
         minis = build_mini_batches(
@@ -209,6 +232,7 @@ class Actor:
             pad_id=s.pad_id, pad_to_multiple=s.parallel.tp if s.parallel.sequence_parallel else 1,
             uniform_shape=s.parallel.pp > 1, packed=s.actor.pack_sequences, max_tokens=s.actor.max_tokens_per_micro_batch,
             cp_size=self.cp_size, cp_rank=self.cp_rank,
+            same_shape_across_ranks=s.parallel.ep > 1 and s.moe_dispatcher == "allgather",
         )
         timings["batch_s"] = time.perf_counter() - start
         layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),
@@ -222,6 +246,9 @@ class Actor:
             else:
                 self.compute_old_logprobs(mini)
         timings["old_logprobs_s"] = time.perf_counter() - start
+        routing = {}  # routing_mismatch_frac, measured where pi_old is made (else at the first update)
+        if self.routing is not None and not s.use_engine_logprobs:
+            routing = self.routing.take_mismatch(self.device)
         mismatch = None if s.use_engine_logprobs else self._mismatch_partials(minis)
         if self.reference is not None:  # log pi_ref: one more forward of the batch, frozen weights
             start = time.perf_counter()
@@ -237,10 +264,15 @@ class Actor:
                 where = (f"step {step}, " if step is not None else "") + (
                     f"update {update + 1} of {s.updates_per_batch}, mini-batch {index + 1} of {len(minis)}")
                 records.append(self._update(mini, where))
+            if update == 0 and self.routing is not None and s.use_engine_logprobs:
+                routing = self.routing.take_mismatch(self.device)
         timings["update_s"] = time.perf_counter() - start
         metrics = self._reduce_metrics(records, mismatch)
         self._check_first_update(metrics, step)
         metrics.update(rollout_stats(rollouts))
+        metrics.update(routing)
+        if self.moe_stats is not None:
+            metrics.update(self.moe_stats.step_metrics())
         metrics.update(timings)
         metrics.update(layout)
         metrics.update(device_memory())
@@ -356,6 +388,8 @@ class Actor:
         vpp = len(chunks)
         iterators = [iter(mini.micro_batches) for _ in range(vpp)] if vpp > 1 else iter(mini.micro_batches)
         step = partial(self._forward_step, mode=mode, counts=counts, num_micro=num_micro)
+        if self.routing is not None:
+            self.routing.begin_pass()
         return get_forward_backward_func()(
             forward_step_func=step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
             num_microbatches=num_micro, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
@@ -363,8 +397,11 @@ class Actor:
 
     def _forward_step(self, data_iterator, model, *, mode: str, counts: dict, num_micro: int):
         mb = next(data_iterator).to(self.device)  # the one place a micro-batch leaves the host
+        if self.routing is not None:  # this chunk's routers: the micro-batch's engine experts
+            self.routing.feed(model, mb.routed_experts)
         # last stage: hidden states [b, s, h] (fused) or logits [b, s, V/tp]; packed rows are [1, T]
-        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params())
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(),
+                       **moe_padding_mask(self.spec, self.config, mb))
         return output, partial(self._loss, unwrap(model), mb, mode, counts, num_micro)
 
     def _token_logprobs(self, model, mb, output: torch.Tensor):

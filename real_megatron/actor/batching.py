@@ -56,6 +56,9 @@ class MicroBatch:
     cu_seqlens_padded: Optional[torch.Tensor] = None  # int32: global padded sequence starts (cu_seqlens: real)
     cp_source: Optional[torch.Tensor] = None  # [N] each token's place in the CP-gathered [C * cp_tokens] values
     cp_tokens: int = 0  # the most response tokens one CP rank scores
+    # the engine's experts at each token slot of `tokens`, int16 [b, s, MoE layers, top_k]; -1 where
+    # the engine routed nothing (each rollout's last token, padding); None when no rollout carries them
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def num_response_tokens(self) -> int:
@@ -258,6 +261,8 @@ def make_micro_batch(
             engine.extend(r.engine_logprobs)
         else:
             engine = None  # the engine's log-probs are used only when every rollout has them
+    routed = _routed_experts_slots(rollouts, ids, starts, [0] * len(ids) if packed else list(range(len(ids))),
+                                   tokens.shape)
     cu_seqlens, max_seqlen = None, 0
     if packed:
         bounds = starts + [offset] + ([width] if width > offset else [])  # the padding tail is a segment of its own
@@ -282,7 +287,22 @@ def make_micro_batch(
         max_seqlen=max_seqlen,
         sequence_tokens=offset,
         engine_logprobs=torch.tensor(engine, dtype=torch.float32) if engine is not None else None,
+        routed_experts=routed,
     )
+
+
+def _routed_experts_slots(rollouts: list[Rollout], ids: list[int], starts: list[int], rows: list[int],
+                          shape: torch.Size) -> Optional[torch.Tensor]:
+    """The engine's experts laid out like the token slots ([b, s, layers, k], -1 where none)."""
+    carried = [rollouts[i].routed_experts for i in ids if rollouts[i].routed_experts is not None]
+    if not carried:
+        return None
+    out = torch.full((*shape, *carried[0].shape[1:]), -1, dtype=torch.int16)
+    for i, row, start in zip(ids, rows, starts):
+        experts = rollouts[i].routed_experts
+        if experts is not None:
+            out[row, start : start + experts.shape[0]] = experts.to(torch.int16)
+    return out
 
 
 def padding_fraction(micro_batches: list[MicroBatch]) -> float:
@@ -295,15 +315,19 @@ def padding_fraction(micro_batches: list[MicroBatch]) -> float:
 def build_mini_batches(
     rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int, dp_rank: int,
     *, pad_id: int = 0, pad_to_multiple: int = 1, uniform_shape: bool = False, packed: bool = False,
-    max_tokens: int | None = None, cp_size: int = 1, cp_rank: int = 0,
+    max_tokens: int | None = None, cp_size: int = 1, cp_rank: int = 0, same_shape_across_ranks: bool = False,
 ) -> list[MiniBatch]:
     """This DP rank's mini-batches. uniform_shape: every micro-batch of a mini-batch padded to one
     [rows, width] (what pipeline parallelism needs). packed: one packed row per micro-batch.
     max_tokens: micro-batches by this token budget per rank (else groups_per_micro groups each).
     cp_size > 1: each packed row split over the context-parallel ranks, this one's share
-    (context_parallel.py; pad_to_multiple then applies to each sequence's chunks)."""
+    (context_parallel.py; pad_to_multiple then applies to each sequence's chunks).
+    same_shape_across_ranks: that one shape is the largest over every DP rank too (megatron's
+    allgather MoE dispatcher gathers equal-sized token blocks from the expert-parallel ranks)."""
     if cp_size > 1 and not packed:
         raise ValueError("context parallelism needs packed sequences (actor.pack_sequences: true)")
+    if cp_size > 1 and same_shape_across_ranks:
+        raise ValueError("context parallelism with the allgather MoE dispatcher is not supported (model.moe_dispatcher: alltoall)")
     for i, r in enumerate(rollouts):
         if not r.response_ids or not r.prompt_ids:
             raise ValueError(f"rollout {i} (group {r.group}) has an empty {'response' if r.prompt_ids else 'prompt'}")
@@ -320,11 +344,12 @@ def build_mini_batches(
     for mini in plan:
         micro_batches = []
         shape = None
-        if uniform_shape and packed and cp_size == 1:
-            shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[dp_rank]) for ranks in mini))
-        elif uniform_shape and not packed:
-            shape = (max(len(ranks[dp_rank]) for ranks in mini),
-                     max(rollouts[i].num_tokens for ranks in mini for i in ranks[dp_rank]))
+        sizes = range(dp_size) if same_shape_across_ranks else [dp_rank]  # whose micro-batches set the shape
+        if (uniform_shape or same_shape_across_ranks) and packed and cp_size == 1:
+            shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[r]) for ranks in mini for r in sizes))
+        elif (uniform_shape or same_shape_across_ranks) and not packed:
+            shape = (max(len(ranks[r]) for ranks in mini for r in sizes),
+                     max(rollouts[i].num_tokens for ranks in mini for r in sizes for i in ranks[r]))
         for ranks in mini:
             micro_groups = sorted({rollouts[i].group for ids in ranks for i in ids})
             micro_batches.append(

@@ -29,6 +29,22 @@ class _NullStream:
     def synchronize(self):
         pass
 
+    def record_event(self, event=None):
+        return _NullEvent()
+
+
+class _NullEvent:
+    """Stands in for a CUDA event recorded on a _NullStream: already complete."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
 
 class _CudaFactoryToCpu(TorchFunctionMode):
     """Tensor factories called with device="cuda" get the CPU instead.
@@ -76,6 +92,32 @@ def quiet_known_warnings() -> None:
     patterns = _ALWAYS_EXPECTED_WARNINGS + (() if torch.cuda.is_available() else _CPU_EXPECTED_WARNINGS)
     for pattern in patterns:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
+def _enable_moe() -> None:
+    """The mixture-of-experts layer's CUDA-only spots (megatron.core.transformer.moe)."""
+    import contextlib
+
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # router_gating_linear (TopKRouter.gating) calls `te_general_gemm`, a name moe_utils binds only
+    # when Transformer Engine imports (a NameError without it); None selects its torch.mm branch.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # MoEAlltoAllTokenDispatcher.__init__ creates a torch.cuda.Stream for its device-to-host copies
+    # of the split sizes (a class attribute, made once), and _maybe_dtoh_and_synchronize enters
+    # torch.cuda.stream(...) and records an event on it: on CPU the sizes are already on the host.
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NullStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # ...and there maybe_move_tensor_to_cpu turns the all-to-all split sizes into numpy arrays only
+    # when they are CUDA tensors; CPU tensors would reach all_to_all_single as tensors, which gloo
+    # refuses as split sizes: the same conversion for host tensors.
+    def split_sizes_on_host(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = split_sizes_on_host
 
 
 def enable() -> bool:
@@ -140,6 +182,8 @@ def enable() -> bool:
         return torch.triu(torch.ones(sq, sq, device=_CPU), diagonal=1).bool()
 
     transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = cpu_causal_mask
+
+    _enable_moe()
 
     # Literal device="cuda" in factory calls, for the rest of the process (main thread).
     _CudaFactoryToCpu().__enter__()

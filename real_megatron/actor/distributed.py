@@ -119,9 +119,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def init_distributed(
     *, tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, timeout_s: float = 600.0,
-    expected_world_size: int | None = None, seed: int = 1234,
+    expected_world_size: int | None = None, seed: int = 1234, ep: int = 1, etp: int | None = None,
 ) -> LaunchEnv:
-    """Join (or create) the default process group and megatron-core's TP/PP/DP/CP groups."""
+    """Join (or create) the default process group and megatron-core's TP/PP/DP/CP groups, and for
+    mixture-of-experts models its expert groups (EP, expert TP = etp or tp, expert DP)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -155,6 +156,8 @@ def init_distributed(
             pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
             context_parallel_size=cp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
             distributed_timeout_minutes=max(1, int(timeout_s // 60)),
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

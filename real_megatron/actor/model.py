@@ -1,4 +1,5 @@
-"""A megatron-core GPTModel from a Hugging Face `config.json` (Qwen2/2.5, Llama 3.x, Qwen3 dense).
+"""A megatron-core GPTModel from a Hugging Face `config.json` (Qwen2/2.5, Llama 3.x, Qwen3 dense,
+Qwen3-MoE and Qwen2-MoE: their expert layers are megatron-core's MoELayer, see moe.py).
 
 `ArchSpec` reads the architecture facts once (with clear errors for what is not supported);
 `transformer_config` and `build_model_chunks` turn them into megatron-core objects. The
@@ -18,7 +19,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_FAMILIES = ("qwen2", "llama", "qwen3")  # HF model_type
+from .moe import MOE_FAMILIES, MoESpec, mark_expert_params, moe_config_kwargs
+
+SUPPORTED_FAMILIES = ("qwen2", "llama", "qwen3") + MOE_FAMILIES  # HF model_type
 
 
 class UnsupportedModelError(ValueError):
@@ -43,6 +46,7 @@ class ArchSpec:
     tie_word_embeddings: bool
     max_position_embeddings: int
     initializer_range: float
+    moe: Optional[MoESpec] = None  # experts, router, which layers are sparse; None: a dense model
 
     @classmethod
     def from_hf(cls, config: dict | Any, source: str = "<config>") -> "ArchSpec":
@@ -52,10 +56,13 @@ class ArchSpec:
             arch = cfg.get("architectures") or family
             raise UnsupportedModelError(
                 f"{source}: unsupported architecture {arch!r} (model_type={family!r}); supported model types: "
-                f"{', '.join(SUPPORTED_FAMILIES)} (Qwen2/Qwen2.5 incl. DeepSeek-R1-Distill-Qwen, Llama 3.x, Qwen3 dense)"
+                f"{', '.join(SUPPORTED_FAMILIES)} (Qwen2/Qwen2.5 incl. DeepSeek-R1-Distill-Qwen, Llama 3.x, Qwen3 dense, "
+                "Qwen3-MoE, Qwen2-MoE)"
             )
-        if cfg.get("num_experts") or cfg.get("num_local_experts"):
-            raise UnsupportedModelError(f"{source}: mixture-of-experts models are not supported (dense only)")
+        if family not in MOE_FAMILIES and (cfg.get("num_experts") or cfg.get("num_local_experts")):
+            key = "num_experts" if cfg.get("num_experts") else "num_local_experts"
+            raise UnsupportedModelError(f"{source}: {key}={cfg[key]} in a {family!r} config: experts are mapped "
+                                        f"for model types {', '.join(MOE_FAMILIES)} only")
 
         def need(key):
             if key not in cfg or cfg[key] is None:
@@ -84,11 +91,12 @@ class ArchSpec:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rope_scaling=dict(scaling) if scaling else None,
-            qkv_bias=True if family == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qkv_bias=_qkv_bias(family, cfg),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             initializer_range=float(cfg.get("initializer_range", 0.02)),
+            moe=MoESpec.from_hf(cfg, family, need("num_hidden_layers"), source) if family in MOE_FAMILIES else None,
         )
 
     @classmethod
@@ -103,19 +111,31 @@ class ArchSpec:
         """Megatron splits the vocabulary evenly over TP ranks: pad to a multiple of tp."""
         return math.ceil(self.vocab_size / tp) * tp
 
-    def check_parallel(self, tp: int, pp: int, vpp: int | None = None) -> None:
+    def check_parallel(self, tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None) -> None:
         problems = []
+        if self.moe is None and (ep > 1 or (etp or 1) > 1):
+            problems.append(f"ep={ep}, etp={etp}: expert parallelism needs a mixture-of-experts model")
+        elif self.moe is not None:
+            problems += self.moe.check_parallel(tp, ep, tp if etp is None else etp)
         if self.num_heads % tp:
             problems.append(f"num_attention_heads={self.num_heads} is not divisible by tp={tp}")
         if self.num_kv_heads % tp:
             problems.append(f"num_key_value_heads={self.num_kv_heads} is not divisible by tp={tp}")
-        if self.intermediate_size % tp:
+        if self.intermediate_size % tp and (self.moe is None or not all(self.moe.layer_pattern)):
             problems.append(f"intermediate_size={self.intermediate_size} is not divisible by tp={tp}")
         stages = pp * (vpp or 1)
         if self.num_layers % stages:
             problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp*vpp={stages}")
         if problems:
             raise ValueError(f"{self.family} model cannot be split this way: " + "; ".join(problems))
+
+
+def _qkv_bias(family: str, cfg: dict) -> bool:
+    if family == "qwen2":
+        return True
+    if family == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True))  # transformers' Qwen2MoeConfig: qkv_bias, default true
+    return bool(cfg.get("attention_bias", False))
 
 
 def rope_inv_freq(spec: ArchSpec) -> torch.Tensor:
@@ -189,14 +209,22 @@ def transformer_config(
     recompute: bool = False,
     on_gpu: bool | None = None,
     recompute_layers: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
+    moe_dispatcher: str = "alltoall",
+    moe_aux_loss_coef: float | None = None,
 ):
     """on_gpu: None = whether CUDA is available (it decides the fusions and where init happens).
     recompute_layers: with recompute, the first N layers of each stage (block method); None or all
-    of them = every layer (uniform, one at a time); 0 = none."""
+    of them = every layer (uniform, one at a time); 0 = none. ep, etp (None: tp), moe_dispatcher,
+    moe_aux_loss_coef (None: the HF config's router_aux_loss_coef): mixture-of-experts models only."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    spec.check_parallel(tp, pp, vpp)
+    spec.check_parallel(tp, pp, vpp, ep, etp)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    moe = {} if spec.moe is None else moe_config_kwargs(
+        spec.moe, ep=ep, etp=etp, dispatcher=moe_dispatcher, aux_loss_coef=moe_aux_loss_coef,
+        grouped_gemm=use_transformer_engine(dtype) and on_gpu)
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -233,6 +261,7 @@ def transformer_config(
         context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         **_recompute(recompute, recompute_layers, spec.num_layers // (pp * (vpp or 1))),
+        **moe,
     )
 
 
@@ -257,36 +286,64 @@ class RMSNorm(torch.nn.RMSNorm):
             self.weight.sequence_parallel = True
 
 
-def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None):
+def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None, num_experts: int | None = None):
     """Transformer Engine's spec (THD packed sequences through its fused attention), else the local
     one with core attention that also takes packed sequences (packed_attention.py) and RMSNorm that
-    also takes sequence parallelism."""
+    also takes sequence parallelism. num_experts: an MoE layer (megatron's MoELayer: TE's grouped
+    GEMM experts on GPU, SequentialMLP experts in the local spec)."""
     if use_transformer_engine(dtype):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+        return _with_router(get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=spec.qk_norm))
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from .packed_attention import PackedDotProductAttention
 
-    local = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    local = get_gpt_layer_local_spec(num_experts=num_experts, qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     layer, attention = local.submodules, local.submodules.self_attention.submodules
     attention.core_attention = PackedDotProductAttention
     layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
     if spec.qk_norm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
-    return local
+    return _with_router(local)
+
+
+def _with_router(layer):
+    """An MoE layer's router: megatron's TopKRouter with the aux loss over the whole micro-batch
+    (moe_router.py); dense layers pass through."""
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+
+    mlp = layer.submodules.mlp  # a ModuleSpec (0.16), or functools.partial(MoELayer, submodules=...) (0.19)
+    submodules = getattr(mlp, "submodules", None) or getattr(mlp, "keywords", {}).get("submodules")
+    if isinstance(submodules, MoESubmodules):
+        from .moe_router import MicroBatchAuxLossRouter
+
+        submodules.router = MicroBatchAuxLossRouter
+    return layer
 
 
 def block_spec(spec: ArchSpec, config, vp_stage: int | None):
-    """This stage's transformer block: its layers and, for the local spec, the final norm."""
-    local = layer_spec(spec, config.params_dtype)
-    if use_transformer_engine(config.params_dtype):
-        return local
+    """This stage's transformer block: its layers and, for the local spec, the final norm. In an MoE
+    model each layer is dense or sparse as the HF config says (MoESpec.layer_pattern)."""
+    te = use_transformer_engine(config.params_dtype)
+    dense = layer_spec(spec, config.params_dtype)
+    if te and spec.moe is None:
+        return dense
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    return TransformerBlockSubmodules(layer_specs=[local] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=RMSNorm)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    layers = [dense] * count
+    if spec.moe is not None:
+        sparse = layer_spec(spec, config.params_dtype, num_experts=spec.moe.num_experts)
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        layers = [sparse if spec.moe.layer_pattern[offset + i] else dense for i in range(count)]
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=layers, layer_norm=TENorm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
 
 
 def fuse_te_weight_gradients(model: torch.nn.Module) -> int:
@@ -329,6 +386,8 @@ def build_model_chunks(spec: ArchSpec, config) -> list[torch.nn.Module]:
             rotary_base=int(spec.rope_theta),
             **kwargs,
         )
+        if spec.moe is not None:
+            mark_expert_params(model)  # one optimizer structure at every EP size (checkpoints reshard)
         if use_transformer_engine(config.params_dtype) and not config.gradient_accumulation_fusion:
             fuse_te_weight_gradients(model)  # no Apex: TE's own fusion still applies
         if getattr(model, "rotary_pos_emb", None) is not None:

@@ -28,6 +28,10 @@ class ModelConfig:
     # checkpoint exists yet (tiny models in tests and the CPU quickstart), and give --dry-run's
     # memory estimate the architecture when the checkpoint is not on this machine.
     hf_config_overrides: dict[str, Any] = field(default_factory=dict)
+    # mixture-of-experts models (docs/moe.md): megatron's token dispatcher between expert-parallel
+    # ranks, and the load-balancing loss's coefficient (null: the HF config's router_aux_loss_coef)
+    moe_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_aux_loss_coef: Optional[float] = None
 
     def check(self) -> list[str]:
         errors = []
@@ -70,6 +74,10 @@ class ActorConfig:
     max_consecutive_skips: int = 5
     # algorithm.kl=reference: the reference model's weights wait in host memory between log-prob passes
     reference_offload: bool = False
+    # mixture-of-experts models: "rollout" = every actor forward (old log-probs, updates) routes each
+    # token to the experts the rollout engine routed it to; "none" = the actor's own routers.
+    # routing_mismatch_frac is measured either way (docs/moe_routing_replay.md)
+    routing_replay: Literal["none", "rollout"] = "rollout"
 
 
 

@@ -2,11 +2,14 @@
 
 `load_hf_weights` fills this rank's parameters from HF tensors (a checkpoint, or a deterministic
 initialisation) and `iter_hf_tensors` yields HF-named full tensors of this rank's pipeline stage,
-gathered over tensor parallelism one parameter at a time (bounded memory).
+gathered over tensor parallelism one parameter at a time (bounded memory). A routed expert's weight
+is gathered over expert-tensor parallelism, then over expert parallelism (each EP rank holds other
+experts: one gather yields ep experts' tensors).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterator
 
 import torch
@@ -41,19 +44,45 @@ def _tp():
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
 
 
+def _etp():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_group(check_initialized=False))
+
+
+def _ep():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank(),
+            ps.get_expert_model_parallel_group(check_initialized=False))
+
+
+def _expert_offset(spec: ArchSpec) -> int:
+    """Global index of this EP rank's first expert (megatron's BaseMoELayer.local_expert_indices)."""
+    if spec.moe is None:
+        return 0
+    ep, ep_rank, _ = _ep()
+    return ep_rank * (spec.moe.num_experts // ep)
+
+
 @torch.no_grad()
 def load_hf_weights(chunks: list[torch.nn.Module], spec: ArchSpec, get_tensor: Callable[[str], torch.Tensor]) -> None:
     """Copy HF tensors (`get_tensor(hf_name)`) into this rank's shards of every parameter."""
     tp, rank, _ = _tp()
+    etp, etp_rank, _ = _etp() if spec.moe is not None else (1, 0, None)
+    offset = _expert_offset(spec)
     for chunk in chunks:
         for name, param, layer in named_params(chunk):
-            rule, hf_names = rule_for(name, spec, layer)
+            rule, hf_names = rule_for(name, spec, layer, offset)
             tensors = [get_tensor(n) for n in hf_names]
-            shard = shard_from_hf(rule, tensors, spec, tp, rank)
+            size, index = (etp, etp_rank) if rule.expert else (tp, rank)
+            shard = shard_from_hf(rule, tensors, spec, size, index)
             if shard.shape != param.shape:
                 raise ValueError(
                     f"HF tensor(s) {', '.join(hf_names)} give shape {tuple(shard.shape)} for megatron parameter "
-                    f"{name!r}, which has shape {tuple(param.shape)} (tp={tp}): is the checkpoint for this model?"
+                    f"{name!r}, which has shape {tuple(param.shape)} ({'etp' if rule.expert else 'tp'}={size}): "
+                    "is the checkpoint for this model?"
                 )
             param.data.copy_(shard.to(param.dtype))
 
@@ -62,17 +91,38 @@ def load_hf_weights(chunks: list[torch.nn.Module], spec: ArchSpec, get_tensor: C
 def iter_hf_tensors(chunks: list[torch.nn.Module], spec: ArchSpec) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named full tensors of this rank's pipeline stage (identical on every TP rank)."""
     tp, _, group = _tp()
+    offset = _expert_offset(spec)
     for chunk in chunks:
         for name, param, layer in named_params(chunk):
             if name == "output_layer.weight" and spec.tie_word_embeddings:
                 continue  # the first stage's embedding is the same tensor
-            rule, hf_names = rule_for(name, spec, layer)
-            if rule.kind == "replicated" or tp == 1:
-                shards = [param.detach()]
-            else:
-                shards = [torch.empty_like(param) for _ in range(tp)]
-                dist.all_gather(shards, param.detach().contiguous(), group=group)
+            rule, hf_names = rule_for(name, spec, layer, offset)
+            if rule.expert:
+                yield from _gather_expert(rule, param, spec, name, layer)
+                continue
+            shards = _gather(param, tp, group) if rule.kind != "replicated" else [param.detach()]
             yield from zip(hf_names, hf_from_shards(rule, shards, spec))
+
+
+def _gather(param: torch.Tensor, size: int, group) -> list[torch.Tensor]:
+    if size == 1:
+        return [param.detach()]
+    shards = [torch.empty_like(param) for _ in range(size)]
+    dist.all_gather(shards, param.detach().contiguous(), group=group)
+    return shards
+
+
+def _gather_expert(rule, param: torch.Tensor, spec: ArchSpec, name: str, layer: int | None):
+    """One local expert weight, gathered over ETP into its HF tensors, then over EP: the HF
+    tensors of the same local index on every EP rank (global experts j, j + E/ep, ...)."""
+    etp, _, etp_group = _etp()
+    ep, _, ep_group = _ep()
+    local = hf_from_shards(rule, _gather(param, etp, etp_group), spec)
+    gathered = [_gather(tensor.contiguous(), ep, ep_group) for tensor in local]  # [HF tensor][EP rank]
+    per_rank = spec.moe.num_experts // ep
+    for source in range(ep):
+        _, hf_names = rule_for(name, spec, layer, source * per_rank)
+        yield from zip(hf_names, (tensors[source] for tensors in gathered))
 
 
 def init_hf_state_dict(
@@ -100,9 +150,22 @@ def init_hf_state_dict(
 def _hf_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...]]:
     H, I, hd = spec.hidden_size, spec.intermediate_size, spec.head_dim
     q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+    moe = spec.moe
+    F = moe.moe_intermediate_size if moe else 0
+    S = (moe.shared_expert_intermediate_size or 0) if moe else 0
+    moe_shapes = {
+        "mlp.gate.weight": (moe.num_experts if moe else 0, H),
+        "mlp.experts.E.gate_proj.weight": (F, H), "mlp.experts.E.up_proj.weight": (F, H),
+        "mlp.experts.E.down_proj.weight": (H, F), "mlp.shared_expert.gate_proj.weight": (S, H),
+        "mlp.shared_expert.up_proj.weight": (S, H), "mlp.shared_expert.down_proj.weight": (H, S),
+        "mlp.shared_expert_gate.weight": (1, H),
+    }
 
     def shape(name: str) -> tuple[int, ...]:
         last = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        last = re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.E.", last)
+        if last in moe_shapes:
+            return moe_shapes[last]
         table = {
             "model.embed_tokens.weight": (spec.vocab_size, H), "lm_head.weight": (spec.vocab_size, H),
             "model.norm.weight": (H,), "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),

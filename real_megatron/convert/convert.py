@@ -34,6 +34,15 @@ def _layout():
     return ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
 
 
+def _expert_layout(spec: ArchSpec) -> dict:
+    """ep and etp of the running process groups, for transformer_config (dense models: none)."""
+    if spec.moe is None:
+        return {}
+    from megatron.core import parallel_state as ps
+
+    return dict(ep=ps.get_expert_model_parallel_world_size(), etp=ps.get_expert_tensor_parallel_world_size())
+
+
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:
     from megatron.core import dist_checkpointing
 
@@ -42,7 +51,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:
     reader = HFCheckpointReader(hf_dir, spec)
     dtype = reader.get("model.embed_tokens.weight").dtype
     tp, pp = _layout()
-    chunks = build_model_chunks(spec, transformer_config(spec, tp=tp, pp=pp, dtype=dtype))
+    chunks = build_model_chunks(spec, transformer_config(spec, tp=tp, pp=pp, dtype=dtype, **_expert_layout(spec)))
     load_hf_weights(chunks, spec, reader.get)
     tmp = out.with_name(out.name + ".tmp")
     if global_rank() == 0:
@@ -54,7 +63,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if global_rank() == 0:
         (tmp / HF_DIR).mkdir()
         copy_side_files(hf_dir, tmp / HF_DIR)
-        info = {"source": str(hf_dir), "family": spec.family, "tp": tp, "pp": pp, "dtype": str(dtype).replace("torch.", "")}
+        info = {"source": str(hf_dir), "family": spec.family, "tp": tp, "pp": pp, **_expert_layout(spec),
+                "dtype": str(dtype).replace("torch.", "")}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -73,7 +83,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
     spec = ArchSpec.from_pretrained(side)
     dtype = _checkpoint_dtype(ckpt, side)
     tp, pp = _layout()
-    chunks = build_model_chunks(spec, transformer_config(spec, tp=tp, pp=pp, dtype=dtype))
+    chunks = build_model_chunks(spec, transformer_config(spec, tp=tp, pp=pp, dtype=dtype, **_expert_layout(spec)))
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:

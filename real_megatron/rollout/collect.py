@@ -46,8 +46,10 @@ def generate_rollouts(engine, inputs, examples, n: int, params: SamplingParams, 
         for sample in group:
             response = sample.output_ids or list(inputs.stop_ids[:1])
             engine_logprobs = sample.logprobs if sample.logprobs and len(sample.logprobs) == len(response) else None
+            # the engine's routing belongs to the tokens it generated (none for a stand-in stop token)
+            routed = sample.routed_experts if response is sample.output_ids else None
             rollouts.append(Rollout(ex.prompt_ids, response, rewards[k], p, engine_logprobs, sample.truncated,
-                                    weight_version=sample.weight_version, source=ex.source))
+                                    weight_version=sample.weight_version, source=ex.source, routed_experts=routed))
             k += 1
     return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start}
 

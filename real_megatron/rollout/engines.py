@@ -10,6 +10,7 @@ path is chosen here, once, and the engine carries it (weight_sync.py), so the lo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -22,7 +23,8 @@ from .engine_setup import launched_server_gpus, requests_per_server
 from .fleet_auth import fleet_key
 from .local import InMemoryWeights, LocalEngine
 from .registry import wait_for_servers
-from .sglang_env import default_server_python
+from .routing import RoutingShape
+from .sglang_env import SGLANG_VERSION, default_server_python
 from .sglang_fleet import SGLangFleet
 from .weight_sync import BroadcastWeights, DiskWeights, PeerEngine
 
@@ -73,11 +75,27 @@ def make_engine(cfg: Config, inputs, run_dir: Path, weights=None):
         server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
         request_timeout_s=r.request_timeout_s, max_requests_per_server=requests_per_server(cfg),
         gpus=None if urls else launched_server_gpus(cfg), api_key=key, key_source=str(key_file),
+        routing=sglang_routing(inputs.model_dir),
     )
     if isinstance(weights, BroadcastWeights):
         weights.sync = make_broadcaster(cfg, fleet)
     fleet.weights = weights
     return fleet
+
+
+def sglang_routing(model_dir) -> RoutingShape | None:
+    """A mixture-of-experts checkpoint's routing shape, which its SGLang servers report (None: a
+    dense model). Refused: dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step):
+    SGLang 0.5.23 builds every Qwen3-MoE and Qwen2-MoE layer as an MoE layer, so it would serve
+    other weights than the trainer's without an error."""
+    config_file = Path(model_dir) / "config.json"
+    shape = RoutingShape.of_hf_config(json.loads(config_file.read_text()), str(config_file))
+    if shape is not None and len(shape.moe_layers) != shape.num_layers:
+        dense = sorted(set(range(shape.num_layers)) - set(shape.moe_layers))
+        raise ValueError(f"{config_file}: layers {dense} are dense MLPs (mlp_only_layers / decoder_sparse_step); SGLang "
+                         f"{SGLANG_VERSION} builds every layer of this family as an MoE layer and would serve other "
+                         "weights than the trainer's: use rollout.backend=local, or a model whose layers are all MoE")
+    return shape
 
 
 def make_broadcaster(cfg: Config, fleet: SGLangFleet) -> BroadcastWeightSync:

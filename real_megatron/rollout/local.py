@@ -4,16 +4,46 @@ For one machine without a GPU: the policy's weights arrive in memory through the
 export the SGLang fleet uses (HF-named tensors), generation uses the KV cache and sampling of
 transformers' `generate`, and each token's log-prob under the distribution it was sampled from
 (softmax of logits / temperature; top-p not renormalised) comes back with it, as SGLang's
-return_logprob reports it.
+return_logprob reports it. For a mixture-of-experts model each sample also carries the experts
+its tokens were routed to (rollout/routing.py), captured from transformers' routers.
 """
 
 from __future__ import annotations
 
+import re
+from contextlib import nullcontext
 from typing import Iterable
 
 import torch
 
+from .routing import RouterCapture, RoutingShape
 from .types import Sample, SamplingParams
+
+
+# the streaming export's per-expert (on-disk) names; transformers keeps one stacked tensor per layer
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def _in_memory_target(state: dict, name: str) -> tuple[str, torch.Tensor]:
+    """(what is written, the tensor to copy into) for an exported HF name: the parameter itself, or
+    one expert's slice of transformers' stacked expert tensors (gate_up_proj [E, 2 f, h]: gate rows
+    then up rows, as transformers merges checkpoints on load; down_proj [E, h, f])."""
+    if name in state:
+        return name, state[name]
+    match = _EXPERT.fullmatch(name)
+    if match is None or f"{match[1]}.down_proj" not in state:
+        raise KeyError(f"embedded engine: the exported tensor {name!r} is not a parameter of the model")
+    prefix, expert, kind = match[1], int(match[2]), match[3]
+    if kind == "down":
+        return f"{prefix}.down_proj[{expert}]", state[f"{prefix}.down_proj"][expert]
+    fused = state[f"{prefix}.gate_up_proj"][expert]
+    half = fused.shape[0] // 2
+    return f"{prefix}.gate_up_proj[{expert}].{kind}", fused[:half] if kind == "gate" else fused[half:]
+
+
+def _slices(tensor: torch.Tensor, name: str) -> int:
+    """How many exported tensors fill a stacked expert tensor."""
+    return tensor.shape[0] * (2 if name.endswith("gate_up_proj") else 1)
 
 
 class InMemoryWeights:
@@ -44,6 +74,8 @@ class LocalEngine:
         self.version = 0
         self.weights = InMemoryWeights()  # how a trainer's weights reach it (see weight_sync.py)
         self.generator = torch.Generator().manual_seed(seed)
+        # MoE models: samples carry their routed experts (None: a dense model)
+        self.routing = RoutingShape.of_hf_config(self.model.config)
 
     @classmethod
     def from_pretrained(cls, path, *, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
@@ -70,14 +102,15 @@ class LocalEngine:
         state = self.model.state_dict()
         seen = set()
         for name, tensor in tensors:
-            if name not in state:
-                raise KeyError(f"embedded engine: the exported tensor {name!r} is not a parameter of the model")
-            if state[name].shape != tensor.shape:
-                raise ValueError(f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}")
-            state[name].copy_(tensor)
+            name, target = _in_memory_target(state, name)
+            if target.shape != tensor.shape:
+                raise ValueError(f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(tensor)
             seen.add(name)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        missing = set(state) - seen - tied
+        missing = {n for n in state if not n.endswith(("experts.gate_up_proj", "experts.down_proj"))} - seen - tied
+        missing |= {f"{n} (expert slices)" for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                    and sum(s.startswith(n + "[") for s in seen) != _slices(state[n], n)}
         if missing:
             raise KeyError(f"embedded engine: the update lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         self.version = version
@@ -105,22 +138,32 @@ class LocalEngine:
         stop = list(params.stop_token_ids)
         sampling = params.temperature > 0
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
-            temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
-            top_k=0 if sampling else None, eos_token_id=stop or None, pad_token_id=self.pad_token_id,
-            return_dict_in_generate=True, output_logits=True,
-        )
+        capture = RouterCapture(self.model, self.routing) if self.routing else nullcontext()
+        with capture:
+            out = self._run_generate(ids, mask, params, sampling, stop)
         new = out.sequences[:, width:]
         logits = torch.stack(out.logits, dim=1).float()  # [batch, steps, vocab], raw
         if sampling:  # the distribution sampled from, as SGLang reports it (greedy: the raw one)
             logits = logits / params.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, new.unsqueeze(2)).squeeze(2)
-        samples = []
+        samples, lengths = [], []
         for i in range(len(prompts)):
             tokens = new[i].tolist()
             end = next((j + 1 for j, t in enumerate(tokens) if t in stop), None)
             finish = "stop" if end is not None else "length"
             end = end or len(tokens)
+            lengths.append(end)
             samples.append(Sample(-1, -1, tokens[:end], logprobs[i, :end].tolist(), finish, self.version))
+        if self.routing:
+            routed = capture.per_sequence(len(prompts), width, [len(p) for p in prompts], lengths)
+            for sample, experts in zip(samples, routed):
+                sample.routed_experts = experts
         return samples
+
+    def _run_generate(self, ids, mask, params: SamplingParams, sampling: bool, stop: list[int]):
+        return self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
+            temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None, eos_token_id=stop or None, pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True, output_logits=True,
+        )

@@ -21,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from .engine_setup import sglang_routing
 from .fleet_auth import fleet_key
 from .registry import register_server, unregister_server
 from .sglang_env import default_server_python
@@ -104,7 +105,7 @@ def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
     fleet = SGLangFleet(model_path=str(model), num_servers=1, first_index=index, server_tp=r.server_tp, host=bind,
                         base_port=port, server_python=r.server_python or default_server_python(),
                         server_args=r.server_args, log_dir=log_dir, health_timeout_s=r.health_timeout_s,
-                        api_key=key, key_source=str(key_file))
+                        api_key=key, key_source=str(key_file), routing=sglang_routing(model))
     server = fleet.servers[0]
     # a server bound to every interface (a user's explicit choice) is reached through this node's name
     url = server.url if bind not in ("0.0.0.0", "::") else f"http://{socket.getfqdn()}:{port}"

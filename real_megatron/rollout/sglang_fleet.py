@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from .fleet_auth import auth_headers, new_key, server_auth_file
+from .routing import SGLANG_SERVER_FLAG, RoutingShape, from_sglang
 from .types import Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class SGLangFleet:
                  server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
                  health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0,
                  max_requests_per_server: int = 128, max_restarts: int = 2, first_index: int = 0,
-                 gpus: Optional[list[str]] = None, api_key: Optional[str] = None, key_source: Optional[str] = None):
+                 gpus: Optional[list[str]] = None, api_key: Optional[str] = None, key_source: Optional[str] = None,
+                 routing: Optional[RoutingShape] = None):
         """first_index: number of the first launched server (its log is sglang_<index>.log).
         max_requests_per_server: requests in flight per server (SGLang batches them on its GPUs);
         the fleet's bound is this times the number of live servers.
@@ -120,7 +122,9 @@ class SGLangFleet:
         order; None leaves CUDA_VISIBLE_DEVICES as it is (a CPU run, or Slurm bound the task).
         api_key: the servers' bearer key (key_source: its file, for errors). Launched servers always
         require one: without it the fleet makes one for them. Attached servers without it are
-        called without a key."""
+        called without a key.
+        routing: a mixture-of-experts model's routing shape: every request asks for the experts each
+        token was routed to (launched servers get SGLang's --enable-return-routed-experts)."""
         if not urls and not model_path:
             raise ValueError("SGLangFleet needs server urls to attach to, or a model_path to launch servers with")
         if not urls and api_key is None:
@@ -143,6 +147,9 @@ class SGLangFleet:
         self.weights = None
         self.last_throughput = 0.0  # generated tokens per second of the last batch
         self.last_calls: dict[int, tuple[float, float]] = {}  # the last call on every server: its seconds
+        self.routing = routing
+        if routing is not None and SGLANG_SERVER_FLAG not in (server_args or []):
+            server_args = [*(server_args or []), SGLANG_SERVER_FLAG]
         if urls:
             self.servers = [Server(i, u.rstrip("/"), tp=server_tp) for i, u in enumerate(urls)]
         else:
@@ -325,6 +332,8 @@ class SGLangFleet:
                                 "skip_special_tokens": False, "no_stop_trim": True},
             "return_logprob": True,
         }
+        if self.routing is not None:
+            payload["return_routed_experts"] = True
         return self.call(server, "/generate", payload)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
@@ -350,7 +359,7 @@ class SGLangFleet:
                     self._count(-1)
                     try:
                         reply = future.result()
-                        results[p][k] = self._sample(reply, p, k, server, version)
+                        results[p][k] = self._sample(reply, p, k, server, version, len(prompts[p]))
                         tokens += len(results[p][k].output_ids)
                     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
                         self._fail(server, f"{type(exc).__name__}: {exc}")
@@ -363,7 +372,7 @@ class SGLangFleet:
         with self._lock:
             self.in_flight += delta
 
-    def _sample(self, reply: dict, p: int, k: int, server: Server, version: int) -> Sample:
+    def _sample(self, reply: dict, p: int, k: int, server: Server, version: int, prompt_tokens: int = 0) -> Sample:
         meta = reply.get("meta_info", {})
         ids = reply.get("output_ids")
         logprob_items = meta.get("output_token_logprobs") or []
@@ -377,8 +386,15 @@ class SGLangFleet:
         if self.weights_set and not (served.isdigit() and int(served) >= version):
             raise ValueError(f"SGLang server {server.url} sampled with weight version {served!r}; the request was sent "
                              f"on version {version}")
-        return Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", version,
-                      {"served_version": served})
+        sample = Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", version,
+                        {"served_version": served})
+        if self.routing is not None:
+            if meta.get("routed_experts") is None:
+                raise FleetError(f"SGLang server {server.url} returned no routed experts: start it with "
+                                 f"{SGLANG_SERVER_FLAG} (servers this fleet launches get it)")
+            sample.routed_experts = from_sglang(meta["routed_experts"], self.routing, prompt_tokens, len(ids),
+                                                where=f"SGLang server {server.url}")
+        return sample
 
     # --- weights -------------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ rollouts the rollout side hands to the actor."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
+
+if TYPE_CHECKING:  # annotations only: the types stay importable without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class Sample:
     finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
     weight_version: int = 0
     extra: dict = field(default_factory=dict)
+    # MoE models: the experts each fed token was routed to, [prompt + response - 1, MoE layers, top_k]
+    # (rollout/routing.py); None for a dense model
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def truncated(self) -> bool:
@@ -36,7 +42,6 @@ class Sample:
 @dataclass
 class Rollout:
     """One sampled response with its label, as the rollout side hands it to the actor."""
-
 
     prompt_ids: list[int]
     response_ids: list[int]
@@ -48,11 +53,13 @@ class Rollout:
     penalty: float = 0.0  # added to the reward of reward-weighted baselines (DAPO's overlong penalty)
     weight_version: int = 0  # the weights it was sampled with (the oldest, if they changed mid-sample)
     source: str = ""  # its prompt's file:row
+    # MoE models: the engine's experts per fed token, [prompt + response - 1, MoE layers, top_k]
+    # (rollout/routing.py), replayed by the actor (actor/routing_replay.py)
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
-
 
 
 def informative_groups(rollouts: list[Rollout]) -> set[int]:
