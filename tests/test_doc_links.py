@@ -6,6 +6,7 @@ Paths like `docs/x.md` written as plain text in the docs, the code, the configs 
 scripts are checked from the repository root, so a reference to a moved or missing doc fails here.
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -17,10 +18,12 @@ CODE_SUFFIXES = {".py", ".sh", ".sbatch", ".yaml", ".toml"}
 
 
 def project_files(suffixes):
-    for path in sorted(ROOT.rglob("*")):
-        rel = path.relative_to(ROOT)
-        if path.is_file() and path.suffix in suffixes and not (set(rel.parts[:-1]) & SKIP_DIRS):
-            yield path
+    """The checkout's files with these suffixes, never descending into the venv, runs or caches."""
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if Path(name).suffix in suffixes:
+                yield Path(folder) / name
 
 
 def prose(text: str) -> str:
