@@ -120,7 +120,7 @@ def test_staleness_needs_the_fleet_and_launch_needs_one_node(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SGLANG, reason="needs SGLang's environment: run tools/install_sglang.sh")
 def test_the_async_quickstart_still_learns(tmp_path):
-    """configs/quickstart_async.yaml as the README runs it: the quickstart's 300 REAL steps through a
+    """configs/quickstart_async.yaml as docs/RESULTS.md runs it: the quickstart's 300 REAL steps through a
     real SGLang server, each batch generated one weight version ahead; held-out pass@1 gains at
     least 0.05 (three runs here: +0.084, +0.101, +0.087; synchronous +0.092)."""
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "support"))
