@@ -32,7 +32,7 @@ def overrides(tmp_path: Path) -> list[str]:
     return [f"train.output_dir={tmp_path / 'run'}", f"task.cache_dir={tmp_path / 'cache'}", "task.warmstart_max_steps=20",
             "task.warmstart_target=null", "task.eval_prompts=24", "task.train_prompts=400", "eval.k=2",
             "eval.every_steps=3", "optim.warmup_steps=1", "rollout.max_new_tokens=24", "eval.max_new_tokens=24",
-            f"train.prompts_per_step={PROMPTS}", "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2",
+            f"train.prompts_per_step={PROMPTS}", "train.prompts_per_mini_batch=4", "actor.prompts_per_micro_batch=2",
             f"train.steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.save_hf_final=false", "logging.plot=false",
             "logging.tensorboard=false", "logging.progress_bar=false", "logging.rollouts=true",
             "rollout.backend=sglang", CPU_SERVER, "rollout.max_staleness=1"]

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow]
 TOY = ["task.warmstart_target=null", "task.eval_prompts=24", "task.train_prompts=400",
        "eval.k=2", "eval.every_steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.warmup_steps=1",
        "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "train.prompts_per_step=8",
-       "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2", "train.steps=6", "logging.plot=false",
+       "train.prompts_per_mini_batch=4", "actor.prompts_per_micro_batch=2", "train.steps=6", "logging.plot=false",
        "checkpoint.save_hf_final=false", "logging.tensorboard=false", "algorithm.dynamic_sampling=true",
        "algorithm.max_sampling_rounds=2", "task.warmstart_max_steps=20"]
 

@@ -71,10 +71,10 @@ def test_dry_run_of_the_one_node_configs_splits_the_gpus_and_refuses_what_does_n
         assert out.returncode == 0, out.stderr
         assert "# GPUs: 1 node(s) of 8 GPUs, each: GPUs 0-3 trainer ranks, 4-7 4 SGLang server(s) x tp=1" in out.stdout
         assert "fits" in out.stdout and "rollouts of 9216 tokens at once" in out.stdout
-    too_many = dry_run("real_r1distill_qwen_1p5b_1node.yaml", "parallel.gpus_per_node=6", "train.max_tokens_per_micro_batch=40960")
+    too_many = dry_run("real_r1distill_qwen_1p5b_1node.yaml", "parallel.gpus_per_node=6", "actor.max_tokens_per_micro_batch=40960")
     assert too_many.returncode == 2 and "need 10 GPUs per node; a node has parallel.node_gpus=8" in too_many.stderr
     no_tp = dry_run("real_r1distill_qwen_7b_1node.yaml", "parallel.tp=1", "parallel.sequence_parallel=false",
-                    "train.max_tokens_per_micro_batch=32768")
+                    "actor.max_tokens_per_micro_batch=32768")
     assert no_tp.returncode == 2 and "a trainer GPU needs about" in no_tp.stderr, no_tp.stdout[-1500:]
     no_kv = dry_run("real_r1distill_qwen_7b_1node.yaml", "parallel.gpu_memory_gb=18")
     assert no_kv.returncode == 2 and "no KV-cache room for one rollout" in no_kv.stderr

@@ -33,7 +33,7 @@ def test_a_launch_trains_the_moe_model_through_sglang_replaying_its_routed_exper
     overrides = [f"train.output_dir={run}", f"task.cache_dir={tmp_path / 'cache'}", "task.warmstart_max_steps=20",
                  "task.warmstart_target=null", "task.eval_prompts=8", "task.train_prompts=100", "eval.k=1",
                  "eval.every_steps=0", "optim.warmup_steps=1", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
-                 "train.prompts_per_step=4", "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2",
+                 "train.prompts_per_step=4", "train.prompts_per_mini_batch=4", "actor.prompts_per_micro_batch=2",
                  "train.steps=3", "checkpoint.every_steps=0", "rollout.backend=sglang", *QUIET,
                  "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
                  "--dtype, float32, --skip-tokenizer-init]"]

@@ -130,7 +130,7 @@ def test_initial_model_record_names_what_changed(tmp_path):
 TOY = ["task.warmstart_target=null", "task.warmstart_max_steps=20", "task.eval_prompts=16", "task.train_prompts=400",
        "eval.k=1", "eval.every_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "optim.warmup_steps=1",
        "rollout.max_new_tokens=16", "eval.max_new_tokens=16", "train.prompts_per_step=8",
-       "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2", "train.steps=4", "logging.plot=false",
+       "train.prompts_per_mini_batch=4", "actor.prompts_per_micro_batch=2", "train.steps=4", "logging.plot=false",
        "checkpoint.save_hf_final=false", "logging.tensorboard=false", "logging.progress_bar=false",
        "algorithm.kl=reference", "algorithm.kl_coef=0.05"]
 

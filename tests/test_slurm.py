@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 SHORT = ["task.warmstart_max_steps=20", "task.warmstart_target=null", "task.eval_prompts=24", "task.train_prompts=400", "eval.k=2", "eval.every_steps=0",
          "optim.warmup_steps=1", "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "train.prompts_per_step=8",
-         "train.prompts_per_mini_batch=4", "train.prompts_per_micro_batch=2", "logging.progress_bar=false"]
+         "train.prompts_per_mini_batch=4", "actor.prompts_per_micro_batch=2", "logging.progress_bar=false"]
 CPU_SERVER = ("rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
               "--dtype, float32, --skip-tokenizer-init]")
 HAVE_SGLANG = default_server_python() != "python3"
