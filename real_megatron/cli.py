@@ -33,7 +33,9 @@ def _train(args: argparse.Namespace) -> int:
         from .prepare import missing_inputs
 
         missing = missing_inputs(cfg)
-        print(f"# inputs: {'missing here: ' + '; '.join(missing) + ' (real-megatron prepare fetches them)' if missing else 'present'}")
+        print(
+            f"# inputs: {'missing here: ' + '; '.join(missing) + ' (real-megatron prepare fetches them)' if missing else 'present'}"
+        )
         problems = ([problem] if problem else []) + problems
         if problems:
             print(f"config error: {args.config}: the layout does not fit: {'; '.join(problems)}", file=sys.stderr)
@@ -49,8 +51,10 @@ def _train(args: argparse.Namespace) -> int:
 
     missing = missing_inputs(cfg)
     if missing:  # before any process group, server or evaluation starts
-        raise ConfigError(f"{args.config}: missing {'; '.join(missing)}; `real-megatron prepare {args.config}` "
-                          "downloads and converts them")
+        raise ConfigError(
+            f"{args.config}: missing {'; '.join(missing)}; `real-megatron prepare {args.config}` "
+            "downloads and converts them"
+        )
     from .actor.distributed import trainer_environment
     from .ranks import is_rank0
     from .rollout.engine_setup import apply_trainer_fleet_environment
@@ -71,8 +75,10 @@ def _train(args: argparse.Namespace) -> int:
         from .preemption import REQUEUE_EXIT_CODE
 
         if is_rank0():
-            print(f"stopped at step {summary['preempted_at']} on a cluster signal; checkpoint written, "
-                  f"exit {REQUEUE_EXIT_CODE} asks for a requeue")
+            print(
+                f"stopped at step {summary['preempted_at']} on a cluster signal; checkpoint written, "
+                f"exit {REQUEUE_EXIT_CODE} asks for a requeue"
+            )
         return REQUEUE_EXIT_CODE
     if is_rank0():
         print(closing_table(summary, cfg.train.output_dir))
@@ -107,19 +113,31 @@ def _eval_settings(args: argparse.Namespace) -> None:
         reward_fn = "real_megatron.tasks.arithmetic:reward"
     if args.run and (Path(args.run) / "final_hf" / "config.json").exists():
         model = str(Path(args.run) / "final_hf")
-    tree = dict(model=model, data=data, k=e.k, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
-                # a benchmark is evaluated whole unless a run's config drops long prompts (as its training did)
-                max_prompt_tokens=d.max_prompt_tokens if source else 0, seed=cfg.train.seed,
-                tokenizer=None if cfg.task.name else cfg.model.tokenizer, prompt_key=d.prompt_key,
-                answer_key=d.answer_key, reward_fn=reward_fn, verifier_timeout_s=d.verifier_timeout_s,
-                stop_token_ids=cfg.rollout.stop_token_ids)
+    tree = dict(
+        model=model,
+        data=data,
+        k=e.k,
+        temperature=e.temperature,
+        max_new_tokens=e.max_new_tokens,
+        # a benchmark is evaluated whole unless a run's config drops long prompts (as its training did)
+        max_prompt_tokens=d.max_prompt_tokens if source else 0,
+        seed=cfg.train.seed,
+        tokenizer=None if cfg.task.name else cfg.model.tokenizer,
+        prompt_key=d.prompt_key,
+        answer_key=d.answer_key,
+        reward_fn=reward_fn,
+        verifier_timeout_s=d.verifier_timeout_s,
+        stop_token_ids=cfg.rollout.stop_token_ids,
+    )
     for key, value in tree.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("model", "data"):
         if not getattr(args, key):
-            raise ConfigError(f"eval: no --{key}" + (f", and {source} names none" if source else
-                                                     " (or --config FILE / --run DIR that names it)"))
+            raise ConfigError(
+                f"eval: no --{key}"
+                + (f", and {source} names none" if source else " (or --config FILE / --run DIR that names it)")
+            )
     args.settings_from = str(source) if source else "defaults"
 
 
@@ -147,20 +165,28 @@ def _eval(args: argparse.Namespace) -> int:
     sets = {}
     try:
         for path in args.data:
-            dataset = PromptDataset([path], tokenizer, shuffle=False, max_prompt_tokens=args.max_prompt_tokens or 10**9,
-                                    prompt_key=args.prompt_key, answer_key=args.answer_key)
+            dataset = PromptDataset(
+                [path],
+                tokenizer,
+                shuffle=False,
+                max_prompt_tokens=args.max_prompt_tokens or 10**9,
+                prompt_key=args.prompt_key,
+                answer_key=args.answer_key,
+            )
             sets[Path(path).stem] = dataset.examples[: args.limit] if args.limit else dataset.examples
     except (DataError, FileNotFoundError) as exc:
         print(f"eval error: {exc}", file=sys.stderr)
         return 2
     stop = tuple(args.stop_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            stop_token_ids=stop)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop_token_ids=stop
+    )
     if args.backend == "local":
         from .rollout.local import LocalEngine
 
-        engine = LocalEngine.from_pretrained(model, pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
-                                             dtype=getattr(torch, args.dtype))
+        engine = LocalEngine.from_pretrained(
+            model, pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed, dtype=getattr(torch, args.dtype)
+        )
     else:
         from .rollout.fleet_auth import read_key_file
         from .rollout.sglang_env import default_server_python
@@ -168,23 +194,48 @@ def _eval(args: argparse.Namespace) -> int:
 
         # launched servers get a key made for them; attached ones the --api-key-file's
         key = read_key_file(args.api_key_file) if args.api_key_file else None
-        engine = SGLangFleet(model_path=str(model), urls=args.server_url or None, num_servers=args.num_servers,
-                             server_tp=args.server_tp, server_python=default_server_python(),
-                             server_args=shlex.split(args.server_args), log_dir=Path(args.out or ".").parent / "logs",
-                             gpus=None if args.server_url else (visible_gpus() or None), api_key=key,
-                             key_source=args.api_key_file)
+        engine = SGLangFleet(
+            model_path=str(model),
+            urls=args.server_url or None,
+            num_servers=args.num_servers,
+            server_tp=args.server_tp,
+            server_python=default_server_python(),
+            server_args=shlex.split(args.server_args),
+            log_dir=Path(args.out or ".").parent / "logs",
+            gpus=None if args.server_url else (visible_gpus() or None),
+            api_key=key,
+            key_source=args.api_key_file,
+        )
     try:
-        report = evaluate_sets(engine, tokenizer, sets, load_reward_fn(args.reward_fn), args.k, params,
-                               timeout_s=args.verifier_timeout_s, progress=True)
+        report = evaluate_sets(
+            engine,
+            tokenizer,
+            sets,
+            load_reward_fn(args.reward_fn),
+            args.k,
+            params,
+            timeout_s=args.verifier_timeout_s,
+            progress=True,
+        )
     finally:
         engine.close()
-    report.update(model=str(model), temperature=args.temperature, top_p=args.top_p,
-                  max_new_tokens=args.max_new_tokens, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
-                  reward_fn=args.reward_fn, verifier_timeout_s=args.verifier_timeout_s, settings_from=args.settings_from)
+    report.update(
+        model=str(model),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        max_prompt_tokens=args.max_prompt_tokens,
+        reward_fn=args.reward_fn,
+        verifier_timeout_s=args.verifier_timeout_s,
+        settings_from=args.settings_from,
+    )
     print(table_rows({model.name: report}))
     for name, b in report["benchmarks"].items():
-        print(f"{name}: pass@1 {b['pass1']:.4f} ± {b['stderr']:.4f} over {b['problems']} problems x {args.k} "
-              f"= {b['samples']} samples, {b['truncated_ratio']:.1%} truncated")
+        print(
+            f"{name}: pass@1 {b['pass1']:.4f} ± {b['stderr']:.4f} over {b['problems']} problems x {args.k} "
+            f"= {b['samples']} samples, {b['truncated_ratio']:.1%} truncated"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -199,8 +250,9 @@ def _prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     problems = prepare(cfg, download=not args.offline)
     if problems:
-        print("prepare: still missing (paths are relative to this directory, as the trainer reads them):",
-              file=sys.stderr)
+        print(
+            "prepare: still missing (paths are relative to this directory, as the trainer reads them):", file=sys.stderr
+        )
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
@@ -217,8 +269,12 @@ def _launch_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     p, r = cfg.parallel, cfg.rollout
     plan = {
-        "TRAINER_NODES": p.nodes, "TRAINER_TASKS_PER_NODE": p.gpus_per_node, "ROLLOUT_BACKEND": r.backend,
-        "FLEET_SERVERS": launched_servers(cfg), "SERVER_TP": r.server_tp, "CONFIG_FLEET_NODES": r.fleet_nodes,
+        "TRAINER_NODES": p.nodes,
+        "TRAINER_TASKS_PER_NODE": p.gpus_per_node,
+        "ROLLOUT_BACKEND": r.backend,
+        "FLEET_SERVERS": launched_servers(cfg),
+        "SERVER_TP": r.server_tp,
+        "CONFIG_FLEET_NODES": r.fleet_nodes,
         "OUTPUT_DIR": cfg.train.output_dir,
         "TRAINER_ENV": " ".join(f"{k}={v}" for k, v in trainer_fleet_environment(cfg).items()),
     }
@@ -256,13 +312,18 @@ def _memory_report(cfg) -> tuple[str, list[str]]:
 
     arch = architecture_of(cfg)
     if arch is None:
-        return ("# memory per GPU: unknown (model.path has no config.json here and model.hf_config_overrides "
-                "lacks the architecture)"), []
+        return (
+            "# memory per GPU: unknown (model.path has no config.json here and model.hf_config_overrides "
+            "lacks the architecture)"
+        ), []
     capacity = cfg.parallel.gpu_memory_gb
     estimate = estimate_memory(cfg, arch, capacity)
     chosen, why = optimizer_format(cfg, arch)
-    lines = [f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)", estimate.describe(),
-             f"# checkpoints: optimizer state {chosen} ({why})"]
+    lines = [
+        f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)",
+        estimate.describe(),
+        f"# checkpoints: optimizer state {chosen} ({why})",
+    ]
     problems = [] if estimate.fits else [f"a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB"]
     if cfg.rollout.backend == "sglang":
         text, fits = server_memory(cfg, arch, capacity)
@@ -298,14 +359,22 @@ def _convert(args: argparse.Namespace) -> int:
     etp = args.tp if args.etp is None else args.etp
     ranks = math.lcm(args.tp, args.ep * etp) * args.pp
     if launch_env().world_size == 1 and ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "real_megatron.cli"] + sys.argv[1:]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "real_megatron.cli",
+        ] + sys.argv[1:]
         return subprocess.run(cmd, env=dict(os.environ)).returncode
+    from .actor.model import UnsupportedModelError
     from .convert.convert import hf_to_megatron, megatron_to_hf
 
-    from .actor.model import UnsupportedModelError
-
-    init_distributed(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, expected_world_size=ranks, timeout_s=args.timeout)
+    init_distributed(
+        tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, expected_world_size=ranks, timeout_s=args.timeout
+    )
     try:
         if args.direction == "hf-to-megatron":
             out = hf_to_megatron(args.hf, args.out)
@@ -346,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, help="default: eval.temperature")
     ev.add_argument("--top-p", type=float, default=1.0)
     ev.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens")
-    ev.add_argument("--max-prompt-tokens", type=int, help="drop longer prompts (0: keep every problem; default: "
-                    "data.max_prompt_tokens with --run/--config, else 0)")
+    ev.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="drop longer prompts (0: keep every problem; default: data.max_prompt_tokens with --run/--config, else 0)",
+    )
     ev.add_argument("--limit", type=int, help="first N problems of each file (quick checks)")
     ev.add_argument("--out", help="write the report as JSON here")
     ev.add_argument("--seed", type=int, help="default: train.seed")
@@ -356,10 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-key", help="default: data.answer_key")
     ev.add_argument("--reward-fn", help="module:function (default: data.reward_fn)")
     ev.add_argument("--verifier-timeout-s", type=float, help="default: data.verifier_timeout_s")
-    ev.add_argument("--stop-token-ids", type=int, nargs="*", help="default: rollout.stop_token_ids, else the "
-                    "tokenizer's eos")
-    ev.add_argument("--backend", choices=["local", "sglang"], default="local",
-                    help="local: transformers in this process; sglang: launch or attach SGLang servers")
+    ev.add_argument(
+        "--stop-token-ids", type=int, nargs="*", help="default: rollout.stop_token_ids, else the tokenizer's eos"
+    )
+    ev.add_argument(
+        "--backend",
+        choices=["local", "sglang"],
+        default="local",
+        help="local: transformers in this process; sglang: launch or attach SGLang servers",
+    )
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="local engine")
     ev.add_argument("--server-url", nargs="*", default=[], help="attach to these SGLang servers")
     ev.add_argument("--api-key-file", help="the key the --server-url servers require (one line, mode 0600)")
@@ -417,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     # leaves those after an option unparsed, so collect every leftover of the form a.b=c.
     args, extra = parser.parse_known_args(argv)
     unknown = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
-    if unknown or (extra and args.command not in ("train", "eval", "prepare", "launch", "serve", "launch-plan")):  # these take a.b=c
+    if unknown or (
+        extra and args.command not in ("train", "eval", "prepare", "launch", "serve", "launch-plan")
+    ):  # these take a.b=c
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra

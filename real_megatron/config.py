@@ -27,7 +27,6 @@ from .evaluation import EvalConfig
 from .objectives.settings import CLIP_RANGES, REAL_OBJECTIVES, AlgorithmConfig
 from .rollout.settings import RolloutConfig
 
-
 log = logging.getLogger(__name__)
 
 
@@ -144,9 +143,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted (dataclasses built)."""
 
     def bad() -> ConfigError:
-        return ConfigError(
-            f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-        )
+        return ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -205,8 +202,7 @@ def _unknown_key(cls: type, key: str, path: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
     return ConfigError(
-        f"{source}: unknown key '{full}'{hint} (valid keys{' of ' + path if path else ''}: "
-        f"{', '.join(valid)})"
+        f"{source}: unknown key '{full}'{hint} (valid keys{' of ' + path if path else ''}: {', '.join(valid)})"
     )
 
 
@@ -258,7 +254,9 @@ def rename_moved_keys(data: dict, source: str) -> dict:
         if not isinstance(target, dict):
             continue  # reported as a wrong type when the tree is built
         if new_name in target:
-            raise ConfigError(f"{source}: '{old}' and '{MOVED_KEYS[old]}' are the same key (its old and new name); keep one")
+            raise ConfigError(
+                f"{source}: '{old}' and '{MOVED_KEYS[old]}' are the same key (its old and new name); keep one"
+            )
         target[new_name] = data[section].pop(name)
     return data
 
@@ -385,46 +383,112 @@ def _fields(cls: type, *skip: str) -> tuple[str, ...]:
 
 # Keys that act only in some runs: (keys, whether they act in this run, why not otherwise). A value
 # other than the default where the key would do nothing is refused at load, with the reason, rather
-# than silently ignored (tests/test_config_keys.py walks every key of the tree against this table).
-_ENGINE_KEYS = ("backend", "n_samples", "temperature", "top_p", "max_new_tokens", "stop_token_ids", "use_engine_logprobs",
-                "weight_sync", "weight_sync_address", "weight_sync_bucket_mb", "max_staleness")  # the rest: the fleet's
+# than silently ignored (tests/unit/test_config_keys.py walks every key of the tree against this table).
+_ENGINE_KEYS = (
+    "backend",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "stop_token_ids",
+    "use_engine_logprobs",
+    "weight_sync",
+    "weight_sync_address",
+    "weight_sync_bucket_mb",
+    "max_staleness",
+)  # the rest: the fleet's
 CONDITIONAL_KEYS = (
-    (_fields(TaskConfig, "name"), lambda c: c.task.name is not None,
-     "does nothing without task.name (the run reads data.*, eval.files and model.path)"),
-    (("data.train_files", "data.prompt_key", "data.answer_key", "data.skip_malformed", "data.reward_fn",
-      "model.path", "model.tokenizer", "eval.files"), lambda c: c.task.name is None,
-     "does nothing with task.name set (the task makes its own data, held-out set, model, tokenizer and reward)"),
-    (("data.verifier_timeout_s",), lambda c: c.task.name is None and c.data.reward_fn == DataConfig.reward_fn,
-     "times the math verifier only (data.reward_fn's default; a task or a custom function scores its own way)"),
-    (_fields(RolloutConfig, *_ENGINE_KEYS), lambda c: c.rollout.backend == "sglang",
-     "configures the SGLang fleet, and rollout.backend is 'local'"),
-    (("rollout.weight_sync_address", "rollout.weight_sync_bucket_mb"),
-     lambda c: c.rollout.backend == "sglang" and c.rollout.weight_sync == "distributed",
-     "configures the broadcast weight sync (rollout.weight_sync: distributed with rollout.backend: sglang)"),
-    (("algorithm.tau", "algorithm.skip_uniform_groups"), lambda c: c.algorithm.name in REAL_OBJECTIVES,
-     f"is REAL's ({', '.join(REAL_OBJECTIVES)}); the baselines weigh group-normalised advantages"),
-    (("algorithm.clip_low", "algorithm.clip_high"), lambda c: c.algorithm.name in CLIP_RANGES,
-     f"is the clip range of {', '.join(CLIP_RANGES)}; REAL's objectives do not clip"),
+    (
+        _fields(TaskConfig, "name"),
+        lambda c: c.task.name is not None,
+        "does nothing without task.name (the run reads data.*, eval.files and model.path)",
+    ),
+    (
+        (
+            "data.train_files",
+            "data.prompt_key",
+            "data.answer_key",
+            "data.skip_malformed",
+            "data.reward_fn",
+            "model.path",
+            "model.tokenizer",
+            "eval.files",
+        ),
+        lambda c: c.task.name is None,
+        "does nothing with task.name set (the task makes its own data, held-out set, model, tokenizer and reward)",
+    ),
+    (
+        ("data.verifier_timeout_s",),
+        lambda c: c.task.name is None and c.data.reward_fn == DataConfig.reward_fn,
+        "times the math verifier only (data.reward_fn's default; a task or a custom function scores its own way)",
+    ),
+    (
+        _fields(RolloutConfig, *_ENGINE_KEYS),
+        lambda c: c.rollout.backend == "sglang",
+        "configures the SGLang fleet, and rollout.backend is 'local'",
+    ),
+    (
+        ("rollout.weight_sync_address", "rollout.weight_sync_bucket_mb"),
+        lambda c: c.rollout.backend == "sglang" and c.rollout.weight_sync == "distributed",
+        "configures the broadcast weight sync (rollout.weight_sync: distributed with rollout.backend: sglang)",
+    ),
+    (
+        ("algorithm.tau", "algorithm.skip_uniform_groups"),
+        lambda c: c.algorithm.name in REAL_OBJECTIVES,
+        f"is REAL's ({', '.join(REAL_OBJECTIVES)}); the baselines weigh group-normalised advantages",
+    ),
+    (
+        ("algorithm.clip_low", "algorithm.clip_high"),
+        lambda c: c.algorithm.name in CLIP_RANGES,
+        f"is the clip range of {', '.join(CLIP_RANGES)}; REAL's objectives do not clip",
+    ),
     (("algorithm.bce_normalise",), lambda c: c.algorithm.name == "real_bce", "applies to algorithm.name=real_bce only"),
-    (("algorithm.max_sampling_rounds",), lambda c: c.algorithm.dynamic_sampling,
-     "bounds dynamic sampling (algorithm.dynamic_sampling: true)"),
-    (("algorithm.overlong_penalty",), lambda c: c.algorithm.overlong_buffer_tokens > 0,
-     "is the overlong penalty's size (algorithm.overlong_buffer_tokens > 0)"),
-    (("algorithm.is_cap", "algorithm.importance_unit"), lambda c: c.algorithm.importance_correction != "none",
-     "shapes the importance correction (algorithm.importance_correction: tis or mis)"),
-    (("algorithm.mismatch_threshold",), lambda c: not c.rollout.use_engine_logprobs,
-     "measures pi_old against the engine's log-probs; with rollout.use_engine_logprobs they are the same"),
+    (
+        ("algorithm.max_sampling_rounds",),
+        lambda c: c.algorithm.dynamic_sampling,
+        "bounds dynamic sampling (algorithm.dynamic_sampling: true)",
+    ),
+    (
+        ("algorithm.overlong_penalty",),
+        lambda c: c.algorithm.overlong_buffer_tokens > 0,
+        "is the overlong penalty's size (algorithm.overlong_buffer_tokens > 0)",
+    ),
+    (
+        ("algorithm.is_cap", "algorithm.importance_unit"),
+        lambda c: c.algorithm.importance_correction != "none",
+        "shapes the importance correction (algorithm.importance_correction: tis or mis)",
+    ),
+    (
+        ("algorithm.mismatch_threshold",),
+        lambda c: not c.rollout.use_engine_logprobs,
+        "measures pi_old against the engine's log-probs; with rollout.use_engine_logprobs they are the same",
+    ),
     (("optim.min_lr",), lambda c: c.optim.lr_schedule != "constant", "is where a decaying optim.lr_schedule ends"),
-    (("actor.prompts_per_micro_batch",), lambda c: c.actor.max_tokens_per_micro_batch is None,
-     "is replaced by actor.max_tokens_per_micro_batch (micro-batches by tokens)"),
-    (("model.recompute_layers",), lambda c: c.model.recompute_activations,
-     "sizes activation recompute (model.recompute_activations: true)"),
-    (("actor.reference_offload",), lambda c: c.algorithm.kl == "reference",
-     "offloads the reference model of algorithm.kl='reference'"),
-    (("actor.routing_replay",), lambda c: _moe_or_unknown(c),
-     "replays mixture-of-experts routing, and the model is dense"),
-    (("parallel.ep", "parallel.etp", "model.moe_dispatcher", "model.moe_aux_loss_coef"), lambda c: _moe_or_unknown(c),
-     "shapes a mixture-of-experts model's experts, and the model is dense"),
+    (
+        ("actor.prompts_per_micro_batch",),
+        lambda c: c.actor.max_tokens_per_micro_batch is None,
+        "is replaced by actor.max_tokens_per_micro_batch (micro-batches by tokens)",
+    ),
+    (
+        ("model.recompute_layers",),
+        lambda c: c.model.recompute_activations,
+        "sizes activation recompute (model.recompute_activations: true)",
+    ),
+    (
+        ("actor.reference_offload",),
+        lambda c: c.algorithm.kl == "reference",
+        "offloads the reference model of algorithm.kl='reference'",
+    ),
+    (
+        ("actor.routing_replay",),
+        lambda c: _moe_or_unknown(c),
+        "replays mixture-of-experts routing, and the model is dense",
+    ),
+    (
+        ("parallel.ep", "parallel.etp", "model.moe_dispatcher", "model.moe_aux_loss_coef"),
+        lambda c: _moe_or_unknown(c),
+        "shapes a mixture-of-experts model's experts, and the model is dense",
+    ),
 )
 
 
@@ -437,18 +501,24 @@ def _expert_layout_errors(cfg: Config) -> list[str]:
     if p.ep < 1 or etp < 1:
         return [f"parallel.ep={p.ep} and parallel.etp={p.etp} must be >= 1"]
     if p.world_size % (p.ep * etp * p.pp):
-        errors.append(f"world size {p.world_size} is not divisible by parallel.ep x etp x pp = {p.ep}*{etp}*{p.pp} "
-                      "(megatron's expert groups: each pipeline stage's ranks split into ep x etp x expert-data)")
+        errors.append(
+            f"world size {p.world_size} is not divisible by parallel.ep x etp x pp = {p.ep}*{etp}*{p.pp} "
+            "(megatron's expert groups: each pipeline stage's ranks split into ep x etp x expert-data)"
+        )
     arch = architecture_of(cfg)
     if arch is not None and arch.experts > 0:
         if arch.experts % p.ep:
             errors.append(f"parallel.ep={p.ep} does not divide the model's {arch.experts} experts")
         if p.tp > 1 and not p.sequence_parallel:
-            errors.append(f"parallel.tp={p.tp} with a mixture-of-experts model needs parallel.sequence_parallel: true "
-                          "(megatron's MoE layer refuses to train under TP without it)")
+            errors.append(
+                f"parallel.tp={p.tp} with a mixture-of-experts model needs parallel.sequence_parallel: true "
+                "(megatron's MoE layer refuses to train under TP without it)"
+            )
         if p.cp > 1:  # a rollout's routed experts would have to follow its tokens through the CP split
-            errors.append(f"parallel.cp={p.cp} with a mixture-of-experts model is not supported yet (routing replay's "
-                          "experts are not split over the context-parallel ranks); use parallel.cp=1")
+            errors.append(
+                f"parallel.cp={p.cp} with a mixture-of-experts model is not supported yet (routing replay's "
+                "experts are not split over the context-parallel ranks); use parallel.cp=1"
+            )
     return errors
 
 
@@ -517,8 +587,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if p.vpp is not None and (p.vpp < 1 or (p.vpp > 1 and p.pp < 2)):
         errors.append(f"parallel.vpp={p.vpp} needs parallel.pp >= 2 and vpp >= 1")
     if p.cp > 1 and not ac.pack_sequences:
-        errors.append(f"parallel.cp={p.cp} needs actor.pack_sequences: true (each packed sequence is split over the "
-                      "context-parallel ranks)")
+        errors.append(
+            f"parallel.cp={p.cp} needs actor.pack_sequences: true (each packed sequence is split over the "
+            "context-parallel ranks)"
+        )
     errors += _expert_layout_errors(cfg)
     if p.sequence_parallel and p.tp < 2:
         errors.append("parallel.sequence_parallel needs parallel.tp >= 2")
@@ -572,23 +644,31 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if a.name in ("grpo", "dapo", "gspo") and r.n_samples < 2:
         errors.append(f"algorithm.name={a.name} normalises rewards within a group and needs rollout.n_samples >= 2")
     if a.overlong_buffer_tokens < 0 or a.overlong_buffer_tokens > r.max_new_tokens:
-        errors.append(f"algorithm.overlong_buffer_tokens={a.overlong_buffer_tokens} must lie in [0, "
-                      f"rollout.max_new_tokens={r.max_new_tokens}]")
+        errors.append(
+            f"algorithm.overlong_buffer_tokens={a.overlong_buffer_tokens} must lie in [0, "
+            f"rollout.max_new_tokens={r.max_new_tokens}]"
+        )
     if a.overlong_buffer_tokens and a.name in REAL_OBJECTIVES:
         errors.append(
             f"algorithm.overlong_buffer_tokens with algorithm.name={a.name}: REAL's rewards are class labels, a "
-            "fractional penalty is not a label; use algorithm.truncated=negative or exclude")
+            "fractional penalty is not a label; use algorithm.truncated=negative or exclude"
+        )
     if a.dynamic_sampling and r.n_samples < 2:
-        errors.append(f"algorithm.dynamic_sampling with rollout.n_samples={r.n_samples}: a group of one rollout is "
-                      "always uniform, so every round would be set aside")
+        errors.append(
+            f"algorithm.dynamic_sampling with rollout.n_samples={r.n_samples}: a group of one rollout is "
+            "always uniform, so every round would be set aside"
+        )
     if a.importance_correction != "none" and r.use_engine_logprobs:
         errors.append(
             f"algorithm.importance_correction={a.importance_correction} with rollout.use_engine_logprobs: pi_old is "
-            "then the engine's own, and every ratio pi_old / pi_engine is 1")
+            "then the engine's own, and every ratio pi_old / pi_engine is 1"
+        )
     if cfg.optim.warmup_steps > t.steps:
         errors.append(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds train.steps={t.steps}")
     for keys, acts, why in CONDITIONAL_KEYS:
         if not acts(cfg):
-            errors += [f"{key}={key_value(cfg, key)!r} {why}" for key in keys if key_value(cfg, key) != key_default(key)]
+            errors += [
+                f"{key}={key_value(cfg, key)!r} {why}" for key in keys if key_value(cfg, key) != key_default(key)
+            ]
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))

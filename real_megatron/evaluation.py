@@ -35,8 +35,16 @@ def pass_at_1(per_problem: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: SamplingParams,
-                  timeout_s: float = DataConfig.verifier_timeout_s, progress: bool = False) -> dict:
+def evaluate_sets(
+    engine,
+    tokenizer,
+    sets: dict,
+    reward_fn,
+    k: int,
+    params: SamplingParams,
+    timeout_s: float = DataConfig.verifier_timeout_s,
+    progress: bool = False,
+) -> dict:
     """sets: name -> list of Example. Returns per-benchmark results, their average, and the pooled
     pass@1 over every problem (`pass1`, `stderr`), with problem and sample counts."""
     benchmarks, pooled = {}, []
@@ -53,14 +61,25 @@ def evaluate_sets(engine, tokenizer, sets: dict, reward_fn, k: int, params: Samp
         mean, stderr = pass_at_1(per_problem)
         lengths = [len(s.output_ids) for g in groups for s in g]
         benchmarks[name] = {
-            "pass1": mean, "stderr": stderr, "problems": len(examples), "samples": len(rewards),
+            "pass1": mean,
+            "stderr": stderr,
+            "problems": len(examples),
+            "samples": len(rewards),
             "truncated_ratio": sum(s.finish_reason == "length" for g in groups for s in g) / len(rewards),
-            "response_length_mean": sum(lengths) / len(lengths), "seconds": time.perf_counter() - start,
+            "response_length_mean": sum(lengths) / len(lengths),
+            "seconds": time.perf_counter() - start,
         }
         pooled += per_problem
     mean, stderr = pass_at_1(pooled)
-    return {"benchmarks": benchmarks, "average": sum(b["pass1"] for b in benchmarks.values()) / len(benchmarks),
-            "pass1": mean, "stderr": stderr, "problems": len(pooled), "samples": len(pooled) * k, "k": k}
+    return {
+        "benchmarks": benchmarks,
+        "average": sum(b["pass1"] for b in benchmarks.values()) / len(benchmarks),
+        "pass1": mean,
+        "stderr": stderr,
+        "problems": len(pooled),
+        "samples": len(pooled) * k,
+        "k": k,
+    }
 
 
 def table_rows(reports: dict[str, dict]) -> str:
@@ -76,21 +95,33 @@ def table_rows(reports: dict[str, dict]) -> str:
 def evaluate(engine, inputs, settings: EvalConfig, step: int, *, seed: int, verifier_timeout_s: float) -> dict:
     """Held-out pass@1 (settings.k samples per problem), per eval set and pooled, with its standard
     error; the samples drawn from a seed of (run seed, step), so a resumed run evaluates alike."""
-    params = SamplingParams(temperature=settings.temperature, top_p=1.0, max_new_tokens=settings.max_new_tokens,
-                            stop_token_ids=inputs.stop_ids, seed=sampling_seed(seed, "evaluation", step))
+    params = SamplingParams(
+        temperature=settings.temperature,
+        top_p=1.0,
+        max_new_tokens=settings.max_new_tokens,
+        stop_token_ids=inputs.stop_ids,
+        seed=sampling_seed(seed, "evaluation", step),
+    )
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
     start = time.perf_counter()
-    result = evaluate_sets(engine, inputs.tokenizer, sets, inputs.reward_fn, settings.k, params,
-                           timeout_s=verifier_timeout_s)
+    result = evaluate_sets(
+        engine, inputs.tokenizer, sets, inputs.reward_fn, settings.k, params, timeout_s=verifier_timeout_s
+    )
     return dict(result, eval_s=time.perf_counter() - start)
 
 
 def run_summary(cfg, baseline: dict, final: dict, seconds: float, warmstart: dict | None) -> dict:
     """summary.json: pass@1 before and after RL, pooled and per eval file (as Table 1 reports it)."""
     return {
-        "baseline_pass1": baseline["pass1"], "final_pass1": final["pass1"], "gain": final["pass1"] - baseline["pass1"],
-        "eval_samples": final["samples"], "eval_problems": final["problems"], "stderr": final["stderr"],
-        "baseline_stderr": baseline["stderr"], "steps": cfg.train.steps, "algorithm": cfg.algorithm.name,
+        "baseline_pass1": baseline["pass1"],
+        "final_pass1": final["pass1"],
+        "gain": final["pass1"] - baseline["pass1"],
+        "eval_samples": final["samples"],
+        "eval_problems": final["problems"],
+        "stderr": final["stderr"],
+        "baseline_stderr": baseline["stderr"],
+        "steps": cfg.train.steps,
+        "algorithm": cfg.algorithm.name,
         "seconds": seconds,
         "baseline_benchmarks": {n: b["pass1"] for n, b in baseline.get("benchmarks", {}).items()},
         "final_benchmarks": {n: b["pass1"] for n, b in final["benchmarks"].items()},

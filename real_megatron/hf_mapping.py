@@ -43,29 +43,46 @@ _LAYER_RULES = {
     "input_layernorm.weight": Rule(("model.layers.{i}.input_layernorm.weight",), "replicated"),
     "self_attention.linear_qkv.layer_norm_weight": Rule(("model.layers.{i}.input_layernorm.weight",), "replicated"),
     "self_attention.linear_qkv.weight": Rule(
-        ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-         "model.layers.{i}.self_attn.v_proj.weight"), "qkv"),
+        (
+            "model.layers.{i}.self_attn.q_proj.weight",
+            "model.layers.{i}.self_attn.k_proj.weight",
+            "model.layers.{i}.self_attn.v_proj.weight",
+        ),
+        "qkv",
+    ),
     "self_attention.linear_qkv.bias": Rule(
-        ("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
-         "model.layers.{i}.self_attn.v_proj.bias"), "qkv"),
+        (
+            "model.layers.{i}.self_attn.q_proj.bias",
+            "model.layers.{i}.self_attn.k_proj.bias",
+            "model.layers.{i}.self_attn.v_proj.bias",
+        ),
+        "qkv",
+    ),
     "self_attention.q_layernorm.weight": Rule(("model.layers.{i}.self_attn.q_norm.weight",), "replicated"),
     "self_attention.k_layernorm.weight": Rule(("model.layers.{i}.self_attn.k_norm.weight",), "replicated"),
     "self_attention.linear_proj.weight": Rule(("model.layers.{i}.self_attn.o_proj.weight",), "row"),
     "pre_mlp_layernorm.weight": Rule(("model.layers.{i}.post_attention_layernorm.weight",), "replicated"),
     "mlp.linear_fc1.layer_norm_weight": Rule(("model.layers.{i}.post_attention_layernorm.weight",), "replicated"),
-    "mlp.linear_fc1.weight": Rule(("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "glu"),
+    "mlp.linear_fc1.weight": Rule(
+        ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "glu"
+    ),
     "mlp.linear_fc2.weight": Rule(("model.layers.{i}.mlp.down_proj.weight",), "row"),
     # mixture-of-experts layers (megatron's MoELayer)
     "mlp.router.weight": Rule(("model.layers.{i}.mlp.gate.weight",), "replicated"),
     "mlp.shared_experts.linear_fc1.weight": Rule(
-        ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight"), "glu"),
+        ("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "model.layers.{i}.mlp.shared_expert.up_proj.weight"),
+        "glu",
+    ),
     "mlp.shared_experts.linear_fc2.weight": Rule(("model.layers.{i}.mlp.shared_expert.down_proj.weight",), "row"),
     "mlp.shared_experts.gate_weight": Rule(("model.layers.{i}.mlp.shared_expert_gate.weight",), "replicated"),
 }
 
 _EXPERT_RULES = {
-    "linear_fc1": Rule(("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
-                       "glu", expert=True),
+    "linear_fc1": Rule(
+        ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", "model.layers.{i}.mlp.experts.{e}.up_proj.weight"),
+        "glu",
+        expert=True,
+    ),
     "linear_fc2": Rule(("model.layers.{i}.mlp.experts.{e}.down_proj.weight",), "row", expert=True),
 }
 # SequentialMLP (local spec): experts.local_experts.<j>.linear_fc1.weight; TEGroupedMLP: experts.linear_fc1.weight<j>
@@ -78,8 +95,9 @@ _MODEL_RULES = {
 }
 
 
-def rule_for(name: str, spec: ArchSpec, layer_number: int | None = None,
-             expert_offset: int = 0) -> tuple[Rule, list[str]]:
+def rule_for(
+    name: str, spec: ArchSpec, layer_number: int | None = None, expert_offset: int = 0
+) -> tuple[Rule, list[str]]:
     """The rule of megatron parameter `name` and its HF names (layer index made global; a routed
     expert's local index plus `expert_offset`, this EP rank's first expert, made global)."""
     match = _LAYER.match(name)
@@ -89,7 +107,9 @@ def rule_for(name: str, spec: ArchSpec, layer_number: int | None = None,
         index = layer_number if layer_number is not None else int(match.group(1))
         expert = _EXPERT.match(suffix)
         if expert:
-            local, linear = (expert.group(1), expert.group(2)) if expert.group(1) else (expert.group(4), expert.group(3))
+            local, linear = (
+                (expert.group(1), expert.group(2)) if expert.group(1) else (expert.group(4), expert.group(3))
+            )
             rule = _EXPERT_RULES[linear]
             return rule, [h.format(i=index, e=int(local) + expert_offset) for h in rule.hf]
         if rule is None:
@@ -171,7 +191,11 @@ def expected_hf_names(spec: ArchSpec) -> list[str]:
         names += [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
         if spec.moe is not None and spec.moe.layer_pattern[i]:
             names.append(p + "mlp.gate.weight")
-            names += [p + f"mlp.experts.{e}.{x}_proj.weight" for e in range(spec.moe.num_experts) for x in ("gate", "up", "down")]
+            names += [
+                p + f"mlp.experts.{e}.{x}_proj.weight"
+                for e in range(spec.moe.num_experts)
+                for x in ("gate", "up", "down")
+            ]
             if spec.moe.shared_expert_intermediate_size:
                 names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
                 names.append(p + "mlp.shared_expert_gate.weight")

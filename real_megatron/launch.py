@@ -45,7 +45,8 @@ def split_node(gpus: list[str], trainer: int, servers: int, server_tp: int) -> t
     if len(gpus) < need:
         raise ConfigError(
             f"this node has {len(gpus)} GPU(s) ({','.join(gpus) or 'none'}); the trainer's parallel.gpus_per_node="
-            f"{trainer} and {servers} SGLang server(s) x rollout.server_tp={server_tp} need {need}")
+            f"{trainer} and {servers} SGLang server(s) x rollout.server_tp={server_tp} need {need}"
+        )
     return gpus[:trainer], split_gpus(gpus[trainer:], servers, server_tp)
 
 
@@ -54,8 +55,14 @@ class Labelled:
 
     def __init__(self, cmd: list[str], env: dict, log_path: Path, label: str, echo: bool = False):
         self.label = label
-        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._log = log_path.open("a")
         self._echo = echo
         self._reader = threading.Thread(target=self._copy, daemon=True)
@@ -94,13 +101,16 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
     cfg = load_config(config, overrides)
     p, r = cfg.parallel, cfg.rollout
     if p.nodes != 1:
-        raise ConfigError(f"launch runs one machine; the config asks for parallel.nodes={p.nodes}: use "
-                          "slurm/train.sbatch for several nodes")
+        raise ConfigError(
+            f"launch runs one machine; the config asks for parallel.nodes={p.nodes}: use "
+            "slurm/train.sbatch for several nodes"
+        )
     env = dict(os.environ if environ is None else environ)
     fleet = launched_servers(cfg) > 0 and not r.server_registry  # servers of this launch (none when attached)
     gpus = visible_gpus(env)
-    trainer_gpus, server_gpus = split_node(gpus, p.gpus_per_node, r.num_servers if fleet else 0, r.server_tp) \
-        if gpus else (None, None)
+    trainer_gpus, server_gpus = (
+        split_node(gpus, p.gpus_per_node, r.num_servers if fleet else 0, r.server_tp) if gpus else (None, None)
+    )
     private_run(cfg)  # before anything is written; a wrong key file stops here
     run_dir = Path(cfg.train.output_dir).resolve()
     logs = run_dir / "logs"
@@ -113,19 +123,36 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
         overrides.append(f"rollout.server_registry={registry}")
         for i in range(r.num_servers):
             own = dict(env, CUDA_VISIBLE_DEVICES=",".join(server_gpus[i])) if server_gpus else env
-            servers.append(Labelled(_cli("serve", config, *overrides, "--index", str(i), "--host", "127.0.0.1",
-                                         "--log-dir", str(logs)), own, logs / "fleet.log", str(i)))
+            servers.append(
+                Labelled(
+                    _cli("serve", config, *overrides, "--index", str(i), "--host", "127.0.0.1", "--log-dir", str(logs)),
+                    own,
+                    logs / "fleet.log",
+                    str(i),
+                )
+            )
     port = free_port()
     ranks = []
     for rank in range(p.gpus_per_node):
-        own = dict(env, RANK=str(rank), WORLD_SIZE=str(p.gpus_per_node), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **trainer_fleet_environment(cfg))
+        own = dict(
+            env,
+            RANK=str(rank),
+            WORLD_SIZE=str(p.gpus_per_node),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **trainer_fleet_environment(cfg),
+        )
         if trainer_gpus:
             own["CUDA_VISIBLE_DEVICES"] = ",".join(trainer_gpus)
         ranks.append(Labelled(_cli("train", config, *overrides), own, logs / "trainer.log", str(rank), echo=rank == 0))
-    print(f"launch: trainer {p.gpus_per_node} rank(s) on GPU(s) {','.join(trainer_gpus) if trainer_gpus else 'none (CPU)'}, "
-          f"{len(servers)} SGLang server(s)" + (f" on {';'.join(','.join(g) for g in server_gpus)}" if server_gpus else "")
-          + f"; logs in {logs}", flush=True)
+    print(
+        f"launch: trainer {p.gpus_per_node} rank(s) on GPU(s) {','.join(trainer_gpus) if trainer_gpus else 'none (CPU)'}, "
+        f"{len(servers)} SGLang server(s)"
+        + (f" on {';'.join(','.join(g) for g in server_gpus)}" if server_gpus else "")
+        + f"; logs in {logs}",
+        flush=True,
+    )
 
     def forward(signum, frame):
         for rank in ranks:

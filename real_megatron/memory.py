@@ -73,7 +73,7 @@ class Architecture:
     moe_layers: int = 0  # how many layers are MoE layers (the rest dense MLPs of `ffn`)
 
     @classmethod
-    def from_hf(cls, c: dict) -> "Architecture":
+    def from_hf(cls, c: dict) -> Architecture:
         heads = c["num_attention_heads"]
         family = c.get("model_type", "qwen2")
         moe = {}
@@ -81,15 +81,28 @@ class Architecture:
             # actor/moe.py's rule (MoESpec): layer i is sparse unless in mlp_only_layers, every decoder_sparse_step-th
             dense = set(c.get("mlp_only_layers") or [])
             step = c.get("decoder_sparse_step", 1) or 1
-            moe = dict(experts=c.get("num_experts") or c["num_local_experts"], top_k=c["num_experts_per_tok"],
-                       moe_ffn=c["moe_intermediate_size"], shared_ffn=c.get("shared_expert_intermediate_size") or 0,
-                       moe_layers=sum(i not in dense and (i + 1) % step == 0 for i in range(c["num_hidden_layers"])))
-        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
-                   kv_heads=c.get("num_key_value_heads", heads), ffn=c.get("intermediate_size", 0), vocab=c["vocab_size"],
-                   tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-                   qkv_bias=bool(c.get("qkv_bias", True)) if family == "qwen2_moe"
-                   else bool(c.get("attention_bias", family == "qwen2")),
-                   qk_norm=family in ("qwen3", "qwen3_moe"), **moe)
+            moe = dict(
+                experts=c.get("num_experts") or c["num_local_experts"],
+                top_k=c["num_experts_per_tok"],
+                moe_ffn=c["moe_intermediate_size"],
+                shared_ffn=c.get("shared_expert_intermediate_size") or 0,
+                moe_layers=sum(i not in dense and (i + 1) % step == 0 for i in range(c["num_hidden_layers"])),
+            )
+        return cls(
+            hidden=c["hidden_size"],
+            layers=c["num_hidden_layers"],
+            heads=heads,
+            kv_heads=c.get("num_key_value_heads", heads),
+            ffn=c.get("intermediate_size", 0),
+            vocab=c["vocab_size"],
+            tied=bool(c.get("tie_word_embeddings", False)),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            qkv_bias=bool(c.get("qkv_bias", True))
+            if family == "qwen2_moe"
+            else bool(c.get("attention_bias", family == "qwen2")),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
+            **moe,
+        )
 
     def attention_params(self) -> int:
         h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -142,9 +155,19 @@ class MicroBatchShape:
     attention_area: int  # sum over attention blocks of length^2 (packed: each sequence; padded: each row)
 
 
-def activation_bytes(arch: Architecture, shape: MicroBatchShape, *, layers: int, tp: int = 1,
-                     sequence_parallel: bool = False, recompute: bool = False, dtype_bytes: int = 2,
-                     flash_attention: bool = True, recompute_layers: int | None = None, etp: int = 1) -> float:
+def activation_bytes(
+    arch: Architecture,
+    shape: MicroBatchShape,
+    *,
+    layers: int,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    recompute: bool = False,
+    dtype_bytes: int = 2,
+    flash_attention: bool = True,
+    recompute_layers: int | None = None,
+    etp: int = 1,
+) -> float:
     """Bytes one micro-batch's layers keep for backward on one rank (see the module docstring).
     recompute_layers: of `layers`, how many are recomputed (block recompute; None = all)."""
     h, f, kv = arch.hidden, arch.ffn, arch.kv_heads * arch.head_dim
@@ -155,15 +178,19 @@ def activation_bytes(arch: Architecture, shape: MicroBatchShape, *, layers: int,
     layer = shape.tokens * per_token + probabilities
     if arch.experts:  # the MoE layers' share of `layers`: their MLP keeps routed copies, not 3 ffn
         moe_count = min(layers, round(layers * arch.moe_layers / arch.layers))
-        moe_layer = layer + shape.tokens * (moe_mlp_bytes_per_token(arch, tp, sequence_parallel, etp, dtype_bytes)
-                                            - 3 * f / tp * dtype_bytes)
+        moe_layer = layer + shape.tokens * (
+            moe_mlp_bytes_per_token(arch, tp, sequence_parallel, etp, dtype_bytes) - 3 * f / tp * dtype_bytes
+        )
     else:
         moe_count, moe_layer = 0, layer
     kept = (layers - moe_count) * layer + moe_count * moe_layer
     redone = (layers if recompute_layers is None else min(layers, recompute_layers)) if recompute else 0
     if redone:  # a recomputed layer keeps its input; one layer's set exists again during its backward
-        return (redone * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes
-                + kept * (layers - redone) / layers + max(layer, moe_layer))
+        return (
+            redone * shape.tokens * h / (tp if sequence_parallel else 1) * dtype_bytes
+            + kept * (layers - redone) / layers
+            + max(layer, moe_layer)
+        )
     return kept
 
 
@@ -177,8 +204,9 @@ def moe_mlp_bytes_per_token(arch: Architecture, tp: int, sequence_parallel: bool
     return (routed + 2 * arch.experts * 4) * share + shared
 
 
-def dispatcher_bytes(arch: Architecture, tokens: int, *, ep: int, tp: int, sequence_parallel: bool,
-                     dispatcher: str, dtype_bytes: int) -> float:
+def dispatcher_bytes(
+    arch: Architecture, tokens: int, *, ep: int, tp: int, sequence_parallel: bool, dispatcher: str, dtype_bytes: int
+) -> float:
     """One MoE layer's token exchange, alive while that layer runs: alltoall sends and receives
     tokens x top_k hidden states (balanced routing); allgather gathers every ep rank's tokens."""
     local = tokens / (tp if sequence_parallel else 1)
@@ -187,8 +215,9 @@ def dispatcher_bytes(arch: Architecture, tokens: int, *, ep: int, tp: int, seque
     return 2 * local * arch.top_k * arch.hidden * dtype_bytes
 
 
-def output_layer_bytes(arch: Architecture, shape: MicroBatchShape, *, tp: int = 1, dtype_bytes: int = 2,
-                       fused: bool = True) -> float:
+def output_layer_bytes(
+    arch: Architecture, shape: MicroBatchShape, *, tp: int = 1, dtype_bytes: int = 2, fused: bool = True
+) -> float:
     """Bytes of the last stage's output layer and log-prob computation beyond the activations."""
     vocab = math.ceil(arch.vocab / tp)
     if fused:
@@ -201,8 +230,17 @@ def output_layer_bytes(arch: Architecture, shape: MicroBatchShape, *, tp: int = 
     return max(2 * logits, logits + 2 * picked)  # [s, b, V] and its transposed copy, or one and [N, V] + grad
 
 
-def context_parallel_kv_bytes(arch: Architecture, tokens: int, *, cp: int, layers: int, tp: int = 1,
-                              dtype_bytes: int = 2, flash_attention: bool = True, kept_layers: int | None = None) -> float:
+def context_parallel_kv_bytes(
+    arch: Architecture,
+    tokens: int,
+    *,
+    cp: int,
+    layers: int,
+    tp: int = 1,
+    dtype_bytes: int = 2,
+    flash_attention: bool = True,
+    kept_layers: int | None = None,
+) -> float:
     """K/V that context parallelism adds on one rank for a micro-batch of `tokens` per rank: the local
     spec keeps the gathered K/V of the row (cp x tokens) for each layer that keeps activations
     (`kept_layers`, all by default); TE's ring holds two K/V chunks of one layer in flight."""
@@ -224,14 +262,15 @@ class MemoryEstimate:
     without_te: str | None = None  # the local spec's figure, where it differs
     params_active: int | None = None  # mixture of experts: what one token passes through
 
-
     @property
     def fits(self) -> bool:
         return self.total_gb <= self.capacity_gb
 
     def describe(self) -> str:
         active = f", {_count(self.params_active)} active per token" if self.params_active else ""
-        lines = [f"parameters: {_count(self.params_total)} in all{active}, {_count(self.params_here)} on the heaviest GPU"]
+        lines = [
+            f"parameters: {_count(self.params_total)} in all{active}, {_count(self.params_here)} on the heaviest GPU"
+        ]
         width = max(len(r[0]) for r in self.rows)
         lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
         verdict = "fits" if self.fits else "does NOT fit: raise tp/pp/cp, enable recompute or shrink the micro-batch"
@@ -278,14 +317,15 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
     ends = embed * (2 if pp == 1 and not arch.tied else 1)
     ep, etp = expert_parallel(cfg)
     moe_here = min(per_stage_layers, math.ceil(arch.moe_layers / pp))  # MoE layers on the heaviest stage
-    dense_here = ((per_stage_layers - moe_here) * arch.layer_params() + moe_here * arch.moe_layer_dense_params()
-                  + ends) // tp
+    dense_here = (
+        (per_stage_layers - moe_here) * arch.layer_params() + moe_here * arch.moe_layer_dense_params() + ends
+    ) // tp
     experts_here = moe_here * arch.experts * arch.expert_params() // (ep * etp)
     here = dense_here + experts_here
     model_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
     weights = here * model_bytes
     grads = here * 4
-    optimizer_per_param = (8 if model_bytes == 4 else 12)  # (fp32 master +) Adam m, v
+    optimizer_per_param = 8 if model_bytes == 4 else 12  # (fp32 master +) Adam m, v
     shard = dp if cfg.optim.use_distributed_optimizer else 1
     # expert state is sharded over the expert-data-parallel ranks (the ranks holding the same experts)
     expert_dp = max(1, p.world_size // (pp * ep * etp)) if cfg.optim.use_distributed_optimizer else 1
@@ -299,15 +339,20 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         # the budget filled with sequences as long as they can be; under CP a rank's queries
         # (1/cp of each sequence) attend to the whole sequence: the area per token is unchanged
         area = tokens * seq_len
-        how_tokens = f"{tokens} tokens per micro-batch per rank (packed{f', after the cp={cp} split' if cp > 1 else ''})"
+        how_tokens = (
+            f"{tokens} tokens per micro-batch per rank (packed{f', after the cp={cp} split' if cp > 1 else ''})"
+        )
     else:
         sequences = math.ceil(actor.prompts_per_micro_batch * r.n_samples / dp)
         tokens, area = math.ceil(sequences * seq_len / cp), math.ceil(sequences * seq_len**2 / cp)
-        how_tokens = (f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len}"
-                      + (f" / cp={cp})" if cp > 1 else ")"))
+        how_tokens = f"{tokens} tokens per micro-batch per rank ({sequences} x {seq_len}" + (
+            f" / cp={cp})" if cp > 1 else ")"
+        )
     shape = MicroBatchShape(tokens=tokens, response_tokens=int(tokens * response_share), attention_area=area)
     dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.dtype]
-    micro_batches = pp if actor.max_tokens_per_micro_batch else t.prompts_per_mini_batch // actor.prompts_per_micro_batch
+    micro_batches = (
+        pp if actor.max_tokens_per_micro_batch else t.prompts_per_mini_batch // actor.prompts_per_micro_batch
+    )
     in_flight = min(pp, max(1, micro_batches))  # a token budget's count varies: assume enough to fill the pipeline
     # Transformer Engine's flash attention for 16-bit models; float32 runs take the local spec
     # (actor/model.py), whose core attention keeps fp32 scores of every head
@@ -315,58 +360,122 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
 
     def activations_with(flash_attention: bool) -> float:
         return in_flight * activation_bytes(
-            arch, shape, layers=per_stage_layers, tp=tp, sequence_parallel=p.sequence_parallel,
-            recompute=recompute != 0, dtype_bytes=dtype_bytes, flash_attention=flash_attention,
-            recompute_layers=recompute, etp=etp)
+            arch,
+            shape,
+            layers=per_stage_layers,
+            tp=tp,
+            sequence_parallel=p.sequence_parallel,
+            recompute=recompute != 0,
+            dtype_bytes=dtype_bytes,
+            flash_attention=flash_attention,
+            recompute_layers=recompute,
+            etp=etp,
+        )
+
     activations = activations_with(flash)
     if recompute == 0:
         how_act = "no recompute" + (" (everything fits without)" if cfg.model.recompute_activations else "")
     elif recompute is None or recompute >= per_stage_layers:
         how_act = "full recompute"
     else:
-        how_act = (f"block recompute of {recompute} of {per_stage_layers} layers per stage"
-                   + ("" if cfg.model.recompute_layers is not None else " (the fewest that fit)"))
+        how_act = f"block recompute of {recompute} of {per_stage_layers} layers per stage" + (
+            "" if cfg.model.recompute_layers is not None else " (the fewest that fit)"
+        )
     attention = "flash attention (Transformer Engine)" if flash else "local spec attention (fp32 scores, float32 model)"
     logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=actor.fused_output_layer)
-    experts_how = (f"; experts: {arch.experts // ep} of {arch.experts} per rank (ep={ep}), each cut etp={etp} ways, "
-                   f"{_count(experts_here)} of {_count(here)} parameters" if arch.experts else "")
+    experts_how = (
+        f"; experts: {arch.experts // ep} of {arch.experts} per rank (ep={ep}), each cut etp={etp} ways, "
+        f"{_count(experts_here)} of {_count(here)} parameters"
+        if arch.experts
+        else ""
+    )
     rows = [
-        (f"weights ({cfg.model.dtype})", weights / GB,
-         f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage{experts_how}"),
+        (
+            f"weights ({cfg.model.dtype})",
+            weights / GB,
+            f"tp={tp}, pp={pp}: {per_stage_layers} layers per stage{experts_how}",
+        ),
         ("gradients (fp32 main_grad)", grads / GB, "full buffer on every DP rank"),
-        ("optimizer (Adam)", optimizer / GB,
-         f"{optimizer_per_param} B/param" + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")
-         + (f" (experts over expert-dp={expert_dp})" if arch.experts and shard > 1 else "")),
-        ("activations", activations / GB,
-         f"{how_tokens}, {how_act}, {in_flight} in flight, {attention}"),
-        ("output layer and loss", logits / GB,
-         "fused: logit tiles, picked hidden states, output-weight gradient" if actor.fused_output_layer
-         else "naive: [tokens, V/tp] logits and their gradient"),
+        (
+            "optimizer (Adam)",
+            optimizer / GB,
+            f"{optimizer_per_param} B/param"
+            + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")
+            + (f" (experts over expert-dp={expert_dp})" if arch.experts and shard > 1 else ""),
+        ),
+        ("activations", activations / GB, f"{how_tokens}, {how_act}, {in_flight} in flight, {attention}"),
+        (
+            "output layer and loss",
+            logits / GB,
+            "fused: logit tiles, picked hidden states, output-weight gradient"
+            if actor.fused_output_layer
+            else "naive: [tokens, V/tp] logits and their gradient",
+        ),
         ("reserve", RESERVE_GB, "CUDA context, NCCL, fragmentation"),
     ]
+
     def gathered_kv(flash_attention: bool) -> float:
-        kept = per_stage_layers if not recompute else (per_stage_layers - min(per_stage_layers, recompute or per_stage_layers) + 1)
-        return in_flight * context_parallel_kv_bytes(arch, tokens, cp=cp, layers=per_stage_layers, tp=tp,
-                                                     dtype_bytes=dtype_bytes, flash_attention=flash_attention,
-                                                     kept_layers=kept)
+        kept = (
+            per_stage_layers
+            if not recompute
+            else (per_stage_layers - min(per_stage_layers, recompute or per_stage_layers) + 1)
+        )
+        return in_flight * context_parallel_kv_bytes(
+            arch,
+            tokens,
+            cp=cp,
+            layers=per_stage_layers,
+            tp=tp,
+            dtype_bytes=dtype_bytes,
+            flash_attention=flash_attention,
+            kept_layers=kept,
+        )
+
     if cp > 1:
-        rows.insert(-1, ("context-parallel K/V", gathered_kv(flash) / GB,
-                         f"cp={cp}: " + ("two K/V chunks per layer in flight (TE's ring)" if flash
-                                         else "every kept layer's K/V gathered over the CP group (local spec)")))
+        rows.insert(
+            -1,
+            (
+                "context-parallel K/V",
+                gathered_kv(flash) / GB,
+                f"cp={cp}: "
+                + (
+                    "two K/V chunks per layer in flight (TE's ring)"
+                    if flash
+                    else "every kept layer's K/V gathered over the CP group (local spec)"
+                ),
+            ),
+        )
     if arch.experts:
-        rows.insert(-1, ("MoE dispatcher buffers", dispatcher_bytes(
-            arch, tokens, ep=ep, tp=tp, sequence_parallel=p.sequence_parallel, dispatcher=cfg.model.moe_dispatcher,
-            dtype_bytes=dtype_bytes) / GB, f"{cfg.model.moe_dispatcher}: one layer's token exchange (balanced routing)"))
+        rows.insert(
+            -1,
+            (
+                "MoE dispatcher buffers",
+                dispatcher_bytes(
+                    arch,
+                    tokens,
+                    ep=ep,
+                    tp=tp,
+                    sequence_parallel=p.sequence_parallel,
+                    dispatcher=cfg.model.moe_dispatcher,
+                    dtype_bytes=dtype_bytes,
+                )
+                / GB,
+                f"{cfg.model.moe_dispatcher}: one layer's token exchange (balanced routing)",
+            ),
+        )
     if cfg.algorithm.kl == "reference":
         rows.insert(-1, reference_row(weights, activations + logits, actor.reference_offload))
     total = sum(gb for _, gb, _ in rows)
     without_te = None
     if flash:  # the same run on GPUs without Transformer Engine: the local spec's attention scores
         extra = (activations_with(False) - activations + gathered_kv(False) - gathered_kv(True)) / GB
-        without_te = (f"without Transformer Engine (local spec: fp32 attention scores, {arch.heads} heads x the "
-                      f"blocks' length^2): activations +{extra:.1f} GB, total {total + extra:.1f} GB")
-    return MemoryEstimate(rows, total, capacity_gb, arch.total_params(), here, without_te,
-                          arch.active_params() if arch.experts else None)
+        without_te = (
+            f"without Transformer Engine (local spec: fp32 attention scores, {arch.heads} heads x the "
+            f"blocks' length^2): activations +{extra:.1f} GB, total {total + extra:.1f} GB"
+        )
+    return MemoryEstimate(
+        rows, total, capacity_gb, arch.total_params(), here, without_te, arch.active_params() if arch.experts else None
+    )
 
 
 def expert_parallel(cfg) -> tuple[int, int]:
@@ -396,9 +505,11 @@ def optimizer_format(cfg, arch: Architecture | None) -> tuple[str, str]:
     gathered = shard_params * 12 / GB  # fp32 master + Adam m, v of one model-parallel shard
     if gathered <= FULLY_RESHARDABLE_MAX_GB:
         return "fully_reshardable", f"auto: {gathered:.1f} GB of optimizer state per model-parallel shard"
-    return "dp_reshardable", (f"auto: {gathered:.0f} GB of optimizer state per model-parallel shard would be gathered "
-                              f"on one host (> {FULLY_RESHARDABLE_MAX_GB:.0f} GB); resharding to another tp/pp needs "
-                              "checkpoint.optimizer_format=fully_reshardable")
+    return "dp_reshardable", (
+        f"auto: {gathered:.0f} GB of optimizer state per model-parallel shard would be gathered "
+        f"on one host (> {FULLY_RESHARDABLE_MAX_GB:.0f} GB); resharding to another tp/pp needs "
+        "checkpoint.optimizer_format=fully_reshardable"
+    )
 
 
 def checkpoint_optimizer_format(cfg) -> str:
@@ -409,10 +520,17 @@ def checkpoint_optimizer_format(cfg) -> str:
 def reference_row(weights: float, update_peak: float, offload: bool) -> tuple[str, float, str]:
     """The frozen reference model's share (bytes in, a row out): resident, or offloaded between passes."""
     if not offload:
-        return ("reference model (kl)", weights / GB, "frozen initial weights, resident (actor.reference_offload: false)")
-    return ("reference model (kl)", max(0.0, weights - update_peak) / GB,
-            f"offloaded to host between passes: its {weights / GB:.1f} GB sit in the update's activation room "
-            "during the log-prob pass")
+        return (
+            "reference model (kl)",
+            weights / GB,
+            "frozen initial weights, resident (actor.reference_offload: false)",
+        )
+    return (
+        "reference model (kl)",
+        max(0.0, weights - update_peak) / GB,
+        f"offloaded to host between passes: its {weights / GB:.1f} GB sit in the update's activation room "
+        "during the log-prob pass",
+    )
 
 
 def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> tuple[str, bool]:
@@ -425,6 +543,9 @@ def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> tuple[s
     tokens = room * GB / kv_per_token
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
     fits = tokens >= longest
-    return (f"SGLang server GPU: weights {weights:.1f} GB (bf16, tp={r.server_tp}); about {room:.0f} GB of KV cache "
-            f"= {tokens / 1e3:.0f}k tokens = {tokens / longest:.0f} rollouts of {longest} tokens at once"
-            + ("" if fits else ": does NOT fit one rollout (raise rollout.server_tp)"), fits)
+    return (
+        f"SGLang server GPU: weights {weights:.1f} GB (bf16, tp={r.server_tp}); about {room:.0f} GB of KV cache "
+        f"= {tokens / 1e3:.0f}k tokens = {tokens / longest:.0f} rollouts of {longest} tokens at once"
+        + ("" if fits else ": does NOT fit one rollout (raise rollout.server_tp)"),
+        fits,
+    )

@@ -7,8 +7,12 @@ import math
 import os
 from pathlib import Path
 
-CURVES = (("reward_mean", "reward"), ("entropy", "entropy"), ("val_pass1", "validation pass@1"),
-          ("solved_all_ratio", "solved-all ratio"))
+CURVES = (
+    ("reward_mean", "reward"),
+    ("entropy", "entropy"),
+    ("val_pass1", "validation pass@1"),
+    ("solved_all_ratio", "solved-all ratio"),
+)
 
 
 def _parse(line: str) -> dict | None:
@@ -25,8 +29,11 @@ def keep_steps_up_to(path: Path, step: int) -> None:
     """Drop the lines of a JSONL log after `step` (and a line cut short by a kill), atomically."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if (row := _parse(line)) is not None and row["step"] <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if (row := _parse(line)) is not None and row["step"] <= step
+    ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
@@ -44,10 +51,17 @@ class RolloutLog:
 
     def log(self, step: int, rollouts) -> None:
         for r in rollouts:
-            row = {"step": step, "group": r.group, "source": r.source, "weight_version": r.weight_version,
-                   "reward": r.reward, "in_loss": r.in_loss, "truncated": r.truncated,
-                   "response_tokens": len(r.response_ids),
-                   "response": self.tokenizer.decode(r.response_ids, skip_special_tokens=True)}
+            row = {
+                "step": step,
+                "group": r.group,
+                "source": r.source,
+                "weight_version": r.weight_version,
+                "reward": r.reward,
+                "in_loss": r.in_loss,
+                "truncated": r.truncated,
+                "response_tokens": len(r.response_ids),
+                "response": self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
+            }
             self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
@@ -70,7 +84,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+            self.tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}

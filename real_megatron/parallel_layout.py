@@ -40,7 +40,9 @@ def describe_layout(p: ParallelConfig, max_rows: int = 64) -> str:
         f"{' +sequence-parallel' if p.sequence_parallel else ''}",
     ]
     if p.tp > p.gpus_per_node:
-        lines.append(f"note: tp={p.tp} spans nodes (gpus_per_node={p.gpus_per_node}); TP traffic will cross the network")
+        lines.append(
+            f"note: tp={p.tp} spans nodes (gpus_per_node={p.gpus_per_node}); TP traffic will cross the network"
+        )
     places = rank_places(p)
     lines.append(f"{'rank':>5} {'node':>5} {'local':>5} {'tp':>4} {'cp':>4} {'dp':>4} {'pp':>4}")
     for place in places[:max_rows]:
@@ -66,11 +68,15 @@ def describe_nodes(cfg) -> tuple[str, str | None]:
     if servers and r.fleet_nodes == 0:  # the servers share the trainer's node(s), on the GPUs after its ranks
         per_node = -(-servers // p.nodes)
         used = p.gpus_per_node + per_node * tp
-        text = (f"{p.nodes} node(s) of {p.node_gpus} GPUs, each: GPUs 0-{p.gpus_per_node - 1} trainer ranks, "
-                f"{p.gpus_per_node}-{used - 1} {per_node} SGLang server(s) x tp={tp}")
+        text = (
+            f"{p.nodes} node(s) of {p.node_gpus} GPUs, each: GPUs 0-{p.gpus_per_node - 1} trainer ranks, "
+            f"{p.gpus_per_node}-{used - 1} {per_node} SGLang server(s) x tp={tp}"
+        )
         if used > p.node_gpus:
-            return text, (f"parallel.gpus_per_node={p.gpus_per_node} trainer GPUs and {per_node} SGLang server(s) x "
-                          f"rollout.server_tp={tp} need {used} GPUs per node; a node has parallel.node_gpus={p.node_gpus}")
+            return text, (
+                f"parallel.gpus_per_node={p.gpus_per_node} trainer GPUs and {per_node} SGLang server(s) x "
+                f"rollout.server_tp={tp} need {used} GPUs per node; a node has parallel.node_gpus={p.node_gpus}"
+            )
         return text, None
     text = f"{p.nodes} trainer node(s) x {p.gpus_per_node} GPUs"
     problem = None
@@ -79,6 +85,8 @@ def describe_nodes(cfg) -> tuple[str, str | None]:
     if servers:
         text += f"; {r.fleet_nodes} fleet node(s): {servers} SGLang server(s) x tp={tp}"
         if servers * tp > r.fleet_nodes * p.node_gpus:
-            problem = (f"{servers} SGLang server(s) x rollout.server_tp={tp} need {servers * tp} GPUs; "
-                       f"rollout.fleet_nodes={r.fleet_nodes} node(s) have {r.fleet_nodes * p.node_gpus}")
+            problem = (
+                f"{servers} SGLang server(s) x rollout.server_tp={tp} need {servers * tp} GPUs; "
+                f"rollout.fleet_nodes={r.fleet_nodes} node(s) have {r.fleet_nodes * p.node_gpus}"
+            )
     return text, problem

@@ -82,19 +82,28 @@ def convert(source: Source, files: list[Path], target: Path) -> int:
 
     records = [r for f in sorted(files) for r in _read_records(f)]
     if len(records) != source.rows:
-        raise PrepareError(f"{target}: {len(records)} rows in {', '.join(map(str, files))}, the paper's split has "
-                           f"{source.rows} (https://huggingface.co/datasets/{source.repo}); is it the right file?")
+        raise PrepareError(
+            f"{target}: {len(records)} rows in {', '.join(map(str, files))}, the paper's split has "
+            f"{source.rows} (https://huggingface.co/datasets/{source.repo}); is it the right file?"
+        )
     rows = []
     for index, record in enumerate(records):
         question = next((record[k] for k in source.question if record.get(k) is not None), None)
         answer = next((record[k] for k in source.answer if record.get(k) is not None), None)
         if question is None or answer is None:
-            raise PrepareError(f"{files[0]}: record {index} has no {' or '.join(source.question)} / "
-                               f"{' or '.join(source.answer)} (keys: {', '.join(record)})")
-        rows.append({"data_source": target.stem, "ability": "math",
-                     "prompt": [{"role": "user", "content": f"{str(question).strip()} {INSTRUCTION}"}],
-                     "reward_model": {"ground_truth": _answer(answer), "style": "rule"},
-                     "extra_info": {"index": index, "split": source.split}})
+            raise PrepareError(
+                f"{files[0]}: record {index} has no {' or '.join(source.question)} / "
+                f"{' or '.join(source.answer)} (keys: {', '.join(record)})"
+            )
+        rows.append(
+            {
+                "data_source": target.stem,
+                "ability": "math",
+                "prompt": [{"role": "user", "content": f"{str(question).strip()} {INSTRUCTION}"}],
+                "reward_model": {"ground_truth": _answer(answer), "style": "rule"},
+                "extra_info": {"index": index, "split": source.split},
+            }
+        )
     if any(isinstance(r["reward_model"]["ground_truth"], list) for r in rows):  # one type per parquet column
         for r in rows:
             truth = r["reward_model"]["ground_truth"]
@@ -110,8 +119,11 @@ def missing_inputs(cfg) -> list[str]:
     """The files `cfg` reads that are not here (a task makes its own): key and path of each."""
     if cfg.task.name is not None:
         return []
-    missing = [] if cfg.model.path and (Path(cfg.model.path) / "config.json").exists() else [
-        f"model.path {cfg.model.path} (no config.json)"]
+    missing = (
+        []
+        if cfg.model.path and (Path(cfg.model.path) / "config.json").exists()
+        else [f"model.path {cfg.model.path} (no config.json)"]
+    )
     for key, paths in (("data.train_files", cfg.data.train_files), ("eval.files", cfg.eval.files)):
         missing += [f"{key} {p}" for p in paths if not Path(p).exists()]
     return missing
@@ -132,7 +144,9 @@ def prepare(cfg, *, download: bool = True, log=print) -> list[str]:
     if cfg.task.name is None and model and not (Path(model) / "config.json").exists():
         repo = MODELS.get(Path(model).name)
         if repo is None:
-            problems.append(f"model.path {model}: no known source; put an HF checkpoint (config.json, safetensors) there")
+            problems.append(
+                f"model.path {model}: no known source; put an HF checkpoint (config.json, safetensors) there"
+            )
         else:
             try:
                 if not download:
@@ -140,8 +154,10 @@ def prepare(cfg, *, download: bool = True, log=print) -> list[str]:
                 log(f"downloading {repo} into {model}")
                 _download(repo, Path(model), "model", ["*.json", "*.safetensors", "*.txt", "*.model"])
             except Exception as exc:  # no network, no hub client, an HTTP error: all say what to fetch
-                problems.append(f"model.path {model}: could not download https://huggingface.co/{repo} ({_reason(exc)}); "
-                                f"fetch it elsewhere (huggingface-cli download {repo} --local-dir {model}) and copy it there")
+                problems.append(
+                    f"model.path {model}: could not download https://huggingface.co/{repo} ({_reason(exc)}); "
+                    f"fetch it elsewhere (huggingface-cli download {repo} --local-dir {model}) and copy it there"
+                )
     for key, paths in (("data.train_files", cfg.data.train_files), ("eval.files", cfg.eval.files)):
         for target in map(Path, paths):
             problem = _prepare_data(key, target, download, log)
@@ -167,8 +183,10 @@ def _prepare_data(key: str, target: Path, download: bool, log) -> str | None:
             _download(source.repo, raw, "dataset", [f"*{s}" for s in DATA_SUFFIXES])
             files = [p for p in raw.rglob("*") if p.suffix in DATA_SUFFIXES and ".cache" not in p.parts]
         except Exception as exc:
-            return (f"{key} {target}: could not download https://huggingface.co/datasets/{source.repo} "
-                    f"({_reason(exc)}); fetch its data file(s) elsewhere and put them in {raw}/, then run prepare again")
+            return (
+                f"{key} {target}: could not download https://huggingface.co/datasets/{source.repo} "
+                f"({_reason(exc)}); fetch its data file(s) elsewhere and put them in {raw}/, then run prepare again"
+            )
     try:
         rows = convert(source, files, target)
     except PrepareError as exc:

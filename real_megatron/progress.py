@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 
-def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None, desc: str = "", unit: str = "it",
-             initial: int = 0, leave: bool = True, interval_s: float = 10.0, stream=None):
+def progress(
+    iterable: Optional[Iterable] = None,
+    *,
+    total: Optional[int] = None,
+    desc: str = "",
+    unit: str = "it",
+    initial: int = 0,
+    leave: bool = True,
+    interval_s: float = 10.0,
+    stream=None,
+):
     stream = stream or sys.stderr
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
@@ -21,8 +31,9 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None
         from tqdm import tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave, file=stream)
-    return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, interval_s=interval_s,
-                        stream=stream)
+    return LineProgress(
+        iterable, total=total, desc=desc, unit=unit, initial=initial, interval_s=interval_s, stream=stream
+    )
 
 
 def quiet_library_bars(stream=None) -> None:
@@ -67,5 +78,8 @@ class LineProgress:
         done = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
         rate = (self.n - self.initial) / max(now - self.start, 1e-9)
         extra = f", {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {done} {self.unit} ({rate:.3g} {self.unit}/s, {now - self.start:.0f} s{extra})",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc}: {done} {self.unit} ({rate:.3g} {self.unit}/s, {now - self.start:.0f} s{extra})",
+            file=self.stream,
+            flush=True,
+        )

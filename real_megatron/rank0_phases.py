@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.distributed as dist
 
@@ -166,14 +167,17 @@ def _wait_for_rank0(store, done_key: str, phase: str, timeout_s: float) -> None:
                     pass
                 raise RuntimeError(f"rank {me}: rank 0 failed in phase '{phase}': {status.removeprefix('failed ')}")
             if error is not None:
-                raise RuntimeError(f"rank {me} lost contact with rank 0 while waiting for its phase '{phase}' after "
-                                   f"{time.monotonic() - start:.0f}s (rank 0 or its node is gone?): {error}")
+                raise RuntimeError(
+                    f"rank {me} lost contact with rank 0 while waiting for its phase '{phase}' after "
+                    f"{time.monotonic() - start:.0f}s (rank 0 or its node is gone?): {error}"
+                )
             now = time.monotonic()
             if beat != last_beat:
                 last_beat, last_change = beat, now
             elif now - last_change > timeout_s:
                 raise TimeoutError(
                     f"rank {me} waited {now - start:.0f}s for rank 0 in phase '{phase}': no heartbeat from rank 0 "
-                    f"for {timeout_s:.0f}s (parallel.timeout_s; its last: '{beat}'): rank 0 is hung or gone")
+                    f"for {timeout_s:.0f}s (parallel.timeout_s; its last: '{beat}'): rank 0 is hung or gone"
+                )
     finally:
         stop.set()

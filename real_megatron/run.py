@@ -62,18 +62,37 @@ class Evaluator:
     """Held-out pass@1 on rank 0 (the others wait, then share it): before RL, every eval.every_steps
     steps, and after the last step."""
 
-    def __init__(self, engine: Engine, inputs: Inputs, settings: EvalConfig, *, seed: int, verifier_timeout_s: float,
-                 last_step: int, timeout_s: float):
+    def __init__(
+        self,
+        engine: Engine,
+        inputs: Inputs,
+        settings: EvalConfig,
+        *,
+        seed: int,
+        verifier_timeout_s: float,
+        last_step: int,
+        timeout_s: float,
+    ):
         self.engine, self.inputs, self.eval = engine, inputs, settings  # the `eval` section
-        self.seed, self.verifier_timeout_s, self.last_step, self.timeout_s = seed, verifier_timeout_s, last_step, timeout_s
+        self.seed, self.verifier_timeout_s, self.last_step, self.timeout_s = (
+            seed,
+            verifier_timeout_s,
+            last_step,
+            timeout_s,
+        )
 
     def due(self, step: int) -> bool:
         """A mid-run evaluation after `step` (the final one is the loop's own)."""
         return bool(self.eval.every_steps) and step % self.eval.every_steps == 0 and step < self.last_step
 
     def __call__(self, step: int, phase: str) -> dict:
-        return on_rank0(phase, lambda: evaluate(self.engine, self.inputs, self.eval, step, seed=self.seed,
-                                                verifier_timeout_s=self.verifier_timeout_s), timeout_s=self.timeout_s)
+        return on_rank0(
+            phase,
+            lambda: evaluate(
+                self.engine, self.inputs, self.eval, step, seed=self.seed, verifier_timeout_s=self.verifier_timeout_s
+            ),
+            timeout_s=self.timeout_s,
+        )
 
 
 class Checkpointer:
@@ -98,7 +117,9 @@ class RunLog:
 
     def __init__(self, cfg: Config, run_dir: Path, tokenizer, logged_until: int, start_step: int):
         rank0 = is_rank0()
-        self.metrics_log = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume_step=logged_until) if rank0 else None
+        self.metrics_log = (
+            MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume_step=logged_until) if rank0 else None
+        )
         self.rollout_log = RolloutLog(run_dir, tokenizer, logged_until) if rank0 and cfg.logging.rollouts else None
         self.bar_wanted = rank0 and cfg.logging.progress_bar
         self.total, self.start_step, self.desc = cfg.train.steps, start_step, f"{cfg.algorithm.name} RL"
@@ -175,17 +196,21 @@ class Run:
         """The final model (HF), summary.json, the curves; everything closed. Returns the summary."""
         cfg, run_dir = self.cfg, self.run_dir
         if cfg.checkpoint.save_hf_final:
-            write_hf_checkpoint(self.actor.chunks, self.spec, run_dir / "final_hf", self.inputs.model_dir,
-                                self.actor.settings.dtype)
-        summary = run_summary(cfg, self.history["baseline"], final, time.time() - self.started,
-                              warmstart_record(cfg, self.inputs))
+            write_hf_checkpoint(
+                self.actor.chunks, self.spec, run_dir / "final_hf", self.inputs.model_dir, self.actor.settings.dtype
+            )
+        summary = run_summary(
+            cfg, self.history["baseline"], final, time.time() - self.started, warmstart_record(cfg, self.inputs)
+        )
         if is_rank0():
             self.log.metrics(self.last_step, {"val_pass1": final["pass1"]})
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.log.close()
         self.engine.close()
         if is_rank0() and cfg.logging.plot:
-            plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}")
+            plot_curves(
+                run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"{cfg.algorithm.name} on {run_dir.name}"
+            )
         shutdown()
         self.guard.restore()
         return summary
@@ -196,24 +221,46 @@ def build_run(cfg: Config) -> Run:
     process groups, the inputs (a task made or files read), the actor (from the model, or resumed
     from the latest checkpoint), the engine holding the actor's weights, and the rest."""
     p, t = cfg.parallel, cfg.train
-    init_distributed(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=p.timeout_s,
-                     expected_world_size=p.world_size, seed=t.seed, ep=p.ep, etp=p.etp)
+    init_distributed(
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        cp=p.cp,
+        timeout_s=p.timeout_s,
+        expected_world_size=p.world_size,
+        seed=t.seed,
+        ep=p.ep,
+        etp=p.etp,
+    )
     run_dir, started = Path(t.output_dir), time.time()
     if is_rank0():
         save_config(cfg, run_dir / "config.yaml")
 
     inputs = prepare_inputs(cfg)
     spec = ArchSpec.from_pretrained(inputs.model_dir)
-    checkpoints = Checkpointer(Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.checkpoint.every_steps,
-                               cfg.checkpoint.keep_last, cfg.checkpoint.resume, checkpoint_optimizer_format(cfg))
+    checkpoints = Checkpointer(
+        Path(cfg.checkpoint.dir or run_dir / "checkpoints"),
+        cfg.checkpoint.every_steps,
+        cfg.checkpoint.keep_last,
+        cfg.checkpoint.resume,
+        checkpoint_optimizer_format(cfg),
+    )
     resume = checkpoints.resume
     if resume is None and is_rank0():
         record_initial_model(run_dir, inputs.model_dir)  # what a resumed run's reference model is rebuilt from
     # kl='reference': the run's initial model, also after a resume (not the checkpoint's weights)
-    reference = None if cfg.algorithm.kl != "reference" else HFCheckpointReader(
-        recorded_initial_model(run_dir) if resume is not None else inputs.model_dir, spec).get
-    actor = Actor(spec, ActorSettings.from_config(cfg, pad_id=inputs.tokenizer.pad_token_id or 0),
-                  objective_from_config(cfg.algorithm), HFCheckpointReader(inputs.model_dir, spec).get, reference)
+    reference = (
+        None
+        if cfg.algorithm.kl != "reference"
+        else HFCheckpointReader(recorded_initial_model(run_dir) if resume is not None else inputs.model_dir, spec).get
+    )
+    actor = Actor(
+        spec,
+        ActorSettings.from_config(cfg, pad_id=inputs.tokenizer.pad_token_id or 0),
+        objective_from_config(cfg.algorithm),
+        HFCheckpointReader(inputs.model_dir, spec).get,
+        reference,
+    )
     engine = build_engine(cfg, inputs, run_dir)  # rank 0's generates; every rank's takes its part in loading weights
 
     start_step, history = 0, {}
@@ -229,8 +276,29 @@ def build_run(cfg: Config) -> Run:
     guard = PreemptionGuard()
     engine.load_weights(actor, start_step)
     rollouts = Rollouts(lambda: RolloutSource(engine, inputs, cfg, start_step, t.steps), timeout_s=p.timeout_s)
-    evaluator = Evaluator(engine, inputs, cfg.eval, seed=t.seed, verifier_timeout_s=cfg.data.verifier_timeout_s,
-                          last_step=t.steps, timeout_s=p.timeout_s)
-    return Run(actor=actor, engine=engine, rollouts=rollouts, evaluate=evaluator, checkpoints=checkpoints, log=run_log,
-               guard=guard, start_step=start_step, last_step=t.steps, history=history, cfg=cfg, inputs=inputs,
-               spec=spec, run_dir=run_dir, started=started)
+    evaluator = Evaluator(
+        engine,
+        inputs,
+        cfg.eval,
+        seed=t.seed,
+        verifier_timeout_s=cfg.data.verifier_timeout_s,
+        last_step=t.steps,
+        timeout_s=p.timeout_s,
+    )
+    return Run(
+        actor=actor,
+        engine=engine,
+        rollouts=rollouts,
+        evaluate=evaluator,
+        checkpoints=checkpoints,
+        log=run_log,
+        guard=guard,
+        start_step=start_step,
+        last_step=t.steps,
+        history=history,
+        cfg=cfg,
+        inputs=inputs,
+        spec=spec,
+        run_dir=run_dir,
+        started=started,
+    )

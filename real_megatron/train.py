@@ -27,8 +27,9 @@ def train(cfg: Config) -> dict:
     run = build_run(cfg)  # actor, engine (holding the actor's weights), rollouts, evaluator, checkpoints, logs
     if "baseline" not in run.history:  # pass@1 before RL (a resumed run measured it already)
         run.history["baseline"] = run.evaluate(0, "baseline evaluation")
-        run.log.metrics(run.start_step, {"val_pass1": run.history["baseline"]["pass1"],
-                                         "eval_s": run.history["baseline"]["eval_s"]})
+        run.log.metrics(
+            run.start_step, {"val_pass1": run.history["baseline"]["pass1"], "eval_s": run.history["baseline"]["eval_s"]}
+        )
     run.begin_steps()
     for step in range(run.start_step + 1, run.last_step + 1):
         step_start = time.perf_counter()

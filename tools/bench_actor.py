@@ -99,6 +99,7 @@ class PeakSampler:
                 return fn(*args, **kwargs)
             finally:
                 self.paused = False
+
         return wrapped
 
     def __enter__(self):
@@ -126,8 +127,14 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
         cp = int(mb.cu_seqlens_padded[-1]) // mb.tokens.numel()
         lengths = (mb.cu_seqlens_padded[1:] - mb.cu_seqlens_padded[:-1]).tolist()
         area = sum(n * n for n in lengths) // cp
-        cp_kv = context_parallel_kv_bytes(arch, mb.tokens.numel(), cp=cp, layers=arch.layers, dtype_bytes=dtype.itemsize,
-                                          flash_attention=use_transformer_engine(settings.dtype))
+        cp_kv = context_parallel_kv_bytes(
+            arch,
+            mb.tokens.numel(),
+            cp=cp,
+            layers=arch.layers,
+            dtype_bytes=dtype.itemsize,
+            flash_attention=use_transformer_engine(settings.dtype),
+        )
     elif mb.packed:
         lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
         area = sum(n * n for n in lengths)
@@ -135,20 +142,28 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
         area = mb.tokens.shape[0] * mb.tokens.shape[1] ** 2
     shape = MicroBatchShape(tokens=mb.tokens.numel(), response_tokens=mb.num_response_tokens, attention_area=area)
     nbytes = dtype.itemsize
-    return cp_kv + (activation_bytes(arch, shape, layers=arch.layers, dtype_bytes=nbytes,
-                             flash_attention=use_transformer_engine(settings.dtype), recompute=settings.recompute_activations)
-            + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.actor.fused_output_layer))
+    return cp_kv + (
+        activation_bytes(
+            arch,
+            shape,
+            layers=arch.layers,
+            dtype_bytes=nbytes,
+            flash_attention=use_transformer_engine(settings.dtype),
+            recompute=settings.recompute_activations,
+        )
+        + output_layer_bytes(arch, shape, dtype_bytes=nbytes, fused=settings.actor.fused_output_layer)
+    )
 
 
 def worker(args) -> dict:
     import torch
 
     from real_megatron.actor.actor import Actor, ActorSettings
-    from real_megatron.actor.batching import padding_fraction, build_mini_batches
+    from real_megatron.actor.batching import build_mini_batches, padding_fraction
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
-    from real_megatron.actor.weights import init_hf_state_dict
     from real_megatron.actor.settings import ActorConfig
+    from real_megatron.actor.weights import init_hf_state_dict
     from real_megatron.config import OptimConfig
     from real_megatron.objectives import build_objective
 
@@ -157,18 +172,32 @@ def worker(args) -> dict:
     cp_rank = torch.distributed.get_rank() if args.cp_ranks > 1 else 0
     heads = max(2, args.hidden // 64)
     hf_config = dict(
-        model_type="qwen2", vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+        model_type="qwen2",
+        vocab_size=VOCAB,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
     )
     spec = ArchSpec.from_hf(hf_config, "bench model")
     dtype = getattr(torch, args.dtype)
     groups = args.groups
     settings = ActorSettings(
-        dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=groups, total_steps=10,
-        actor=ActorConfig(prompts_per_micro_batch=args.groups_per_micro if args.padded else groups,
-                          max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
-                          pack_sequences=not args.padded, fused_output_layer=not args.naive),
+        dtype=dtype,
+        optim=OptimConfig(lr=1e-6),
+        groups_per_mini_batch=groups,
+        total_steps=10,
+        actor=ActorConfig(
+            prompts_per_micro_batch=args.groups_per_micro if args.padded else groups,
+            max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
+            pack_sequences=not args.padded,
+            fused_output_layer=not args.naive,
+        ),
     )
     weights = init_hf_state_dict(spec, seed=args.seed, dtype=dtype)
     actor = Actor(spec, settings, build_objective("real", tau=0.5, skip_uniform_groups=True), weights.__getitem__)
@@ -182,9 +211,17 @@ def worker(args) -> dict:
     actor.train_step(warm)
 
     batch = rollout_batch(groups, args.group_size, args.seed, mean=args.mean_response, cap=args.max_response)
-    minis = build_mini_batches(batch, groups, settings.actor.prompts_per_micro_batch, 1, 0,
-                               packed=settings.actor.pack_sequences, max_tokens=settings.actor.max_tokens_per_micro_batch,
-                               cp_size=args.cp_ranks, cp_rank=cp_rank)
+    minis = build_mini_batches(
+        batch,
+        groups,
+        settings.actor.prompts_per_micro_batch,
+        1,
+        0,
+        packed=settings.actor.pack_sequences,
+        max_tokens=settings.actor.max_tokens_per_micro_batch,
+        cp_size=args.cp_ranks,
+        cp_rank=cp_rank,
+    )
     micro = [mb for m in minis for mb in m.micro_batches]
     estimate = max(estimated_step_bytes(hf_config, mb, settings, dtype) for mb in micro)
     if args.device == "cuda":
@@ -203,11 +240,17 @@ def worker(args) -> dict:
     compute_peak = peak if args.device == "cuda" else sampler.compute_peak - sampler.start
     tokens = sum(r.num_tokens for r in batch)
     result = {
-        "tokens": tokens, "response_tokens": sum(len(r.response_ids) for r in batch), "step_s": seconds,
+        "tokens": tokens,
+        "response_tokens": sum(len(r.response_ids) for r in batch),
+        "step_s": seconds,
         "tokens_per_s": 2 * tokens / seconds,  # every token passes the model twice: old log-probs, update
-        "padding_fraction": padding_fraction(micro), "peak_gb": peak / 1e9, "compute_peak_gb": compute_peak / 1e9,
+        "padding_fraction": padding_fraction(micro),
+        "peak_gb": peak / 1e9,
+        "compute_peak_gb": compute_peak / 1e9,
         "micro_batches": len(micro),
-        "max_slots": max(mb.tokens.numel() for mb in micro), "loss": metrics["loss"], "estimate_gb": estimate / 1e9,
+        "max_slots": max(mb.tokens.numel() for mb in micro),
+        "loss": metrics["loss"],
+        "estimate_gb": estimate / 1e9,
     }
     shutdown()
     return result
@@ -252,8 +295,12 @@ def main() -> int:
             continue
         out = Path(f"/tmp/bench_actor_{os.getpid()}_{name.replace('+', '_')}.json")
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS: RSS tracks use
-        proc = subprocess.run([sys.executable, __file__, *shared, *flags, "--worker-out", str(out)],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, *shared, *flags, "--worker-out", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             return 1
@@ -264,18 +311,29 @@ def main() -> int:
         return 0
     base, new = results["padded+naive"], results["packed+fused"]
     lengths = response_lengths(args.groups * args.group_size, args.seed)
-    print(f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}, {args.dtype} on "
-          f"{args.device}, {args.threads} threads")
-    print(f"batch: {args.groups} groups x {args.group_size} rollouts, prompts 80-120 tokens, responses log-normal "
-          f"(sigma 1, mean 400, cap 2048): mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; "
-          f"{base['tokens']:,} tokens ({base['response_tokens']:,} response)")
-    print(f"padded+naive: {args.groups_per_micro} group(s) per micro-batch; packed+fused: {args.max_tokens} tokens "
-          "per micro-batch\n")
-    rows = [("tokens/s", "tokens_per_s", "{:.0f}"), ("step s", "step_s", "{:.1f}"),
-            ("padding fraction", "padding_fraction", "{:.3f}"), ("micro-batches", "micro_batches", "{}"),
-            ("peak memory GB (above model + optimizer)", "peak_gb", "{:.2f}"),
-            ("  of which forward/backward (optimizer step out)", "compute_peak_gb", "{:.2f}"),
-            ("  --dry-run's estimate of it", "estimate_gb", "{:.2f}"), ("loss", "loss", "{:.6f}")]
+    print(
+        f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}, {args.dtype} on "
+        f"{args.device}, {args.threads} threads"
+    )
+    print(
+        f"batch: {args.groups} groups x {args.group_size} rollouts, prompts 80-120 tokens, responses log-normal "
+        f"(sigma 1, mean 400, cap 2048): mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; "
+        f"{base['tokens']:,} tokens ({base['response_tokens']:,} response)"
+    )
+    print(
+        f"padded+naive: {args.groups_per_micro} group(s) per micro-batch; packed+fused: {args.max_tokens} tokens "
+        "per micro-batch\n"
+    )
+    rows = [
+        ("tokens/s", "tokens_per_s", "{:.0f}"),
+        ("step s", "step_s", "{:.1f}"),
+        ("padding fraction", "padding_fraction", "{:.3f}"),
+        ("micro-batches", "micro_batches", "{}"),
+        ("peak memory GB (above model + optimizer)", "peak_gb", "{:.2f}"),
+        ("  of which forward/backward (optimizer step out)", "compute_peak_gb", "{:.2f}"),
+        ("  --dry-run's estimate of it", "estimate_gb", "{:.2f}"),
+        ("loss", "loss", "{:.6f}"),
+    ]
     print(f"| {'':42} | {'padded+naive':>12} | {'packed+fused':>12} | {'ratio':>7} |")
     print(f"|{'-' * 44}|{'-' * 14}|{'-' * 14}|{'-' * 9}|")
     for label, key, fmt in rows:
@@ -298,11 +356,18 @@ def compare_cp(args) -> int:
     for cp in (1, args.cp):
         out = f"/tmp/bench_actor_{os.getpid()}_cp{cp}.json"
         threads = ["--threads", str(max(1, args.threads // cp))]
-        launcher = [sys.executable] if cp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={cp}"]
+        launcher = (
+            [sys.executable]
+            if cp == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp}"]
+        )
         env["OMP_NUM_THREADS"] = threads[1]
-        proc = subprocess.run([*launcher, __file__, *shared, *threads, "--cp-ranks", str(cp), "--worker-out", out],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [*launcher, __file__, *shared, *threads, "--cp-ranks", str(cp), "--worker-out", out],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             return 1
@@ -320,22 +385,34 @@ def compare_cp(args) -> int:
         return 0
     base, new = results["cp=1"], results[f"cp={args.cp}"]
     lengths = response_lengths(args.groups * args.group_size, args.seed, args.mean_response, args.max_response)
-    print(f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}, {args.dtype} on "
-          f"{args.device}, {args.threads} threads in all; packed rows, fused output layer, local spec attention")
-    print(f"batch: {args.groups} group(s) x {args.group_size} rollouts, prompts 80-120 tokens, responses log-normal "
-          f"(sigma 1, mean {args.mean_response:.0f}, cap {args.max_response}): {sorted(lengths)}; "
-          f"{base['tokens']:,} tokens ({base['response_tokens']:,} response); budget {args.max_tokens} tokens per rank\n")
-    rows = [("tokens/s", "tokens_per_s", "{:.0f}"), ("step s", "step_s", "{:.1f}"),
-            ("micro-batches", "micro_batches", "{}"), ("token slots per rank (largest micro-batch)", "max_slots", "{}"),
-            ("peak memory GB per rank (above model + optimizer)", "peak_gb", "{:.3f}"),
-            ("  of which forward/backward (optimizer step out)", "compute_peak_gb", "{:.3f}"),
-            ("  the memory estimate of it", "estimate_gb", "{:.3f}"), ("loss", "loss", "{:.6f}")]
+    print(
+        f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, vocabulary {VOCAB:,}, {args.dtype} on "
+        f"{args.device}, {args.threads} threads in all; packed rows, fused output layer, local spec attention"
+    )
+    print(
+        f"batch: {args.groups} group(s) x {args.group_size} rollouts, prompts 80-120 tokens, responses log-normal "
+        f"(sigma 1, mean {args.mean_response:.0f}, cap {args.max_response}): {sorted(lengths)}; "
+        f"{base['tokens']:,} tokens ({base['response_tokens']:,} response); budget {args.max_tokens} tokens per rank\n"
+    )
+    rows = [
+        ("tokens/s", "tokens_per_s", "{:.0f}"),
+        ("step s", "step_s", "{:.1f}"),
+        ("micro-batches", "micro_batches", "{}"),
+        ("token slots per rank (largest micro-batch)", "max_slots", "{}"),
+        ("peak memory GB per rank (above model + optimizer)", "peak_gb", "{:.3f}"),
+        ("  of which forward/backward (optimizer step out)", "compute_peak_gb", "{:.3f}"),
+        ("  the memory estimate of it", "estimate_gb", "{:.3f}"),
+        ("loss", "loss", "{:.6f}"),
+    ]
     name = f"cp={args.cp}"
     print(f"| {'':50} | {'cp=1':>10} | {name:>10} | {'ratio':>7} |")
     print(f"|{'-' * 52}|{'-' * 12}|{'-' * 12}|{'-' * 9}|")
     for label, key, fmt in rows:
-        ratio = f"{new[key] / base[key]:.2f}" if key in ("tokens_per_s", "peak_gb", "compute_peak_gb", "max_slots",
-                                                         "estimate_gb") else ""
+        ratio = (
+            f"{new[key] / base[key]:.2f}"
+            if key in ("tokens_per_s", "peak_gb", "compute_peak_gb", "max_slots", "estimate_gb")
+            else ""
+        )
         print(f"| {label:50} | {fmt.format(base[key]):>10} | {fmt.format(new[key]):>10} | {ratio:>7} |")
     return 0
 

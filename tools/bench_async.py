@@ -29,8 +29,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
-CPU_SERVER_ARGS = ["--device", "cpu", "--attention-backend", "torch_native", "--max-total-tokens", "16384",
-                   "--dtype", "float32", "--skip-tokenizer-init"]
+CPU_SERVER_ARGS = [
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--max-total-tokens",
+    "16384",
+    "--dtype",
+    "float32",
+    "--skip-tokenizer-init",
+]
 
 # Projection inputs for DeepSeek-R1-Distill-Qwen-1.5B on one node of 8 x H100 80 GB, 4 GPUs training
 # (DP=4) and 4 SGLang servers (configs/real_r1distill_qwen_1p5b_1node.yaml): stated assumptions.
@@ -51,18 +60,38 @@ def server_python_on_core(core: int, work: Path) -> str:
     from real_megatron.rollout.sglang_env import default_server_python
 
     wrapper = work / "sglang-python"
-    wrapper.write_text(f"#!/bin/sh\nexec taskset -c {core} {default_server_python()} \"$@\"\n")
+    wrapper.write_text(f'#!/bin/sh\nexec taskset -c {core} {default_server_python()} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 
 
 def run(k: int, steps: int, url: str, work: Path, trainer_cores: str) -> list[dict]:
     out = work / f"staleness{k}"
-    cmd = ["taskset", "-c", trainer_cores, sys.executable, "-m", "real_megatron.cli", "train", str(CONFIG),
-           "--output-dir", str(out), f"train.steps={steps}", "rollout.backend=sglang", f"rollout.server_urls=[{url}]",
-           f"rollout.max_staleness={k}", "optim.warmup_steps=0", "eval.every_steps=0", "eval.k=1", "checkpoint.every_steps=0",
-           "checkpoint.resume=none", "checkpoint.save_hf_final=false", "logging.plot=false", "logging.tensorboard=false",
-           "logging.progress_bar=false"]
+    cmd = [
+        "taskset",
+        "-c",
+        trainer_cores,
+        sys.executable,
+        "-m",
+        "real_megatron.cli",
+        "train",
+        str(CONFIG),
+        "--output-dir",
+        str(out),
+        f"train.steps={steps}",
+        "rollout.backend=sglang",
+        f"rollout.server_urls=[{url}]",
+        f"rollout.max_staleness={k}",
+        "optim.warmup_steps=0",
+        "eval.every_steps=0",
+        "eval.k=1",
+        "checkpoint.every_steps=0",
+        "checkpoint.resume=none",
+        "checkpoint.save_hf_final=false",
+        "logging.plot=false",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(len(trainer_cores.split(","))))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -73,37 +102,64 @@ def run(k: int, steps: int, url: str, work: Path, trainer_cores: str) -> list[di
 def phases(rows: list[dict]) -> dict:
     mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
     step = mean("step_s")
-    return {"step_s": step, "generation_s": mean("generate_s") + mean("reward_s"), "sync_s": mean("sync_s"),
-            "training_s": step - mean("trainer_wait_s") - mean("sync_s"), "trainer_wait_s": mean("trainer_wait_s"),
-            "fleet_wait_s": mean("fleet_wait_s"), "overlap": mean("overlap"), "staleness_mean": mean("staleness_mean"),
-            "staleness_max": max(r["staleness_max"] for r in rows), "batches_per_hour": 3600 / step}
+    return {
+        "step_s": step,
+        "generation_s": mean("generate_s") + mean("reward_s"),
+        "sync_s": mean("sync_s"),
+        "training_s": step - mean("trainer_wait_s") - mean("sync_s"),
+        "trainer_wait_s": mean("trainer_wait_s"),
+        "fleet_wait_s": mean("fleet_wait_s"),
+        "overlap": mean("overlap"),
+        "staleness_mean": mean("staleness_mean"),
+        "staleness_max": max(r["staleness_max"] for r in rows),
+        "batches_per_hour": 3600 / step,
+    }
 
 
 def table(results: dict[int, dict]) -> str:
     base = results[min(results)]
-    cols = ["max_staleness", "batches/h", "vs sync", "step s", "generation s", "training s", "sync s",
-            "trainer wait s", "fleet wait s", "overlap", "staleness mean/max"]
+    cols = [
+        "max_staleness",
+        "batches/h",
+        "vs sync",
+        "step s",
+        "generation s",
+        "training s",
+        "sync s",
+        "trainer wait s",
+        "fleet wait s",
+        "overlap",
+        "staleness mean/max",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for k, r in sorted(results.items()):
-        lines.append(f"| {k} | {r['batches_per_hour']:.0f} | {r['batches_per_hour'] / base['batches_per_hour']:.2f}x | "
-                     f"{r['step_s']:.2f} | {r['generation_s']:.2f} | {r['training_s']:.2f} | {r['sync_s']:.2f} | "
-                     f"{r['trainer_wait_s']:.2f} | {r['fleet_wait_s']:.2f} | {r['overlap']:.2f} | "
-                     f"{r['staleness_mean']:.2f} / {r['staleness_max']:.0f} |")
+        lines.append(
+            f"| {k} | {r['batches_per_hour']:.0f} | {r['batches_per_hour'] / base['batches_per_hour']:.2f}x | "
+            f"{r['step_s']:.2f} | {r['generation_s']:.2f} | {r['training_s']:.2f} | {r['sync_s']:.2f} | "
+            f"{r['trainer_wait_s']:.2f} | {r['fleet_wait_s']:.2f} | {r['overlap']:.2f} | "
+            f"{r['staleness_mean']:.2f} / {r['staleness_max']:.0f} |"
+        )
     ideal = 3600 / (max(base["generation_s"], base["training_s"]) + base["sync_s"])  # the fleet pauses for the sync
-    lines.append(f"| ideal (from the max_staleness={min(results)} phases) | {ideal:.0f} | "
-                 f"{ideal / base['batches_per_hour']:.2f}x | | | | | | | 1.00 | |")
+    lines.append(
+        f"| ideal (from the max_staleness={min(results)} phases) | {ideal:.0f} | "
+        f"{ideal / base['batches_per_hour']:.2f}x | | | | | | | 1.00 | |"
+    )
     return "\n".join(lines)
 
 
 def projection() -> str:
     g, t, s = PROJECTION["generation_s"], PROJECTION["training_s"], PROJECTION["sync_s"]
     sync, overlapped = g + t + s, max(g, t) + s  # the fleet pauses for each sync
-    return "\n".join([
-        "PROJECTION (not measured): DeepSeek-R1-Distill-Qwen-1.5B, one node of 8 x 80 GB, 4 GPUs training, 4 serving",
-        f"  assumed: {PROJECTION['batch']}; generation {g:.0f} s, training {t:.0f} s, weight sync {s:.0f} s per batch",
-        "| max_staleness | batches/h | vs sync |", "|---|---|---|",
-        f"| 0 | {3600 / sync:.1f} | 1.00x |",
-        f"| >= 1 | {3600 / overlapped:.1f} | {sync / overlapped:.2f}x |"])
+    return "\n".join(
+        [
+            "PROJECTION (not measured): DeepSeek-R1-Distill-Qwen-1.5B, one node of 8 x 80 GB, 4 GPUs training, 4 serving",
+            f"  assumed: {PROJECTION['batch']}; generation {g:.0f} s, training {t:.0f} s, weight sync {s:.0f} s per batch",
+            "| max_staleness | batches/h | vs sync |",
+            "|---|---|---|",
+            f"| 0 | {3600 / sync:.1f} | 1.00x |",
+            f"| >= 1 | {3600 / overlapped:.1f} | {sync / overlapped:.2f}x |",
+        ]
+    )
 
 
 def main() -> int:
@@ -125,17 +181,27 @@ def main() -> int:
         raise SystemExit("the benchmark splits the machine between the server and the trainer: it needs 2 cores")
     trainer_cores = ",".join(map(str, cores[:-1]))
     env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support"), "OMP_NUM_THREADS": "1"}
-    with SGLangFleet(model_path=str(initial_model_dir(load_config(CONFIG))), num_servers=1, base_port=32400,
-                     server_python=server_python_on_core(cores[-1], work), server_args=CPU_SERVER_ARGS, env=env,
-                     log_dir=work / "logs", health_timeout_s=600, max_requests_per_server=256) as fleet:
+    with SGLangFleet(
+        model_path=str(initial_model_dir(load_config(CONFIG))),
+        num_servers=1,
+        base_port=32400,
+        server_python=server_python_on_core(cores[-1], work),
+        server_args=CPU_SERVER_ARGS,
+        env=env,
+        log_dir=work / "logs",
+        health_timeout_s=600,
+        max_requests_per_server=256,
+    ) as fleet:
         results = {}
         for k in args.staleness:
-            rows = run(k, args.steps + args.warmup, fleet.servers[0].url, work, trainer_cores)[args.warmup:]
+            rows = run(k, args.steps + args.warmup, fleet.servers[0].url, work, trainer_cores)[args.warmup :]
             results[k] = phases(rows)
             print(f"max_staleness={k}: {results[k]['batches_per_hour']:.0f} batches/h", flush=True)
-    report = (f"rollout batches per hour, quickstart (32 prompts x 8 samples) through one SGLang server on core "
-              f"{cores[-1]}, trainer on core(s) {trainer_cores}, {args.steps} timed steps each\n{table(results)}\n\n"
-              f"{projection()}")
+    report = (
+        f"rollout batches per hour, quickstart (32 prompts x 8 samples) through one SGLang server on core "
+        f"{cores[-1]}, trainer on core(s) {trainer_cores}, {args.steps} timed steps each\n{table(results)}\n\n"
+        f"{projection()}"
+    )
     print(report)
     (work / "report.md").write_text(report + "\n")
     (work / "results.json").write_text(json.dumps(results, indent=1))

@@ -31,25 +31,47 @@ CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 def run_ours(steps: int, warmup: int, work: Path) -> dict:
     run = work / "ours"
-    cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(CONFIG), "--output-dir", str(run),
-           f"train.steps={steps + warmup}", "optim.warmup_steps=0", "eval.every_steps=0", "eval.k=1",
-           "checkpoint.every_steps=0",
-           "checkpoint.save_hf_final=false", "logging.plot=false", "logging.tensorboard=false",
-           "logging.progress_bar=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "real_megatron.cli",
+        "train",
+        str(CONFIG),
+        "--output-dir",
+        str(run),
+        f"train.steps={steps + warmup}",
+        "optim.warmup_steps=0",
+        "eval.every_steps=0",
+        "eval.k=1",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_hf_final=false",
+        "logging.plot=false",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"real-megatron run failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "step_s" in r][warmup:]
     mean = lambda key: statistics.mean(r[key] for r in timed)  # noqa: E731
-    return {"step_s": mean("step_s"), "generation_s": mean("generate_s") + mean("reward_s"),
-            "old_logprobs_s": mean("old_logprobs_s"), "updates_s": mean("update_s"), "sync_s": mean("sync_s"),
-            "completion_tokens": mean("response_length_mean"), "steps": len(timed)}
+    return {
+        "step_s": mean("step_s"),
+        "generation_s": mean("generate_s") + mean("reward_s"),
+        "old_logprobs_s": mean("old_logprobs_s"),
+        "updates_s": mean("update_s"),
+        "sync_s": mean("sync_s"),
+        "completion_tokens": mean("response_length_mean"),
+        "steps": len(timed),
+    }
 
 
 def run_trl(steps: int, warmup: int, work: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--trl-worker", str(work), "--steps", str(steps),
-                           "--warmup", str(warmup)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--trl-worker", str(work), "--steps", str(steps), "--warmup", str(warmup)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise SystemExit(f"TRL run failed:\n{proc.stderr[-3000:]}")
     return json.loads((work / "trl.json").read_text())
@@ -79,16 +101,38 @@ def trl_worker(work: Path, steps: int, warmup: int) -> None:
 
     batch = t.prompts_per_step * r.n_samples
     args = GRPOConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=batch, generation_batch_size=batch,
-        num_generations=r.n_samples, num_iterations=cfg.algorithm.updates_per_batch,
-        max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=1.0, top_k=0,
-        learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.clip_grad,
-        beta=0.0, max_steps=(steps + warmup) * cfg.algorithm.updates_per_batch, use_cpu=True, bf16=False,
-        report_to=[], save_strategy="no", logging_steps=1, seed=cfg.train.seed, disable_tqdm=True,
-        dataloader_num_workers=0, shuffle_dataset=True, loss_type="grpo",
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=batch,
+        generation_batch_size=batch,
+        num_generations=r.n_samples,
+        num_iterations=cfg.algorithm.updates_per_batch,
+        max_completion_length=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.optim.clip_grad,
+        beta=0.0,
+        max_steps=(steps + warmup) * cfg.algorithm.updates_per_batch,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=cfg.train.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        shuffle_dataset=True,
+        loss_type="grpo",
     )
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args,
-                          train_dataset=datasets.Dataset.from_list(prompts), processing_class=tokenizer)
+    trainer = GRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(prompts),
+        processing_class=tokenizer,
+    )
     marks, gen_times, lengths = [], [], []
     generate = trainer._generate_and_score_completions
 
@@ -112,9 +156,17 @@ def trl_worker(work: Path, steps: int, warmup: int) -> None:
     batches = [marks[i + per] - marks[i] for i in range(0, len(marks) - per, per)][warmup:]
     generation = statistics.mean(gen_times[warmup:])
     step = statistics.mean(batches)
-    (work / "trl.json").write_text(json.dumps({
-        "step_s": step, "generation_s": generation, "updates_s": step - generation,
-        "completion_tokens": statistics.mean(lengths[warmup:]), "steps": len(batches)}))
+    (work / "trl.json").write_text(
+        json.dumps(
+            {
+                "step_s": step,
+                "generation_s": generation,
+                "updates_s": step - generation,
+                "completion_tokens": statistics.mean(lengths[warmup:]),
+                "steps": len(batches),
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -128,22 +180,30 @@ def main() -> int:
         return 0
     try:
         import trl  # noqa: F401
-    except ImportError:
-        raise SystemExit("TRL is not installed: .venv/bin/pip install -c .venv/torch-constraint.txt -e '.[bench]'")
+    except ImportError as err:
+        raise SystemExit(
+            "TRL is not installed: .venv/bin/pip install -c .venv/torch-constraint.txt -e '.[bench]'"
+        ) from err
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ours = run_ours(args.steps, args.warmup, work)
         theirs = run_trl(args.steps, args.warmup, work)
-    rows = [("generation + rewards", ours["generation_s"], theirs["generation_s"]),
-            ("old log-probs", ours["old_logprobs_s"], None),
-            ("policy updates", ours["updates_s"], theirs["updates_s"]),
-            ("weight sync", ours["sync_s"], None),
-            ("seconds per rollout batch", ours["step_s"], theirs["step_s"])]
-    print(f"quickstart setup, {ours['steps']} timed rollout batches each, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"mean completion tokens: real-megatron {ours['completion_tokens']:.1f}, TRL {theirs['completion_tokens']:.1f}")
+    rows = [
+        ("generation + rewards", ours["generation_s"], theirs["generation_s"]),
+        ("old log-probs", ours["old_logprobs_s"], None),
+        ("policy updates", ours["updates_s"], theirs["updates_s"]),
+        ("weight sync", ours["sync_s"], None),
+        ("seconds per rollout batch", ours["step_s"], theirs["step_s"]),
+    ]
+    print(
+        f"quickstart setup, {ours['steps']} timed rollout batches each, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"mean completion tokens: real-megatron {ours['completion_tokens']:.1f}, TRL {theirs['completion_tokens']:.1f}"
+    )
     print("| phase | real-megatron s | TRL GRPOTrainer s | real-megatron / TRL |")
     print("|---|---:|---:|---:|")
     for name, a, b in rows:

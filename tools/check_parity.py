@@ -26,7 +26,9 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--ep", type=int, default=1, help="expert parallel (mixture-of-experts models)")
     parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: --tp)")
-    parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall", help="MoE token dispatcher")
+    parser.add_argument(
+        "--dispatcher", choices=("alltoall", "allgather"), default="alltoall", help="MoE token dispatcher"
+    )
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=48)
@@ -44,15 +46,18 @@ def main() -> int:
     init_distributed(tp=args.tp, ep=args.ep, etp=args.etp, timeout_s=300)
     spec = ArchSpec.from_pretrained(args.hf)
     reader = HFCheckpointReader(args.hf, spec)
-    chunks = build_model_chunks(spec, transformer_config(spec, tp=args.tp, ep=args.ep, etp=args.etp,
-                                                            moe_dispatcher=args.dispatcher))
+    chunks = build_model_chunks(
+        spec, transformer_config(spec, tp=args.tp, ep=args.ep, etp=args.etp, moe_dispatcher=args.dispatcher)
+    )
     load_hf_weights(chunks, spec, reader.get)
     for chunk in chunks:
         chunk.eval()  # inference: no MoE aux loss, and MoE under TP needs no sequence parallelism
     device = next(chunks[0].parameters()).device  # the GPU this rank is bound to, or the CPU
     reference = transformers.AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval().to(device)
 
-    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     positions = torch.arange(args.seq, device=device).expand(args.batch, -1)
     with torch.no_grad():
         expect = reference(ids).logits.float()
@@ -64,8 +69,10 @@ def main() -> int:
     diff = (local[..., : spec.vocab_size] - expect).abs().max().item()
     ok = diff <= args.tolerance
     if dist.get_rank() == 0:
-        print(f"{spec.family} tp={args.tp} ep={args.ep} etp={args.etp or args.tp}: max |delta logit| = {diff:.3e} over {args.batch}x{args.seq} tokens "
-              f"({'OK' if ok else 'OVER'} tolerance {args.tolerance:g})")
+        print(
+            f"{spec.family} tp={args.tp} ep={args.ep} etp={args.etp or args.tp}: max |delta logit| = {diff:.3e} over {args.batch}x{args.seq} tokens "
+            f"({'OK' if ok else 'OVER'} tolerance {args.tolerance:g})"
+        )
     shutdown()
     return 0 if ok else 1
 

@@ -33,9 +33,20 @@ def run_one(config: str, algorithm: str, seed: int, steps: int, out: Path, overr
     summary = run_dir / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())
-    cmd = [sys.executable, "-m", "real_megatron.cli", "train", config, "--output-dir", str(run_dir),
-           f"algorithm.name={algorithm}", f"train.seed={seed}", f"train.steps={steps}", "logging.progress_bar=false",
-           *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "real_megatron.cli",
+        "train",
+        config,
+        "--output-dir",
+        str(run_dir),
+        f"algorithm.name={algorithm}",
+        f"train.seed={seed}",
+        f"train.steps={steps}",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
     start = time.time()
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -65,20 +76,28 @@ def mean_std(values: list[float]) -> str:
 
 
 def table(results: dict, out: Path, threshold: float, steps: int) -> str:
-    lines = [f"| algorithm | final pass@1 | gain over warm-start | steps to pass@1 ≥ {threshold:.2f} | entropy at the end "
-             "| prompts generated / step | informative groups / step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| algorithm | final pass@1 | gain over warm-start | steps to pass@1 ≥ {threshold:.2f} | entropy at the end "
+        "| prompts generated / step | informative groups / step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for algorithm, runs in results.items():
         finals = [s["final_pass1"] for s, _ in runs]
         gains = [s["gain"] for s, _ in runs]
         reached = [steps_to(rows, threshold) for _, rows in runs]
         shown = ", ".join(str(r) if r is not None else f">{steps}" for r in reached)
         entropy = [statistics.mean([r["entropy"] for r in rows if "entropy" in r][-10:]) for _, rows in runs]
-        def per_step(key):  # mean over a run's steps (runs logged before the key existed: not shown)
-            values = [statistics.mean(r[key] for r in rows if key in r) for _, rows in runs if any(key in r for r in rows)]
+
+        def per_step(key, runs=runs):  # mean over a run's steps (runs logged before the key existed: not shown)
+            values = [
+                statistics.mean(r[key] for r in rows if key in r) for _, rows in runs if any(key in r for r in rows)
+            ]
             return f"{statistics.mean(values):.1f}" if values else "-"
-        lines.append(f"| {algorithm} | {mean_std(finals)} | {mean_std(gains)} | {shown} | {mean_std(entropy)} "
-                     f"| {per_step('prompts_generated')} | {per_step('informative_groups')} |")
+
+        lines.append(
+            f"| {algorithm} | {mean_std(finals)} | {mean_std(gains)} | {shown} | {mean_std(entropy)} "
+            f"| {per_step('prompts_generated')} | {per_step('informative_groups')} |"
+        )
     return "\n".join(lines)
 
 
@@ -91,14 +110,17 @@ def plot(results: dict, path: Path) -> None:
     fig, (ax_val, ax_reward) = plt.subplots(1, 2, figsize=(12, 4.5))
     for algorithm, runs in results.items():
         # gain over each seed's own warm-start: seeds start from different models
-        curves = [[(r["step"], r["val_pass1"] - summary["baseline_pass1"]) for r in rows if "val_pass1" in r]
-                  for summary, rows in runs]
+        curves = [
+            [(r["step"], r["val_pass1"] - summary["baseline_pass1"]) for r in rows if "val_pass1" in r]
+            for summary, rows in runs
+        ]
         steps = [s for s, _ in curves[0]]
         per_step = [[c[i][1] for c in curves if i < len(c)] for i in range(len(steps))]
         means = [statistics.mean(v) for v in per_step]
-        line, = ax_val.plot(steps, means, marker="o", label=algorithm)
-        ax_val.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.15,
-                            color=line.get_color())
+        (line,) = ax_val.plot(steps, means, marker="o", label=algorithm)
+        ax_val.fill_between(
+            steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.15, color=line.get_color()
+        )
         rewards = [[r["reward_mean"] for r in rows if "reward_mean" in r] for _, rows in runs]
         length = min(map(len, rewards))
         mean_reward = [statistics.mean(r[i] for r in rewards) for i in range(length)]
@@ -121,7 +143,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threshold", type=float, default=0.72, help="held-out pass@1 to reach")
-    parser.add_argument("--out", default=None, help="default: runs/compare (runs/compare-dynamic with --dynamic-sampling)")
+    parser.add_argument(
+        "--out", default=None, help="default: runs/compare (runs/compare-dynamic with --dynamic-sampling)"
+    )
     parser.add_argument("--dynamic-sampling", action="store_true", help="algorithm.dynamic_sampling=true for every run")
     parser.add_argument("overrides", nargs="*", metavar="a.b=c", help="applied to every run")
     args = parser.parse_args()
@@ -136,9 +160,11 @@ def main() -> int:
             runs.append((summary, read_metrics(out / f"{algorithm}-seed{seed}")))
         results[algorithm] = runs
     text = table(results, out, args.threshold, args.steps)
-    budget = (f"{args.steps} RL steps per run, seeds {', '.join(map(str, args.seeds))}; pass@1 on the held-out "
-              f"problems x k samples (see each run's config.yaml); ± is the standard deviation over seeds"
-              + ("; dynamic sampling on (algorithm.dynamic_sampling=true)" if args.dynamic_sampling else ""))
+    budget = (
+        f"{args.steps} RL steps per run, seeds {', '.join(map(str, args.seeds))}; pass@1 on the held-out "
+        f"problems x k samples (see each run's config.yaml); ± is the standard deviation over seeds"
+        + ("; dynamic sampling on (algorithm.dynamic_sampling=true)" if args.dynamic_sampling else "")
+    )
     (out / "compare.md").write_text(text + "\n\n" + budget + "\n")
     plot(results, out / "compare.png")
     print(text)

@@ -7,7 +7,7 @@
 # Items, most informative first; each has a time limit, and one that would pass the global
 # deadline (--budget-s from the start) is logged SKIP instead of started:
 # (a) every Triton kernel compiled, against the torch reference: fp32 and bf16, forward and
-#     backward, entropy, T x V > 2^31, -inf columns, empty groups (pytest -m gpu tests/test_gpu.py)
+#     backward, entropy, T x V > 2^31, -inf columns, empty groups (pytest -m gpu tests/gpu/test_gpu.py)
 # (b) the actor on CUDA (local spec, NCCL, world size 1): tools/parity_step.py against the CPU
 #     reference in the bundle, fp32 with TF32 off, max relative difference <= 1e-5
 # (c) one bf16 step of a random DeepSeek-R1-Distill-Qwen-1.5B-shaped model on 8k-token rollouts:
@@ -142,7 +142,7 @@ parity() { "$py" "$root/tools/parity_step.py" "$@"; }
 export -f compare parity; export py root scratch
 
 item "(a) Triton kernels against the torch reference" 60 180 "passed|failed" \
-  "$py" -m pytest -q -m gpu -p no:cacheprovider "$root/tests/test_gpu.py"
+  "$py" -m pytest -q -m gpu -p no:cacheprovider "$root/tests/gpu/test_gpu.py"
 item "(b) actor step against the CPU reference" 30 120 "max relative" bash -c \
   "parity --steps 1 --out $scratch/parity_device.safetensors && compare $scratch/parity_device.safetensors $bundle/parity_cpu.safetensors 1e-5"
 item "(c) bf16 step at DeepSeek-R1-Distill-Qwen-1.5B shape, 8k tokens" 90 200 "^(tokens_per_s|mfu|peak_memory_gb|estimate_gb|FAIL) " \

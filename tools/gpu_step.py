@@ -30,12 +30,29 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 R1_DISTILL_QWEN_1P5B = dict(
-    model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-6,
-    rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.02,
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
 )
-TINY = dict(R1_DISTILL_QWEN_1P5B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+TINY = dict(
+    R1_DISTILL_QWEN_1P5B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 
 def main() -> int:
@@ -50,14 +67,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from real_megatron.actor.actor import Actor, ActorSettings
-    from real_megatron.actor.settings import ActorConfig
-    from real_megatron.rollout.types import Rollout
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
+    from real_megatron.actor.settings import ActorConfig
     from real_megatron.actor.weights import init_hf_state_dict
     from real_megatron.config import AlgorithmConfig, OptimConfig, load_config
     from real_megatron.memory import architecture_of, estimate_memory
     from real_megatron.objectives import objective_from_config
+    from real_megatron.rollout.types import Rollout
 
     shape = TINY if args.tiny else R1_DISTILL_QWEN_1P5B
     seq, prompt = (256, 32) if args.tiny else (args.seq, args.prompt)
@@ -69,15 +86,22 @@ def main() -> int:
     weights = init_hf_state_dict(spec, seed=0, dtype=dtype, device="cuda" if cuda else "cpu")
     recompute = not args.no_recompute
     # log-probs at the paper's sampling temperature, as a run computes them
-    settings = ActorSettings(dtype=dtype, optim=OptimConfig(lr=1e-6), groups_per_mini_batch=1,
-                             actor=ActorConfig(prompts_per_micro_batch=1), recompute_activations=recompute,
-                             logprob_temperature=0.6)
+    settings = ActorSettings(
+        dtype=dtype,
+        optim=OptimConfig(lr=1e-6),
+        groups_per_mini_batch=1,
+        actor=ActorConfig(prompts_per_micro_batch=1),
+        recompute_activations=recompute,
+        logprob_temperature=0.6,
+    )
     actor = Actor(spec, settings, objective_from_config(AlgorithmConfig(name="real")), weights.__getitem__)
     del weights
     gen = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(0, spec.vocab_size, (prompt,), generator=gen).tolist()
-    rollouts = [Rollout(prompt_ids, torch.randint(0, spec.vocab_size, (seq - prompt,), generator=gen).tolist(),
-                        float(k % 2), 0) for k in range(args.rollouts)]
+    rollouts = [
+        Rollout(prompt_ids, torch.randint(0, spec.vocab_size, (seq - prompt,), generator=gen).tolist(), float(k % 2), 0)
+        for k in range(args.rollouts)
+    ]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -95,17 +119,34 @@ def main() -> int:
     # model FLOPs (the recomputed forward is not counted, as MFU conventionally does not)
     flops = 6 * matmul_params * tokens + 2 * matmul_params * tokens + attention * 4 / 3
     score_abs_max = metrics["first_update_score_abs_max"]  # the trainer's own check (one mini-batch: every rollout)
-    cfg = load_config(None, [f"model.dtype={'bfloat16' if cuda else 'float32'}", "rollout.n_samples=%d" % args.rollouts,
-                             f"data.max_prompt_tokens={prompt}", f"rollout.max_new_tokens={seq - prompt}",
-                             "train.prompts_per_step=1", "train.prompts_per_mini_batch=1",
-                             "actor.prompts_per_micro_batch=1", f"model.recompute_activations={str(recompute).lower()}"]
-                      + [f"model.hf_config_overrides.{k}={v}" for k, v in shape.items()])
+    cfg = load_config(
+        None,
+        [
+            f"model.dtype={'bfloat16' if cuda else 'float32'}",
+            f"rollout.n_samples={args.rollouts}",
+            f"data.max_prompt_tokens={prompt}",
+            f"rollout.max_new_tokens={seq - prompt}",
+            "train.prompts_per_step=1",
+            "train.prompts_per_mini_batch=1",
+            "actor.prompts_per_micro_batch=1",
+            f"model.recompute_activations={str(recompute).lower()}",
+        ]
+        + [f"model.hf_config_overrides.{k}={v}" for k, v in shape.items()],
+    )
     estimate = estimate_memory(cfg, architecture_of(cfg), 80.0)
     out = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
-        "params": params, "matmul_params": matmul_params, "tokens": tokens, "recompute": recompute, "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "params": params,
+        "matmul_params": matmul_params,
+        "tokens": tokens,
+        "recompute": recompute,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
         "mfu": flops / seconds / (args.peak_tflops * 1e12) if cuda else float("nan"),
-        "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "score_abs_max_first_update": score_abs_max,
+        "loss": metrics["loss"],
+        "grad_norm": metrics["grad_norm"],
+        "score_abs_max_first_update": score_abs_max,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "estimate_gb": estimate.total_gb,
     }

@@ -3,7 +3,7 @@
 # Python 3.12 install 0.19.x, whose only wheel is cp312, but whose Python code imports and runs on 3.11
 # (the one compiled module, megatron/core/datasets/helpers_cpp, is never used here). Downloads the
 # cp312 wheel into the cache and unzips it once; prints the folder. That folder on PYTHONPATH, ahead
-# of the venv's 0.16.1, is the second test environment (tests/test_megatron_core_019.py).
+# of the venv's 0.16.1, is the second test environment (tests/integration/test_megatron_core_019.py).
 #
 #   tools/mcore_sources.sh [VERSION]      # default 0.19.2
 set -euo pipefail

@@ -36,9 +36,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 GROUPS, ROLLOUTS, VOCAB = 8, 4, 256
 MODEL = dict(
-    model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
-    rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.05,
+    model_type="qwen2",
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    initializer_range=0.05,
 )
 
 
@@ -86,14 +95,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tied", action="store_true", help="tie the output layer to the embedding")
     parser.add_argument("--padded", action="store_true", help="right-padded rows instead of packed sequences")
     parser.add_argument("--naive-output-layer", action="store_true", help="GPTModel's logits instead of the fused path")
-    parser.add_argument("--max-tokens", type=int, help="micro-batches by this token budget per rank "
-                        "(instead of --micro-batches)")
+    parser.add_argument(
+        "--max-tokens", type=int, help="micro-batches by this token budget per rank (instead of --micro-batches)"
+    )
     parser.add_argument("--kl", choices=["none", "reference", "old"], default="none", help="KL term of the loss")
     parser.add_argument("--kl-coef", type=float, default=0.0)
     parser.add_argument("--save", help="write a checkpoint here after the steps")
     parser.add_argument("--load", help="resume from this checkpoint before the steps")
-    parser.add_argument("--init-from", help="start from these weights instead of the seed: an HF checkpoint "
-                        "directory or a megatron dist checkpoint (e.g. from `real-megatron convert`)")
+    parser.add_argument(
+        "--init-from",
+        help="start from these weights instead of the seed: an HF checkpoint "
+        "directory or a megatron dist checkpoint (e.g. from `real-megatron convert`)",
+    )
     parser.add_argument("--write-hf", help="also write the seed's initial model as an HF checkpoint here")
     parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
     parser.add_argument("--short-rollouts", action="store_true", help="prompt group 0 of 2-3 token rollouts")
@@ -102,8 +115,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: --tp)")
     parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     parser.add_argument("--moe-aux-loss-coef", type=float, default=None, help="default: the HF config's")
-    parser.add_argument("--layout", action="append", default=[], metavar='NAME="ARGS"',
-                        help="run this layout too (several: one after another in this launch); --out is then a directory")
+    parser.add_argument(
+        "--layout",
+        action="append",
+        default=[],
+        metavar='NAME="ARGS"',
+        help="run this layout too (several: one after another in this launch); --out is then a directory",
+    )
     return parser
 
 
@@ -134,28 +152,37 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
     from real_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
     from real_megatron.actor.distributed import init_distributed, shutdown
     from real_megatron.actor.model import ArchSpec
-    from real_megatron.actor.weights import init_hf_state_dict
     from real_megatron.actor.settings import ActorConfig
+    from real_megatron.actor.weights import init_hf_state_dict
     from real_megatron.config import OptimConfig, ParallelConfig
     from real_megatron.convert.hf_io import HFCheckpointReader
     from real_megatron.objectives import build_objective
 
-    init_distributed(tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, timeout_s=300, seed=args.seed, ep=args.ep,
-                     etp=args.etp)
+    init_distributed(
+        tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, timeout_s=300, seed=args.seed, ep=args.ep, etp=args.etp
+    )
     model = dict(MODEL, tie_word_embeddings=args.tied)
     spec = ArchSpec.from_pretrained(args.hf) if args.hf else ArchSpec.from_hf(model, "parity model")
     # Non-zero biases: the k_proj bias has an exactly zero gradient (softmax is shift-invariant), so
     # Adam turns its rounding noise into +-lr steps; from zero that noise would be the whole tensor.
     weights = init_hf_state_dict(spec, args.seed, bias_std=spec.initializer_range)
     settings = ActorSettings(
-        parallel=ParallelConfig(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel,
-                                ep=args.ep, etp=args.etp),
+        parallel=ParallelConfig(
+            tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel, ep=args.ep, etp=args.etp
+        ),
         optim=OptimConfig(lr=args.lr, adam_eps=args.adam_eps, weight_decay=0.01, clip_grad=args.clip_grad),
-        groups_per_mini_batch=GROUPS, total_steps=100, recompute_activations=args.recompute,
-        actor=ActorConfig(prompts_per_micro_batch=GROUPS // args.micro_batches, max_tokens_per_micro_batch=args.max_tokens,
-                          pack_sequences=not args.padded, fused_output_layer=not args.naive_output_layer,
-                          routing_replay="none"),
-        moe_dispatcher=args.dispatcher, moe_aux_loss_coef=args.moe_aux_loss_coef,
+        groups_per_mini_batch=GROUPS,
+        total_steps=100,
+        recompute_activations=args.recompute,
+        actor=ActorConfig(
+            prompts_per_micro_batch=GROUPS // args.micro_batches,
+            max_tokens_per_micro_batch=args.max_tokens,
+            pack_sequences=not args.padded,
+            fused_output_layer=not args.naive_output_layer,
+            routing_replay="none",
+        ),
+        moe_dispatcher=args.dispatcher,
+        moe_aux_loss_coef=args.moe_aux_loss_coef,
     )
     if args.write_hf and torch.distributed.get_rank() == 0:
         os.makedirs(args.write_hf, exist_ok=True)
@@ -178,11 +205,17 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
     for step in range(start, start + args.steps):
         metrics = actor.train_step(synthetic_rollouts(args.seed, step, args.short_rollouts))
         if torch.distributed.get_rank() == 0:
-            print(f"{prefix}step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
-                  f"micro_batches {metrics['micro_batches']}" + (f" kl_mean {metrics['kl_mean']:.10e}" if args.kl != "none"
-                                                                 else "")
-                  + (f" moe_aux_loss {metrics['moe_aux_loss']:.10e} moe_expert_load_max {metrics['moe_expert_load_max']:.6f}"
-                     if "moe_aux_loss" in metrics else ""), flush=True)
+            print(
+                f"{prefix}step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
+                f"micro_batches {metrics['micro_batches']}"
+                + (f" kl_mean {metrics['kl_mean']:.10e}" if args.kl != "none" else "")
+                + (
+                    f" moe_aux_loss {metrics['moe_aux_loss']:.10e} moe_expert_load_max {metrics['moe_expert_load_max']:.6f}"
+                    if "moe_aux_loss" in metrics
+                    else ""
+                ),
+                flush=True,
+            )
     if args.save:
         save_checkpoint(actor, args.save, {"step": start + args.steps})
     state = actor.gather_hf_state_dict()

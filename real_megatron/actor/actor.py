@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,10 +39,10 @@ from .batching import MiniBatch, build_mini_batches, padding_fraction
 from .context_parallel import full_token_values
 from .model import ArchSpec, build_model_chunks, transformer_config
 from .model_state import load_model_weights
-from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
-from .reference import ReferenceModel
 from .moe_router import moe_padding_mask
 from .moe_stats import MoEStats
+from .output_layer import fused_token_logprobs, logits_token_logprobs, return_hidden_states
+from .reference import ReferenceModel
 from .routing_replay import RoutingReplay, check_routed_experts
 from .settings import FLOAT16_REFUSED, ActorConfig, ModelConfig, OptimConfig
 from .weights import iter_hf_tensors, load_hf_weights, unwrap
@@ -73,17 +74,25 @@ class ActorSettings:
     moe_aux_loss_coef: Optional[float] = None  # model.moe_aux_loss_coef (None: the HF config's router_aux_loss_coef)
 
     @classmethod
-    def from_config(cls, cfg, pad_id: int) -> "ActorSettings":
+    def from_config(cls, cfg, pad_id: int) -> ActorSettings:
         """The actor's settings for a run's config: its sections, and the facts of the run it needs."""
         t, r, a = cfg.train, cfg.rollout, cfg.algorithm
         return cls(
-            actor=cfg.actor, optim=cfg.optim, parallel=cfg.parallel, dtype=getattr(torch, cfg.model.dtype),
-            recompute_activations=cfg.model.recompute_activations, recompute_layers=recompute_layers(cfg, architecture_of(cfg)),
+            actor=cfg.actor,
+            optim=cfg.optim,
+            parallel=cfg.parallel,
+            dtype=getattr(torch, cfg.model.dtype),
+            recompute_activations=cfg.model.recompute_activations,
+            recompute_layers=recompute_layers(cfg, architecture_of(cfg)),
             total_steps=t.steps * (t.prompts_per_step // t.prompts_per_mini_batch) * a.updates_per_batch,
-            groups_per_mini_batch=t.prompts_per_mini_batch, updates_per_batch=a.updates_per_batch,
-            use_engine_logprobs=r.use_engine_logprobs, logprob_temperature=r.temperature if r.temperature > 0 else 1.0,
-            mismatch_threshold=a.mismatch_threshold, pad_id=pad_id,
-            moe_dispatcher=cfg.model.moe_dispatcher, moe_aux_loss_coef=cfg.model.moe_aux_loss_coef,
+            groups_per_mini_batch=t.prompts_per_mini_batch,
+            updates_per_batch=a.updates_per_batch,
+            use_engine_logprobs=r.use_engine_logprobs,
+            logprob_temperature=r.temperature if r.temperature > 0 else 1.0,
+            mismatch_threshold=a.mismatch_threshold,
+            pad_id=pad_id,
+            moe_dispatcher=cfg.model.moe_dispatcher,
+            moe_aux_loss_coef=cfg.model.moe_aux_loss_coef,
         )
 
 
@@ -118,15 +127,24 @@ def device_memory() -> dict:
 
 
 class Actor:
-    def __init__(self, spec: ArchSpec, settings: ActorSettings, objective: Objective,
-                 weights: Callable[[str], torch.Tensor] | str,
-                 reference: Callable[[str], torch.Tensor] | str | None = None):
+    def __init__(
+        self,
+        spec: ArchSpec,
+        settings: ActorSettings,
+        objective: Objective,
+        weights: Callable[[str], torch.Tensor] | str,
+        reference: Callable[[str], torch.Tensor] | str | None = None,
+    ):
         """weights: HF tensors by name (a checkpoint reader, or a fresh initialisation), or the
         directory of a megatron dist checkpoint (converted, or saved by training) to load.
         reference: the reference policy's weights for kl='reference' (default: `weights`, the
         initial model; a resumed run passes the model it began from, see reference.py)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -138,13 +156,24 @@ class Actor:
         self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         self.cp_group = ps.get_context_parallel_group() if self.cp_size > 1 else None
         if self.cp_size > 1 and spec.moe is not None:
-            raise ValueError("Actor: context parallelism with a mixture-of-experts model is not supported yet "
-                             "(routing replay's experts are not split over the context-parallel ranks)")
+            raise ValueError(
+                "Actor: context parallelism with a mixture-of-experts model is not supported yet "
+                "(routing replay's experts are not split over the context-parallel ranks)"
+            )
         self.config = transformer_config(
-            spec, tp=s.parallel.tp, pp=s.parallel.pp, vpp=s.parallel.vpp, cp=self.cp_size,
-            sequence_parallel=s.parallel.sequence_parallel, dtype=s.dtype,
-            recompute=s.recompute_activations, recompute_layers=s.recompute_layers,
-            ep=s.parallel.ep, etp=s.parallel.etp, moe_dispatcher=s.moe_dispatcher, moe_aux_loss_coef=s.moe_aux_loss_coef,
+            spec,
+            tp=s.parallel.tp,
+            pp=s.parallel.pp,
+            vpp=s.parallel.vpp,
+            cp=self.cp_size,
+            sequence_parallel=s.parallel.sequence_parallel,
+            dtype=s.dtype,
+            recompute=s.recompute_activations,
+            recompute_layers=s.recompute_layers,
+            ep=s.parallel.ep,
+            etp=s.parallel.etp,
+            moe_dispatcher=s.moe_dispatcher,
+            moe_aux_loss_coef=s.moe_aux_loss_coef,
         )
         chunks = build_model_chunks(spec, self.config)
         if s.actor.fused_output_layer:
@@ -160,24 +189,41 @@ class Actor:
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=o.use_distributed_optimizer
         )
         self.chunks = [
-            DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=index > 0)
+            DistributedDataParallel(
+                config=self.config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0
+            )
             for index, chunk in enumerate(chunks)
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=s.dtype == torch.bfloat16,
-                fp16=s.dtype == torch.float16, params_dtype=s.dtype, use_distributed_optimizer=o.use_distributed_optimizer,
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=s.dtype == torch.bfloat16,
+                fp16=s.dtype == torch.float16,
+                params_dtype=s.dtype,
+                use_distributed_optimizer=o.use_distributed_optimizer,
             ),
             self.chunks,
         )
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(s.total_steps, o.warmup_steps + 1),
-            lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(s.total_steps, 1), wd_incr_style="constant",
+            self.optimizer,
+            init_lr=0.0 if o.warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(s.total_steps, o.warmup_steps + 1),
+            lr_decay_style=o.lr_schedule,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(s.total_steps, 1),
+            wd_incr_style="constant",
         )
         self.ps = ps
         self.dp_size = ps.get_data_parallel_world_size()
@@ -191,17 +237,42 @@ class Actor:
         # where the model lives: micro-batches and metric tensors go here (NCCL reduces CUDA tensors only)
         self.device = next(unwrap(self.chunks[0]).parameters()).device
         # MoE models: each router takes the engine's experts (replay) and measures where its own differ
-        self.routing = None if spec.moe is None else RoutingReplay(
-            self.chunks, replay=s.actor.routing_replay == "rollout", moe_layer_indices=spec.moe.moe_layers,
-            tp_rank=self.tp_rank, tp_size=s.parallel.tp, sequence_parallel=s.parallel.sequence_parallel)
+        self.routing = (
+            None
+            if spec.moe is None
+            else RoutingReplay(
+                self.chunks,
+                replay=s.actor.routing_replay == "rollout",
+                moe_layer_indices=spec.moe.moe_layers,
+                tp_rank=self.tp_rank,
+                tp_size=s.parallel.tp,
+                sequence_parallel=s.parallel.sequence_parallel,
+            )
+        )
         # MoE models: load-balancing loss and expert load per step, summed over the ranks with other tokens or layers
-        self.moe_stats = None if spec.moe is None else MoEStats(
-            self.chunks, spec.moe, [self.dp_group, self.tp_group if s.parallel.sequence_parallel else None,
-                                    ps.get_pipeline_model_parallel_group()], self.device)
+        self.moe_stats = (
+            None
+            if spec.moe is None
+            else MoEStats(
+                self.chunks,
+                spec.moe,
+                [
+                    self.dp_group,
+                    self.tp_group if s.parallel.sequence_parallel else None,
+                    ps.get_pipeline_model_parallel_group(),
+                ],
+                self.device,
+            )
+        )
         self.reference = None  # frozen initial weights on this layout, for kl='reference'
         if objective.kl == "reference":
-            self.reference = ReferenceModel(spec, self.config, weights if reference is None else reference,
-                                            fused_output_layer=s.actor.fused_output_layer, offload=s.actor.reference_offload)
+            self.reference = ReferenceModel(
+                spec,
+                self.config,
+                weights if reference is None else reference,
+                fused_output_layer=s.actor.fused_output_layer,
+                offload=s.actor.reference_offload,
+            )
 
     # --- one RL step -------------------------------------------------------------------------
 
@@ -212,31 +283,55 @@ class Actor:
         self._check_rollouts(rollouts, step)
         if s.use_engine_logprobs or self.objective.importance_correction != "none":
             # decided on the whole batch (the same on every rank), never inside one rank's micro-batch
-            missing = [i for i, r in enumerate(rollouts)
-                       if r.engine_logprobs is None or len(r.engine_logprobs) != len(r.response_ids)]
+            missing = [
+                i
+                for i, r in enumerate(rollouts)
+                if r.engine_logprobs is None or len(r.engine_logprobs) != len(r.response_ids)
+            ]
             if missing:
-                why = ("rollout.use_engine_logprobs" if s.use_engine_logprobs
-                       else f"algorithm.importance_correction={self.objective.importance_correction}")
-                raise ValueError(f"step {step}: {why} needs the engine's log-prob of every response token; "
-                                 f"{len(missing)} of {len(rollouts)} rollouts lack them (e.g. rollout {missing[0]}, "
-                                 f"group {rollouts[missing[0]].group})")
+                why = (
+                    "rollout.use_engine_logprobs"
+                    if s.use_engine_logprobs
+                    else f"algorithm.importance_correction={self.objective.importance_correction}"
+                )
+                raise ValueError(
+                    f"step {step}: {why} needs the engine's log-prob of every response token; "
+                    f"{len(missing)} of {len(rollouts)} rollouts lack them (e.g. rollout {missing[0]}, "
+                    f"group {rollouts[missing[0]].group})"
+                )
         if self.routing is not None:
             m = self.spec.moe
-            check_routed_experts(rollouts, len(m.moe_layers), m.top_k, m.num_experts, step=step,
-                                 required=s.actor.routing_replay == "rollout")
+            check_routed_experts(
+                rollouts,
+                len(m.moe_layers),
+                m.top_k,
+                m.num_experts,
+                step=step,
+                required=s.actor.routing_replay == "rollout",
+            )
             self.routing.start_measuring()
         timings = {}
         start = time.perf_counter()
         minis = build_mini_batches(
-            rollouts, s.groups_per_mini_batch, s.actor.prompts_per_micro_batch, self.dp_size, self.dp_rank,
-            pad_id=s.pad_id, pad_to_multiple=s.parallel.tp if s.parallel.sequence_parallel else 1,
-            uniform_shape=s.parallel.pp > 1, packed=s.actor.pack_sequences, max_tokens=s.actor.max_tokens_per_micro_batch,
-            cp_size=self.cp_size, cp_rank=self.cp_rank,
+            rollouts,
+            s.groups_per_mini_batch,
+            s.actor.prompts_per_micro_batch,
+            self.dp_size,
+            self.dp_rank,
+            pad_id=s.pad_id,
+            pad_to_multiple=s.parallel.tp if s.parallel.sequence_parallel else 1,
+            uniform_shape=s.parallel.pp > 1,
+            packed=s.actor.pack_sequences,
+            max_tokens=s.actor.max_tokens_per_micro_batch,
+            cp_size=self.cp_size,
+            cp_rank=self.cp_rank,
             same_shape_across_ranks=s.parallel.ep > 1 and s.moe_dispatcher == "allgather",
         )
         timings["batch_s"] = time.perf_counter() - start
-        layout = {"micro_batches": sum(len(m.micro_batches) for m in minis),
-                  "padding_fraction": padding_fraction([mb for m in minis for mb in m.micro_batches])}
+        layout = {
+            "micro_batches": sum(len(m.micro_batches) for m in minis),
+            "padding_fraction": padding_fraction([mb for m in minis for mb in m.micro_batches]),
+        }
 
         start = time.perf_counter()
         for mini in minis:
@@ -262,7 +357,8 @@ class Actor:
         for update in range(s.updates_per_batch):
             for index, mini in enumerate(minis):
                 where = (f"step {step}, " if step is not None else "") + (
-                    f"update {update + 1} of {s.updates_per_batch}, mini-batch {index + 1} of {len(minis)}")
+                    f"update {update + 1} of {s.updates_per_batch}, mini-batch {index + 1} of {len(minis)}"
+                )
                 records.append(self._update(mini, where))
             if update == 0 and self.routing is not None and s.use_engine_logprobs:
                 routing = self.routing.take_mismatch(self.device)
@@ -277,7 +373,9 @@ class Actor:
         metrics.update(layout)
         metrics.update(device_memory())
         tokens = sum(r.num_tokens for r in rollouts)
-        metrics["tokens_per_s"] = tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
+        metrics["tokens_per_s"] = (
+            tokens * (1 + s.updates_per_batch) / max(1e-9, timings["old_logprobs_s"] + timings["update_s"])
+        )
         return metrics
 
     def _check_rollouts(self, rollouts: list[Rollout], step: int | None) -> None:
@@ -291,11 +389,15 @@ class Actor:
             ids = (r.prompt_ids, r.response_ids)
             if min(min(x, default=0) for x in ids) < 0 or max(max(x, default=0) for x in ids) >= vocab:
                 bad = next(t for x in ids for t in x if not 0 <= t < vocab)
-                raise ValueError(f"step {step}: rollout {index} (group {r.group}) has token id {bad} outside the "
-                                 f"vocabulary [0, {vocab})")
+                raise ValueError(
+                    f"step {step}: rollout {index} (group {r.group}) has token id {bad} outside the "
+                    f"vocabulary [0, {vocab})"
+                )
             if isinstance(self.objective, RealObjective) and r.reward not in (0.0, 1.0):
-                raise ValueError(f"step {step}: rollout {index} (group {r.group}) has reward {r.reward}; REAL's "
-                                 "objectives take 0/1 rewards as labels")
+                raise ValueError(
+                    f"step {step}: rollout {index} (group {r.group}) has reward {r.reward}; REAL's "
+                    "objectives take 0/1 rewards as labels"
+                )
 
     def compute_old_logprobs(self, mini: MiniBatch) -> None:
         """log pi_old of every response token, by a forward-only pass (kept on the last stage)."""
@@ -312,10 +414,14 @@ class Actor:
     def _mismatch_partials(self, minis: list[MiniBatch]) -> Optional[torch.Tensor]:
         """This rank's mismatch partials (see mismatch_partials) over every micro-batch carrying
         the engine's log-probs; None off the last stage or when no rollout carries them."""
-        parts = [mismatch_partials(mb.old_logprobs, mb.engine_logprobs.to(mb.old_logprobs.device),
-                                   self.settings.mismatch_threshold)
-                 for mini in minis for mb in mini.micro_batches
-                 if self.is_last_stage and mb.engine_logprobs is not None and mb.old_logprobs is not None]
+        parts = [
+            mismatch_partials(
+                mb.old_logprobs, mb.engine_logprobs.to(mb.old_logprobs.device), self.settings.mismatch_threshold
+            )
+            for mini in minis
+            for mb in mini.micro_batches
+            if self.is_last_stage and mb.engine_logprobs is not None and mb.old_logprobs is not None
+        ]
         return torch.stack(parts) if parts else None
 
     def _check_first_update(self, metrics: dict, step: int | None) -> None:
@@ -325,9 +431,14 @@ class Actor:
         if self.settings.use_engine_logprobs or value is None or not value > tolerance:
             return
         if is_rank0():
-            log.warning("step %s: at the first update max |s̄| = %.3g, above %.0e for %s: the training forward and "
-                        "the recomputation of pi_old disagree (nondeterministic kernels, dropout, or a layout bug)",
-                        step, value, tolerance, str(self.settings.dtype).replace("torch.", ""))
+            log.warning(
+                "step %s: at the first update max |s̄| = %.3g, above %.0e for %s: the training forward and "
+                "the recomputation of pi_old disagree (nondeterministic kernels, dropout, or a layout bug)",
+                step,
+                value,
+                tolerance,
+                str(self.settings.dtype).replace("torch.", ""),
+            )
 
     def _update(self, mini: MiniBatch, where: str = "") -> dict:
         for chunk in self.chunks:
@@ -338,32 +449,52 @@ class Actor:
         if problem:  # skip: no optimizer step, so weights, Adam moments and the lr schedule stay as they were
             self.consecutive_skips += 1
             if is_rank0():
-                log.warning("%s: update skipped, %s; weights and optimizer state unchanged (%d in a row)",
-                            where, problem, self.consecutive_skips)
+                log.warning(
+                    "%s: update skipped, %s; weights and optimizer state unchanged (%d in a row)",
+                    where,
+                    problem,
+                    self.consecutive_skips,
+                )
             if self.consecutive_skips >= self.settings.actor.max_consecutive_skips:
                 raise NonFiniteUpdates(
                     f"{where}: {self.consecutive_skips} updates in a row skipped (actor.max_consecutive_skips="
-                    f"{self.settings.actor.max_consecutive_skips}); the last had {problem}")
-            return {"records": outputs, "grad_norm": float("nan"), "lr": float(self.optimizer.param_groups[0]["lr"]),
-                    "skipped": 1.0}
+                    f"{self.settings.actor.max_consecutive_skips}); the last had {problem}"
+                )
+            return {
+                "records": outputs,
+                "grad_norm": float("nan"),
+                "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "skipped": 1.0,
+            }
         self.consecutive_skips = 0
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
             self.optimizer_steps += 1
         # host numbers (the optimizer already reduced the norm): never stacked with device tensors
-        return {"records": outputs, "grad_norm": float(grad_norm or 0.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
-                "skipped": 0.0 if ok else 1.0}
+        return {
+            "records": outputs,
+            "grad_norm": float(grad_norm or 0.0),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "skipped": 0.0 if ok else 1.0,
+        }
 
     def _non_finite(self, outputs: list[dict]) -> str:
         """What was NaN/inf in this update ("" if nothing): the loss (last stage) or any gradient
         (every rank's own; one norm per parameter, no [params]-sized temporaries). The same
         verdict on every rank: one all-reduce of two flags over the world."""
         loss = torch.stack([r["loss"] for r in outputs]).sum() if outputs else torch.zeros((), device=self.device)
-        grads = [g for chunk in self.chunks for p in chunk.parameters()
-                 if (g := getattr(p, "main_grad", p.grad)) is not None and g.numel()]
-        grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads
-                     else torch.zeros((), device=self.device))
+        grads = [
+            g
+            for chunk in self.chunks
+            for p in chunk.parameters()
+            if (g := getattr(p, "main_grad", p.grad)) is not None and g.numel()
+        ]
+        grad_norm = (
+            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            if grads
+            else torch.zeros((), device=self.device)
+        )
         flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)]).float().to(self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -372,15 +503,22 @@ class Actor:
         if bad_loss:
             parts.append(f"a non-finite loss ({loss.item()})" if outputs else "a non-finite loss (on the last stage)")
         if bad_grad:
-            parts.append(f"a non-finite gradient norm ({grad_norm.item()})" if not torch.isfinite(grad_norm)
-                         else "a non-finite gradient (on another rank)")
+            parts.append(
+                f"a non-finite gradient norm ({grad_norm.item()})"
+                if not torch.isfinite(grad_norm)
+                else "a non-finite gradient (on another rank)"
+            )
         return " and ".join(parts)
 
     def _schedule(self, mini: MiniBatch, *, forward_only: bool, mode: str, chunks: list | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        counts = {"groups": mini.num_groups, "sequences": mini.num_sequences, "tokens": mini.num_tokens,
-                  "informative_sequences": mini.num_informative_sequences}
+        counts = {
+            "groups": mini.num_groups,
+            "sequences": mini.num_sequences,
+            "tokens": mini.num_tokens,
+            "informative_sequences": mini.num_informative_sequences,
+        }
         num_micro = len(mini.micro_batches)
         seq = max(mb.tokens.shape[1] for mb in mini.micro_batches) * self.cp_size  # megatron divides by CP
         mbs = max(mb.tokens.shape[0] for mb in mini.micro_batches)
@@ -391,8 +529,13 @@ class Actor:
         if self.routing is not None:
             self.routing.begin_pass()
         return get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iterators, model=chunks if vpp > 1 else chunks[0],
-            num_microbatches=num_micro, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+            forward_step_func=step,
+            data_iterator=iterators,
+            model=chunks if vpp > 1 else chunks[0],
+            num_microbatches=num_micro,
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
         )
 
     def _forward_step(self, data_iterator, model, *, mode: str, counts: dict, num_micro: int):
@@ -400,17 +543,35 @@ class Actor:
         if self.routing is not None:  # this chunk's routers: the micro-batch's engine experts
             self.routing.feed(model, mb.routed_experts)
         # last stage: hidden states [b, s, h] (fused) or logits [b, s, V/tp]; packed rows are [1, T]
-        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params(),
-                       **moe_padding_mask(self.spec, self.config, mb))
+        output = model(
+            mb.tokens,
+            mb.position_ids,
+            None,
+            packed_seq_params=mb.packed_seq_params(),
+            **moe_padding_mask(self.spec, self.config, mb),
+        )
         return output, partial(self._loss, unwrap(model), mb, mode, counts, num_micro)
 
     def _token_logprobs(self, model, mb, output: torch.Tensor):
         temperature = self.settings.logprob_temperature
         if self.settings.actor.fused_output_layer:
-            return fused_token_logprobs(model, output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
-                                        sequence_parallel=self.settings.parallel.sequence_parallel, temperature=temperature)
-        return logits_token_logprobs(output, mb, vocab_size=self.spec.vocab_size, tp_group=self.tp_group,
-                                     tp_rank=self.tp_rank, temperature=temperature)
+            return fused_token_logprobs(
+                model,
+                output,
+                mb,
+                vocab_size=self.spec.vocab_size,
+                tp_group=self.tp_group,
+                sequence_parallel=self.settings.parallel.sequence_parallel,
+                temperature=temperature,
+            )
+        return logits_token_logprobs(
+            output,
+            mb,
+            vocab_size=self.spec.vocab_size,
+            tp_group=self.tp_group,
+            tp_rank=self.tp_rank,
+            temperature=temperature,
+        )
 
     def _loss(self, model, mb, mode: str, counts: dict, num_micro: int, output: torch.Tensor):
         logprobs, entropy = self._token_logprobs(model, mb, output)
@@ -420,9 +581,17 @@ class Actor:
             return logprobs.sum() * 0.0, {"logprobs": logprobs.detach()}
         n_seq = mb.rewards.numel()
         batch = PolicyBatch(
-            logprobs=logprobs, old_logprobs=mb.old_logprobs, loss_mask=torch.ones_like(logprobs, dtype=torch.bool),
-            seq_index=mb.seq_index, rewards=mb.rewards, group_ids=mb.group_index, ref_logprobs=mb.ref_logprobs,
-            advantages=mb.advantages, num_groups=mb.num_groups, engine_logprobs=mb.engine_logprobs, active=mb.active,
+            logprobs=logprobs,
+            old_logprobs=mb.old_logprobs,
+            loss_mask=torch.ones_like(logprobs, dtype=torch.bool),
+            seq_index=mb.seq_index,
+            rewards=mb.rewards,
+            group_ids=mb.group_index,
+            ref_logprobs=mb.ref_logprobs,
+            advantages=mb.advantages,
+            num_groups=mb.num_groups,
+            engine_logprobs=mb.engine_logprobs,
+            active=mb.active,
         )
         terms = self.objective(batch, dp_group=self.dp_group)
         loss = normalise(terms, counts)
@@ -438,17 +607,29 @@ class Actor:
 
             def extreme(mask, reduce, empty):  # min/max over the masked scores; `empty` if none
                 return reduce(torch.cat([scores.where(mask, empty), empty]))
+
             record = {
                 # REAL's value is the full mini-batch value on every DP rank; the baselines' are local
-                "loss": ((loss.detach() - kl_loss) / self.dp_size + kl_loss if isinstance(self.objective, RealObjective)
-                         else loss.detach()),
-                "kl_sum": kl_sum, "kl_tokens": kl_tokens,
-                "entropy_sum": entropy.sum(), "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
-                "score_pos_sum": scores.where(pos, 0.0).sum(), "score_pos_n": pos.sum().float(),
-                "score_neg_sum": scores.where(~pos, 0.0).sum(), "score_neg_n": (~pos).sum().float(),
-                "score_pos_min": extreme(pos, torch.min, inf), "score_pos_max": extreme(pos, torch.max, -inf),
-                "score_neg_min": extreme(~pos, torch.min, inf), "score_neg_max": extreme(~pos, torch.max, -inf),
-                "score_abs_max": scores.abs().amax() if n_seq else torch.zeros((), device=scores.device, dtype=scores.dtype),
+                "loss": (
+                    (loss.detach() - kl_loss) / self.dp_size + kl_loss
+                    if isinstance(self.objective, RealObjective)
+                    else loss.detach()
+                ),
+                "kl_sum": kl_sum,
+                "kl_tokens": kl_tokens,
+                "entropy_sum": entropy.sum(),
+                "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
+                "score_pos_sum": scores.where(pos, 0.0).sum(),
+                "score_pos_n": pos.sum().float(),
+                "score_neg_sum": scores.where(~pos, 0.0).sum(),
+                "score_neg_n": (~pos).sum().float(),
+                "score_pos_min": extreme(pos, torch.min, inf),
+                "score_pos_max": extreme(pos, torch.max, -inf),
+                "score_neg_min": extreme(~pos, torch.min, inf),
+                "score_neg_max": extreme(~pos, torch.max, -inf),
+                "score_abs_max": scores.abs().amax()
+                if n_seq
+                else torch.zeros((), device=scores.device, dtype=scores.dtype),
             }
         return scaled, record
 
@@ -464,8 +645,9 @@ class Actor:
         kl_loss = normalise(self.objective.kl_terms(inside), counts)
         return kl_loss.detach(), (k3_kl(inside.logprobs.detach(), target) * mask).sum(), mask.sum()
 
-    def _metric_tensors(self, records: list[dict], first: list[dict], mismatch: Optional[torch.Tensor]
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _metric_tensors(
+        self, records: list[dict], first: list[dict], mismatch: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sums, mins, maxs) of micro-batch records by step_metrics' tables, on the actor's device,
         reduced over DP; the first update's records and the mismatch partials ride along."""
         sums, mins, maxs = step_metrics.metric_tensors(records, first, mismatch, self.device)

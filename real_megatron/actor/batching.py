@@ -74,11 +74,17 @@ class MicroBatch:
             return None
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=self.cu_seqlens_padded,
+            cu_seqlens_kv_padded=self.cu_seqlens_padded,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
-    def to(self, device: torch.device) -> "MicroBatch":
+    def to(self, device: torch.device) -> MicroBatch:
         """This micro-batch with every tensor on `device` (batches are built on the host)."""
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in moved.items():
@@ -131,9 +137,17 @@ def _micro_by_count(size: dict[int, int], mini_groups: list[int], groups_per_mic
     return micro_groups
 
 
-def _micro_by_budget(rollouts: list[Rollout], groups: dict[int, list[int]], size: dict[int, int],
-                     mini_groups: list[int], dp_size: int, budget: int, cost: list[int], cp: int = 1,
-                     multiple: int = 1) -> list[list[int]]:
+def _micro_by_budget(
+    rollouts: list[Rollout],
+    groups: dict[int, list[int]],
+    size: dict[int, int],
+    mini_groups: list[int],
+    dp_size: int,
+    budget: int,
+    cost: list[int],
+    cp: int = 1,
+    multiple: int = 1,
+) -> list[list[int]]:
     """First fit, largest group first: a group joins the first micro-batch whose rollouts, spread
     over the ranks, keep every rank within `budget` tokens (`cost`: after the CP split); else it
     opens a new micro-batch."""
@@ -165,11 +179,15 @@ def _too_long(rollouts: list[Rollout], i: int, tokens: int, budget: int, cp: int
     length = r.num_tokens
     fits = next((c for c in (2, 4, 8, 16, 32, 64) if c > cp and tokens_per_rank(length, c, multiple) <= budget), None)
     split = f" ({tokens} per rank after the parallel.cp={cp} split)" if cp > 1 else ""
-    hint = (f"; or set parallel.cp={fits} (context parallelism: {tokens_per_rank(length, fits, multiple)} tokens per rank)"
-            if fits else "")
-    return (f"{where} has {length} tokens{split}, more than actor.max_tokens_per_micro_batch={budget}; raise the "
-            f"budget to at least data.max_prompt_tokens + rollout.max_new_tokens{' per CP rank' if cp > 1 else ''}"
-            + hint)
+    hint = (
+        f"; or set parallel.cp={fits} (context parallelism: {tokens_per_rank(length, fits, multiple)} tokens per rank)"
+        if fits
+        else ""
+    )
+    return (
+        f"{where} has {length} tokens{split}, more than actor.max_tokens_per_micro_batch={budget}; raise the "
+        f"budget to at least data.max_prompt_tokens + rollout.max_new_tokens{' per CP rank' if cp > 1 else ''}" + hint
+    )
 
 
 def rank_tokens(rollouts: list[Rollout], cp: int = 1, multiple: int = 1) -> list[int]:
@@ -180,8 +198,13 @@ def rank_tokens(rollouts: list[Rollout], cp: int = 1, multiple: int = 1) -> list
 
 
 def plan_mini_batches(
-    rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int,
-    max_tokens: int | None = None, cp: int = 1, multiple: int = 1,
+    rollouts: list[Rollout],
+    groups_per_mini: int,
+    groups_per_micro: int,
+    dp_size: int,
+    max_tokens: int | None = None,
+    cp: int = 1,
+    multiple: int = 1,
 ) -> list[list[list[list[int]]]]:
     """Rollout ids as plan[mini][micro][dp_rank]; every group inside one micro-batch index.
     max_tokens: cut micro-batches by this token budget per rank instead of groups_per_micro, each
@@ -202,7 +225,9 @@ def plan_mini_batches(
         mini_groups = order[start : start + groups_per_mini]
         size = {g: sum(cost[i] for i in groups[g]) for g in mini_groups}  # tokens per rank (after a CP split)
         if max_tokens:
-            micro_groups = _micro_by_budget(rollouts, groups, size, mini_groups, dp_size, max_tokens, cost, cp, multiple)
+            micro_groups = _micro_by_budget(
+                rollouts, groups, size, mini_groups, dp_size, max_tokens, cost, cp, multiple
+            )
         else:
             micro_groups = _micro_by_count(size, mini_groups, groups_per_micro)
         mini = []
@@ -219,8 +244,15 @@ def plan_mini_batches(
 
 
 def make_micro_batch(
-    rollouts: list[Rollout], ids: list[int], micro_groups: list[int], advantages: torch.Tensor,
-    *, pad_id: int = 0, pad_to_multiple: int = 1, shape: tuple[int, int] | None = None, packed: bool = False,
+    rollouts: list[Rollout],
+    ids: list[int],
+    micro_groups: list[int],
+    advantages: torch.Tensor,
+    *,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    shape: tuple[int, int] | None = None,
+    packed: bool = False,
 ) -> MicroBatch:
     """Tensors for rollouts `ids`: one packed row (`packed`) or right-padded rows. micro_groups: the
     groups of this micro-batch index (all ranks), in a fixed order, which numbers them 0..len-1.
@@ -261,8 +293,9 @@ def make_micro_batch(
             engine.extend(r.engine_logprobs)
         else:
             engine = None  # the engine's log-probs are used only when every rollout has them
-    routed = _routed_experts_slots(rollouts, ids, starts, [0] * len(ids) if packed else list(range(len(ids))),
-                                   tokens.shape)
+    routed = _routed_experts_slots(
+        rollouts, ids, starts, [0] * len(ids) if packed else list(range(len(ids))), tokens.shape
+    )
     cu_seqlens, max_seqlen = None, 0
     if packed:
         bounds = starts + [offset] + ([width] if width > offset else [])  # the padding tail is a segment of its own
@@ -291,8 +324,9 @@ def make_micro_batch(
     )
 
 
-def _routed_experts_slots(rollouts: list[Rollout], ids: list[int], starts: list[int], rows: list[int],
-                          shape: torch.Size) -> Optional[torch.Tensor]:
+def _routed_experts_slots(
+    rollouts: list[Rollout], ids: list[int], starts: list[int], rows: list[int], shape: torch.Size
+) -> Optional[torch.Tensor]:
     """The engine's experts laid out like the token slots ([b, s, layers, k], -1 where none)."""
     carried = [rollouts[i].routed_experts for i in ids if rollouts[i].routed_experts is not None]
     if not carried:
@@ -313,9 +347,20 @@ def padding_fraction(micro_batches: list[MicroBatch]) -> float:
 
 
 def build_mini_batches(
-    rollouts: list[Rollout], groups_per_mini: int, groups_per_micro: int, dp_size: int, dp_rank: int,
-    *, pad_id: int = 0, pad_to_multiple: int = 1, uniform_shape: bool = False, packed: bool = False,
-    max_tokens: int | None = None, cp_size: int = 1, cp_rank: int = 0, same_shape_across_ranks: bool = False,
+    rollouts: list[Rollout],
+    groups_per_mini: int,
+    groups_per_micro: int,
+    dp_size: int,
+    dp_rank: int,
+    *,
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    uniform_shape: bool = False,
+    packed: bool = False,
+    max_tokens: int | None = None,
+    cp_size: int = 1,
+    cp_rank: int = 0,
+    same_shape_across_ranks: bool = False,
 ) -> list[MiniBatch]:
     """This DP rank's mini-batches. uniform_shape: every micro-batch of a mini-batch padded to one
     [rows, width] (what pipeline parallelism needs). packed: one packed row per micro-batch.
@@ -327,7 +372,9 @@ def build_mini_batches(
     if cp_size > 1 and not packed:
         raise ValueError("context parallelism needs packed sequences (actor.pack_sequences: true)")
     if cp_size > 1 and same_shape_across_ranks:
-        raise ValueError("context parallelism with the allgather MoE dispatcher is not supported (model.moe_dispatcher: alltoall)")
+        raise ValueError(
+            "context parallelism with the allgather MoE dispatcher is not supported (model.moe_dispatcher: alltoall)"
+        )
     for i, r in enumerate(rollouts):
         if not r.response_ids or not r.prompt_ids:
             raise ValueError(f"rollout {i} (group {r.group}) has an empty {'response' if r.prompt_ids else 'prompt'}")
@@ -335,12 +382,15 @@ def build_mini_batches(
     active = torch.tensor([r.in_loss for r in rollouts], dtype=torch.bool)
     advantages = torch.zeros(len(rollouts), dtype=torch.float64)
     if active.any():
-        advantages[active] = group_advantages(torch.tensor([r.reward + r.penalty for r in rollouts], dtype=torch.float64)[active],
-                                              torch.tensor([r.group for r in rollouts])[active])
+        advantages[active] = group_advantages(
+            torch.tensor([r.reward + r.penalty for r in rollouts], dtype=torch.float64)[active],
+            torch.tensor([r.group for r in rollouts])[active],
+        )
     informative = informative_groups(rollouts)
     minis = []
-    plan = plan_mini_batches(rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens, cp=cp_size,
-                             multiple=pad_to_multiple)
+    plan = plan_mini_batches(
+        rollouts, groups_per_mini, groups_per_micro, dp_size, max_tokens, cp=cp_size, multiple=pad_to_multiple
+    )
     for mini in plan:
         micro_batches = []
         shape = None
@@ -348,18 +398,34 @@ def build_mini_batches(
         if (uniform_shape or same_shape_across_ranks) and packed and cp_size == 1:
             shape = (1, max(sum(rollouts[i].num_tokens for i in ranks[r]) for ranks in mini for r in sizes))
         elif (uniform_shape or same_shape_across_ranks) and not packed:
-            shape = (max(len(ranks[r]) for ranks in mini for r in sizes),
-                     max(rollouts[i].num_tokens for ranks in mini for r in sizes for i in ranks[r]))
+            shape = (
+                max(len(ranks[r]) for ranks in mini for r in sizes),
+                max(rollouts[i].num_tokens for ranks in mini for r in sizes for i in ranks[r]),
+            )
         for ranks in mini:
             micro_groups = sorted({rollouts[i].group for ids in ranks for i in ids})
             micro_batches.append(
-                make_micro_batch(rollouts, ranks[dp_rank], micro_groups, advantages, pad_id=pad_id,
-                                 pad_to_multiple=pad_to_multiple if cp_size == 1 else 1, shape=shape, packed=packed)
+                make_micro_batch(
+                    rollouts,
+                    ranks[dp_rank],
+                    micro_groups,
+                    advantages,
+                    pad_id=pad_id,
+                    pad_to_multiple=pad_to_multiple if cp_size == 1 else 1,
+                    shape=shape,
+                    packed=packed,
+                )
             )
         if cp_size > 1:  # every micro-batch of the mini-batch one width under PP (stages exchange one shape)
-            width = max(layout_of(mb, cp_size, pad_to_multiple).local_width for mb in micro_batches) if uniform_shape else None
-            micro_batches = [split_micro_batch(mb, cp_size, cp_rank, multiple=pad_to_multiple, width=width, pad_id=pad_id)
-                             for mb in micro_batches]
+            width = (
+                max(layout_of(mb, cp_size, pad_to_multiple).local_width for mb in micro_batches)
+                if uniform_shape
+                else None
+            )
+            micro_batches = [
+                split_micro_batch(mb, cp_size, cp_rank, multiple=pad_to_multiple, width=width, pad_id=pad_id)
+                for mb in micro_batches
+            ]
         ids = [i for ranks in mini for ids in ranks for i in ids]
         in_loss = [i for i in ids if rollouts[i].in_loss]
         minis.append(

@@ -45,8 +45,10 @@ _OLD_CHECKPOINTS_FORMAT = "dp_reshardable"  # written before the format was reco
 def _optimizer_metadata(optimizer_format: str) -> dict:
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise ValueError(f"optimizer format must be one of {OPTIMIZER_FORMATS}, got {optimizer_format!r}")
-    return {"distrib_optim_sharding_type": optimizer_format,
-            "distrib_optim_fully_reshardable_mem_efficient": optimizer_format == "fully_reshardable"}
+    return {
+        "distrib_optim_sharding_type": optimizer_format,
+        "distrib_optim_fully_reshardable_mem_efficient": optimizer_format == "fully_reshardable",
+    }
 
 
 def parameter_order(actor) -> list[str]:
@@ -62,6 +64,8 @@ def parameter_order(actor) -> list[str]:
             offset = getattr(entry, "global_offset", None) or getattr(getattr(entry, "data", None), "shape", "")
             order.append(f"{entry.key}@{tuple(offset)}" if entry is not None else name)
     return order
+
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 ORDER_DIR = "parameter_order"
 
@@ -187,8 +191,9 @@ def _write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
-                    optimizer_format: str = OPTIMIZER_FORMATS[0]) -> Path:
+def save_checkpoint(
+    actor, directory: str | os.PathLike, trainer_state: dict, optimizer_format: str = OPTIMIZER_FORMATS[0]
+) -> Path:
     """Write model, optimizer, scheduler, RNG and `trainer_state` atomically to `directory`.
 
     Killed at any moment, this leaves either no `directory` or a complete one: everything goes to
@@ -214,10 +219,14 @@ def save_checkpoint(actor, directory: str | os.PathLike, trainer_state: dict,
     if actor.dp_rank == 0 and actor.tp_rank == 0 and getattr(actor, "cp_rank", 0) == 0:  # one writer per pipeline stage
         _order_file(tmp).write_text(json.dumps(parameter_order(actor)))
     if global_rank() == 0:
-        state = dict(trainer_state, scheduler=actor.scheduler.state_dict(), optimizer_steps=actor.optimizer_steps,
-                     consecutive_skips=getattr(actor, "consecutive_skips", 0),
-                     optimizer_format=optimizer_format,
-                     world_size=world_size())
+        state = dict(
+            trainer_state,
+            scheduler=actor.scheduler.state_dict(),
+            optimizer_steps=actor.optimizer_steps,
+            consecutive_skips=getattr(actor, "consecutive_skips", 0),
+            optimizer_format=optimizer_format,
+            world_size=world_size(),
+        )
         (tmp / f"{STATE_FILE}.partial").write_text(json.dumps(state, indent=1))
         os.replace(tmp / f"{STATE_FILE}.partial", tmp / STATE_FILE)  # never a half-written state file
     kill_point("checkpoint_state", step)
@@ -245,16 +254,21 @@ def load_checkpoint(actor, directory: str | os.PathLike) -> dict:
     trainer_state = json.loads(state_file.read_text())
     optimizer_format = trainer_state.pop("optimizer_format", _OLD_CHECKPOINTS_FORMAT)
     order_file = _order_file(directory)
-    if (optimizer_format == "dp_reshardable" and order_file.exists()
-            and json.loads(order_file.read_text()) != parameter_order(actor)):
+    if (
+        optimizer_format == "dp_reshardable"
+        and order_file.exists()
+        and json.loads(order_file.read_text()) != parameter_order(actor)
+    ):
         raise RuntimeError(
             f"{directory}: its optimizer state is in the dp_reshardable format, flat buffers in the parameter order "
             "of the model that wrote it, and this model orders its parameters differently (another layer spec: "
             "Transformer Engine vs local?). Resume with the spec that wrote it, or write checkpoints with "
-            "checkpoint.optimizer_format=fully_reshardable (any spec, any layout)")
+            "checkpoint.optimizer_format=fully_reshardable (any spec, any layout)"
+        )
     _materialise_optimizer_state(actor.optimizer)
-    loaded = dist_checkpointing.load(_sharded_state_dict(actor, is_loading=True, optimizer_format=optimizer_format),
-                                     str(directory))
+    loaded = dist_checkpointing.load(
+        _sharded_state_dict(actor, is_loading=True, optimizer_format=optimizer_format), str(directory)
+    )
     load_model_state(actor.chunks, loaded)
     _let_adam_step_be_absent(actor.optimizer)
     with torch.no_grad():  # fp32 main params are views of the (leaf) model params
@@ -274,7 +288,9 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -290,8 +306,11 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
     if global_rank() != 0:
         return
     root = Path(root)
-    doomed = [p for p in root.iterdir() if p.suffix in (".tmp", ".old", ".deleting") and _STEP_DIR.match(p.stem)] \
-        if root.is_dir() else []
+    doomed = (
+        [p for p in root.iterdir() if p.suffix in (".tmp", ".old", ".deleting") and _STEP_DIR.match(p.stem)]
+        if root.is_dir()
+        else []
+    )
     if keep_last > 0:
         for old in checkpoint_dirs(root)[:-keep_last]:
             aside = old.with_name(old.name + ".deleting")

@@ -86,8 +86,9 @@ def layout_of(mb, cp: int, multiple: int = 1, width: int | None = None) -> Layou
     if width is not None and width > layout.local_width:
         extra = width - layout.local_width
         if extra % (2 * multiple):
-            raise ValueError(f"a CP row of {layout.local_width} tokens cannot be padded to {width} "
-                             f"in chunks of {2 * multiple}")
+            raise ValueError(
+                f"a CP row of {layout.local_width} tokens cannot be padded to {width} in chunks of {2 * multiple}"
+            )
         layout.padded.append(extra * cp)
         layout.lengths.append(extra * cp)
     return layout
@@ -129,9 +130,17 @@ def split_micro_batch(mb, cp: int, rank: int, *, multiple: int = 1, width: int |
     padded_bounds = torch.tensor([0] + layout.padded).cumsum(0).to(torch.int32)
     real_bounds = torch.tensor([0] + layout.lengths).cumsum(0).to(torch.int32)
     return dataclasses.replace(
-        mb, tokens=row, position_ids=positions, rows=torch.zeros(int(mine.sum()), dtype=torch.long),
-        cols=column[mine], targets=mb.targets[mine], cp_source=owner * n_max + slot, cp_tokens=n_max,
-        cu_seqlens=real_bounds, cu_seqlens_padded=padded_bounds, max_seqlen=max(layout.padded),
+        mb,
+        tokens=row,
+        position_ids=positions,
+        rows=torch.zeros(int(mine.sum()), dtype=torch.long),
+        cols=column[mine],
+        targets=mb.targets[mine],
+        cp_source=owner * n_max + slot,
+        cp_tokens=n_max,
+        cu_seqlens=real_bounds,
+        cu_seqlens_padded=padded_bounds,
+        max_seqlen=max(layout.padded),
         sequence_tokens=real_tokens,
     )
 

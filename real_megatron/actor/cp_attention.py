@@ -18,8 +18,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 
 from ..kernels.collectives import all_gather_stack, reduce_scatter_stack
-from .context_parallel import Layout
 from .attention_batches import length_batches
+from .context_parallel import Layout
 
 
 class _GatherKV(torch.autograd.Function):
@@ -62,11 +62,14 @@ def context_parallel_attention(attend, query, key, value, cu_seqlens_padded: tor
     padded = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     local = query.shape[0]
     if sum(padded) != cp * local or any(n % (2 * cp) for n in padded):
-        raise ValueError(f"context parallelism: padded cu_seqlens {bounds} do not match {local} tokens per rank x cp={cp}"
-                         " in 2*cp chunks per sequence")
+        raise ValueError(
+            f"context parallelism: padded cu_seqlens {bounds} do not match {local} tokens per rank x cp={cp}"
+            " in 2*cp chunks per sequence"
+        )
     device = query.device
     gather_index, query_position, local_starts, global_starts = (
-        x.to(device) if isinstance(x, torch.Tensor) else x for x in _index(tuple(padded), cp, rank, local))
+        x.to(device) if isinstance(x, torch.Tensor) else x for x in _index(tuple(padded), cp, rank, local)
+    )
     kv = _GatherKV.apply(torch.stack([key, value]), group)  # [C, 2, t, groups, dim]
     kv = kv.transpose(0, 1).reshape(2, cp * local, *key.shape[1:])[:, gather_index]  # [2, T, groups, dim], global order
     keys, values = kv[0], kv[1]
@@ -77,14 +80,23 @@ def context_parallel_attention(attend, query, key, value, cu_seqlens_padded: tor
         k_len = torch.tensor([padded[i] for i in batch], device=device)
         q_valid = q_off[None, :] < (k_len // cp)[:, None]  # [n, Lq]
         k_valid = k_off[None, :] < k_len[:, None]  # [n, Lk]
-        q_index = torch.where(q_valid, torch.tensor([local_starts[i] for i in batch], device=device)[:, None] + q_off, 0)
-        k_index = torch.where(k_valid, torch.tensor([global_starts[i] for i in batch], device=device)[:, None] + k_off, 0)
+        q_index = torch.where(
+            q_valid, torch.tensor([local_starts[i] for i in batch], device=device)[:, None] + q_off, 0
+        )
+        k_index = torch.where(
+            k_valid, torch.tensor([global_starts[i] for i in batch], device=device)[:, None] + k_off, 0
+        )
         q_pos = query_position[q_index]  # [n, Lq]: each query's position in its sequence
         # masked (True): keys after the query (causal) and the batch's padding keys
         mask = (k_off[None, None, :] > q_pos[:, :, None]) | ~k_valid[:, None, :]
         sbhd = lambda x, index: x[index].transpose(0, 1)  # noqa: E731
-        context = attend(sbhd(query, q_index), sbhd(keys, k_index), sbhd(values, k_index), mask[:, None],
-                         attn_mask_type=AttnMaskType.causal)  # [Lq, n, heads * dim]
+        context = attend(
+            sbhd(query, q_index),
+            sbhd(keys, k_index),
+            sbhd(values, k_index),
+            mask[:, None],
+            attn_mask_type=AttnMaskType.causal,
+        )  # [Lq, n, heads * dim]
         pieces.append(context.transpose(0, 1)[q_valid])
         places.append(q_index[q_valid])
     out = torch.cat(pieces)

@@ -109,6 +109,7 @@ def _enable_moe() -> None:
     # torch.cuda.stream(...) and records an event on it: on CPU the sizes are already on the host.
     token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NullStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
     # ...and there maybe_move_tensor_to_cpu turns the all-to-all split sizes into numpy arrays only
     # when they are CUDA tensors; CPU tensors would reach all_to_all_single as tensors, which gloo
     # refuses as split sizes: the same conversion for host tensors.
@@ -148,7 +149,9 @@ def enable() -> bool:
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     # ...which makes CudaRNGStatesTracker.fork()'s "CPU RNG state changed" warning expected noise.
-    logging.getLogger(mcore_random.__name__).addFilter(lambda record: "CPU RNG state changed" not in record.getMessage())
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
 
     # tensor.type() == 'torch.cuda.FloatTensor' picks the main-param layout in DistributedOptimizer
     # (_build_model_and_main_param_groups) and Float16OptimizerWithFloat16Params: CPU tensors

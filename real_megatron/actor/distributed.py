@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class LaunchEnv:
     rank: int
@@ -47,16 +48,23 @@ def _first_slurm_host(nodelist: str) -> str:
 def launch_env(environ: dict | None = None) -> LaunchEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+        return LaunchEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         # the step's nodes: in a job that also runs servers, the job's first node may not be a trainer's
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         master = env.get("MASTER_ADDR") or _first_slurm_host(nodes)
         # a port derived from the job id: concurrent jobs on one node do not collide
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         master, port, "slurm")
+        return LaunchEnv(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), master, port, "slurm"
+        )
     # alone: any free port (a fixed one collides with another run on the same machine)
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
@@ -118,8 +126,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_distributed(
-    *, tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, timeout_s: float = 600.0,
-    expected_world_size: int | None = None, seed: int = 1234, ep: int = 1, etp: int | None = None,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    cp: int = 1,
+    timeout_s: float = 600.0,
+    expected_world_size: int | None = None,
+    seed: int = 1234,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> LaunchEnv:
     """Join (or create) the default process group and megatron-core's TP/PP/DP/CP groups, and for
     mixture-of-experts models its expert groups (EP, expert TP = etp or tp, expert DP)."""

@@ -49,7 +49,7 @@ class ArchSpec:
     moe: Optional[MoESpec] = None  # experts, router, which layers are sparse; None: a dense model
 
     @classmethod
-    def from_hf(cls, config: dict | Any, source: str = "<config>") -> "ArchSpec":
+    def from_hf(cls, config: dict | Any, source: str = "<config>") -> ArchSpec:
         cfg = config if isinstance(config, dict) else config.to_dict()
         family = cfg.get("model_type")
         if family not in SUPPORTED_FAMILIES:
@@ -61,8 +61,10 @@ class ArchSpec:
             )
         if family not in MOE_FAMILIES and (cfg.get("num_experts") or cfg.get("num_local_experts")):
             key = "num_experts" if cfg.get("num_experts") else "num_local_experts"
-            raise UnsupportedModelError(f"{source}: {key}={cfg[key]} in a {family!r} config: experts are mapped "
-                                        f"for model types {', '.join(MOE_FAMILIES)} only")
+            raise UnsupportedModelError(
+                f"{source}: {key}={cfg[key]} in a {family!r} config: experts are mapped "
+                f"for model types {', '.join(MOE_FAMILIES)} only"
+            )
 
         def need(key):
             if key not in cfg or cfg[key] is None:
@@ -100,12 +102,14 @@ class ArchSpec:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "ArchSpec":
+    def from_pretrained(cls, path: str | Path) -> ArchSpec:
         config_file = Path(path) / "config.json"
         try:
             return cls.from_hf(json.loads(config_file.read_text()), str(config_file))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json in {path} (expected a Hugging Face checkpoint directory)") from None
+            raise FileNotFoundError(
+                f"no config.json in {path} (expected a Hugging Face checkpoint directory)"
+            ) from None
 
     def padded_vocab(self, tp: int) -> int:
         """Megatron splits the vocabulary evenly over TP ranks: pad to a multiple of tp."""
@@ -182,8 +186,14 @@ def fusions(on_gpu: bool) -> dict[str, bool]:
     attention and norms; the TE spec has its own fused attention and norms.
     """
     if not on_gpu:
-        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-                    gradient_accumulation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False)
+        return dict(
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+        )
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.tensor_parallel import layers
 
@@ -222,9 +232,18 @@ def transformer_config(
 
     spec.check_parallel(tp, pp, vpp, ep, etp)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    moe = {} if spec.moe is None else moe_config_kwargs(
-        spec.moe, ep=ep, etp=etp, dispatcher=moe_dispatcher, aux_loss_coef=moe_aux_loss_coef,
-        grouped_gemm=use_transformer_engine(dtype) and on_gpu)
+    moe = (
+        {}
+        if spec.moe is None
+        else moe_config_kwargs(
+            spec.moe,
+            ep=ep,
+            etp=etp,
+            dispatcher=moe_dispatcher,
+            aux_loss_coef=moe_aux_loss_coef,
+            grouped_gemm=use_transformer_engine(dtype) and on_gpu,
+        )
+    )
     return TransformerConfig(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -294,8 +313,11 @@ def layer_spec(spec: ArchSpec, dtype: torch.dtype | None = None, num_experts: in
     if use_transformer_engine(dtype):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return _with_router(get_gpt_layer_with_transformer_engine_spec(
-            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=spec.qk_norm))
+        return _with_router(
+            get_gpt_layer_with_transformer_engine_spec(
+                num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=spec.qk_norm
+            )
+        )
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from .packed_attention import PackedDotProductAttention

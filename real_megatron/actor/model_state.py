@@ -37,8 +37,10 @@ def load_model_state(chunks: list[torch.nn.Module], loaded: dict) -> None:
         result = unwrap(chunk).load_state_dict(loaded[chunk_key(index, chunks)], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
-                               f"unexpected {list(result.unexpected_keys)[:5]}")
+            raise RuntimeError(
+                f"checkpoint does not fit the model: missing {missing[:5]}, "
+                f"unexpected {list(result.unexpected_keys)[:5]}"
+            )
 
 
 def load_model_weights(chunks: list[torch.nn.Module], directory) -> None:

@@ -21,8 +21,9 @@ same (what the model was trained with), and `model.moe_aux_loss_coef` overrides 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -60,7 +61,7 @@ class MoESpec:
         return [i for i, sparse in enumerate(self.layer_pattern) if sparse]
 
     @classmethod
-    def from_hf(cls, cfg: dict, family: str, num_layers: int, source: str) -> "MoESpec":
+    def from_hf(cls, cfg: dict, family: str, num_layers: int, source: str) -> MoESpec:
         for key, (accepted, why) in _REFUSED.items():
             if cfg.get(key) not in accepted:
                 raise UnsupportedMoEError(f"{source}: {key}={cfg[key]!r} is not supported for {family}: {why}")
@@ -76,9 +77,12 @@ class MoESpec:
         if family == "qwen3_moe" and shared:
             raise UnsupportedMoEError(
                 f"{source}: shared_expert_intermediate_size={shared} but Qwen3-MoE has no shared expert "
-                "(transformers' Qwen3MoeForCausalLM would ignore it): refusing rather than dropping it")
+                "(transformers' Qwen3MoeForCausalLM would ignore it): refusing rather than dropping it"
+            )
         if family == "qwen2_moe" and not shared:
-            raise UnsupportedMoEError(f"{source}: Qwen2-MoE needs 'shared_expert_intermediate_size' > 0, got {shared!r}")
+            raise UnsupportedMoEError(
+                f"{source}: Qwen2-MoE needs 'shared_expert_intermediate_size' > 0, got {shared!r}"
+            )
         step = cfg.get("decoder_sparse_step", 1)
         if not isinstance(step, int) or step < 1:
             raise UnsupportedMoEError(f"{source}: decoder_sparse_step must be an integer >= 1, got {step!r}")
@@ -89,9 +93,12 @@ class MoESpec:
         pattern = tuple(int(i not in dense and (i + 1) % step == 0) for i in range(num_layers))
         if not any(pattern):
             raise UnsupportedMoEError(
-                f"{source}: decoder_sparse_step={step} and mlp_only_layers={dense} leave no MoE layer (a dense model)")
+                f"{source}: decoder_sparse_step={step} and mlp_only_layers={dense} leave no MoE layer (a dense model)"
+            )
         return cls(
-            num_experts=experts, top_k=top_k, moe_intermediate_size=size,
+            num_experts=experts,
+            top_k=top_k,
+            moe_intermediate_size=size,
             norm_topk_prob=bool(cfg.get("norm_topk_prob", family == "qwen3_moe")),
             shared_expert_intermediate_size=shared,
             router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
@@ -105,12 +112,21 @@ class MoESpec:
         if self.moe_intermediate_size % etp:
             problems.append(f"moe_intermediate_size={self.moe_intermediate_size} is not divisible by etp={etp}")
         if self.shared_expert_intermediate_size and self.shared_expert_intermediate_size % tp:
-            problems.append(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is not divisible by tp={tp}")
+            problems.append(
+                f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is not divisible by tp={tp}"
+            )
         return problems
 
 
-def moe_config_kwargs(moe: MoESpec, *, ep: int = 1, etp: int | None = None, dispatcher: str = "alltoall",
-                      aux_loss_coef: float | None = None, grouped_gemm: bool = False) -> dict[str, Any]:
+def moe_config_kwargs(
+    moe: MoESpec,
+    *,
+    ep: int = 1,
+    etp: int | None = None,
+    dispatcher: str = "alltoall",
+    aux_loss_coef: float | None = None,
+    grouped_gemm: bool = False,
+) -> dict[str, Any]:
     """TransformerConfig arguments for this MoE model. aux_loss_coef None: the HF config's."""
     coef = moe.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
     return dict(

@@ -40,7 +40,8 @@ class MicroBatchAuxLossRouter(TopKRouter):
         tokens_per_expert, total = stats[:-1], stats[-1]
         dp = dist.get_world_size(group) // dist.get_world_size(self.tp_cp_group)  # DDP averages over these
         aux = (scores_for_aux_loss.sum(dim=0) * tokens_per_expert).sum() * (
-            dp * coef * self.config.num_moe_experts / (self.topk * total * total))
+            dp * coef * self.config.num_moe_experts / (self.topk * total * total)
+        )
         return MoEAuxLossAutoScaler.apply(probs, aux)
 
 
@@ -49,8 +50,11 @@ def moe_padding_mask(spec, config, mb) -> dict:
     after its rollouts' tokens is padding, which the routers then leave out of the load-balancing
     loss (and the statistics). Empty for dense models and right-padded rows, and under PP with
     sequence parallelism, where megatron-core 0.16 scatters the mask on the first stage only."""
-    if spec.moe is None or mb.cu_seqlens is None or (
-            config.pipeline_model_parallel_size > 1 and config.sequence_parallel):
+    if (
+        spec.moe is None
+        or mb.cu_seqlens is None
+        or (config.pipeline_model_parallel_size > 1 and config.sequence_parallel)
+    ):
         return {}
     columns = torch.arange(mb.tokens.shape[1], device=mb.tokens.device)
     return {"padding_mask": (columns >= mb.sequence_tokens).unsqueeze(0).expand_as(mb.tokens)}

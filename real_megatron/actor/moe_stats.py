@@ -54,7 +54,7 @@ class MoEStats:
                 probs = torch.softmax(torch.nn.functional.linear(hidden, router.weight.detach()).float(), dim=-1)
                 row = self.sums[slot]
                 row[:experts] += routing_map.sum(dim=0).to(row.dtype)
-                row[experts:2 * experts] += probs.sum(dim=0).to(row.dtype)
+                row[experts : 2 * experts] += probs.sum(dim=0).to(row.dtype)
                 row[-1] += hidden.shape[0]
 
         return record
@@ -69,8 +69,11 @@ class MoEStats:
         seen = sums[:, -1] > 0
         if not bool(seen.any()):
             return {}
-        counts, prob_sums, tokens = sums[seen, :E], sums[seen, E:2 * E], sums[seen, -1:]
+        counts, prob_sums, tokens = sums[seen, :E], sums[seen, E : 2 * E], sums[seen, -1:]
         aux = (E / k) * ((counts / tokens) * (prob_sums / tokens)).sum(dim=1)
         load = counts / (tokens * k / E)
-        return {"moe_aux_loss": aux.mean().item(), "moe_expert_load_max": load.max(dim=1).values.mean().item(),
-                "moe_expert_load_min": load.min(dim=1).values.mean().item()}
+        return {
+            "moe_aux_loss": aux.mean().item(),
+            "moe_expert_load_max": load.max(dim=1).values.mean().item(),
+            "moe_expert_load_min": load.min(dim=1).values.mean().item(),
+        }

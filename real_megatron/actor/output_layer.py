@@ -27,8 +27,9 @@ def return_hidden_states(model) -> None:
 
     def forward(hidden_states, weight=None, runtime_gather_output=None):
         if layer.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters (sums over TP)
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=True,
-                                                                 group=group)
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True, group=group
+            )
         return hidden_states, None
 
     layer.forward = forward  # an instance attribute: module names and the state dict are unchanged
@@ -41,18 +42,28 @@ def output_weight(model) -> torch.Tensor:
     return model.output_layer.weight
 
 
-def fused_token_logprobs(model, hidden: torch.Tensor, mb, *, vocab_size: int, tp_group, sequence_parallel: bool,
-                         temperature: float = 1.0):
+def fused_token_logprobs(
+    model, hidden: torch.Tensor, mb, *, vocab_size: int, tp_group, sequence_parallel: bool, temperature: float = 1.0
+):
     """(log-probs, entropy) [N] of the response tokens from hidden states [b, s, h], under
     softmax(logits / temperature), the logits divided in float32 as the engines do."""
     picked = hidden[mb.rows, mb.cols]  # [N, h]: the positions that predict response tokens
-    return linear_token_logprobs(picked, output_weight(model), mb.targets, tp_group=tp_group, vocab_size=vocab_size,
-                                 sum_grad_hidden=not sequence_parallel, return_entropy=True, scale=1.0 / temperature,
-                                 check_ids=False)  # the actor checked every id on the host (Actor.train_step)
+    return linear_token_logprobs(
+        picked,
+        output_weight(model),
+        mb.targets,
+        tp_group=tp_group,
+        vocab_size=vocab_size,
+        sum_grad_hidden=not sequence_parallel,
+        return_entropy=True,
+        scale=1.0 / temperature,
+        check_ids=False,
+    )  # the actor checked every id on the host (Actor.train_step)
 
 
-def logits_token_logprobs(logits: torch.Tensor, mb, *, vocab_size: int, tp_group, tp_rank: int,
-                          temperature: float = 1.0):
+def logits_token_logprobs(
+    logits: torch.Tensor, mb, *, vocab_size: int, tp_group, tp_rank: int, temperature: float = 1.0
+):
     """(log-probs, entropy) [N] from full logits [b, s, V/tp] (the naive path), under softmax(logits / T)."""
     picked = logits[mb.rows, mb.cols]  # [N, V/tp]
     if temperature != 1.0:  # in float32, as the engines divide

@@ -28,6 +28,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from .attention_batches import length_batches
 from .cp_attention import context_parallel_attention
 
+
 class PackedDotProductAttention(DotProductAttention):
     def __init__(self, config, *args, **kwargs):
         self.cp_size = config.context_parallel_size
@@ -36,16 +37,21 @@ class PackedDotProductAttention(DotProductAttention):
             config.context_parallel_size = 1
         super().__init__(config, *args, **kwargs)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if self.cp_size > 1:
             if packed_seq_params is None or packed_seq_params.cu_seqlens_q_padded is None:
-                raise ValueError("context parallelism needs packed sequences with padded cu_seqlens (context_parallel.py)")
-            return context_parallel_attention(super().forward, query, key, value, packed_seq_params.cu_seqlens_q_padded,
-                                              self.cp_size)
+                raise ValueError(
+                    "context parallelism needs packed sequences with padded cu_seqlens (context_parallel.py)"
+                )
+            return context_parallel_attention(
+                super().forward, query, key, value, packed_seq_params.cu_seqlens_q_padded, self.cp_size
+            )
         if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias)
+            return super().forward(
+                query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias
+            )
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed sequences must use the 'thd' format, got {packed_seq_params.qkv_format!r}")
         cu = packed_seq_params.cu_seqlens_q_padded
@@ -65,11 +71,10 @@ class PackedDotProductAttention(DotProductAttention):
             length = torch.tensor([lengths[i] for i in batch], device=device)
             valid = offsets[None, :] < length[:, None]  # [n, L]
             index = torch.where(valid, start[:, None] + offsets[None, :], 0)  # padding reads token 0, masked
-            as_sbhd = lambda x: x[index].transpose(0, 1)  # noqa: E731  [L, n, heads, dim]
+            q, k, v = (x[index].transpose(0, 1) for x in (query, key, value))  # [L, n, heads, dim]
             # masked (True): later positions (causal) and the batch's padding keys
             mask = (offsets[None, :] > offsets[:, None])[None] | ~valid[:, None, :]
-            context = super().forward(as_sbhd(query), as_sbhd(key), as_sbhd(value), mask[:, None],
-                                      attn_mask_type=AttnMaskType.causal)  # [L, n, heads * dim]
+            context = super().forward(q, k, v, mask[:, None], attn_mask_type=AttnMaskType.causal)  # [L, n, heads * dim]
             pieces.append(context.transpose(0, 1)[valid])  # the batch's real tokens, in (sequence, position) order
             positions.append(index[valid])
         out = torch.cat(pieces)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -67,15 +67,20 @@ def recorded_initial_model(run_dir: str | Path) -> Path:
         raise FileNotFoundError(
             f"{path} is missing: a run resumed with algorithm.kl='reference' rebuilds its reference from the model "
             "it began from, which a fresh start records there (a checkpoint from another run directory has it "
-            "in that directory: copy its initial_model.json here)")
+            "in that directory: copy its initial_model.json here)"
+        )
     record = json.loads(path.read_text())
     model = Path(record["path"])
     if not (model / "config.json").exists():
-        raise FileNotFoundError(f"{path}: the run began from {model}, which is no longer an HF checkpoint "
-                                "(no config.json); the reference model cannot be rebuilt without it")
+        raise FileNotFoundError(
+            f"{path}: the run began from {model}, which is no longer an HF checkpoint "
+            "(no config.json); the reference model cannot be rebuilt without it"
+        )
     if fingerprint(model) != record["fingerprint"]:
-        raise ValueError(f"{path}: {model} has changed since the run began (fingerprint differs); the reference "
-                         "model would not be the run's initial model")
+        raise ValueError(
+            f"{path}: {model} has changed since the run began (fingerprint differs); the reference "
+            "model would not be the run's initial model"
+        )
     return model
 
 
@@ -83,8 +88,9 @@ class ReferenceModel:
     """Frozen model chunks of this rank's pipeline stage(s), filled from `weights` (HF tensors by
     name, or a megatron dist checkpoint directory), optionally offloaded between passes."""
 
-    def __init__(self, spec, config, weights: Callable[[str], torch.Tensor] | str, *, fused_output_layer: bool,
-                 offload: bool):
+    def __init__(
+        self, spec, config, weights: Callable[[str], torch.Tensor] | str, *, fused_output_layer: bool, offload: bool
+    ):
         self.chunks = build_model_chunks(spec, config)
         for chunk in self.chunks:
             if fused_output_layer and chunk.post_process:

@@ -67,8 +67,10 @@ class ReplayTopK(RouterReplay):
             return values, own
         target = target.to(device=own.device, dtype=own.dtype)
         if target.shape != own.shape:
-            raise ValueError(f"routing replay, MoE layer {self.ordinal}: the micro-batch gives experts of shape "
-                             f"{tuple(target.shape)} for a router that routes {tuple(own.shape)}")
+            raise ValueError(
+                f"routing replay, MoE layer {self.ordinal}: the micro-batch gives experts of shape "
+                f"{tuple(target.shape)} for a router that routes {tuple(own.shape)}"
+            )
         given = target[:, 0] >= 0  # tokens the engine routed
         if self.measuring and not recomputing:
             differ = (own.sort(dim=-1).values != target.sort(dim=-1).values).any(dim=-1) & given
@@ -86,8 +88,16 @@ class ReplayTopK(RouterReplay):
 class RoutingReplay:
     """The ReplayTopK of every router of some model chunks, fed per micro-batch."""
 
-    def __init__(self, chunks: list, *, replay: bool, moe_layer_indices: list[int], tp_rank: int = 0,
-                 tp_size: int = 1, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        chunks: list,
+        *,
+        replay: bool,
+        moe_layer_indices: list[int],
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        sequence_parallel: bool = False,
+    ):
         ordinal = {layer: k for k, layer in enumerate(moe_layer_indices)}
         self.replay = replay
         self.by_chunk: dict[int, list[ReplayTopK]] = {}
@@ -147,24 +157,29 @@ class RoutingReplay:
         return {"routing_mismatch_frac": mismatched / compared} if compared else {}
 
 
-def check_routed_experts(rollouts, num_moe_layers: int, top_k: int, num_experts: int, *, required: bool,
-                         step=None) -> None:
+def check_routed_experts(
+    rollouts, num_moe_layers: int, top_k: int, num_experts: int, *, required: bool, step=None
+) -> None:
     """Host-side check, once per batch: every rollout's routing has one row per token the engine
     fed, its layers and top-k, experts in range; `required` (replay on): every rollout has one."""
     where = f"step {step}: " if step is not None else ""
     missing = [i for i, r in enumerate(rollouts) if r.routed_experts is None]
     if required and missing:
-        raise ValueError(f"{where}actor.routing_replay=rollout needs the engine's routed experts of every rollout; "
-                         f"{len(missing)} of {len(rollouts)} lack them (e.g. rollout {missing[0]}, group "
-                         f"{rollouts[missing[0]].group})")
+        raise ValueError(
+            f"{where}actor.routing_replay=rollout needs the engine's routed experts of every rollout; "
+            f"{len(missing)} of {len(rollouts)} lack them (e.g. rollout {missing[0]}, group "
+            f"{rollouts[missing[0]].group})"
+        )
     for i, r in enumerate(rollouts):
         experts = r.routed_experts
         if experts is None:
             continue
         rows = r.num_tokens - 1
         if tuple(experts.shape) != (rows, num_moe_layers, top_k):
-            raise ValueError(f"{where}rollout {i} (group {r.group}) carries routed experts of shape "
-                             f"{tuple(experts.shape)}; expected ({rows}, {num_moe_layers}, {top_k}) (prompt + response "
-                             "- 1 tokens, MoE layers, top-k)")
+            raise ValueError(
+                f"{where}rollout {i} (group {r.group}) carries routed experts of shape "
+                f"{tuple(experts.shape)}; expected ({rows}, {num_moe_layers}, {top_k}) (prompt + response "
+                "- 1 tokens, MoE layers, top-k)"
+            )
         if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= num_experts):
             raise ValueError(f"{where}rollout {i} (group {r.group}) routes to experts outside [0, {num_experts})")

@@ -10,8 +10,10 @@ from typing import Any, Literal, Optional
 # float16 needs a dynamic loss scale wired through the schedule and an overflow-skip policy that
 # lets the scaler back off; neither exists here, and without them updates vanish (the optimizer
 # unscales gradients that were never scaled) or every overflow stops the run
-FLOAT16_REFUSED = ("float16 training has no loss scaling here (its gradients would be unscaled by 2^32 "
-                   "without ever being scaled); use bfloat16 (or float32)")
+FLOAT16_REFUSED = (
+    "float16 training has no loss scaling here (its gradients would be unscaled by 2^32 "
+    "without ever being scaled); use bfloat16 (or float32)"
+)
 
 
 @dataclass
@@ -78,7 +80,6 @@ class ActorConfig:
     # token to the experts the rollout engine routed it to; "none" = the actor's own routers.
     # routing_mismatch_frac is measured either way (docs/moe_routing_replay.md)
     routing_replay: Literal["none", "rollout"] = "rollout"
-
 
 
 @dataclass

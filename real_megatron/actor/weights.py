@@ -10,7 +10,7 @@ experts: one gather yields ep experts' tensors).
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,21 +41,31 @@ def named_params(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Paramet
 def _tp():
     from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def _etp():
     from megatron.core import parallel_state as ps
 
-    return (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank(),
-            ps.get_expert_tensor_parallel_group(check_initialized=False))
+    return (
+        ps.get_expert_tensor_parallel_world_size(),
+        ps.get_expert_tensor_parallel_rank(),
+        ps.get_expert_tensor_parallel_group(check_initialized=False),
+    )
 
 
 def _ep():
     from megatron.core import parallel_state as ps
 
-    return (ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank(),
-            ps.get_expert_model_parallel_group(check_initialized=False))
+    return (
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_model_parallel_rank(),
+        ps.get_expert_model_parallel_group(check_initialized=False),
+    )
 
 
 def _expert_offset(spec: ArchSpec) -> int:
@@ -126,7 +136,10 @@ def _gather_expert(rule, param: torch.Tensor, spec: ArchSpec, name: str, layer: 
 
 
 def init_hf_state_dict(
-    spec: ArchSpec, seed: int, dtype: torch.dtype = torch.float32, bias_std: float = 0.0,
+    spec: ArchSpec,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    bias_std: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """A fresh model's weights in HF layout, from `seed` alone: the same numbers whatever the
@@ -155,9 +168,12 @@ def _hf_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...]]:
     S = (moe.shared_expert_intermediate_size or 0) if moe else 0
     moe_shapes = {
         "mlp.gate.weight": (moe.num_experts if moe else 0, H),
-        "mlp.experts.E.gate_proj.weight": (F, H), "mlp.experts.E.up_proj.weight": (F, H),
-        "mlp.experts.E.down_proj.weight": (H, F), "mlp.shared_expert.gate_proj.weight": (S, H),
-        "mlp.shared_expert.up_proj.weight": (S, H), "mlp.shared_expert.down_proj.weight": (H, S),
+        "mlp.experts.E.gate_proj.weight": (F, H),
+        "mlp.experts.E.up_proj.weight": (F, H),
+        "mlp.experts.E.down_proj.weight": (H, F),
+        "mlp.shared_expert.gate_proj.weight": (S, H),
+        "mlp.shared_expert.up_proj.weight": (S, H),
+        "mlp.shared_expert.down_proj.weight": (H, S),
         "mlp.shared_expert_gate.weight": (1, H),
     }
 
@@ -167,12 +183,23 @@ def _hf_shapes(spec: ArchSpec) -> Callable[[str], tuple[int, ...]]:
         if last in moe_shapes:
             return moe_shapes[last]
         table = {
-            "model.embed_tokens.weight": (spec.vocab_size, H), "lm_head.weight": (spec.vocab_size, H),
-            "model.norm.weight": (H,), "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-            "self_attn.q_proj.weight": (q, H), "self_attn.k_proj.weight": (kv, H), "self_attn.v_proj.weight": (kv, H),
-            "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-            "self_attn.o_proj.weight": (H, q), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-            "mlp.gate_proj.weight": (I, H), "mlp.up_proj.weight": (I, H), "mlp.down_proj.weight": (H, I),
+            "model.embed_tokens.weight": (spec.vocab_size, H),
+            "lm_head.weight": (spec.vocab_size, H),
+            "model.norm.weight": (H,),
+            "input_layernorm.weight": (H,),
+            "post_attention_layernorm.weight": (H,),
+            "self_attn.q_proj.weight": (q, H),
+            "self_attn.k_proj.weight": (kv, H),
+            "self_attn.v_proj.weight": (kv, H),
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.weight": (H, q),
+            "self_attn.q_norm.weight": (hd,),
+            "self_attn.k_norm.weight": (hd,),
+            "mlp.gate_proj.weight": (I, H),
+            "mlp.up_proj.weight": (I, H),
+            "mlp.down_proj.weight": (H, I),
         }
         return table[last]
 

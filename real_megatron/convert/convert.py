@@ -63,8 +63,14 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if global_rank() == 0:
         (tmp / HF_DIR).mkdir()
         copy_side_files(hf_dir, tmp / HF_DIR)
-        info = {"source": str(hf_dir), "family": spec.family, "tp": tp, "pp": pp, **_expert_layout(spec),
-                "dtype": str(dtype).replace("torch.", "")}
+        info = {
+            "source": str(hf_dir),
+            "family": spec.family,
+            "tp": tp,
+            "pp": pp,
+            **_expert_layout(spec),
+            "dtype": str(dtype).replace("torch.", ""),
+        }
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -72,8 +78,9 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str | Path | None = None,
-                   max_shard_bytes: int = 5 * 2**30) -> Path:
+def megatron_to_hf(
+    ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str | Path | None = None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
     ckpt = Path(ckpt_dir)
     side = Path(hf_config_dir) if hf_config_dir else ckpt / HF_DIR
     if not (side / "config.json").exists():
@@ -90,16 +97,21 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
         load_model_weights(chunks, ckpt)
     except (Exception, CheckpointException) as exc:
         failures = getattr(exc, "failures", None)  # torch's per-rank wrapper hides the reason inside
-        reason = "; ".join(str(f[0] if isinstance(f, tuple) else f) for f in failures.values()) if failures else str(exc)
-        raise RuntimeError(f"{ckpt}: could not load its model weights into a {spec.family} model built from "
-                           f"{side / 'config.json'} (a checkpoint of another model?): {reason}") from None
+        reason = (
+            "; ".join(str(f[0] if isinstance(f, tuple) else f) for f in failures.values()) if failures else str(exc)
+        )
+        raise RuntimeError(
+            f"{ckpt}: could not load its model weights into a {spec.family} model built from "
+            f"{side / 'config.json'} (a checkpoint of another model?): {reason}"
+        ) from None
     out = write_hf_checkpoint(chunks, spec, Path(out_dir), side, dtype, max_shard_bytes)
     barrier()
     return out
 
 
-def write_hf_checkpoint(chunks, spec: ArchSpec, out: Path, side_dir: Path | None, dtype: torch.dtype,
-                        max_shard_bytes: int = 5 * 2**30) -> Path:
+def write_hf_checkpoint(
+    chunks, spec: ArchSpec, out: Path, side_dir: Path | None, dtype: torch.dtype, max_shard_bytes: int = 5 * 2**30
+) -> Path:
     """Stream a live, sharded model into an HF checkpoint at `out` (global rank 0 writes).
 
     Every rank of a stage iterates (the TP gathers need all of them); with PP a stage's tensors

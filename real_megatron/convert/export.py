@@ -7,12 +7,14 @@ tensor parallelism, so memory stays at one full tensor (plus one bucket).
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
 
-def iter_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_buckets(
+    tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group (name, tensor) pairs in order into lists of at most `bucket_bytes` (a tensor larger
     than that travels alone)."""
     if bucket_bytes <= 0:

@@ -47,11 +47,17 @@ def _messages(value, where: str) -> list[dict]:
         return [{"role": "user", "content": value}]
     if hasattr(value, "tolist"):  # numpy arrays from parquet
         value = value.tolist()
-    if isinstance(value, (list, tuple)) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
     ):
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(f"{where}: prompt must be a string or a list of {{role, content}} messages, got {str(value)[:120]!r}")
+    raise DataError(
+        f"{where}: prompt must be a string or a list of {{role, content}} messages, got {str(value)[:120]!r}"
+    )
 
 
 def _usable_truth(truth) -> bool:
@@ -103,7 +109,10 @@ def read_rows(path: str | Path) -> list:
 
 
 def load_examples(
-    path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "reward_model.ground_truth",
+    path: str | Path,
+    *,
+    prompt_key: str = "prompt",
+    answer_key: str = "reward_model.ground_truth",
     skip_malformed: bool = False,
 ) -> tuple[list[Example], int]:
     """All examples of one file, and how many malformed rows were skipped."""
@@ -127,9 +136,13 @@ def load_examples(
                 truth = truth.tolist()
             if not _usable_truth(truth):
                 found = "none" if truth is None else repr(truth)[:80]
-                raise DataError(f"{where}: no usable ground truth at {answer_key!r} or 'answer' (found {found}; "
-                                "expected a non-empty string, a number, or a list of them)")
-            examples.append(Example(_messages(prompt, where), truth, f"{path}:{number}", str(row.get("data_source", ""))))
+                raise DataError(
+                    f"{where}: no usable ground truth at {answer_key!r} or 'answer' (found {found}; "
+                    "expected a non-empty string, a number, or a list of them)"
+                )
+            examples.append(
+                Example(_messages(prompt, where), truth, f"{path}:{number}", str(row.get("data_source", "")))
+            )
         except DataError:
             if not skip_malformed:
                 raise
@@ -151,13 +164,25 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
 class PromptDataset:
     """Examples from several files, tokenised, filtered by length, in a resumable shuffled order."""
 
-    def __init__(self, files, tokenizer, *, max_prompt_tokens: int = 1024, seed: int = 1, shuffle: bool = True,
-                 prompt_key: str = "prompt", answer_key: str = "reward_model.ground_truth", skip_malformed: bool = False):
+    def __init__(
+        self,
+        files,
+        tokenizer,
+        *,
+        max_prompt_tokens: int = 1024,
+        seed: int = 1,
+        shuffle: bool = True,
+        prompt_key: str = "prompt",
+        answer_key: str = "reward_model.ground_truth",
+        skip_malformed: bool = False,
+    ):
         self.examples: list[Example] = []
         self.skipped_malformed = 0
         self.dropped_long = 0
         for file in files:
-            examples, skipped = load_examples(file, prompt_key=prompt_key, answer_key=answer_key, skip_malformed=skip_malformed)
+            examples, skipped = load_examples(
+                file, prompt_key=prompt_key, answer_key=answer_key, skip_malformed=skip_malformed
+            )
             self.skipped_malformed += skipped
             for ex in examples:
                 ex.prompt_ids = render_prompt(tokenizer, ex.messages)
@@ -197,6 +222,8 @@ class PromptDataset:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("size") != len(self.examples):
-            raise DataError(f"data position was saved for {state.get('size')} prompts, these files hold {len(self.examples)}")
+            raise DataError(
+                f"data position was saved for {state.get('size')} prompts, these files hold {len(self.examples)}"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._permutation(self.epoch)

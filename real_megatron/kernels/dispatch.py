@@ -15,8 +15,10 @@ import torch
 from . import reference
 
 IMPLS = ("auto", "triton", "torch")
-INTERPRETER_ON_GPU = ("TRITON_INTERPRET is set on a machine with a GPU: Triton kernels would run in its CPU "
-                      "interpreter (orders of magnitude slower); unset it for GPU runs")
+INTERPRETER_ON_GPU = (
+    "TRITON_INTERPRET is set on a machine with a GPU: Triton kernels would run in its CPU "
+    "interpreter (orders of magnitude slower); unset it for GPU runs"
+)
 _warned = False
 
 

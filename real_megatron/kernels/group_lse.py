@@ -16,16 +16,22 @@ from .dispatch import backend
 
 def _check_index(index: torch.Tensor, n: int, num_segments: int, name: str) -> None:
     if index.shape != (n,) or index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: index must be an integer tensor of shape [{n}], got {index.dtype} {tuple(index.shape)}")
+        raise ValueError(
+            f"{name}: index must be an integer tensor of shape [{n}], got {index.dtype} {tuple(index.shape)}"
+        )
     if n and not index.is_meta and (bool((index < 0).any()) or bool((index >= num_segments).any())):  # meta: no values
-        raise ValueError(f"{name}: index values must lie in [0, {num_segments}), got min {int(index.min())} max {int(index.max())}")
+        raise ValueError(
+            f"{name}: index values must lie in [0, {num_segments}), got min {int(index.min())} max {int(index.max())}"
+        )
 
 
 class _GroupLogsumexp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, group_index, num_groups, dp_group, impl):
         parts = backend(impl, values).segment_max_sumexp(values, group_index, num_groups)
-        gathered = all_gather_stack(parts, dp_group, f"group_logsumexp of {num_groups} groups over the data-parallel group")
+        gathered = all_gather_stack(
+            parts, dp_group, f"group_logsumexp of {num_groups} groups over the data-parallel group"
+        )
         seg_max, sums = gathered[:, 0], gathered[:, 1]  # [dp, G]
         top = seg_max.amax(dim=0)
         shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -47,12 +47,20 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             pieces = []
             for b0, b1 in blocks:
                 logits = _scaled(hidden[rows] @ weight[b0:b1].t(), scale)
-                pieces.append(ops.lse_partials(logits, targets[rows], vocab_start + b0, entropy=want_entropy, inplace=True))
+                pieces.append(
+                    ops.lse_partials(logits, targets[rows], vocab_start + b0, entropy=want_entropy, inplace=True)
+                )
                 del logits
             parts[rows] = merge_partials(torch.stack(pieces))
         lse, logprobs, mean_logit, entropy = combine_partials(parts, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse, mean_logit)
-        ctx.ops, ctx.vocab_start, ctx.chunk, ctx.want_entropy, ctx.tp_group = ops, vocab_start, chunk, want_entropy, tp_group
+        ctx.ops, ctx.vocab_start, ctx.chunk, ctx.want_entropy, ctx.tp_group = (
+            ops,
+            vocab_start,
+            chunk,
+            want_entropy,
+            tp_group,
+        )
         ctx.sum_grad_hidden, ctx.scale = sum_grad_hidden, scale
         return finish_forward(ctx, logprobs, entropy, want_entropy)
 
@@ -76,9 +84,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 w = weight[b0:b1]
                 logits = _scaled(h @ w.t(), ctx.scale)
                 g = ctx.ops.logprob_grad(
-                    logits, targets[rows], ctx.vocab_start + b0, lse[rows],
-                    None if mean_logit is None else mean_logit[rows], grad_lp[rows],
-                    None if grad_ent is None else grad_ent[rows], out=logits,
+                    logits,
+                    targets[rows],
+                    ctx.vocab_start + b0,
+                    lse[rows],
+                    None if mean_logit is None else mean_logit[rows],
+                    grad_lp[rows],
+                    None if grad_ent is None else grad_ent[rows],
+                    out=logits,
                 )
                 if ctx.scale != 1.0:  # d(x * scale)/dx
                     g.mul_(ctx.scale)
@@ -89,7 +102,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     _add_mm(grad_weight[b0:b1], g.t(), h_in)
                 del logits, g
         if need_hidden and ctx.sum_grad_hidden:
-            all_reduce_sum_(grad_hidden, ctx.tp_group, "linear_token_logprobs backward: grad of the replicated hidden states")
+            all_reduce_sum_(
+                grad_hidden, ctx.tp_group, "linear_token_logprobs backward: grad of the replicated hidden states"
+            )
         if need_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
         if need_weight:
@@ -126,8 +141,18 @@ def _add_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def linear_token_logprobs(
-    hidden, weight, targets, *, tp_group=None, vocab_size=None, sum_grad_hidden=True, chunk_tokens=None,
-    return_entropy=False, impl="auto", scale=1.0, check_ids=True
+    hidden,
+    weight,
+    targets,
+    *,
+    tp_group=None,
+    vocab_size=None,
+    sum_grad_hidden=True,
+    chunk_tokens=None,
+    return_entropy=False,
+    impl="auto",
+    scale=1.0,
+    check_ids=True,
 ):
     """log p(target) per token of (hidden [T, H] @ weight[V_local, H]^T), never materialising [T, V].
 
@@ -151,8 +176,10 @@ def linear_token_logprobs(
     padded = shard * group_size(tp_group)
     vocab = padded if vocab_size is None else vocab_size
     if not padded - shard < vocab <= padded:
-        raise ValueError(f"linear_token_logprobs: vocab_size={vocab} does not fit {group_size(tp_group)} shards of {shard} rows "
-                         "(padding must be less than one shard)")
+        raise ValueError(
+            f"linear_token_logprobs: vocab_size={vocab} does not fit {group_size(tp_group)} shards of {shard} rows "
+            "(padding must be less than one shard)"
+        )
     check_targets(targets, hidden.shape[0], vocab, "linear_token_logprobs", values=check_ids)
     if vocab_start + shard > vocab:  # this shard ends in padding rows: leave them out (a view; grads flow back)
         weight = weight[: vocab - vocab_start]

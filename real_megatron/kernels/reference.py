@@ -56,8 +56,13 @@ def lse_partials(
 
 
 def logprob_grad(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, lse: torch.Tensor,
-    mean_logit: torch.Tensor | None, grad_lp: torch.Tensor, grad_ent: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor | None,
+    grad_lp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d(loss)/d(logits) = g_lp (onehot - p) - g_ent p (x - E_p[x]), in the logits' dtype.

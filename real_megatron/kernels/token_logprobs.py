@@ -45,7 +45,9 @@ def check_targets(targets: torch.Tensor, rows: int, vocab: int, name: str, value
     bad = (targets < 0) | (targets >= vocab)
     if rows and bool(bad.any()):
         first = int(torch.nonzero(bad)[0])
-        raise ValueError(f"{name}: target id {int(targets[first])} at position {first} is outside the vocabulary [0, {vocab})")
+        raise ValueError(
+            f"{name}: target id {int(targets[first])} at position {first} is outside the vocabulary [0, {vocab})"
+        )
 
 
 def finish_forward(ctx, logprobs: torch.Tensor, entropy: torch.Tensor, want_entropy: bool):

@@ -23,8 +23,15 @@ BLOCK_N = 256  # 1-D elements per program for the segment kernels
 
 @triton.jit
 def _lse_partials_kernel(
-    logits_ptr, stride_row, targets_ptr, vocab_start, vocab_local,
-    max_ptr, sumexp_ptr, moment_ptr, target_logit_ptr,
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    vocab_start,
+    vocab_local,
+    max_ptr,
+    sumexp_ptr,
+    moment_ptr,
+    target_logit_ptr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -66,17 +73,35 @@ def lse_partials(
     out = torch.empty(4, T, dtype=torch.float32, device=logits.device)
     if T:
         _lse_partials_kernel[(T,)](
-            logits, logits.stride(0), targets.contiguous(), vocab_start, V,
-            out[0], out[1], out[2], out[3], BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
+            logits,
+            logits.stride(0),
+            targets.contiguous(),
+            vocab_start,
+            V,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
         )
     return out.t()
 
 
 @triton.jit
 def _logprob_grad_kernel(
-    logits_ptr, stride_row, grad_ptr, stride_grad, targets_ptr, vocab_start, vocab_local,
-    lse_ptr, mean_logit_ptr, grad_lp_ptr, grad_ent_ptr,
-    HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    stride_row,
+    grad_ptr,
+    stride_grad,
+    targets_ptr,
+    vocab_start,
+    vocab_local,
+    lse_ptr,
+    mean_logit_ptr,
+    grad_lp_ptr,
+    grad_ent_ptr,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
@@ -97,8 +122,13 @@ def _logprob_grad_kernel(
 
 
 def logprob_grad(
-    logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, lse: torch.Tensor,
-    mean_logit: torch.Tensor | None, grad_lp: torch.Tensor, grad_ent: torch.Tensor | None,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor | None,
+    grad_lp: torch.Tensor,
+    grad_ent: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -107,10 +137,19 @@ def logprob_grad(
     has_entropy = grad_ent is not None
     if T:
         _logprob_grad_kernel[(T,)](
-            logits, logits.stride(0), grad, grad.stride(0), targets.contiguous(), vocab_start, V,
-            lse.contiguous(), (mean_logit if has_entropy else lse).contiguous(),
-            grad_lp.float().contiguous(), (grad_ent if has_entropy else grad_lp).float().contiguous(),
-            HAS_ENTROPY=has_entropy, BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
+            logits,
+            logits.stride(0),
+            grad,
+            grad.stride(0),
+            targets.contiguous(),
+            vocab_start,
+            V,
+            lse.contiguous(),
+            (mean_logit if has_entropy else lse).contiguous(),
+            grad_lp.float().contiguous(),
+            (grad_ent if has_entropy else grad_lp).float().contiguous(),
+            HAS_ENTROPY=has_entropy,
+            BLOCK=min(BLOCK_V, triton.next_power_of_2(V)),
         )
     return grad
 

@@ -6,11 +6,19 @@ importing torch, so `--dry-run` and the launcher stay light."""
 import importlib
 
 _EXPORTS = {
-    "AlgorithmConfig": "settings", "OBJECTIVES": "settings",
-    "Objective": "registry", "PolicyBatch": "registry", "build_objective": "registry", "normalise": "registry",
+    "AlgorithmConfig": "settings",
+    "OBJECTIVES": "settings",
+    "Objective": "registry",
+    "PolicyBatch": "registry",
+    "build_objective": "registry",
+    "normalise": "registry",
     "objective_from_config": "registry",
-    "real_loss_across_ranks": "distributed", "k3_kl": "kl", "sequence_kl": "kl", "group_advantages": "policy_gradient",
-    "real_loss": "real", "sequence_scores": "real",
+    "real_loss_across_ranks": "distributed",
+    "k3_kl": "kl",
+    "sequence_kl": "kl",
+    "group_advantages": "policy_gradient",
+    "real_loss": "real",
+    "sequence_scores": "real",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -33,14 +33,23 @@ def _weights(log_ratio: torch.Tensor, mode: str, cap: float) -> torch.Tensor:
     raise ValueError(f"importance correction must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def token_importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, *, mode: str,
-                             cap: float) -> torch.Tensor:
+def token_importance_weights(
+    old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, *, mode: str, cap: float
+) -> torch.Tensor:
     """[T] per-token weights from pi_old / pi_engine."""
     return _weights((old_logprobs - engine_logprobs).detach().double(), mode, cap).to(old_logprobs.dtype)
 
 
-def sequence_importance_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-                                seq_index: torch.Tensor, num_sequences: int, *, mode: str, cap: float) -> torch.Tensor:
+def sequence_importance_weights(
+    old_logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    num_sequences: int,
+    *,
+    mode: str,
+    cap: float,
+) -> torch.Tensor:
     """[N] per-sequence weights from the length-normalised ratio exp(mean_t log(pi_old / pi_engine));
     a sequence without tokens in the loss gets weight 1 (its terms are zero anyway)."""
     mask = loss_mask.double()
@@ -59,5 +68,6 @@ def mismatch_partials(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor,
     k3 = torch.expm1(clamped) - clamped
     absolute = d.abs()
     top = absolute.max() if d.numel() else absolute.new_zeros(())
-    return torch.stack([absolute.sum(), top, k3.sum(), (absolute > threshold).sum().double(),
-                        absolute.new_tensor(float(d.numel()))])
+    return torch.stack(
+        [absolute.sum(), top, k3.sum(), (absolute > threshold).sum().double(), absolute.new_tensor(float(d.numel()))]
+    )

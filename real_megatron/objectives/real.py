@@ -111,9 +111,9 @@ def real_loss(
     logits = scores / tau
 
     if variant == "real":
-        per_group = segment_logsumexp(-logits + log_w, index, num_groups, mask=positive, anchor=True) + segment_logsumexp(
-            logits + log_w, index, num_groups, mask=negative, anchor=True
-        )
+        per_group = segment_logsumexp(
+            -logits + log_w, index, num_groups, mask=positive, anchor=True
+        ) + segment_logsumexp(logits + log_w, index, num_groups, mask=negative, anchor=True)
     elif variant == "no_anchor":
         pair_logit = segment_logsumexp(logits + log_w, index, num_groups, mask=negative) + segment_logsumexp(
             -logits + log_w, index, num_groups, mask=positive
@@ -121,8 +121,9 @@ def real_loss(
         per_group = _softplus(pair_logit)  # 0 when either class is absent
     else:  # bce
         per_rollout = torch.where(positive, _softplus(-logits), _softplus(logits)) * log_w.exp()
-        per_group = segment_sum(torch.where(positive | negative, per_rollout, torch.zeros_like(per_rollout)),
-                                index, num_groups)
+        per_group = segment_sum(
+            torch.where(positive | negative, per_rollout, torch.zeros_like(per_rollout)), index, num_groups
+        )
 
     if skip_uniform_groups:
         mixed = (segment_count(positive, index, num_groups) > 0) & (segment_count(negative, index, num_groups) > 0)

@@ -46,7 +46,7 @@ class PolicyBatch:
     def num_sequences(self) -> int:
         return self.rewards.numel()
 
-    def in_loss(self) -> "PolicyBatch":
+    def in_loss(self) -> PolicyBatch:
         """This batch with the tokens of inactive rollouts out of loss_mask."""
         if self.active is None:
             return self
@@ -94,24 +94,33 @@ class Objective:
 
     def _engine_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         if batch.engine_logprobs is None:
-            raise ValueError(f"algorithm.importance_correction={self.importance_correction} needs the engine's "
-                             "log-probs of every response token; the rollouts carry none")
+            raise ValueError(
+                f"algorithm.importance_correction={self.importance_correction} needs the engine's "
+                "log-probs of every response token; the rollouts carry none"
+            )
         return batch.engine_logprobs
 
     def token_weights(self, batch: PolicyBatch) -> Optional[torch.Tensor]:
         """[T] importance weights (None without correction)."""
         if self.importance_correction == "none":
             return None
-        return token_importance_weights(batch.old_logprobs, self._engine_logprobs(batch),
-                                        mode=self.importance_correction, cap=self.algorithm.is_cap)
+        return token_importance_weights(
+            batch.old_logprobs, self._engine_logprobs(batch), mode=self.importance_correction, cap=self.algorithm.is_cap
+        )
 
     def sequence_weights(self, batch: PolicyBatch) -> Optional[torch.Tensor]:
         """[N] importance weights of the length-normalised ratio (None without correction)."""
         if self.importance_correction == "none":
             return None
-        return sequence_importance_weights(batch.old_logprobs, self._engine_logprobs(batch), batch.loss_mask,
-                                           batch.seq_index, batch.num_sequences, mode=self.importance_correction,
-                                           cap=self.algorithm.is_cap)
+        return sequence_importance_weights(
+            batch.old_logprobs,
+            self._engine_logprobs(batch),
+            batch.loss_mask,
+            batch.seq_index,
+            batch.num_sequences,
+            mode=self.importance_correction,
+            cap=self.algorithm.is_cap,
+        )
 
 
 class RealObjective(Objective):
@@ -135,8 +144,12 @@ class RealObjective(Objective):
         if batch.active is not None:
             active = batch.active.to(scores.dtype)
             weights = active if weights is None else weights * active
-        options = dict(tau=self.algorithm.tau, variant=self.variant, skip_uniform_groups=self.algorithm.skip_uniform_groups,
-                       weights=weights)
+        options = dict(
+            tau=self.algorithm.tau,
+            variant=self.variant,
+            skip_uniform_groups=self.algorithm.skip_uniform_groups,
+            weights=weights,
+        )
         if batch.num_groups is None:
             loss = real_loss(scores, batch.rewards, batch.group_ids, **options)
         else:
@@ -195,8 +208,8 @@ def normalise(terms: dict[Unit, torch.Tensor], counts: dict[Unit, float]) -> tor
     total: torch.Tensor | float = 0.0
     for unit, value in terms.items():
         if unit not in counts or counts[unit] < 0:
-            raise ValueError(f"loss term in {unit!r} needs the count of {unit} in the mini-batch, got {counts.get(unit)}")
+            raise ValueError(
+                f"loss term in {unit!r} needs the count of {unit} in the mini-batch, got {counts.get(unit)}"
+            )
         total = total + (value / counts[unit] if counts[unit] > 0 else value * 0.0)
     return total  # type: ignore[return-value]
-
-

@@ -75,6 +75,7 @@ class AlgorithmConfig:
         if self.kl != "none" and self.kl_coef <= 0:
             errors.append(f"algorithm.kl={self.kl!r} needs algorithm.kl_coef > 0")
         if self.kl == "none" and self.kl_coef > 0:
-            errors.append(f"algorithm.kl_coef={self.kl_coef} has no effect with algorithm.kl='none'; "
-                          "choose 'reference' or 'old'")
+            errors.append(
+                f"algorithm.kl_coef={self.kl_coef} has no effect with algorithm.kl='none'; choose 'reference' or 'old'"
+            )
         return errors

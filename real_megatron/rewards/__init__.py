@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from ..data.settings import DataConfig
 from .math import extract_answer, math_reward, math_rewards
@@ -26,15 +26,18 @@ def load_reward_fn(path: str) -> RewardFn:
     return fn
 
 
-def score_responses(fn: RewardFn, texts: list[str], truths: list,
-                    timeout_s: float = DataConfig.verifier_timeout_s) -> list[float]:
+def score_responses(
+    fn: RewardFn, texts: list[str], truths: list, timeout_s: float = DataConfig.verifier_timeout_s
+) -> list[float]:
     """fn over (response, ground truth) pairs; the math verifier scores all of them in parallel."""
     if fn is math_reward:
         return math_rewards(texts, truths, timeout_s=timeout_s)  # every verifier worker at once
     return [float(fn(text, truth)) for text, truth in zip(texts, truths)]
 
 
-def score_groups(groups, examples, tokenizer, reward_fn, timeout_s: float = DataConfig.verifier_timeout_s) -> list[float]:
+def score_groups(
+    groups, examples, tokenizer, reward_fn, timeout_s: float = DataConfig.verifier_timeout_s
+) -> list[float]:
     """The verifier's label of every sample of every group (groups[i] answers examples[i]), flat."""
     texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for g in groups for s in g]
     truths = [ex.ground_truth for ex, g in zip(examples, groups) for _ in g]

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..data.settings import DataConfig
 
@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = str(Path(__file__).with_name("verifier_worker.py"))
 # run by path, without the current or the script's directory on sys.path (this one holds a math.py)
-_BOOT = ("import runpy, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
-         f"runpy.run_path({WORKER_SCRIPT!r}, run_name='__main__')")
+_BOOT = (
+    "import runpy, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+    f"runpy.run_path({WORKER_SCRIPT!r}, run_name='__main__')"
+)
 THINK_CLOSE = "</think>"
 MAX_ANSWER_CHARS = 1000  # a longer "answer" is not a final answer; math-verify need not see it
 
@@ -74,16 +76,19 @@ class _Worker:
     """One verifier process (verifier_worker.py, started by path with this Python) and its pipes."""
 
     def __init__(self, startup_timeout_s: float):
-        self.proc = subprocess.Popen([sys.executable, "-u", "-c", _BOOT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
         self._buffer = b""
         self._startup_timeout_s = startup_timeout_s
 
     def wait_ready(self) -> None:
         if self.read(self._startup_timeout_s) != {"ready": True}:
             self.kill()
-            raise RuntimeError(f"the math verifier worker ({sys.executable} {WORKER_SCRIPT}) did not start within "
-                               f"{self._startup_timeout_s:.0f}s; is math-verify installed in this environment?")
+            raise RuntimeError(
+                f"the math verifier worker ({sys.executable} {WORKER_SCRIPT}) did not start within "
+                f"{self._startup_timeout_s:.0f}s; is math-verify installed in this environment?"
+            )
 
     def send(self, job) -> bool:
         try:
@@ -155,12 +160,14 @@ class VerifierPool:
             scores = [0.0] * len(jobs)
             pending = [(i, 1) for i, job in enumerate(jobs) if job is not None]  # (job, retries left)
             while pending:
-                batch, pending = pending[: len(workers)], pending[len(workers):]
+                batch, pending = pending[: len(workers)], pending[len(workers) :]
                 sent = [workers[w].send(jobs[i]) for w, (i, _) in enumerate(batch)]
                 for w, ((i, retries), ok) in enumerate(zip(batch, sent)):
                     reply = workers[w].read(timeout_s) if ok else "dead"
                     if reply is None:
-                        log.warning("math verifier timed out after %.1fs on answer %.80r: scored 0", timeout_s, jobs[i][0])
+                        log.warning(
+                            "math verifier timed out after %.1fs on answer %.80r: scored 0", timeout_s, jobs[i][0]
+                        )
                         self._replace(w)
                     elif reply == "dead":
                         log.warning("a math verifier worker died (exit code %s); replaced", workers[w].proc.poll())
@@ -192,16 +199,20 @@ def default_pool() -> VerifierPool:
     return _pool
 
 
-def math_reward(response: str, ground_truth, *, require_think_close: bool = False,
-                timeout_s: float = DataConfig.verifier_timeout_s) -> float:
+def math_reward(
+    response: str, ground_truth, *, require_think_close: bool = False, timeout_s: float = DataConfig.verifier_timeout_s
+) -> float:
     """1.0 if the final \\boxed answer of `response` equals the ground truth (string, number, or a
     list of acceptable answers) by math-verify, else 0.0. Never raises."""
     return math_rewards([response], [ground_truth], require_think_close=require_think_close, timeout_s=timeout_s)[0]
 
 
 def math_rewards(
-    responses: Iterable[str], ground_truths: Iterable, *, require_think_close: bool = False,
-    timeout_s: float = DataConfig.verifier_timeout_s
+    responses: Iterable[str],
+    ground_truths: Iterable,
+    *,
+    require_think_close: bool = False,
+    timeout_s: float = DataConfig.verifier_timeout_s,
 ) -> list[float]:
     """Batch form of math_reward, spread over the verifier workers."""
     jobs = []

@@ -27,29 +27,29 @@ import logging
 import threading
 import time
 import urllib.error
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 
 from ..actor.distributed import free_port
 from ..convert.export import iter_buckets
-from .sglang_fleet import FleetError, SGLangFleet, Server
+from .sglang_fleet import FleetError, Server, SGLangFleet
 
 log = logging.getLogger(__name__)
 GROUP_NAME = "real_megatron_weights"
 
 
-def new_group(backend: str, address: str, port: int, world_size: int, rank: int, group_name: str,
-              timeout_s: float):
+def new_group(backend: str, address: str, port: int, world_size: int, rank: int, group_name: str, timeout_s: float):
     """A process group apart from torch's default one (the trainer's), as SGLang makes its side."""
     from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
 
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    group, _ = _new_process_group_helper(world_size, rank, [], backend, PrefixStore(group_name, store),
-                                         group_name=group_name, timeout=timeout)
+    group, _ = _new_process_group_helper(
+        world_size, rank, [], backend, PrefixStore(group_name, store), group_name=group_name, timeout=timeout
+    )
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
 
@@ -63,8 +63,9 @@ class _Calls:
 
     def __init__(self, fleet: SGLangFleet, calls: list[tuple[Server, str, dict]], timeout_s: float):
         self.fleet, self.errors = fleet, []
-        self.threads = [threading.Thread(target=self._call, args=(s, path, body, timeout_s), daemon=True)
-                        for s, path, body in calls]
+        self.threads = [
+            threading.Thread(target=self._call, args=(s, path, body, timeout_s), daemon=True) for s, path, body in calls
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -93,11 +94,20 @@ class _Calls:
 
 
 class BroadcastWeightSync:
-    def __init__(self, fleet: SGLangFleet, *, address: str = "127.0.0.1", backend: str | None = None,
-                 bucket_bytes: int = 512 * 2**20, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        fleet: SGLangFleet,
+        *,
+        address: str = "127.0.0.1",
+        backend: str | None = None,
+        bucket_bytes: int = 512 * 2**20,
+        timeout_s: float = 600.0,
+    ):
         self.fleet, self.address, self.bucket_bytes, self.timeout_s = fleet, address, bucket_bytes, timeout_s
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        )
         self.group = None
         self.members: list[Server] = []
         self.membership: list[tuple[int, int]] = []  # (server, restarts) of the group's members
@@ -127,10 +137,25 @@ class BroadcastWeightSync:
         world = 1 + sum(sizes)
         port = free_port(self.address)
         offsets = [1 + sum(sizes[:i]) for i in range(len(members))]
-        calls = _Calls(self.fleet, [(s, "/init_weights_update_group",
-                         {"master_address": self.address, "master_port": port, "rank_offset": offset,
-                          "world_size": world, "group_name": GROUP_NAME, "backend": self.backend})
-                        for s, offset in zip(members, offsets)], self.timeout_s)
+        calls = _Calls(
+            self.fleet,
+            [
+                (
+                    s,
+                    "/init_weights_update_group",
+                    {
+                        "master_address": self.address,
+                        "master_port": port,
+                        "rank_offset": offset,
+                        "world_size": world,
+                        "group_name": GROUP_NAME,
+                        "backend": self.backend,
+                    },
+                )
+                for s, offset in zip(members, offsets)
+            ],
+            self.timeout_s,
+        )
         self.group = new_group(self.backend, self.address, port, world, 0, GROUP_NAME, self.timeout_s)
         calls.join(f"joining the weight group ({self.backend}, {self.address}:{port}, {world} ranks)", self.timeout_s)
         self.members, self.membership = members, self._key(members)
@@ -141,8 +166,9 @@ class BroadcastWeightSync:
             return
         live = [s for s in self.members if s.alive]
         try:
-            _Calls(self.fleet, [(s, "/destroy_weights_update_group", {"group_name": GROUP_NAME}) for s in live],
-                   60).join("leaving the weight group", 60)
+            _Calls(
+                self.fleet, [(s, "/destroy_weights_update_group", {"group_name": GROUP_NAME}) for s in live], 60
+            ).join("leaving the weight group", 60)
         except FleetError as exc:
             log.warning("%s", exc)
         dist.destroy_process_group(self.group)
@@ -171,11 +197,17 @@ class BroadcastWeightSync:
             bucket = next(buckets, None)
             while bucket is not None:
                 following = next(buckets, None)  # look ahead: the last bucket flushes the cache
-                body = {"names": [n for n, _ in bucket], "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
-                        "shapes": [list(t.shape) for _, t in bucket], "group_name": GROUP_NAME,
-                        "flush_cache": following is None, "weight_version": str(version)}
-                calls = _Calls(self.fleet, [(s, "/update_weights_from_distributed", body) for s in self.members],
-                               self.timeout_s)
+                body = {
+                    "names": [n for n, _ in bucket],
+                    "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
+                    "shapes": [list(t.shape) for _, t in bucket],
+                    "group_name": GROUP_NAME,
+                    "flush_cache": following is None,
+                    "weight_version": str(version),
+                }
+                calls = _Calls(
+                    self.fleet, [(s, "/update_weights_from_distributed", body) for s in self.members], self.timeout_s
+                )
                 time.sleep(0.01)  # a refusal comes back at once: do not start a broadcast nobody receives
                 if calls.failed_early():
                     calls.join(f"weights version {version}", self.timeout_s)

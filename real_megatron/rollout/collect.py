@@ -48,8 +48,19 @@ def generate_rollouts(engine, inputs, examples, n: int, params: SamplingParams, 
             engine_logprobs = sample.logprobs if sample.logprobs and len(sample.logprobs) == len(response) else None
             # the engine's routing belongs to the tokens it generated (none for a stand-in stop token)
             routed = sample.routed_experts if response is sample.output_ids else None
-            rollouts.append(Rollout(ex.prompt_ids, response, rewards[k], p, engine_logprobs, sample.truncated,
-                                    weight_version=sample.weight_version, source=ex.source, routed_experts=routed))
+            rollouts.append(
+                Rollout(
+                    ex.prompt_ids,
+                    response,
+                    rewards[k],
+                    p,
+                    engine_logprobs,
+                    sample.truncated,
+                    weight_version=sample.weight_version,
+                    source=ex.source,
+                    routed_experts=routed,
+                )
+            )
             k += 1
     return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start}
 
@@ -62,8 +73,9 @@ def handle_truncated(rollouts: list[Rollout], algorithm, max_new_tokens: int) ->
         elif r.truncated and algorithm.truncated == "exclude":
             r.in_loss = False
         if algorithm.overlong_buffer_tokens:
-            r.penalty = overlong_penalty(len(r.response_ids), max_new_tokens, algorithm.overlong_buffer_tokens,
-                                         algorithm.overlong_penalty)
+            r.penalty = overlong_penalty(
+                len(r.response_ids), max_new_tokens, algorithm.overlong_buffer_tokens, algorithm.overlong_penalty
+            )
 
 
 def overlong_penalty(length: int, max_new_tokens: int, buffer_tokens: int, factor: float) -> float:
@@ -83,10 +95,14 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
     rounds = 0
     while True:
         examples = inputs.train_set.next_batch(t.prompts_per_step)
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                stop_token_ids=inputs.stop_ids, seed=sampling_seed(t.seed, "rollouts", step, rounds))
-        rollouts, phase = generate_rollouts(engine, inputs, examples, r.n_samples, params,
-                                              cfg.data.verifier_timeout_s)
+        params = SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=inputs.stop_ids,
+            seed=sampling_seed(t.seed, "rollouts", step, rounds),
+        )
+        rollouts, phase = generate_rollouts(engine, inputs, examples, r.n_samples, params, cfg.data.verifier_timeout_s)
         rounds += 1
         for key in timings:
             timings[key] += phase[key]
@@ -98,17 +114,27 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
         if not a.dynamic_sampling or len(kept) >= t.prompts_per_step or rounds >= a.max_sampling_rounds:
             break
     if len(kept) < t.prompts_per_step:
-        log.warning("step %d: %d of %d prompt groups informative after %d sampling rounds "
-                    "(algorithm.max_sampling_rounds=%d); uniform groups fill the rest (their labels carry no signal)",
-                    step, len(kept), t.prompts_per_step, rounds, a.max_sampling_rounds)
+        log.warning(
+            "step %d: %d of %d prompt groups informative after %d sampling rounds "
+            "(algorithm.max_sampling_rounds=%d); uniform groups fill the rest (their labels carry no signal)",
+            step,
+            len(kept),
+            t.prompts_per_step,
+            rounds,
+            a.max_sampling_rounds,
+        )
         kept += uniform[: t.prompts_per_step - len(kept)]
     batch = []
     for g, group in enumerate(kept[: t.prompts_per_step]):  # groups numbered 0..P-1 in the batch
         for rollout in group:
             rollout.group = g
         batch += group
-    return batch, dict(timings, **batch_metrics(batch, r.n_samples, a), sampling_rounds=rounds,
-                       prompts_generated=rounds * t.prompts_per_step)
+    return batch, dict(
+        timings,
+        **batch_metrics(batch, r.n_samples, a),
+        sampling_rounds=rounds,
+        prompts_generated=rounds * t.prompts_per_step,
+    )
 
 
 def batch_metrics(rollouts: list[Rollout], n: int, algorithm) -> dict:

@@ -30,10 +30,15 @@ def describe_fleet(cfg: Config) -> str:
     r = cfg.rollout
     servers = len(r.server_urls) or r.num_servers
     bound = requests_per_server(cfg)
-    why = (f"rollout.max_requests_per_server={r.max_requests_per_server}" if r.max_requests_per_server else
-           f"ceil({cfg.train.prompts_per_step} prompts x {r.n_samples} samples / {servers} server(s))")
-    return (f"{servers} SGLang server(s), up to {bound} requests in flight each ({why}); "
-            f"key {key_file_of(cfg)}, weights by {r.weight_sync}")
+    why = (
+        f"rollout.max_requests_per_server={r.max_requests_per_server}"
+        if r.max_requests_per_server
+        else f"ceil({cfg.train.prompts_per_step} prompts x {r.n_samples} samples / {servers} server(s))"
+    )
+    return (
+        f"{servers} SGLang server(s), up to {bound} requests in flight each ({why}); "
+        f"key {key_file_of(cfg)}, weights by {r.weight_sync}"
+    )
 
 
 def trainer_fleet_environment(cfg: Config) -> dict[str, str]:
@@ -52,8 +57,13 @@ def apply_trainer_fleet_environment(cfg: Config, environ=None) -> None:
     environ = os.environ if environ is None else environ
     for key, value in trainer_fleet_environment(cfg).items():
         if environ.get(key, value) != value:
-            log.warning("%s=%s replaced by %s: the SGLang servers of the weight-update group use %s",
-                        key, environ[key], value, value)
+            log.warning(
+                "%s=%s replaced by %s: the SGLang servers of the weight-update group use %s",
+                key,
+                environ[key],
+                value,
+                value,
+            )
         environ[key] = value
 
 
@@ -68,4 +78,4 @@ def launched_server_gpus(cfg: Config, environ: dict | None = None) -> list[str] 
         if unknown:
             raise ValueError(f"rollout.server_gpus names GPU(s) {unknown}; this process sees {len(visible)}")
         return [visible[g] for g in cfg.rollout.server_gpus]
-    return visible[cfg.parallel.gpus_per_node:]
+    return visible[cfg.parallel.gpus_per_node :]

@@ -10,7 +10,6 @@ path is chosen here, once, and the engine carries it (weight_sync.py), so the lo
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -23,8 +22,8 @@ from .engine_setup import launched_server_gpus, requests_per_server
 from .fleet_auth import fleet_key
 from .local import InMemoryWeights, LocalEngine
 from .registry import wait_for_servers
-from .routing import RoutingShape
-from .sglang_env import SGLANG_VERSION, default_server_python
+from .routing import sglang_routing
+from .sglang_env import default_server_python
 from .sglang_fleet import SGLangFleet
 from .weight_sync import BroadcastWeights, DiskWeights, PeerEngine
 
@@ -36,8 +35,12 @@ def build_engine(cfg: Config, inputs, run_dir: Path):
     SGLang fleet, the other ranks a PeerEngine; each with the weight path the config asks for."""
     p = cfg.parallel
     weights = weight_path(cfg, run_dir, inputs.model_dir)
-    engine = on_rank0("starting the rollout engine", lambda: make_engine(cfg, inputs, run_dir, weights),
-                      timeout_s=p.timeout_s, share=False)
+    engine = on_rank0(
+        "starting the rollout engine",
+        lambda: make_engine(cfg, inputs, run_dir, weights),
+        timeout_s=p.timeout_s,
+        share=False,
+    )
     return engine if is_rank0() else PeerEngine(weights)
 
 
@@ -70,11 +73,21 @@ def make_engine(cfg: Config, inputs, run_dir: Path, weights=None):
     if r.server_registry:  # servers of another job step (slurm/train.sbatch) announce themselves here
         urls = wait_for_servers(r.server_registry, r.num_servers, r.health_timeout_s, key=key)
     fleet = SGLangFleet(
-        model_path=str(inputs.model_dir), urls=urls, num_servers=r.num_servers, server_tp=r.server_tp,
-        host=r.server_host, base_port=r.server_base_port, server_python=r.server_python or default_server_python(),
-        server_args=r.server_args, log_dir=run_dir / "logs", health_timeout_s=r.health_timeout_s,
-        request_timeout_s=r.request_timeout_s, max_requests_per_server=requests_per_server(cfg),
-        gpus=None if urls else launched_server_gpus(cfg), api_key=key, key_source=str(key_file),
+        model_path=str(inputs.model_dir),
+        urls=urls,
+        num_servers=r.num_servers,
+        server_tp=r.server_tp,
+        host=r.server_host,
+        base_port=r.server_base_port,
+        server_python=r.server_python or default_server_python(),
+        server_args=r.server_args,
+        log_dir=run_dir / "logs",
+        health_timeout_s=r.health_timeout_s,
+        request_timeout_s=r.request_timeout_s,
+        max_requests_per_server=requests_per_server(cfg),
+        gpus=None if urls else launched_server_gpus(cfg),
+        api_key=key,
+        key_source=str(key_file),
         routing=sglang_routing(inputs.model_dir),
     )
     if isinstance(weights, BroadcastWeights):
@@ -83,25 +96,11 @@ def make_engine(cfg: Config, inputs, run_dir: Path, weights=None):
     return fleet
 
 
-def sglang_routing(model_dir) -> RoutingShape | None:
-    """A mixture-of-experts checkpoint's routing shape, which its SGLang servers report (None: a
-    dense model). Refused: dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step):
-    SGLang 0.5.23 builds every Qwen3-MoE and Qwen2-MoE layer as an MoE layer, so it would serve
-    other weights than the trainer's without an error."""
-    config_file = Path(model_dir) / "config.json"
-    shape = RoutingShape.of_hf_config(json.loads(config_file.read_text()), str(config_file))
-    if shape is not None and len(shape.moe_layers) != shape.num_layers:
-        dense = sorted(set(range(shape.num_layers)) - set(shape.moe_layers))
-        raise ValueError(f"{config_file}: layers {dense} are dense MLPs (mlp_only_layers / decoder_sparse_step); SGLang "
-                         f"{SGLANG_VERSION} builds every layer of this family as an MoE layer and would serve other "
-                         "weights than the trainer's: use rollout.backend=local, or a model whose layers are all MoE")
-    return shape
-
-
 def make_broadcaster(cfg: Config, fleet: SGLangFleet) -> BroadcastWeightSync:
     """rollout.weight_sync: distributed -> rank 0's side of the broadcast group to the fleet."""
     r = cfg.rollout
     address = r.weight_sync_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
     log.info("weight-update group on %s (NCCL_CUMEM_ENABLE=%s)", address, os.environ.get("NCCL_CUMEM_ENABLE"))
-    return BroadcastWeightSync(fleet, address=address, bucket_bytes=r.weight_sync_bucket_mb * 2**20,
-                               timeout_s=cfg.parallel.timeout_s)
+    return BroadcastWeightSync(
+        fleet, address=address, bucket_bytes=r.weight_sync_bucket_mb * 2**20, timeout_s=cfg.parallel.timeout_s
+    )

@@ -83,15 +83,20 @@ def read_key_file(path: str | Path) -> str:
     if not stat.S_ISREG(info.st_mode):
         raise KeyFileError(f"fleet key file {path}: not a regular file")
     if info.st_mode & 0o077:
-        raise KeyFileError(f"fleet key file {path}: mode {stat.S_IMODE(info.st_mode):04o} lets other users read it; "
-                           f"chmod 600 {path}")
+        raise KeyFileError(
+            f"fleet key file {path}: mode {stat.S_IMODE(info.st_mode):04o} lets other users read it; chmod 600 {path}"
+        )
     key = text.strip()
     if not key or any(c.isspace() for c in key) or not key.isprintable():
-        raise KeyFileError(f"fleet key file {path}: expected one line with the key (no spaces), "
-                           f"found {'nothing' if not key else 'more'}")
+        raise KeyFileError(
+            f"fleet key file {path}: expected one line with the key (no spaces), "
+            f"found {'nothing' if not key else 'more'}"
+        )
     if key.startswith("-"):
-        raise KeyFileError(f"fleet key file {path}: the key starts with '-', which SGLang's argument parser "
-                           "reads as a flag; use another key (e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+        raise KeyFileError(
+            f"fleet key file {path}: the key starts with '-', which SGLang's argument parser "
+            "reads as a flag; use another key (e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
     return key
 
 

@@ -11,14 +11,13 @@ its tokens were routed to (rollout/routing.py), captured from transformers' rout
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Iterable
 
 import torch
 
 from .routing import RouterCapture, RoutingShape
 from .types import Sample, SamplingParams
-
 
 # the streaming export's per-expert (on-disk) names; transformers keeps one stacked tensor per layer
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
@@ -59,8 +58,16 @@ class InMemoryWeights:
 
 
 class LocalEngine:
-    def __init__(self, hf_config=None, *, model=None, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
-                 max_batch_sequences: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        hf_config=None,
+        *,
+        model=None,
+        pad_token_id: int = 0,
+        dtype: torch.dtype = torch.float32,
+        max_batch_sequences: int = 256,
+        seed: int = 0,
+    ):
         """A fresh model of `hf_config`'s architecture (an HF config or its dict), or `model`: an
         existing HF model to generate with (its weights shared, not copied)."""
         if model is None:
@@ -78,13 +85,24 @@ class LocalEngine:
         self.routing = RoutingShape.of_hf_config(self.model.config)
 
     @classmethod
-    def from_pretrained(cls, path, *, pad_token_id: int = 0, dtype: torch.dtype = torch.float32,
-                        max_batch_sequences: int = 256, seed: int = 0) -> "LocalEngine":
+    def from_pretrained(
+        cls,
+        path,
+        *,
+        pad_token_id: int = 0,
+        dtype: torch.dtype = torch.float32,
+        max_batch_sequences: int = 256,
+        seed: int = 0,
+    ) -> LocalEngine:
         """An engine holding an HF checkpoint's weights (evaluation of a saved model)."""
         import transformers
 
-        return cls(model=transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype),
-                   pad_token_id=pad_token_id, max_batch_sequences=max_batch_sequences, seed=seed)
+        return cls(
+            model=transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype),
+            pad_token_id=pad_token_id,
+            max_batch_sequences=max_batch_sequences,
+            seed=seed,
+        )
 
     @property
     def weight_version(self) -> int:
@@ -104,13 +122,19 @@ class LocalEngine:
         for name, tensor in tensors:
             name, target = _in_memory_target(state, name)
             if target.shape != tensor.shape:
-                raise ValueError(f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+                raise ValueError(
+                    f"embedded engine: {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+                )
             target.copy_(tensor)
             seen.add(name)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         missing = {n for n in state if not n.endswith(("experts.gate_up_proj", "experts.down_proj"))} - seen - tied
-        missing |= {f"{n} (expert slices)" for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
-                    and sum(s.startswith(n + "[") for s in seen) != _slices(state[n], n)}
+        missing |= {
+            f"{n} (expert slices)"
+            for n in state
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+            and sum(s.startswith(n + "[") for s in seen) != _slices(state[n], n)
+        }
         if missing:
             raise KeyError(f"embedded engine: the update lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         self.version = version
@@ -133,8 +157,8 @@ class LocalEngine:
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         stop = list(params.stop_token_ids)
         sampling = params.temperature > 0
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -162,8 +186,15 @@ class LocalEngine:
 
     def _run_generate(self, ids, mask, params: SamplingParams, sampling: bool, stop: list[int]):
         return self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, do_sample=sampling,
-            temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
-            top_k=0 if sampling else None, eos_token_id=stop or None, pad_token_id=self.pad_token_id,
-            return_dict_in_generate=True, output_logits=True,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sampling,
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None,
+            eos_token_id=stop or None,
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
         )

@@ -54,8 +54,9 @@ class RolloutSource:
         self._ready: queue.Queue = queue.Queue()
         self._thread = None
         if self.max_staleness > 0:
-            self._thread = threading.Thread(target=self._generate_ahead, args=(start_step + 1, last_step),
-                                            name="rollout-generator", daemon=True)
+            self._thread = threading.Thread(
+                target=self._generate_ahead, args=(start_step + 1, last_step), name="rollout-generator", daemon=True
+            )
             self._thread.start()
 
     def _collect(self, step: int) -> RolloutBatch:
@@ -88,8 +89,11 @@ class RolloutSource:
         else:
             batch = self._next_ready(step)
         waited = time.perf_counter() - start
-        batch.metrics.update(trainer_wait_s=waited, overlap=max(0.0, 1.0 - waited / max(batch.generation_s, 1e-9)),
-                             **self._staleness(batch.rollouts, step))
+        batch.metrics.update(
+            trainer_wait_s=waited,
+            overlap=max(0.0, 1.0 - waited / max(batch.generation_s, 1e-9)),
+            **self._staleness(batch.rollouts, step),
+        )
         return batch
 
     def _next_ready(self, step: int) -> RolloutBatch:
@@ -101,8 +105,9 @@ class RolloutSource:
                 if not self._thread.is_alive():
                     raise RolloutError(f"the rollout generator stopped before step {step}'s batch") from None
         if isinstance(item, BaseException):
-            raise RolloutError(f"generating the rollouts of step {step} (or a step before it) failed: "
-                               f"{type(item).__name__}: {item}") from item
+            raise RolloutError(
+                f"generating the rollouts of step {step} (or a step before it) failed: {type(item).__name__}: {item}"
+            ) from item
         if item.step != step:
             raise RolloutError(f"the trainer is at step {step} but the next batch generated is step {item.step}'s")
         return item
@@ -114,8 +119,13 @@ class RolloutSource:
             if r.in_loss and step - 1 - r.weight_version > self.max_staleness:
                 r.in_loss, dropped = False, dropped + 1
         if dropped:
-            log.warning("step %d: %d rollout(s) sampled more than rollout.max_staleness=%d weight versions ago were "
-                        "left out of the loss", step, dropped, self.max_staleness)
+            log.warning(
+                "step %d: %d rollout(s) sampled more than rollout.max_staleness=%d weight versions ago were "
+                "left out of the loss",
+                step,
+                dropped,
+                self.max_staleness,
+            )
         ages = [step - 1 - r.weight_version for r in rollouts if r.in_loss] or [0]
         return {"staleness_mean": sum(ages) / len(ages), "staleness_max": max(ages), "stale_dropped": dropped}
 

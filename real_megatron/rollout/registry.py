@@ -40,8 +40,9 @@ def registered_urls(directory: str | Path) -> list[str]:
     return entries
 
 
-def wait_for_servers(directory: str | Path, count: int, timeout_s: float, poll_s: float = 1.0,
-                     key: str | None = None) -> list[str]:
+def wait_for_servers(
+    directory: str | Path, count: int, timeout_s: float, poll_s: float = 1.0, key: str | None = None
+) -> list[str]:
     """URLs of `count` registered servers that answer /health (open to all; `key` is sent anyway);
     FleetError naming what is missing."""
     deadline = time.monotonic() + timeout_s
@@ -60,5 +61,6 @@ def wait_for_servers(directory: str | Path, count: int, timeout_s: float, poll_s
             raise FleetError(
                 f"waited {timeout_s:.0f}s for {count} SGLang server(s) to register in {directory}: "
                 f"{len(urls)} registered ({', '.join(urls) or 'none'}), {len(healthy)} healthy. "
-                f"See the fleet's logs beside the trainer's.")
+                f"See the fleet's logs beside the trainer's."
+            )
         time.sleep(poll_s)

@@ -14,11 +14,15 @@ the MoE layers in order (dense layers of `mlp_only_layers` / `decoder_sparse_ste
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .sglang_env import SGLANG_VERSION
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class RoutingShape:
         return torch.uint8 if self.num_experts <= 256 else torch.int16
 
     @classmethod
-    def of_hf_config(cls, config, source: str = "<config>") -> Optional["RoutingShape"]:
+    def of_hf_config(cls, config, source: str = "<config>") -> Optional[RoutingShape]:
         """The routing shape of an HF config (a dict or a transformers config); None for a dense model."""
         from ..actor.moe import MOE_FAMILIES, MoESpec
 
@@ -77,12 +81,14 @@ class RouterCapture:
                 self.routers[int(match[1])] = module
         missing = sorted(set(shape.moe_layers) - set(self.routers))
         if missing:
-            raise ValueError(f"routing capture: no router module 'model.layers.<i>.mlp.gate' for MoE layers {missing} "
-                             f"of {type(model).__name__}")
+            raise ValueError(
+                f"routing capture: no router module 'model.layers.<i>.mlp.gate' for MoE layers {missing} "
+                f"of {type(model).__name__}"
+            )
         self.calls: dict[int, list[torch.Tensor]] = {layer: [] for layer in shape.moe_layers}
         self._handles = []
 
-    def __enter__(self) -> "RouterCapture":
+    def __enter__(self) -> RouterCapture:
         for layer, module in self.routers.items():
             self._handles.append(module.register_forward_hook(self._hook(layer)))
         return self
@@ -100,39 +106,54 @@ class RouterCapture:
                 logits = output[0] if isinstance(output, tuple) else output
                 ids = torch.topk(logits.float(), self.shape.top_k, dim=-1).indices
             self.calls[layer].append(ids.reshape(-1, self.shape.top_k).detach().to("cpu", torch.int64))
+
         return record
 
-    def per_sequence(self, batch: int, width: int, prompt_lengths: list[int], response_lengths: list[int]
-                     ) -> list[torch.Tensor]:
+    def per_sequence(
+        self, batch: int, width: int, prompt_lengths: list[int], response_lengths: list[int]
+    ) -> list[torch.Tensor]:
         """One [prompt + response - 1, MoE layers, top_k] tensor per sequence of a left-padded
         `generate` call: the first call was the prefill over [batch, width], each later one fed one
         token per sequence."""
         steps = len(self.calls[self.shape.moe_layers[0]])
         if steps == 0 or any(len(c) != steps for c in self.calls.values()):
-            raise RuntimeError(f"routing capture: the routers saw {[len(c) for c in self.calls.values()]} forward calls "
-                               "(expected the same number per MoE layer, at least one)")
+            raise RuntimeError(
+                f"routing capture: the routers saw {[len(c) for c in self.calls.values()]} forward calls "
+                "(expected the same number per MoE layer, at least one)"
+            )
         prefill = torch.stack([self.calls[layer][0] for layer in self.shape.moe_layers], dim=1)
         if prefill.shape[0] != batch * width:
-            raise RuntimeError(f"routing capture: the first call routed {prefill.shape[0]} tokens, expected the prefill "
-                               f"of {batch} x {width}")
+            raise RuntimeError(
+                f"routing capture: the first call routed {prefill.shape[0]} tokens, expected the prefill "
+                f"of {batch} x {width}"
+            )
         prefill = prefill.view(batch, width, len(self.shape.moe_layers), self.shape.top_k)
         if steps > 1:
-            decode = torch.stack([torch.stack([self.calls[layer][j] for layer in self.shape.moe_layers], dim=1)
-                                  for j in range(1, steps)], dim=1)  # [batch, steps - 1, layers, k]
+            decode = torch.stack(
+                [
+                    torch.stack([self.calls[layer][j] for layer in self.shape.moe_layers], dim=1)
+                    for j in range(1, steps)
+                ],
+                dim=1,
+            )  # [batch, steps - 1, layers, k]
         out = []
         for i, (prompt, response) in enumerate(zip(prompt_lengths, response_lengths)):
             if response - 1 > steps - 1:
-                raise RuntimeError(f"routing capture: sequence {i} has {response} response tokens but the routers saw "
-                                   f"{steps - 1} decoding calls")
-            parts = [prefill[i, width - prompt:]] + ([decode[i, : response - 1]] if response > 1 else [])
+                raise RuntimeError(
+                    f"routing capture: sequence {i} has {response} response tokens but the routers saw "
+                    f"{steps - 1} decoding calls"
+                )
+            parts = [prefill[i, width - prompt :]] + ([decode[i, : response - 1]] if response > 1 else [])
             out.append(torch.cat(parts).to(self.shape.dtype))
         return out
 
 
 # --- the SGLang fleet: meta_info.routed_experts --------------------------------------------------
 
-def from_sglang(encoded, shape: RoutingShape, prompt_tokens: int, response_tokens: int,
-                where: str = "SGLang") -> torch.Tensor:
+
+def from_sglang(
+    encoded, shape: RoutingShape, prompt_tokens: int, response_tokens: int, where: str = "SGLang"
+) -> torch.Tensor:
     """SGLang's `meta_info.routed_experts` (base64 of int32 [tokens - 1, every layer, top_k], or a
     nested list) as [prompt + response - 1, MoE layers, top_k]."""
     if isinstance(encoded, str):
@@ -142,8 +163,10 @@ def from_sglang(encoded, shape: RoutingShape, prompt_tokens: int, response_token
     row = shape.num_layers * shape.top_k
     rows = expected_rows(prompt_tokens, response_tokens)
     if flat.numel() != rows * row:
-        raise ValueError(f"{where}: routed_experts holds {flat.numel()} ids, expected {rows} tokens x "
-                         f"{shape.num_layers} layers x top_k {shape.top_k} = {rows * row}")
+        raise ValueError(
+            f"{where}: routed_experts holds {flat.numel()} ids, expected {rows} tokens x "
+            f"{shape.num_layers} layers x top_k {shape.top_k} = {rows * row}"
+        )
     table = flat.view(rows, shape.num_layers, shape.top_k)[:, list(shape.moe_layers)]
     if rows and (int(table.min()) < 0 or int(table.max()) >= shape.num_experts):
         raise ValueError(f"{where}: routed_experts names experts outside [0, {shape.num_experts})")
@@ -151,3 +174,20 @@ def from_sglang(encoded, shape: RoutingShape, prompt_tokens: int, response_token
 
 
 SGLANG_SERVER_FLAG = "--enable-return-routed-experts"  # SGLang's server option (0.5.x)
+
+
+def sglang_routing(model_dir) -> RoutingShape | None:
+    """A mixture-of-experts checkpoint's routing shape, which its SGLang servers report (None: a
+    dense model). Refused: dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step):
+    SGLang 0.5.23 builds every Qwen3-MoE and Qwen2-MoE layer as an MoE layer, so it would serve
+    other weights than the trainer's without an error."""
+    config_file = Path(model_dir) / "config.json"
+    shape = RoutingShape.of_hf_config(json.loads(config_file.read_text()), str(config_file))
+    if shape is not None and len(shape.moe_layers) != shape.num_layers:
+        dense = sorted(set(range(shape.num_layers)) - set(shape.moe_layers))
+        raise ValueError(
+            f"{config_file}: layers {dense} are dense MLPs (mlp_only_layers / decoder_sparse_step); SGLang "
+            f"{SGLANG_VERSION} builds every layer of this family as an MoE layer and would serve other "
+            "weights than the trainer's: use rollout.backend=local, or a model whose layers are all MoE"
+        )
+    return shape

@@ -21,9 +21,9 @@ import socket
 import time
 from pathlib import Path
 
-from .engine_setup import sglang_routing
 from .fleet_auth import fleet_key
 from .registry import register_server, unregister_server
+from .routing import sglang_routing
 from .sglang_env import default_server_python
 from .sglang_fleet import FleetError, SGLangFleet
 
@@ -46,8 +46,10 @@ def wait_for_model(path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not (path / "config.json").exists():
         if time.monotonic() > deadline:
-            raise FleetError(f"the initial model {path} did not appear within {timeout_s:.0f}s "
-                             "(a built-in task's warm-start is written by the trainer: see its log)")
+            raise FleetError(
+                f"the initial model {path} did not appear within {timeout_s:.0f}s "
+                "(a built-in task's warm-start is written by the trainer: see its log)"
+            )
         time.sleep(2.0)
 
 
@@ -77,11 +79,15 @@ def bind_address(host: str, interface: str | None) -> str:
     try:
         address = socket.gethostbyname(name)
     except OSError as exc:
-        raise FleetError(f"this node's hostname {name!r} does not resolve ({exc}): set rollout.server_interface "
-                         "to the job network's interface (e.g. ib0)") from None
+        raise FleetError(
+            f"this node's hostname {name!r} does not resolve ({exc}): set rollout.server_interface "
+            "to the job network's interface (e.g. ib0)"
+        ) from None
     if address.startswith("127."):
-        raise FleetError(f"this node's hostname {name!r} resolves to {address}, which other nodes cannot reach: set "
-                         "rollout.server_interface to the job network's interface (e.g. ib0)")
+        raise FleetError(
+            f"this node's hostname {name!r} resolves to {address}, which other nodes cannot reach: set "
+            "rollout.server_interface to the job network's interface (e.g. ib0)"
+        )
     return address
 
 
@@ -102,10 +108,21 @@ def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
         signal.signal(sig, on_signal)
     slot = int(os.environ.get("SLURM_LOCALID", index))  # servers starting together probe different ports
     port = free_port(bind, r.server_base_port + slot * 8 * max(1, r.server_tp))
-    fleet = SGLangFleet(model_path=str(model), num_servers=1, first_index=index, server_tp=r.server_tp, host=bind,
-                        base_port=port, server_python=r.server_python or default_server_python(),
-                        server_args=r.server_args, log_dir=log_dir, health_timeout_s=r.health_timeout_s,
-                        api_key=key, key_source=str(key_file), routing=sglang_routing(model))
+    fleet = SGLangFleet(
+        model_path=str(model),
+        num_servers=1,
+        first_index=index,
+        server_tp=r.server_tp,
+        host=bind,
+        base_port=port,
+        server_python=r.server_python or default_server_python(),
+        server_args=r.server_args,
+        log_dir=log_dir,
+        health_timeout_s=r.health_timeout_s,
+        api_key=key,
+        key_source=str(key_file),
+        routing=sglang_routing(model),
+    )
     server = fleet.servers[0]
     # a server bound to every interface (a user's explicit choice) is reached through this node's name
     url = server.url if bind not in ("0.0.0.0", "::") else f"http://{socket.getfqdn()}:{port}"

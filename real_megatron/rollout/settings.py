@@ -60,19 +60,29 @@ class RolloutConfig:
         """What is wrong inside this section alone (each a sentence naming the key); [] if nothing."""
         errors = []
         if self.weight_sync == "distributed" and self.backend != "sglang":
-            errors.append("rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'")
+            errors.append(
+                "rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'"
+            )
         if self.max_staleness < 0:
             errors.append(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.max_requests_per_server < 0:
-            errors.append(f"rollout.max_requests_per_server must be >= 0 (0: from the batch), got {self.max_requests_per_server}")
+            errors.append(
+                f"rollout.max_requests_per_server must be >= 0 (0: from the batch), got {self.max_requests_per_server}"
+            )
         if self.max_staleness > 0 and self.backend != "sglang":
             errors.append(
                 f"rollout.max_staleness={self.max_staleness} needs rollout.backend='sglang': the embedded engine generates "
-                "in the trainer's own process on the trainer's own devices, so there is nothing to overlap training with")
+                "in the trainer's own process on the trainer's own devices, so there is nothing to overlap training with"
+            )
         if self.fleet_nodes < 0:
             errors.append(f"rollout.fleet_nodes must be >= 0, got {self.fleet_nodes}")
         if self.server_urls and self.server_registry:
             errors.append("rollout.server_urls and rollout.server_registry both name the servers: keep one")
-        if self.backend == "sglang" and self.weight_sync == "distributed" and not self.server_urls and self.num_servers < 1:
+        if (
+            self.backend == "sglang"
+            and self.weight_sync == "distributed"
+            and not self.server_urls
+            and self.num_servers < 1
+        ):
             errors.append("rollout.weight_sync='distributed' needs at least one server")
         return errors

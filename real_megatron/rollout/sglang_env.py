@@ -13,6 +13,10 @@ def default_server_python() -> str:
     explicit = os.environ.get("REAL_MEGATRON_SGLANG_PYTHON")
     if explicit:
         return explicit
-    cache = Path(os.environ.get("REAL_MEGATRON_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "real-megatron"))
+    cache = Path(
+        os.environ.get(
+            "REAL_MEGATRON_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "real-megatron"
+        )
+    )
     candidate = cache / f"venv-sglang-{SGLANG_VERSION}" / "bin" / "python"
     return str(candidate) if candidate.exists() else "python3"

@@ -49,8 +49,12 @@ class FleetError(RuntimeError):
 def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0, key: Optional[str] = None) -> dict:
     """GET (no payload) or POST JSON; `key` goes as `Authorization: Bearer`."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **auth_headers(key)},
-                                     method="GET" if payload is None else "POST")
+    request = urllib.request.Request(
+        url,
+        data=data,
+        headers={"Content-Type": "application/json", **auth_headers(key)},
+        method="GET" if payload is None else "POST",
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
     try:
@@ -68,8 +72,9 @@ def visible_gpus(environ: Optional[dict] = None) -> list[str]:
     if env.get("CUDA_VISIBLE_DEVICES") is not None:
         return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
@@ -79,9 +84,11 @@ def split_gpus(gpus: list[str], num_servers: int, server_tp: int) -> list[list[s
     """server_tp GPUs of `gpus` for each server, in order; an error when there are too few."""
     need = num_servers * server_tp
     if len(gpus) < need:
-        raise FleetError(f"{num_servers} SGLang server(s) of server_tp={server_tp} need {need} GPUs; only "
-                         f"{len(gpus)} are free for them ({','.join(gpus) or 'none'}): set rollout.server_gpus, "
-                         "launch fewer servers, or run the fleet as its own Slurm step")
+        raise FleetError(
+            f"{num_servers} SGLang server(s) of server_tp={server_tp} need {need} GPUs; only "
+            f"{len(gpus)} are free for them ({','.join(gpus) or 'none'}): set rollout.server_gpus, "
+            "launch fewer servers, or run the fleet as its own Slurm step"
+        )
     return [gpus[i * server_tp : (i + 1) * server_tp] for i in range(num_servers)]
 
 
@@ -108,13 +115,29 @@ class Server:
 
 
 class SGLangFleet:
-    def __init__(self, *, model_path: Optional[str] = None, urls: Optional[list[str]] = None, num_servers: int = 1,
-                 server_tp: int = 1, host: str = "127.0.0.1", base_port: int = 30000, server_python: str = "python3",
-                 server_args: Optional[list[str]] = None, env: Optional[dict] = None, log_dir: str | Path = "logs",
-                 health_timeout_s: float = 600.0, request_timeout_s: float = 1800.0,
-                 max_requests_per_server: int = 128, max_restarts: int = 2, first_index: int = 0,
-                 gpus: Optional[list[str]] = None, api_key: Optional[str] = None, key_source: Optional[str] = None,
-                 routing: Optional[RoutingShape] = None):
+    def __init__(
+        self,
+        *,
+        model_path: Optional[str] = None,
+        urls: Optional[list[str]] = None,
+        num_servers: int = 1,
+        server_tp: int = 1,
+        host: str = "127.0.0.1",
+        base_port: int = 30000,
+        server_python: str = "python3",
+        server_args: Optional[list[str]] = None,
+        env: Optional[dict] = None,
+        log_dir: str | Path = "logs",
+        health_timeout_s: float = 600.0,
+        request_timeout_s: float = 1800.0,
+        max_requests_per_server: int = 128,
+        max_restarts: int = 2,
+        first_index: int = 0,
+        gpus: Optional[list[str]] = None,
+        api_key: Optional[str] = None,
+        key_source: Optional[str] = None,
+        routing: Optional[RoutingShape] = None,
+    ):
         """first_index: number of the first launched server (its log is sglang_<index>.log).
         max_requests_per_server: requests in flight per server (SGLang batches them on its GPUs);
         the fleet's bound is this times the number of live servers.
@@ -130,8 +153,10 @@ class SGLangFleet:
         if not urls and api_key is None:
             api_key, key_source = new_key(), "a key made for these servers"
         if not urls and "--config" in (server_args or []):
-            raise FleetError("rollout.server_args: --config is taken by the fleet (it passes the servers' key in one); "
-                             "give SGLang's options directly")
+            raise FleetError(
+                "rollout.server_args: --config is taken by the fleet (it passes the servers' key in one); "
+                "give SGLang's options directly"
+            )
         self.api_key, self.key_source = api_key, key_source or "no key"
         self.health_timeout_s, self.request_timeout_s = health_timeout_s, request_timeout_s
         self.max_restarts = max_restarts
@@ -157,10 +182,30 @@ class SGLangFleet:
             devices = split_gpus(gpus, num_servers, server_tp) if gpus is not None else [None] * num_servers
             for i, own in zip(range(first_index, first_index + num_servers), devices):
                 port = base_port + (i - first_index) * max(1, server_tp) * 2
-                command = [server_python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host,
-                           "--port", str(port), "--tp-size", str(server_tp), *(server_args or [])]
-                self.servers.append(Server(i, f"http://{host}:{port}", log_path=self.log_dir / f"sglang_{i}.log",
-                                           command=command, tp=server_tp, gpus=own))
+                command = [
+                    server_python,
+                    "-m",
+                    "sglang.launch_server",
+                    "--model-path",
+                    str(model_path),
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--tp-size",
+                    str(server_tp),
+                    *(server_args or []),
+                ]
+                self.servers.append(
+                    Server(
+                        i,
+                        f"http://{host}:{port}",
+                        log_path=self.log_dir / f"sglang_{i}.log",
+                        command=command,
+                        tp=server_tp,
+                        gpus=own,
+                    )
+                )
             # the trainer's CUDA settings are not the servers' (one connection per device would
             # serialise SGLang's overlapped streams); `env` may set them explicitly
             inherited = {k: v for k, v in os.environ.items() if k not in TRAINER_ONLY_ENV}
@@ -180,9 +225,13 @@ class SGLangFleet:
         env = self._env if server.gpus is None else dict(self._env, CUDA_VISIBLE_DEVICES=",".join(server.gpus))
         self._drop_auth_file(server)
         server.auth_file = server_auth_file(self.api_key)
-        server.process = subprocess.Popen(server.command + ["--config", str(server.auth_file)], stdout=log_file,
-                                          stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)  # its own process group: we stop all of it
+        server.process = subprocess.Popen(
+            server.command + ["--config", str(server.auth_file)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )  # its own process group: we stop all of it
         log_file.close()  # the child has its own descriptor
         server.alive = True
 
@@ -194,8 +243,9 @@ class SGLangFleet:
 
     def call(self, server: Server, path: str, body: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
         """One authenticated request to `server` (GET without a body)."""
-        return http_json(server.url + path, body, timeout=self.request_timeout_s if timeout is None else timeout,
-                         key=self.api_key)
+        return http_json(
+            server.url + path, body, timeout=self.request_timeout_s if timeout is None else timeout, key=self.api_key
+        )
 
     def _key_accepted(self, server: Server) -> bool:
         """/health is open to all: one call that needs the key tells a wrong key at start (an
@@ -205,11 +255,15 @@ class SGLangFleet:
             return True
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403) and self.api_key is None:
-                raise FleetError(f"SGLang server {server.index} ({server.url}) requires a key (HTTP {exc.code}): "
-                                 "give its file (rollout.api_key_file, or eval --api-key-file)") from None
+                raise FleetError(
+                    f"SGLang server {server.index} ({server.url}) requires a key (HTTP {exc.code}): "
+                    "give its file (rollout.api_key_file, or eval --api-key-file)"
+                ) from None
             if exc.code in (401, 403):
-                raise FleetError(f"SGLang server {server.index} ({server.url}) refused the fleet's key "
-                                 f"({self.key_source}) with HTTP {exc.code}: it was started with another key") from None
+                raise FleetError(
+                    f"SGLang server {server.index} ({server.url}) refused the fleet's key "
+                    f"({self.key_source}) with HTTP {exc.code}: it was started with another key"
+                ) from None
             return False
         except (urllib.error.URLError, OSError, ValueError):
             return False
@@ -220,8 +274,10 @@ class SGLangFleet:
         while pending:
             for server in list(pending):
                 if server.process is not None and server.process.poll() is not None:
-                    raise FleetError(f"SGLang server {server.index} ({server.url}) exited with code "
-                                     f"{server.process.returncode} while starting; log tail:\n{server.log_tail()}")
+                    raise FleetError(
+                        f"SGLang server {server.index} ({server.url}) exited with code "
+                        f"{server.process.returncode} while starting; log tail:\n{server.log_tail()}"
+                    )
                 try:
                     http_json(server.url + "/health", timeout=5, key=self.api_key)
                 except (urllib.error.URLError, OSError, ValueError):
@@ -232,8 +288,10 @@ class SGLangFleet:
                 pending.remove(server)
             if pending and time.monotonic() > deadline:
                 s = pending[0]
-                raise FleetError(f"SGLang server {s.index} ({s.url}) not healthy after {self.health_timeout_s:.0f}s; "
-                                 f"log tail:\n{s.log_tail()}")
+                raise FleetError(
+                    f"SGLang server {s.index} ({s.url}) not healthy after {self.health_timeout_s:.0f}s; "
+                    f"log tail:\n{s.log_tail()}"
+                )
             if pending:
                 time.sleep(1.0)
 
@@ -327,9 +385,14 @@ class SGLangFleet:
     def _request(self, server: Server, prompt: list[int], params: SamplingParams) -> dict:
         payload = {
             "input_ids": prompt,
-            "sampling_params": {"temperature": params.temperature, "top_p": params.top_p,
-                                "max_new_tokens": params.max_new_tokens, "stop_token_ids": list(params.stop_token_ids),
-                                "skip_special_tokens": False, "no_stop_trim": True},
+            "sampling_params": {
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "max_new_tokens": params.max_new_tokens,
+                "stop_token_ids": list(params.stop_token_ids),
+                "skip_special_tokens": False,
+                "no_stop_trim": True,
+            },
             "return_logprob": True,
         }
         if self.routing is not None:
@@ -384,24 +447,33 @@ class SGLangFleet:
         served = str(meta.get("weight_version", "default"))
         # once this fleet has set the weights, a sample ends on the version it started on or a later one
         if self.weights_set and not (served.isdigit() and int(served) >= version):
-            raise ValueError(f"SGLang server {server.url} sampled with weight version {served!r}; the request was sent "
-                             f"on version {version}")
-        sample = Sample(p, k, list(ids), logprobs, "length" if kind == "length" else "stop", version,
-                        {"served_version": served})
+            raise ValueError(
+                f"SGLang server {server.url} sampled with weight version {served!r}; the request was sent "
+                f"on version {version}"
+            )
+        sample = Sample(
+            p, k, list(ids), logprobs, "length" if kind == "length" else "stop", version, {"served_version": served}
+        )
         if self.routing is not None:
             if meta.get("routed_experts") is None:
-                raise FleetError(f"SGLang server {server.url} returned no routed experts: start it with "
-                                 f"{SGLANG_SERVER_FLAG} (servers this fleet launches get it)")
-            sample.routed_experts = from_sglang(meta["routed_experts"], self.routing, prompt_tokens, len(ids),
-                                                where=f"SGLang server {server.url}")
+                raise FleetError(
+                    f"SGLang server {server.url} returned no routed experts: start it with "
+                    f"{SGLANG_SERVER_FLAG} (servers this fleet launches get it)"
+                )
+            sample.routed_experts = from_sglang(
+                meta["routed_experts"], self.routing, prompt_tokens, len(ids), where=f"SGLang server {server.url}"
+            )
         return sample
 
     # --- weights -------------------------------------------------------------------------------
 
     def _load(self, server: Server, path: str | Path, version: int) -> None:
         """One server loads an HF checkpoint, tagged `version`; the prefix cache is flushed."""
-        reply = self.call(server, "/update_weights_from_disk",
-                          {"model_path": str(path), "weight_version": str(version), "flush_cache": True})
+        reply = self.call(
+            server,
+            "/update_weights_from_disk",
+            {"model_path": str(path), "weight_version": str(version), "flush_cache": True},
+        )
         if reply.get("success") is False:
             raise FleetError(f"SGLang server {server.url} refused the weights at {path}: {reply.get('message')}")
         server.weight_version = version
@@ -440,8 +512,11 @@ class SGLangFleet:
         request_timeout_s; generation pauses meanwhile. A server that fails or does not answer in
         time is taken out (restarted if launched); a refusal is an error naming the server."""
         with self.changing_weights():
-            outcome = self._on_each([s for s in self.servers if s.alive],
-                                    lambda server: self._load(server, path, version), self.request_timeout_s)
+            outcome = self._on_each(
+                [s for s in self.servers if s.alive],
+                lambda server: self._load(server, path, version),
+                self.request_timeout_s,
+            )
             refused = []
             for server, error in outcome:
                 if isinstance(error, FleetError):

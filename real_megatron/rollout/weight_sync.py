@@ -70,8 +70,9 @@ class PeerEngine:
         self.weights.close()
 
 
-def sync_to_fleet_from_disk(actor, fleet, directory: str | Path, version: int, side_dir: Path | None,
-                            timeout_s: float = 600.0) -> Path:
+def sync_to_fleet_from_disk(
+    actor, fleet, directory: str | Path, version: int, side_dir: Path | None, timeout_s: float = 600.0
+) -> Path:
     """Write weights version `version` under `directory` and have every server load them (`fleet`
     is rank 0's SGLangFleet; None on the other ranks, which only write their shards)."""
     target = private_dir(directory) / f"v{version:06d}"  # the job's user only (files: the trainer's umask)

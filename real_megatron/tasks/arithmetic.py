@@ -73,8 +73,9 @@ def build_tokenizer(out_dir: Path, corpus: list[str], vocab_size: int = 64):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # characters, then merges of them
     tok.decoder = decoders.Fuse()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
-                                                        show_progress=False))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS], show_progress=False)
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
@@ -115,10 +116,16 @@ def dev_pass1(model, tokenizer, dev, k: int, max_new_tokens: int, seed: int) -> 
     from ..rollout.types import SamplingParams
 
     engine = LocalEngine(model=model, pad_token_id=tokenizer.pad_token_id)
-    examples = [Example([], answer, f"dev:{i}", prompt_ids=tokenizer.encode(prompt, add_special_tokens=False))
-                for i, (prompt, _, answer) in enumerate(dev)]
-    params = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
-                            stop_token_ids=(tokenizer.convert_tokens_to_ids(EOS),), seed=seed)
+    examples = [
+        Example([], answer, f"dev:{i}", prompt_ids=tokenizer.encode(prompt, add_special_tokens=False))
+        for i, (prompt, _, answer) in enumerate(dev)
+    ]
+    params = SamplingParams(
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=(tokenizer.convert_tokens_to_ids(EOS),),
+        seed=seed,
+    )
     result = evaluate_sets(engine, tokenizer, {"dev": examples}, reward, k, params)
     model.train()
     return result["pass1"]
@@ -163,8 +170,12 @@ class _Trainer:
     def snapshot(self) -> tuple:
         import copy
 
-        return (self.step, copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()),
-                self.rng.getstate())
+        return (
+            self.step,
+            copy.deepcopy(self.model.state_dict()),
+            copy.deepcopy(self.opt.state_dict()),
+            self.rng.getstate(),
+        )
 
     def restore(self, snap: tuple) -> None:
         import copy
@@ -175,8 +186,9 @@ class _Trainer:
         self.rng.setstate(snap[3])
 
 
-def warm_start(out_dir: Path, model_config: dict, tokenizer, train, dev, plan: WarmStartPlan, *, seed: int,
-               progress: bool = True) -> dict:
+def warm_start(
+    out_dir: Path, model_config: dict, tokenizer, train, dev, plan: WarmStartPlan, *, seed: int, progress: bool = True
+) -> dict:
     """Supervised warm-start from scratch (prompt + solution + eos, loss on the solution), cached:
     a directory that already holds the checkpoint is reused. Returns what it did (also saved as
     warmstart.json beside the weights): steps, dev pass@1 at every check.
@@ -212,8 +224,12 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, dev, plan: W
             break
         if score > high and below is not None and interval > 5:
             interval = max(5, interval // 4)
-            log.info("warm-start: past the band at step %d; back to step %d, checking every %d steps",
-                     run.step, below[0], interval)
+            log.info(
+                "warm-start: past the band at step %d; back to step %d, checking every %d steps",
+                run.step,
+                below[0],
+                interval,
+            )
             run.restore(below)
             if bar is not None:
                 bar.n = run.step
@@ -221,7 +237,8 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, dev, plan: W
             raise WarmStartError(
                 f"warm-start: dev pass@1 {score:.3f} at step {run.step} is past the target band {low:.2f}-{high:.2f} "
                 f"(checks: {', '.join(f'{s}: {v:.3f}' for s, v in checks[-4:])}); widen the band "
-                "(task.warmstart_target) or check earlier (task.warmstart_check_every)")
+                "(task.warmstart_target) or check earlier (task.warmstart_check_every)"
+            )
         else:
             below = run.snapshot()
             if score >= low - 0.2:
@@ -233,9 +250,16 @@ def warm_start(out_dir: Path, model_config: dict, tokenizer, train, dev, plan: W
         raise WarmStartError(
             f"warm-start: dev pass@1 did not reach the target band {plan.target[0]:.2f}-{plan.target[1]:.2f} within "
             f"task.warmstart_max_steps={plan.max_steps} steps (last checks: "
-            f"{', '.join(f'{s}: {v:.3f}' for s, v in checks[-4:])}); raise the cap or lower the band")
-    record = {"steps": run.step, "dev_pass1": checks[-1][1] if checks else None, "target": plan.target,
-              "dev_prompts": len(dev), "dev_k": plan.dev_k, "dev_checks": checks}
+            f"{', '.join(f'{s}: {v:.3f}' for s, v in checks[-4:])}); raise the cap or lower the band"
+        )
+    record = {
+        "steps": run.step,
+        "dev_pass1": checks[-1][1] if checks else None,
+        "target": plan.target,
+        "dev_prompts": len(dev),
+        "dev_k": plan.dev_k,
+        "dev_checks": checks,
+    }
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     run.model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

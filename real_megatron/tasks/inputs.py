@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..config import Config
 from ..rank0_phases import on_rank0
@@ -38,11 +38,17 @@ def prepare_inputs(cfg: Config) -> Inputs:
     if not cfg.model.path:
         raise ValueError("model.path is required (an HF checkpoint directory) unless task.name is set")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
-    common = dict(max_prompt_tokens=cfg.data.max_prompt_tokens, prompt_key=cfg.data.prompt_key,
-                  answer_key=cfg.data.answer_key, skip_malformed=cfg.data.skip_malformed)
+    common = dict(
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        prompt_key=cfg.data.prompt_key,
+        answer_key=cfg.data.answer_key,
+        skip_malformed=cfg.data.skip_malformed,
+    )
     train_set = PromptDataset(cfg.data.train_files, tokenizer, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **common)
     evals = {Path(f).stem: PromptDataset([f], tokenizer, shuffle=False, **common) for f in cfg.eval.files}
-    stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    stop = tuple(cfg.rollout.stop_token_ids) or (
+        (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    )
     return Inputs(Path(cfg.model.path), tokenizer, train_set, evals, load_reward_fn(cfg.data.reward_fn), stop)
 
 
@@ -53,31 +59,58 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     t = cfg.task
     model_config = dict(cfg.model.hf_config_overrides)
     root = task_root(cfg)
-    train, held, dev = task.split(t.train_prompts, t.eval_prompts, seed=cfg.train.seed, max_operand=t.max_operand,
-                                  n_dev=t.dev_prompts if t.warmstart_target is not None else 0)
+    train, held, dev = task.split(
+        t.train_prompts,
+        t.eval_prompts,
+        seed=cfg.train.seed,
+        max_operand=t.max_operand,
+        n_dev=t.dev_prompts if t.warmstart_target is not None else 0,
+    )
     model_dir = root / "warmstart"
+
     def make_task_files():
         tokenizer = task.build_tokenizer(root / "tokenizer", [p + s for p, s, _ in train[:4000]], t.tokenizer_vocab)
         task.write_jsonl(root / "train.jsonl", train)
         task.write_jsonl(root / "heldout.jsonl", held)
-        model_config.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-        plan = task.WarmStartPlan(max_steps=t.warmstart_max_steps, batch=t.warmstart_batch, lr=t.warmstart_lr,
-                                  target=tuple(t.warmstart_target) if t.warmstart_target is not None else None,
-                                  check_every=t.warmstart_check_every, max_new_tokens=cfg.eval.max_new_tokens)
-        record = task.warm_start(model_dir, model_config, tokenizer, train, dev, plan, seed=cfg.train.seed,
-                                 progress=cfg.logging.progress_bar)
+        model_config.update(
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+        plan = task.WarmStartPlan(
+            max_steps=t.warmstart_max_steps,
+            batch=t.warmstart_batch,
+            lr=t.warmstart_lr,
+            target=tuple(t.warmstart_target) if t.warmstart_target is not None else None,
+            check_every=t.warmstart_check_every,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
+        record = task.warm_start(
+            model_dir, model_config, tokenizer, train, dev, plan, seed=cfg.train.seed, progress=cfg.logging.progress_bar
+        )
         if record.get("dev_pass1") is not None:
-            log.info("warm-start: %d steps, dev pass@1 %.3f (target %s)", record["steps"], record["dev_pass1"],
-                     record["target"])
+            log.info(
+                "warm-start: %d steps, dev pass@1 %.3f (target %s)",
+                record["steps"],
+                record["dev_pass1"],
+                record["target"],
+            )
 
     on_rank0("the task's warm-start", make_task_files, timeout_s=cfg.parallel.timeout_s, share=False)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_set = PromptDataset([root / "train.jsonl"], tokenizer, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                              max_prompt_tokens=cfg.data.max_prompt_tokens)
-    held_set = PromptDataset([root / "heldout.jsonl"], tokenizer, shuffle=False, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    train_set = PromptDataset(
+        [root / "train.jsonl"],
+        tokenizer,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+    )
+    held_set = PromptDataset(
+        [root / "heldout.jsonl"], tokenizer, shuffle=False, max_prompt_tokens=cfg.data.max_prompt_tokens
+    )
     stop = tuple(cfg.rollout.stop_token_ids) or (tokenizer.eos_token_id,)
     return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, task.reward, stop)
 
@@ -88,9 +121,21 @@ def task_root(cfg: Config) -> Path:
 
     t = cfg.task
     cache = Path(t.cache_dir or Path.home() / ".cache" / "real-megatron" / "tasks")
-    key = task.settings_key(t.train_prompts, t.eval_prompts, t.dev_prompts, t.max_operand, t.tokenizer_vocab,
-                            t.warmstart_target, t.warmstart_check_every, t.warmstart_max_steps, t.warmstart_batch,
-                            t.warmstart_lr, cfg.eval.max_new_tokens, dict(cfg.model.hf_config_overrides), cfg.train.seed)
+    key = task.settings_key(
+        t.train_prompts,
+        t.eval_prompts,
+        t.dev_prompts,
+        t.max_operand,
+        t.tokenizer_vocab,
+        t.warmstart_target,
+        t.warmstart_check_every,
+        t.warmstart_max_steps,
+        t.warmstart_batch,
+        t.warmstart_lr,
+        cfg.eval.max_new_tokens,
+        dict(cfg.model.hf_config_overrides),
+        cfg.train.seed,
+    )
     return cache / f"arithmetic-{key}"
 
 

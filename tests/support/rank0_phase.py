@@ -36,7 +36,10 @@ def main():
     try:
         result = on_rank0("evaluation after step 7", phase, timeout_s=timeout_s)
     except Exception as exc:  # noqa: BLE001 - printed for the test to read
-        print(f"rank {dist.get_rank()} error after {time.monotonic() - begun:.1f}s: {type(exc).__name__}: {exc}", flush=True)
+        print(
+            f"rank {dist.get_rank()} error after {time.monotonic() - begun:.1f}s: {type(exc).__name__}: {exc}",
+            flush=True,
+        )
         os._exit(3)
     dist.barrier()  # a collective right after the long phase works
     print(f"rank {dist.get_rank()} result {result} after {time.monotonic() - begun:.1f}s", flush=True)

@@ -14,8 +14,9 @@ import io
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from real_megatron.actor.packed_attention import PackedDotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
+
+from real_megatron.actor.packed_attention import PackedDotProductAttention
 
 
 class NormedColumnParallelLinear(ColumnParallelLinear):

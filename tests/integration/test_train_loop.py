@@ -1,0 +1,170 @@
+"""The training loop end to end through the CLI, at toy scale: every artefact."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow]
+TOY = [
+    "task.warmstart_max_steps=20",
+    "task.warmstart_target=null",
+    "task.eval_prompts=24",
+    "task.train_prompts=400",
+    "eval.k=2",
+    "eval.every_steps=2",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=1",
+    "optim.warmup_steps=1",
+    "rollout.max_new_tokens=24",
+    "eval.max_new_tokens=24",
+    "train.prompts_per_step=8",
+    "train.prompts_per_mini_batch=4",
+    "actor.prompts_per_micro_batch=2",
+]
+
+
+def train(tmp_path, *overrides):
+    cmd = [
+        sys.executable,
+        "-m",
+        "real_megatron.cli",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        f"task.cache_dir={tmp_path / 'cache'}",
+        *TOY,
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_quickstart_shaped_run_leaves_every_artefact(tmp_path):
+    out = train(tmp_path, "train.steps=4")
+    run = tmp_path / "run"
+    assert "pass@1 after RL" in out and "gain" in out  # the closing table
+    # output to a pipe, as in a Slurm log: progress as whole lines, no bar frames, no CPU-only noise
+    assert "\r" not in out and "real RL: 4/4 step" in out and "Writing model shards" not in out, out[-3000:]
+    assert "Apex is not installed" not in out and "Transformer Engine and Apex" not in out, out[-3000:]
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "final_hf/model.safetensors",
+        "final_hf/config.json",
+        "final_hf/tokenizer.json",
+    ):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in (
+        "reward_mean",
+        "entropy",
+        "solved_all_ratio",
+        "response_length_mean",
+        "loss",
+        "grad_norm",
+        "score_neg_mean",
+        "generate_s",
+        "update_s",
+        "old_logprobs_s",
+        "uniform_group_fraction",
+        "informative_groups",
+        "sampling_rounds",
+        "prompts_generated",
+        "first_update_score_abs_max",
+        "mismatch_abs_mean",
+        "mismatch_abs_max",
+        "mismatch_kl",
+        "mismatch_frac",
+    ):
+        assert key in steps[-1], key
+    for row in steps:  # measured by default: the embedded engine's log-probs against the actor's pi_old
+        assert row["sampling_rounds"] == 1 and row["prompts_generated"] == 8
+        assert row["first_update_score_abs_max"] < 1e-5 and 0 < row["mismatch_abs_mean"] < 1e-3, row
+        assert 0 <= row["mismatch_kl"] < 1e-6 and row["mismatch_frac"] == 0.0
+    assert sum("val_pass1" in r for r in rows) >= 3  # baseline, mid-run, final
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_samples"] == 48 and 0 <= summary["final_pass1"] <= 1 and summary["stderr"] >= 0
+    assert summary["final_benchmarks"] == {"heldout": summary["final_pass1"]}  # one eval set: pooled == per set
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000004"]  # keep_last=1
+    # the final HF checkpoint loads in transformers
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(run / "final_hf")
+    # resuming (after kills at several points, exactly) is tests/integration/test_crash_resume.py's subject
+
+
+def test_every_rlvr_option_at_once_through_the_cli(tmp_path):
+    """DAPO with dynamic sampling, truncated responses excluded, the overlong penalty and masked
+    importance sampling: the loop runs them together and logs what each did."""
+    train(
+        tmp_path,
+        "train.steps=2",
+        "algorithm.name=dapo",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.max_sampling_rounds=2",
+        "algorithm.truncated=exclude",
+        "algorithm.overlong_buffer_tokens=8",
+        "algorithm.importance_correction=mis",
+        "eval.every_steps=0",
+        "logging.plot=false",
+        "checkpoint.save_hf_final=false",
+        "checkpoint.every_steps=0",
+        "logging.tensorboard=false",
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for row in steps:
+        assert row["prompts_generated"] == 8 * row["sampling_rounds"] and row["skipped_updates"] == 0, row
+        assert 0 < row["excluded_ratio"] == row["truncated_ratio"], row  # the toy model often runs to the limit
+        assert -1.0 <= row["overlong_penalty_mean"] < 0 and row["mismatch_frac"] == 0.0, row
+
+
+def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation(tmp_path):
+    """Rank 1 waits while rank 0 warm-starts the task, generates and evaluates, each longer than
+    parallel.timeout_s; the run completes (each wait checks rank 0's heartbeat, not a deadline)."""
+    import os
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "real_megatron.cli",
+        "train",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        f"task.cache_dir={tmp_path / 'cache'}",
+        *TOY,
+        "train.steps=2",
+        "parallel.gpus_per_node=2",
+        "parallel.timeout_s=2",
+        "task.eval_prompts=360",
+        "eval.k=16",
+        "eval.max_new_tokens=48",
+        "eval.every_steps=0",
+        "logging.progress_bar=false",
+        "logging.plot=false",
+        "checkpoint.save_hf_final=false",
+        "checkpoint.every_steps=0",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    baseline = next(r for r in rows if "eval_s" in r)
+    assert baseline["eval_s"] > 3 * 2, baseline  # the evaluation alone outlasts the deadline three times
+    assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]

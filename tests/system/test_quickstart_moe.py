@@ -1,0 +1,74 @@
+"""configs/quickstart_moe.yaml end to end: a `launch` of it trains a tiny Qwen3-MoE at EP=2 through a
+real SGLang server on CPU whose routed experts the actor replays, with weight sync after every step."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from real_megatron.rollout.sglang_env import default_server_python
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "quickstart_moe.yaml"
+HAVE_SGLANG = default_server_python() != "python3"
+QUIET = [
+    "logging.progress_bar=false",
+    "logging.plot=false",
+    "logging.tensorboard=false",
+    "checkpoint.save_hf_final=false",
+]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_SGLANG, reason="needs SGLang's environment: run tools/install_sglang.sh")
+def test_a_launch_trains_the_moe_model_through_sglang_replaying_its_routed_experts(tmp_path):
+    """Three steps through `real-megatron launch`: two trainer ranks at EP=2 and one CPU SGLang server
+    of the tiny Qwen3-MoE started with --enable-return-routed-experts; weights go to it from disk after
+    every step. Replay needs every rollout's routing, so each step ran on SGLang's reports; at step 1
+    the actor holds the server's weights, so its own routers agree with the server's report on
+    (nearly) every token: a report shifted by one token or layer would disagree on about half."""
+    run = tmp_path / "run"
+    overrides = [
+        f"train.output_dir={run}",
+        f"task.cache_dir={tmp_path / 'cache'}",
+        "task.warmstart_max_steps=20",
+        "task.warmstart_target=null",
+        "task.eval_prompts=8",
+        "task.train_prompts=100",
+        "eval.k=1",
+        "eval.every_steps=0",
+        "optim.warmup_steps=1",
+        "rollout.max_new_tokens=16",
+        "eval.max_new_tokens=16",
+        "train.prompts_per_step=4",
+        "train.prompts_per_mini_batch=4",
+        "actor.prompts_per_micro_batch=2",
+        "train.steps=3",
+        "checkpoint.every_steps=0",
+        "rollout.backend=sglang",
+        *QUIET,
+        "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
+        "--dtype, float32, --skip-tokenizer-init]",
+    ]
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "support"))
+    out = subprocess.run(
+        [sys.executable, "-m", "real_megatron.cli", "launch", str(CONFIG), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    steps = [r for r in rows(run) if "step_s" in r]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["sync_s"] > 0 for s in steps)
+    assert steps[0]["routing_mismatch_frac"] < 0.01, steps[0]
+    assert all(s["first_update_score_abs_max"] < 1e-4 for s in steps), steps
+    log = (run / "logs" / "sglang_0.log").read_text()
+    assert "'enable_return_routed_experts': True" in log and "POST /generate" in log
