@@ -163,6 +163,7 @@ def test_staleness_needs_the_fleet_and_launch_needs_one_node(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 300 RL steps: ~10 minutes alone, longer beside other jobs (its run has its own deadline)
 @pytest.mark.skipif(not HAVE_SGLANG, reason="needs SGLang's environment: run tools/install_sglang.sh")
 def test_the_async_quickstart_still_learns(tmp_path):
     """configs/quickstart_async.yaml as docs/RESULTS.md runs it: the quickstart's 300 REAL steps through a
