@@ -55,7 +55,7 @@ def test_the_moe_quickstart_learns_through_ep2_with_routing_replay(tmp_path):
     band warm-start, then two processes at EP=2 with the embedded engine and routing replay. Held-out
     pass@1 (500 prompts x 4) gains at least 0.05 (measured +0.098; the earlier warm-start band gave
     +0.016 in 100 steps); every step measured the routing mismatch, and the replayed old log-probs gave
-    s̄ = 0 at each first update. About 5.5 min on 2 shared cores (warm-start 3.3 min)."""
+    s̄ = 0 at each first update. 346 s on 2 shared cores (warm-start about 3.3 min of it)."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "real_megatron.cli",
            "train", str(CONFIG), f"train.output_dir={run}", f"task.cache_dir={tmp_path / 'cache'}", "train.steps=20",
