@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -314,6 +315,7 @@ def finish(cluster, tmp_path, script, job_id, timeout=600) -> str:
 
 
 def test_convert_job_round_trips_across_two_nodes_bit_identical(cluster, tmp_path):
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))  # the conversion tests' checkpoint makers
     from test_convert import hf_tensors, make_tokenizer
     from test_logits_parity import make_checkpoint
 
@@ -360,6 +362,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_eval_job_writes_the_report(cluster, tmp_path):
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from test_convert import make_tokenizer
     from test_logits_parity import make_checkpoint
 
