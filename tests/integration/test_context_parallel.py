@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import QUIET, tiny_run_overrides, torchrun
 
 from real_megatron.actor.batching import build_mini_batches, plan_mini_batches
 from real_megatron.actor.context_parallel import padded_length, split_micro_batch, tokens_per_rank
@@ -222,36 +223,13 @@ def test_the_training_loop_runs_at_cp2_and_its_log_probs_match_the_engine(tmp_pa
     import os
 
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "real_megatron.cli",
-        "train",
-        str(ROOT / "configs" / "quickstart.yaml"),
+        *torchrun(2, "-m", "real_megatron.cli", "train", str(ROOT / "configs" / "quickstart.yaml")),
         "--output-dir",
         str(tmp_path / "run"),
-        f"task.cache_dir={tmp_path / 'cache'}",
-        "task.warmstart_max_steps=20",
-        "task.warmstart_target=null",
-        "task.eval_prompts=24",
-        "task.train_prompts=400",
-        "eval.k=2",
-        "eval.every_steps=0",
-        "optim.warmup_steps=1",
-        "rollout.max_new_tokens=24",
-        "eval.max_new_tokens=24",
-        "train.prompts_per_step=8",
-        "train.prompts_per_mini_batch=4",
-        "actor.prompts_per_micro_batch=2",
-        "train.steps=2",
+        *tiny_run_overrides(tmp_path, size="toy", steps=2),
         "parallel.gpus_per_node=2",
         "parallel.cp=2",
-        "logging.progress_bar=false",
-        "logging.plot=false",
-        "checkpoint.save_hf_final=false",
+        *QUIET,
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=1",
     ]

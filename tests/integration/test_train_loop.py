@@ -6,25 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow]
-TOY = [
-    "task.warmstart_max_steps=20",
-    "task.warmstart_target=null",
-    "task.eval_prompts=24",
-    "task.train_prompts=400",
-    "eval.k=2",
-    "eval.every_steps=2",
-    "checkpoint.every_steps=2",
-    "checkpoint.keep_last=1",
-    "optim.warmup_steps=1",
-    "rollout.max_new_tokens=24",
-    "eval.max_new_tokens=24",
-    "train.prompts_per_step=8",
-    "train.prompts_per_mini_batch=4",
-    "actor.prompts_per_micro_batch=2",
-]
+CHECKPOINTS = ["checkpoint.every_steps=2", "checkpoint.keep_last=1"]
 
 
 def train(tmp_path, *overrides):
@@ -36,8 +22,8 @@ def train(tmp_path, *overrides):
         str(ROOT / "configs" / "quickstart.yaml"),
         "--output-dir",
         str(tmp_path / "run"),
-        f"task.cache_dir={tmp_path / 'cache'}",
-        *TOY,
+        *tiny_run_overrides(tmp_path, size="toy", eval_every=2),
+        *CHECKPOINTS,
         *overrides,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -148,8 +134,8 @@ def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation
         str(ROOT / "configs" / "quickstart.yaml"),
         "--output-dir",
         str(tmp_path / "run"),
-        f"task.cache_dir={tmp_path / 'cache'}",
-        *TOY,
+        *tiny_run_overrides(tmp_path, size="toy", eval_every=2),
+        *CHECKPOINTS,
         "train.steps=2",
         "parallel.gpus_per_node=2",
         "parallel.timeout_s=2",

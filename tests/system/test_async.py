@@ -8,13 +8,13 @@ dataset order's first steps x prompts_per_step, each once, across the kill.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env, tiny_run_overrides
 
 from real_megatron.config import ConfigError, load_config
 from real_megatron.launch import split_node
@@ -23,57 +23,28 @@ from real_megatron.rollout.sglang_env import default_server_python
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 HAVE_SGLANG = default_server_python() != "python3"
-CPU_SERVER = (
-    "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
-    "--dtype, float32, --skip-tokenizer-init]"
-)
 STEPS, PROMPTS = 6, 8
 
 
 def overrides(tmp_path: Path) -> list[str]:
     return [
         f"train.output_dir={tmp_path / 'run'}",
-        f"task.cache_dir={tmp_path / 'cache'}",
-        "task.warmstart_max_steps=20",
-        "task.warmstart_target=null",
-        "task.eval_prompts=24",
-        "task.train_prompts=400",
-        "eval.k=2",
-        "eval.every_steps=3",
-        "optim.warmup_steps=1",
-        "rollout.max_new_tokens=24",
-        "eval.max_new_tokens=24",
+        *tiny_run_overrides(tmp_path, size="toy", steps=STEPS, eval_every=3),
         f"train.prompts_per_step={PROMPTS}",
-        "train.prompts_per_mini_batch=4",
-        "actor.prompts_per_micro_batch=2",
-        f"train.steps={STEPS}",
         "checkpoint.every_steps=2",
-        "checkpoint.save_hf_final=false",
-        "logging.plot=false",
-        "logging.tensorboard=false",
-        "logging.progress_bar=false",
+        *QUIET,
         "logging.rollouts=true",
         "rollout.backend=sglang",
-        CPU_SERVER,
+        CPU_SGLANG_SERVER,
         "rollout.max_staleness=1",
     ]
 
 
 def launch(tmp_path: Path, kill_at: str = "") -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        REAL_MEGATRON_KILL_AT=kill_at,
-        SGLANG_USE_CPU_ENGINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT / "tests" / "support"),
-        CUDA_VISIBLE_DEVICES="0,1",
-    )  # CPU: ignored, but split
+    # CUDA_VISIBLE_DEVICES: ignored on CPU, but split between the trainer and the server
+    env = sglang_env(REAL_MEGATRON_KILL_AT=kill_at, CUDA_VISIBLE_DEVICES="0,1")
     return subprocess.run(
-        [sys.executable, "-m", "real_megatron.cli", "launch", str(CONFIG), *overrides(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+        cli("launch", str(CONFIG), *overrides(tmp_path)), capture_output=True, text=True, env=env, timeout=900
     )
 
 
@@ -169,12 +140,8 @@ def test_the_async_quickstart_still_learns(tmp_path):
     """configs/quickstart_async.yaml as docs/RESULTS.md runs it: the quickstart's 300 REAL steps through a
     real SGLang server, each batch generated one weight version ahead; held-out pass@1 gains at
     least 0.05 (three runs here: +0.084, +0.101, +0.087; synchronous +0.092)."""
-    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "support"))
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "real_megatron.cli",
+        cli(
             "launch",
             str(ROOT / "configs" / "quickstart_async.yaml"),
             f"train.output_dir={tmp_path / 'run'}",
@@ -182,10 +149,10 @@ def test_the_async_quickstart_still_learns(tmp_path):
             "logging.plot=false",
             "logging.tensorboard=false",
             "checkpoint.save_hf_final=false",
-        ],
+        ),
         capture_output=True,
         text=True,
-        env=env,
+        env=sglang_env(),
         timeout=2400,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env, tiny_run_overrides
 
 from real_megatron.config import load_config
 from real_megatron.rollout.engine_setup import (
@@ -213,36 +214,14 @@ def test_a_launch_with_the_key_trains_and_keeps_its_files_private(tmp_path):
     run = tmp_path / "run"
     overrides = [
         f"train.output_dir={run}",
-        f"task.cache_dir={tmp_path / 'cache'}",
-        "task.warmstart_max_steps=20",
-        "task.warmstart_target=null",
-        "task.eval_prompts=8",
-        "task.train_prompts=100",
-        "eval.k=1",
-        "eval.every_steps=0",
-        "optim.warmup_steps=1",
-        "rollout.max_new_tokens=16",
-        "eval.max_new_tokens=16",
-        "train.prompts_per_step=4",
-        "train.prompts_per_mini_batch=4",
-        "actor.prompts_per_micro_batch=2",
-        "train.steps=2",
+        *tiny_run_overrides(tmp_path, size="tiny", steps=2),
         "checkpoint.every_steps=2",
-        "checkpoint.save_hf_final=false",
-        "logging.plot=false",
-        "logging.tensorboard=false",
-        "logging.progress_bar=false",
+        *QUIET,
         "rollout.backend=sglang",
-        "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
-        "--dtype, float32, --skip-tokenizer-init]",
+        CPU_SGLANG_SERVER,
     ]
-    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "support"))
     out = subprocess.run(
-        [sys.executable, "-m", "real_megatron.cli", "launch", str(CONFIG), *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+        cli("launch", str(CONFIG), *overrides), capture_output=True, text=True, env=sglang_env(), timeout=900
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     key = read_key_file(run / "fleet_api_key")

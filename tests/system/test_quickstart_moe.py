@@ -4,22 +4,16 @@ real SGLang server on CPU whose routed experts the actor replays, with weight sy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env, tiny_run_overrides, torchrun
 
 from real_megatron.rollout.sglang_env import default_server_python
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "quickstart_moe.yaml"
 HAVE_SGLANG = default_server_python() != "python3"
-QUIET = [
-    "logging.progress_bar=false",
-    "logging.plot=false",
-    "logging.tensorboard=false",
-    "checkpoint.save_hf_final=false",
-]
 
 
 def rows(run: Path) -> list[dict]:
@@ -37,33 +31,14 @@ def test_a_launch_trains_the_moe_model_through_sglang_replaying_its_routed_exper
     run = tmp_path / "run"
     overrides = [
         f"train.output_dir={run}",
-        f"task.cache_dir={tmp_path / 'cache'}",
-        "task.warmstart_max_steps=20",
-        "task.warmstart_target=null",
-        "task.eval_prompts=8",
-        "task.train_prompts=100",
-        "eval.k=1",
-        "eval.every_steps=0",
-        "optim.warmup_steps=1",
-        "rollout.max_new_tokens=16",
-        "eval.max_new_tokens=16",
-        "train.prompts_per_step=4",
-        "train.prompts_per_mini_batch=4",
-        "actor.prompts_per_micro_batch=2",
-        "train.steps=3",
+        *tiny_run_overrides(tmp_path, size="tiny", steps=3),
         "checkpoint.every_steps=0",
         "rollout.backend=sglang",
         *QUIET,
-        "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
-        "--dtype, float32, --skip-tokenizer-init]",
+        CPU_SGLANG_SERVER,
     ]
-    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests" / "support"))
     out = subprocess.run(
-        [sys.executable, "-m", "real_megatron.cli", "launch", str(CONFIG), *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
+        cli("launch", str(CONFIG), *overrides), capture_output=True, text=True, env=sglang_env(), timeout=1200
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     steps = [r for r in rows(run) if "step_s" in r]
@@ -85,15 +60,7 @@ def test_the_moe_quickstart_learns_through_ep2_with_routing_replay(tmp_path):
     s̄ = 0 at each first update. 346 s on 2 shared cores (warm-start about 3.3 min of it)."""
     run = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "real_megatron.cli",
-        "train",
-        str(CONFIG),
+        *torchrun(2, "-m", "real_megatron.cli", "train", str(CONFIG)),
         f"train.output_dir={run}",
         f"task.cache_dir={tmp_path / 'cache'}",
         "train.steps=20",
