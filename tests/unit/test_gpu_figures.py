@@ -96,3 +96,26 @@ def test_kernel_value_checks_are_on_by_default_and_off_in_the_training_step(monk
         with pytest.raises(ValueError):
             group_logsumexp(values, bad_index, 2, impl="torch")
     assert Actor.train_step.__wrapped__  # the step runs under without_value_checks
+
+
+def test_moe_statistics_leave_padding_out_without_boolean_indexing():
+    """The router hook weights by the padding mask (no data-dependent shapes, so no device sync):
+    the same sums as keeping the real tokens only."""
+    from types import SimpleNamespace
+
+    from real_megatron.actor.moe_stats import MoEStats
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden_size, experts = 10, 8, 4
+    router = torch.nn.Linear(hidden_size, experts, bias=False).train()
+    hidden = torch.randn(tokens, 1, hidden_size, generator=gen)
+    padding = torch.tensor([False] * 7 + [True] * 3).reshape(tokens, 1)
+    routing_map = torch.rand(tokens, experts, generator=gen) > 0.5
+    stats = object.__new__(MoEStats)
+    stats.moe = SimpleNamespace(num_experts=experts, top_k=2)
+    stats.sums = torch.zeros(1, 2 * experts + 1, dtype=torch.float64)
+    stats._hook(0)(router, (hidden, padding), (None, routing_map))
+    keep = ~padding.reshape(-1)
+    probs = torch.softmax(hidden.reshape(tokens, -1)[keep] @ router.weight.detach().t(), dim=-1).double()
+    expected = torch.cat([routing_map[keep].sum(0).double(), probs.sum(0), torch.tensor([7.0], dtype=torch.float64)])
+    torch.testing.assert_close(stats.sums[0], expected)
