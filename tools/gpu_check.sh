@@ -30,12 +30,12 @@
 #
 # Python: --python, else the checkout's .venv, else `python3`. It must import torch, transformers,
 # safetensors and numpy (and triton on a GPU); the bundle's wheels whose modules it lacks (and only
-# those: megatron-core, pytest, pytest-timeout, ...) are installed with `pip install --no-index --no-deps --target` into a scratch folder
-# under /tmp and put on PYTHONPATH: no virtual environment is made (a venv made from a python that
-# is itself a venv does not see that venv's packages).
+# those: megatron-core, pytest, pytest-timeout, ...) are installed with `pip install --no-index
+# --no-deps --target` into a scratch folder under /tmp and put on PYTHONPATH: no virtual environment
+# is made (a venv made from a python that is itself a venv does not see that venv's packages).
 # Output: OUT/gpu_check.log, appended as each item ends (PASS / FAIL / SKIP, seconds, its figures,
-# then its whole output), so a run cut short keeps what finished; OUT/gpu_step.json and
-# OUT/bench_kernels.json. Scratch files (checkpoints, parameter files) go under /tmp.
+# then its whole output), so a run cut short keeps what finished; OUT/gpu_step.json,
+# OUT/gpu_step_block.json and OUT/bench_kernels.json. Scratch files (checkpoints, parameter files) go under /tmp.
 # Exit 0 when every item passed, 1 if any failed or was skipped, 2 when the machine lacks something.
 # --cpu-dry-run: all of it on CPU at toy sizes (Triton interpreted), to check the script itself.
 set -uo pipefail
@@ -49,7 +49,7 @@ while [[ $# -gt 0 ]]; do
     --out) out="$(realpath -m "$2")"; shift ;;
     --python) py="$2"; shift ;;
     --budget-s) budget="$2"; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
