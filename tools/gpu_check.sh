@@ -49,7 +49,7 @@ while [[ $# -gt 0 ]]; do
     --out) out="$(realpath -m "$2")"; shift ;;
     --python) py="$2"; shift ;;
     --budget-s) budget="$2"; shift ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
