@@ -28,6 +28,13 @@ def _train(args: argparse.Namespace) -> int:
             from .rollout.engine_setup import describe_fleet
 
             print(f"# fleet: {describe_fleet(cfg)}")
+        nccl_problem = None
+        if cfg.rollout.backend == "sglang" and cfg.rollout.weight_sync == "distributed":
+            from .rollout.nccl_check import check_weight_sync_nccl, query_build, server_build
+
+            # both asked in subprocesses (no torch in --dry-run); the servers' even where the trainer has no NCCL
+            compared, nccl_problem = check_weight_sync_nccl(cfg, query_build(sys.executable), server_build(cfg))
+            print(f"# weight broadcast: {compared}")
         report, problems = _memory_report(cfg)
         print(report)
         from .prepare import missing_inputs
@@ -37,6 +44,9 @@ def _train(args: argparse.Namespace) -> int:
             f"# inputs: {'missing here: ' + '; '.join(missing) + ' (real-megatron prepare fetches them)' if missing else 'present'}"
         )
         problems = ([problem] if problem else []) + problems
+        if nccl_problem:
+            print(f"config error: {args.config}: {nccl_problem}", file=sys.stderr)
+            return 2
         if problems:
             print(f"config error: {args.config}: the layout does not fit: {'; '.join(problems)}", file=sys.stderr)
             return 2
@@ -64,6 +74,12 @@ def _train(args: argparse.Namespace) -> int:
     for key, value in trainer_environment(cfg, torch.cuda.is_available()).items():
         os.environ.setdefault(key, value)  # before CUDA starts; a user's own value wins
     apply_trainer_fleet_environment(cfg)  # before NCCL starts: the servers' side of the weight group
+    if cfg.rollout.backend == "sglang" and cfg.rollout.weight_sync == "distributed":
+        from .rollout.nccl_check import check_weight_sync_nccl, this_build
+
+        _, nccl_problem = check_weight_sync_nccl(cfg, this_build())  # before any server starts
+        if nccl_problem:
+            raise ConfigError(f"{args.config}: {nccl_problem}")
     private_run(cfg, check_key=is_rank0())  # rank 0 alone talks to the fleet
     from .progress import quiet_library_bars
 

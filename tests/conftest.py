@@ -7,6 +7,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 # Without a GPU, Triton kernels run in Triton's interpreter; it must be chosen before
 # real_megatron.kernels (and triton) are imported.
+# The kernels' value checks (index and target ids in range, a device sync each) stay on in every
+# test and every process a test starts, the training step's included (real runs turn them off there).
+os.environ.setdefault("REAL_MEGATRON_KERNEL_CHECKS", "1")
+
 try:
     import torch
 

@@ -2,10 +2,13 @@
 """Rollout batches per hour with rollout.max_staleness 0, 1 and 2: the quickstart through one real
 SGLang server, the same server for every run, on this machine.
 
-    .venv/bin/python tools/bench_async.py [--steps 12] [--warmup 2] [--staleness 0 1 2]
+    .venv/bin/python tools/bench_async.py [--steps 12] [--warmup 2] [--staleness 0 1 2] [KEY=VALUE ...]
 
 Each run is `real-megatron train configs/quickstart.yaml rollout.backend=sglang` attached to the
-server (rollout.server_urls), one after the other, with evaluation and checkpoints off. The machine
+server (rollout.server_urls), one after the other, with evaluation and checkpoints off; KEY=VALUE
+overrides go to every run and to the inputs (warm start) the server starts from. The server is
+started with one key (OUT/fleet_api_key) and every run names that file (rollout.api_key_file):
+a run's own key, made in its own run directory, would be refused by the server. The machine
 is split the way one node is: the server gets the last CPU core and the trainer the others (taskset,
 one compute thread each on a 2-core machine), so generation and training can overlap as they would
 on separate GPUs. Phases come from each run's metrics.jsonl (the first --warmup steps not timed):
@@ -65,7 +68,9 @@ def server_python_on_core(core: int, work: Path) -> str:
     return str(wrapper)
 
 
-def run(k: int, steps: int, url: str, work: Path, trainer_cores: str) -> list[dict]:
+def run(
+    k: int, steps: int, url: str, work: Path, trainer_cores: str, key_file: Path, overrides: list[str]
+) -> list[dict]:
     out = work / f"staleness{k}"
     cmd = [
         "taskset",
@@ -91,6 +96,8 @@ def run(k: int, steps: int, url: str, work: Path, trainer_cores: str) -> list[di
         "logging.plot=false",
         "logging.tensorboard=false",
         "logging.progress_bar=false",
+        f"rollout.api_key_file={key_file}",  # the server's key: one for every run of the benchmark
+        *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(len(trainer_cores.split(","))))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -168,21 +175,25 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-async"))
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     args = parser.parse_args()
     from real_megatron.config import load_config
+    from real_megatron.rollout.fleet_auth import ensure_run_key, read_key_file
     from real_megatron.rollout.sglang_fleet import SGLangFleet
     from real_megatron.tasks.inputs import initial_model_dir, prepare_inputs
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    prepare_inputs(load_config(CONFIG))  # the warm-start model (cached) the server starts from
+    cfg = load_config(CONFIG, args.overrides)
+    prepare_inputs(cfg)  # the warm-start model (cached) the server starts from
+    key_file = ensure_run_key(work)
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise SystemExit("the benchmark splits the machine between the server and the trainer: it needs 2 cores")
     trainer_cores = ",".join(map(str, cores[:-1]))
     env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support"), "OMP_NUM_THREADS": "1"}
     with SGLangFleet(
-        model_path=str(initial_model_dir(load_config(CONFIG))),
+        model_path=str(initial_model_dir(cfg)),
         num_servers=1,
         base_port=32400,
         server_python=server_python_on_core(cores[-1], work),
@@ -191,14 +202,19 @@ def main() -> int:
         log_dir=work / "logs",
         health_timeout_s=600,
         max_requests_per_server=256,
+        api_key=read_key_file(key_file),
+        key_source=str(key_file),
     ) as fleet:
         results = {}
         for k in args.staleness:
-            rows = run(k, args.steps + args.warmup, fleet.servers[0].url, work, trainer_cores)[args.warmup :]
+            rows = run(
+                k, args.steps + args.warmup, fleet.servers[0].url, work, trainer_cores, key_file, args.overrides
+            )[args.warmup :]
             results[k] = phases(rows)
             print(f"max_staleness={k}: {results[k]['batches_per_hour']:.0f} batches/h", flush=True)
     report = (
-        f"rollout batches per hour, quickstart (32 prompts x 8 samples) through one SGLang server on core "
+        f"rollout batches per hour, quickstart ({cfg.train.prompts_per_step} prompts x {cfg.rollout.n_samples} "
+        f"samples) through one SGLang server on core "
         f"{cores[-1]}, trainer on core(s) {trainer_cores}, {args.steps} timed steps each\n{table(results)}\n\n"
         f"{projection()}"
     )

@@ -3,13 +3,14 @@
 setup, real-megatron against TRL's GRPOTrainer, in the same run on the same machine.
 
     .venv/bin/pip install -c .venv/torch-constraint.txt -e '.[bench]'   # TRL, beside torch 2.13.0+cpu
-    .venv/bin/python tools/bench_trainer.py [--steps 10] [--warmup 2]
+    .venv/bin/python tools/bench_trainer.py [--steps 10] [--warmup 2] [KEY=VALUE ...]
 
 Both sides get the same warm-start model, tokenizer and training prompts (the quickstart task),
 G=8 samples of 32 prompts (256 completions of at most rollout.max_new_tokens tokens, temperature 1),
 two policy updates per rollout batch on the whole batch (TRL: num_iterations=2, which also makes it
 compute old log-probs), lr 3e-4, no KL, fp32, the same torch threads. Each side runs in its own
-process, one after the other; the first --warmup rollout batches are not timed.
+process, one after the other; the first --warmup rollout batches are not timed. KEY=VALUE
+overrides of the quickstart config apply to both sides (a smaller batch, a cache folder).
 TRL's phases: "generation" is its _generate_and_score_completions (sampling, rewards, old
 log-probs); "updates" the rest of its steps. real-megatron's phases come from its metrics.jsonl.
 """
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 
-def run_ours(steps: int, warmup: int, work: Path) -> dict:
+def run_ours(steps: int, warmup: int, work: Path, overrides: list[str]) -> dict:
     run = work / "ours"
     cmd = [
         sys.executable,
@@ -48,6 +49,7 @@ def run_ours(steps: int, warmup: int, work: Path) -> dict:
         "logging.plot=false",
         "logging.tensorboard=false",
         "logging.progress_bar=false",
+        *overrides,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -66,9 +68,10 @@ def run_ours(steps: int, warmup: int, work: Path) -> dict:
     }
 
 
-def run_trl(steps: int, warmup: int, work: Path) -> dict:
+def run_trl(steps: int, warmup: int, work: Path, overrides: list[str]) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--trl-worker", str(work), "--steps", str(steps), "--warmup", str(warmup)],
+        [sys.executable, __file__, "--trl-worker", str(work), "--steps", str(steps), "--warmup", str(warmup)]
+        + overrides,
         capture_output=True,
         text=True,
     )
@@ -77,7 +80,7 @@ def run_trl(steps: int, warmup: int, work: Path) -> dict:
     return json.loads((work / "trl.json").read_text())
 
 
-def trl_worker(work: Path, steps: int, warmup: int) -> None:
+def trl_worker(work: Path, steps: int, warmup: int, overrides: list[str]) -> None:
     """In its own process: GRPOTrainer on the quickstart's model, prompts and reward."""
     import datasets
     import transformers
@@ -87,7 +90,7 @@ def trl_worker(work: Path, steps: int, warmup: int) -> None:
     from real_megatron.tasks import arithmetic as task
     from real_megatron.tasks.inputs import task_root
 
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIG, overrides)
     root = task_root(cfg)
     model_dir = root / "warmstart"  # written by the real-megatron run before this one
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -174,9 +177,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed rollout batches per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rollout batches first")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="quickstart config overrides, both sides")
     args = parser.parse_args()
     if args.trl_worker:
-        trl_worker(Path(args.trl_worker), args.steps, args.warmup)
+        trl_worker(Path(args.trl_worker), args.steps, args.warmup, args.overrides)
         return 0
     try:
         import trl  # noqa: F401
@@ -188,8 +192,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ours = run_ours(args.steps, args.warmup, work)
-        theirs = run_trl(args.steps, args.warmup, work)
+        ours = run_ours(args.steps, args.warmup, work, args.overrides)
+        theirs = run_trl(args.steps, args.warmup, work, args.overrides)
     rows = [
         ("generation + rewards", ours["generation_s"], theirs["generation_s"]),
         ("old log-probs", ours["old_logprobs_s"], None),

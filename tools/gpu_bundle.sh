@@ -29,8 +29,12 @@ mcore=$("$py" -c 'import re, sys; print(re.search(r"\"(megatron-core[^\"]*)\"", 
   --python-version "$pyver" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux_2_28_x86_64 "$mcore" "packaging>=24.2" psutil pyyaml tqdm \
   pytest pytest-timeout pluggy iniconfig pygments
-# CPU references: a tiny model's initial weights (HF) and its parameters after one REAL update
+# CPU references: a tiny model's initial weights (HF) and its parameters after one REAL update; a
+# tiny Qwen3-MoE (tests/support/moe_models.py) and its parameters after one update with routing replay
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 "$py" "$root/tools/parity_step.py" --steps 0 --out "$out/initial.safetensors" --write-hf "$out/tiny_hf" >/dev/null 2>&1
 "$py" "$root/tools/parity_step.py" --steps 1 --out "$out/parity_cpu.safetensors" >/dev/null 2>&1
+rm -rf "$out/moe_hf"
+PYTHONPATH="$root/tests/support" "$py" -c 'import sys; from moe_models import make_moe_checkpoint; make_moe_checkpoint(sys.argv[1], "qwen3_moe")' "$out/moe_hf" >/dev/null 2>&1
+"$py" "$root/tools/parity_step.py" --hf "$out/moe_hf" --routing-replay --require-zero-s --steps 1 --out "$out/parity_cpu_moe.safetensors" >/dev/null 2>&1
 echo "gpu_bundle.sh: wrote $out ($(du -sh "$out" | cut -f1)): $(ls "$out/wheels" | tr '\n' ' ')"

@@ -21,6 +21,12 @@ groups); --padded, --naive-output-layer and --max-tokens select the others for c
 --hf DIR trains that HF checkpoint instead of the seed's model (e.g. a tiny Qwen3-MoE); with a
 mixture-of-experts model --ep/--etp spread its experts, --moe-aux-loss-coef sets the
 load-balancing loss (default: the HF config's) and --dispatcher picks megatron's token dispatcher.
+--routing-replay (with an MoE --hf) gives every rollout the experts transformers routes its tokens
+to on CPU (an engine's report) and replays them (actor.routing_replay=rollout).
+--optimizer-format FORMAT|auto:CONFIG writes --save's optimizer state in that format (auto: the
+pick of checkpoint.optimizer_format=auto for CONFIG's model and layout).
+Each step's line carries first_update_s_abs_max, |s̄| at its first update (0: old log-probs and the
+training forward agree exactly); --require-zero-s makes a non-zero value an error.
 """
 
 from __future__ import annotations
@@ -73,6 +79,32 @@ def synthetic_rollouts(seed: int, step: int, short: bool = False):
     return rollouts
 
 
+def transformers_routing(hf_dir: str, rollouts) -> None:
+    """Give each rollout the experts transformers' model (float32, CPU) routes its tokens to, as an
+    engine reports them: one row per fed token (all but the last), [tokens - 1, MoE layers, k]."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    k = model.config.num_experts_per_tok
+    with torch.no_grad():
+        for r in rollouts:
+            ids = list(r.prompt_ids) + list(r.response_ids)
+            logits = model(torch.tensor([ids]), output_router_logits=True).router_logits  # per MoE layer
+            experts = torch.stack([layer.reshape(len(ids), -1).topk(k, dim=-1).indices for layer in logits], 1)
+            r.routed_experts = experts[:-1].to(torch.uint8)
+
+
+def optimizer_format_of(value: str) -> tuple[str, str]:
+    """(format, why) from FORMAT or auto:CONFIG (the pick checkpoint.optimizer_format=auto makes there)."""
+    if not value.startswith("auto:"):
+        return value, "given"
+    from real_megatron.config import load_config
+    from real_megatron.memory import architecture_of, optimizer_format
+
+    cfg = load_config(value[5:])
+    return optimizer_format(cfg, architecture_of(cfg))
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=1)
@@ -115,6 +147,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: --tp)")
     parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     parser.add_argument("--moe-aux-loss-coef", type=float, default=None, help="default: the HF config's")
+    parser.add_argument("--routing-replay", action="store_true", help="MoE: replay transformers' routing (CPU)")
+    parser.add_argument("--optimizer-format", default="fully_reshardable", help="FORMAT or auto:CONFIG (with --save)")
+    parser.add_argument("--require-zero-s", action="store_true", help="exit 1 unless s̄ = 0 at every first update")
     parser.add_argument(
         "--layout",
         action="append",
@@ -179,7 +214,7 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
             max_tokens_per_micro_batch=args.max_tokens,
             pack_sequences=not args.padded,
             fused_output_layer=not args.naive_output_layer,
-            routing_replay="none",
+            routing_replay="rollout" if args.routing_replay else "none",
         ),
         moe_dispatcher=args.dispatcher,
         moe_aux_loss_coef=args.moe_aux_loss_coef,
@@ -202,12 +237,23 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
     start = 0
     if args.load:
         start = load_checkpoint(actor, args.load)["step"]
+    nonzero_s = False
     for step in range(start, start + args.steps):
-        metrics = actor.train_step(synthetic_rollouts(args.seed, step, args.short_rollouts))
+        rollouts = synthetic_rollouts(args.seed, step, args.short_rollouts)
+        if args.routing_replay:
+            transformers_routing(args.hf, rollouts)
+        metrics = actor.train_step(rollouts)
+        s_first = metrics.get("first_update_score_abs_max", float("nan"))
+        nonzero_s |= s_first != 0.0
         if torch.distributed.get_rank() == 0:
             print(
                 f"{prefix}step {step}: loss {metrics['loss']:.10e} grad_norm {metrics['grad_norm']:.10e} "
-                f"micro_batches {metrics['micro_batches']}"
+                f"micro_batches {metrics['micro_batches']} first_update_s_abs_max {s_first:.3e}"
+                + (
+                    f" routing_mismatch_frac {metrics['routing_mismatch_frac']:.4f}"
+                    if "routing_mismatch_frac" in metrics
+                    else ""
+                )
                 + (f" kl_mean {metrics['kl_mean']:.10e}" if args.kl != "none" else "")
                 + (
                     f" moe_aux_loss {metrics['moe_aux_loss']:.10e} moe_expert_load_max {metrics['moe_expert_load_max']:.6f}"
@@ -217,10 +263,16 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
                 flush=True,
             )
     if args.save:
-        save_checkpoint(actor, args.save, {"step": start + args.steps})
+        fmt, why = optimizer_format_of(args.optimizer_format)
+        if torch.distributed.get_rank() == 0:
+            print(f"{prefix}optimizer format {fmt} ({args.optimizer_format}: {why})", flush=True)
+        save_checkpoint(actor, args.save, {"step": start + args.steps}, optimizer_format=fmt)
     state = actor.gather_hf_state_dict()
     if state is not None:
         save_file({k: v.contiguous() for k, v in state.items()}, args.out)
+    if args.require_zero_s and nonzero_s:
+        print(f"{prefix}FAIL: s̄ was not 0 at a first update (old log-probs and the training forward differ)")
+        return 1
     if last:
         shutdown()
     else:  # the next layout builds megatron's groups anew on the same processes

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import AlgorithmConfig, ParallelConfig, TrainConfig
+from ..kernels import without_value_checks
 from ..memory import architecture_of, recompute_layers
 from ..objectives import PolicyBatch, normalise, sequence_scores
 from ..objectives.importance import mismatch_partials
@@ -276,6 +277,7 @@ class Actor:
 
     # --- one RL step -------------------------------------------------------------------------
 
+    @without_value_checks  # ids checked on the host once per batch (_check_rollouts): no syncs per call
     def train_step(self, rollouts: list[Rollout], step: int | None = None) -> dict:
         """Old log-probs, then `updates_per_batch` passes of one optimizer step per mini-batch.
         `step` (the RL step) only names where a non-finite update happened."""

@@ -48,14 +48,17 @@ class MoEStats:
                 hidden = args[0].detach().reshape(-1, router.weight.shape[1])
                 routing_map = output[1].reshape(-1, experts)
                 padding = args[1] if len(args) > 1 else None  # GPTModel's padding_mask: True = padding
-                if padding is not None:
-                    keep = ~padding.reshape(-1)
-                    hidden, routing_map = hidden[keep], routing_map[keep]
                 probs = torch.softmax(torch.nn.functional.linear(hidden, router.weight.detach()).float(), dim=-1)
                 row = self.sums[slot]
-                row[:experts] += routing_map.sum(dim=0).to(row.dtype)
-                row[experts : 2 * experts] += probs.sum(dim=0).to(row.dtype)
-                row[-1] += hidden.shape[0]
+                if padding is None:
+                    row[:experts] += routing_map.sum(dim=0).to(row.dtype)
+                    row[experts : 2 * experts] += probs.sum(dim=0).to(row.dtype)
+                    row[-1] += hidden.shape[0]
+                else:  # weighted by the mask, not boolean-indexed: indexing reads the count back (a sync)
+                    keep = (~padding.reshape(-1, 1)).to(row.dtype)
+                    row[:experts] += (routing_map.to(row.dtype) * keep).sum(dim=0)
+                    row[experts : 2 * experts] += (probs.to(row.dtype) * keep).sum(dim=0)
+                    row[-1] += keep.sum()
 
         return record
 

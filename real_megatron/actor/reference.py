@@ -107,12 +107,16 @@ class ReferenceModel:
             self._move(torch.device("cpu"))
 
     def _move(self, device: torch.device) -> None:
-        for chunk in self.chunks:
-            for param in chunk.parameters():
-                if device.type == "cpu":
-                    param.data = param.data.to(device).pin_memory()
-                else:
-                    param.data = param.data.to(device, non_blocking=True)
+        """Frozen weights: the pinned host copy is made once (copied straight into pinned memory)
+        and kept; offloading again only drops the device copy, reloading copies it up."""
+        params = [param for chunk in self.chunks for param in chunk.parameters()]
+        if device.type == "cpu" and not hasattr(self, "_host"):
+            self._host = []
+            for param in params:
+                host = torch.empty(param.shape, dtype=param.dtype, device="cpu", pin_memory=True)
+                self._host.append(host.copy_(param.data))
+        for param, host in zip(params, getattr(self, "_host", [])):
+            param.data = host if device.type == "cpu" else host.to(device, non_blocking=True)
 
     @contextlib.contextmanager
     def resident(self):

@@ -5,7 +5,7 @@ between them (`impl="auto"`). Verified on CPU: the Triton kernels run under TRIT
 against the torch reference and float64 in CI; on CUDA the same kernels compile (not run in CI).
 """
 
-from .dispatch import IMPLS, interpreting, triton_available
+from .dispatch import IMPLS, interpreting, triton_available, value_checks, value_checks_enabled, without_value_checks
 from .group_lse import group_logsumexp, segment_sum
 from .linear_logprobs import default_chunk_tokens, linear_token_logprobs
 from .token_logprobs import token_logprobs
@@ -19,4 +19,7 @@ __all__ = [
     "segment_sum",
     "token_logprobs",
     "triton_available",
+    "value_checks",
+    "value_checks_enabled",
+    "without_value_checks",
 ]

@@ -6,6 +6,8 @@ is how CI runs the Triton kernels on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -27,6 +29,39 @@ def _warn_interpreter_on_gpu() -> None:
     if not _warned:
         _warned = True
         warnings.warn(INTERPRETER_ON_GPU, stacklevel=3)
+
+
+# Value checks (index and target ids in range) read tensors back to the host: one device sync
+# each, about ten per micro-batch. On by default (direct calls, tests); the training step turns
+# them off (its ids are checked on the host once per batch); REAL_MEGATRON_KERNEL_CHECKS=1 keeps
+# them on everywhere (the test suite sets it).
+KERNEL_CHECKS_ENV = "REAL_MEGATRON_KERNEL_CHECKS"
+_value_checks = [True]
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks[-1] or os.environ.get(KERNEL_CHECKS_ENV, "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the kernels' value checks on or off inside the block (see KERNEL_CHECKS_ENV)."""
+    _value_checks.append(enabled)
+    try:
+        yield
+    finally:
+        _value_checks.pop()
+
+
+def without_value_checks(fn):
+    """Decorator: run `fn` with the kernels' value checks off (no device syncs for them)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with value_checks(False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def triton_available() -> bool:

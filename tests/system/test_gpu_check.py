@@ -19,6 +19,8 @@ ITEMS = (
     "(a) Triton kernels",
     "(b) actor step",
     "(c) bf16 step",
+    "(g) block recompute",
+    "(h) Qwen3-MoE step",
     "(e) logits",
     "(d) checkpoint resume",
     "(a) kernel benchmark",
@@ -130,13 +132,27 @@ def test_the_check_on_a_machine_laid_out_like_the_gpu_machine(tmp_path):
     assert check.returncode == 0, check.stdout[-3000:] + log[-3000:]
     installed = next(line for line in log.splitlines() if line.startswith("gpu_check: installed"))
     assert "megatron_core-0.16.1" in installed and "pytest" in installed  # from the bundle onto PYTHONPATH: no venv
-    assert "python 3.11" in log and "megatron-core 0.16.1" in log
+    assert "python 3.11" in log and "megatron-core 0.16.1" in log and "nccl none (no CUDA)" in log
+    assert "transformer_engine absent apex absent ; layer spec: bf16 local fp32 local" in log
     for item in ITEMS:
         assert f"PASS {item}" in log, log[-3000:]
     assert "FAIL" not in log and "SKIP" not in log
-    assert "(d) checkpoint resume" in log and "max relative difference over 51 tensors: 0.000e+00 (tolerance 0)" in log
+    # (b) names the tensor that differs most, against this machine's CPU and against the bundle
+    assert (
+        "vs this machine CPU: max relative difference over 51 tensors: 0.000e+00 (tolerance 1e-05), largest in" in log
+    )
+    assert "max relative difference over 51 tensors: 0.000e+00 (tolerance 0)" in log  # (d), bit for bit
+    assert "auto picks: dp_reshardable real_r1distill_qwen_1p5b.yaml;dp_reshardable real_r1distill_qwen_7b.yaml" in log
+    assert "first_update_s_abs_max 0.000e+00 routing_mismatch_frac 0.0000" in log  # (h): replayed, s̄ = 0
+    assert "host syncs: not counted (torch.cuda.set_sync_debug_mode needs CUDA)" in log  # (c) on CPU
+    assert all(k in log for k in ("lse ", "grad ", "TFLOP/s", "GB/s"))  # the kernel benchmark's two tables
     assert "| tokens/s" in log and "packed+fused" in log  # (f): the data path table
     # what comes back is a few files, no deeper than one folder; scratch stayed under /tmp
     returned = [p for p in (tmp_path / "out").rglob("*")]
-    assert sorted(p.name for p in returned) == ["bench_kernels.json", "gpu_check.log", "gpu_step.json"], returned
+    assert sorted(p.name for p in returned) == [
+        "bench_kernels.json",
+        "gpu_check.log",
+        "gpu_step.json",
+        "gpu_step_block.json",
+    ], returned
     assert not list(clone.rglob("pyvenv.cfg"))
