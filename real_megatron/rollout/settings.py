@@ -55,6 +55,24 @@ class RolloutConfig:
     # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
     # 0 = generate, then train (synchronous)
     max_staleness: int = 0
+    # --- multi-turn rollouts (real_megatron/agents/) ------------------------------------------------
+    # an environment class by import path (module.path:ClassName), one instance per trajectory,
+    # made with `environment_args`; None with `tools` empty: single-turn rollouts
+    environment: Optional[str] = None
+    environment_args: dict = field(default_factory=dict)
+    # tools offered to the model (`python`, or module.path:function); without `environment` they
+    # make the tool environment (agents/tool_env.py)
+    tools: list[str] = field(default_factory=list)
+    # model turns per trajectory at most; a trajectory still going after them is truncated. In a
+    # multi-turn run rollout.max_new_tokens is the trajectory's total budget after the prompt
+    # (model turns and what comes between them); one past it is truncated too.
+    max_turns: int = 8
+    # at most this many tokens per model turn (0: the rest of the trajectory's budget)
+    max_tokens_per_turn: int = 0
+
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.environment or self.tools)
 
     def check(self) -> list[str]:
         """What is wrong inside this section alone (each a sentence naming the key); [] if nothing."""
@@ -85,4 +103,14 @@ class RolloutConfig:
             and self.num_servers < 1
         ):
             errors.append("rollout.weight_sync='distributed' needs at least one server")
+        if self.max_turns < 1:
+            errors.append(f"rollout.max_turns must be >= 1, got {self.max_turns}")
+        if self.max_tokens_per_turn < 0:
+            errors.append(
+                f"rollout.max_tokens_per_turn must be >= 0 (0: the trajectory's budget), got {self.max_tokens_per_turn}"
+            )
+        if self.environment and ":" not in self.environment:
+            errors.append(f"rollout.environment={self.environment!r}: expected module.path:ClassName")
+        if self.environment_args and not self.environment and not self.tools:
+            errors.append("rollout.environment_args is set but rollout.environment is not")
         return errors
