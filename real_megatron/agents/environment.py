@@ -93,6 +93,8 @@ def environment_spec(settings) -> tuple[Optional[str], dict]:
 def tool_settings(settings) -> dict:
     """The tool environment's settings from the `rollout` section (the keys starting `tool_` or
     `sandbox_`), as keyword arguments of ToolEnvironment."""
+    if callable(own := getattr(settings, "tool_settings", None)):
+        return own()
     return {
         name: getattr(settings, name)
         for name in vars(settings)

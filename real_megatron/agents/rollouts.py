@@ -135,6 +135,7 @@ class TrajectoryRunner:
 
     def run(self, engine, examples: list[dict], n: int, params) -> list[list[Trajectory]]:
         """n trajectories per example, grouped per example."""
+        params = replace(params, stop_token_ids=tuple(params.stop_token_ids) or self.stop_ids)
         if getattr(engine, "concurrent_calls", False):
             return self._run_concurrent(engine, examples, n, params)
         return self._run_lockstep(engine, examples, n, params)

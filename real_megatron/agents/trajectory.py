@@ -94,7 +94,9 @@ def check_append_only(glue: ChatGlue, prompt: Optional[list[dict]] = None) -> No
     sees at inference."""
     tok = glue.tokenizer
     conversation = list(prompt or [{"role": "user", "content": "What is 12 * 34?"}])
-    replies = ["Let me compute it.", "It is 408."]
+    # with reasoning, as reasoning models write it: a template that drops earlier turns' reasoning
+    # (Qwen3's, when user turns come between the model's) is not append-only
+    replies = ["<think>\nTimes.\n</think>\n\nLet me compute it.", "It is 408."]
     between = [{"role": "tool", "content": "408"}] if glue.tools else [{"role": "user", "content": "Sure?"}]
     ids = render(tok, conversation, True, glue.tools)
     ids += glue.assistant_ids(replies[0]) + glue.between(between) + glue.assistant_ids(replies[1])
