@@ -4,8 +4,9 @@ Each of a step's prompts gets rollout.n_samples trajectories, each with its own 
 instance: `reset(example)` gives the first messages, the engine samples the model's turn from the
 token ids so far, `step(reply_text)` gives what follows, the chat template's glue (trajectory.py)
 is appended as ids, and so on until the environment says done, `rollout.max_turns` model turns
-have run, or the trajectory's token budget (data.max_prompt_tokens + rollout.max_new_tokens, the
-same bound as a single-turn rollout's, so the actor's token budget holds) is spent.
+have run, or the trajectory's token budget is spent: rollout.max_new_tokens after the prompt (model
+turns and what comes between them), and data.max_prompt_tokens + rollout.max_new_tokens in all, the
+bound of a single-turn rollout, so the actor's token budget holds.
 
 Two drivers, one trajectory logic:
 - engines that generate many requests at once from one call (the embedded engine) run the
@@ -41,8 +42,9 @@ _TURN_SEED_STRIDE = 2 * 10**14  # beyond the rounds' strides (collect.sampling_s
 @dataclass
 class TurnLimits:
     max_turns: int
-    total_tokens: int  # prompt + everything after it
+    total_tokens: int  # prompt + everything after it (data.max_prompt_tokens + rollout.max_new_tokens)
     tokens_per_turn: int = 0  # 0: the rest of the budget
+    response_tokens: int = 0  # everything after the prompt (rollout.max_new_tokens); 0: no bound but the total
 
 
 def example_dict(ex) -> dict:
@@ -92,8 +94,15 @@ class TrajectoryRunner:
         traj.turns = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
         return traj, env, glue
 
-    def turn_budget(self, traj: Trajectory) -> int:
+    def room(self, traj: Trajectory) -> int:
+        """Tokens the trajectory may still grow by."""
         left = self.limits.total_tokens - len(traj.context)
+        if self.limits.response_tokens:
+            left = min(left, self.limits.response_tokens - len(traj.ids))
+        return left
+
+    def turn_budget(self, traj: Trajectory) -> int:
+        left = self.room(traj)
         return min(left, self.limits.tokens_per_turn) if self.limits.tokens_per_turn else left
 
     def after_sample(self, traj, env, glue, ids, logprobs, finish, version, routed=None) -> bool:
@@ -107,7 +116,7 @@ class TrajectoryRunner:
         if routed is not None:
             traj.routed.append((fed_before, len(ids), routed))
         if finish == "length" or not stopped:
-            traj.finish = "tokens" if len(traj.context) >= self.limits.total_tokens else "length"
+            traj.finish = "tokens" if self.room(traj) <= 0 else "length"
             return False
         result = env.step(text)
         if result.reward is not None:
@@ -119,7 +128,7 @@ class TrajectoryRunner:
         between = glue.between(result.messages)
         if traj.model_turns >= self.limits.max_turns:
             traj.finish = "turns"
-        elif len(traj.context) + len(between) >= self.limits.total_tokens:
+        elif len(between) >= self.room(traj):  # no room left for the model's next turn
             traj.finish = "tokens"
         traj.add_between(between, result.messages)
         if traj.finish:  # tokens after the last model turn are not kept (see the module docstring)

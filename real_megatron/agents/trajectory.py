@@ -14,7 +14,8 @@ assistant's end-of-turn token (Qwen's "\\n" after <|im_end|>). That is right onl
 is append-only: rendering a conversation so far and then appending messages must give the ids of
 rendering it whole. `check_append_only` verifies it once per tokenizer, on a probe conversation
 with the run's tools, and refuses a template that is not (naming the first id where they differ);
-`ChatGlue` also refuses any single suffix whose base rendering is not a prefix.
+`ChatGlue` also refuses any single suffix whose base rendering is not a prefix. A tokenizer without
+a chat template gets plain text, as single-turn prompts do (data/dataset.py's render_prompt).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class TemplateError(ValueError):
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool, tools: Optional[list[dict]]) -> list[int]:
+    """The conversation's ids by the tokenizer's chat template; without one, as data/dataset.py's
+    render_prompt does (the messages' contents joined by newlines)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode("\n".join(m["content"] for m in messages), add_special_tokens=False)
     kwargs = {"tools": tools} if tools else {}
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True, **kwargs)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -46,12 +51,18 @@ class ChatGlue:
     """The ids between one model turn and the next, from the tokenizer's chat template."""
 
     def __init__(self, tokenizer, stop_ids: tuple[int, ...], tools: Optional[list[dict]] = None):
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError(
-                "multi-turn rollouts need a chat template on the tokenizer (the tokens between turns come from it); "
-                f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')!r} has none"
-            )
         self.tokenizer, self.tools, self.stop_ids = tokenizer, tools, tuple(stop_ids)
+        # without a chat template (the built-in task's tokenizer) the conversation is plain text, as
+        # single-turn prompts are: each message after a model turn on a line of its own
+        self.plain = not getattr(tokenizer, "chat_template", None)
+        if self.plain:
+            if tools:
+                raise TemplateError(
+                    "tools are offered to the model through its chat template's tool format; the tokenizer "
+                    f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template"
+                )
+            self.after_stop, self._base = [], []
+            return
         base = render(tokenizer, _BASE, False, tools)
         ends = [i for i, t in enumerate(base) if t in self.stop_ids]
         # what the template writes after the assistant's end-of-turn token (the model stops at it)
@@ -62,6 +73,9 @@ class ChatGlue:
     def between(self, messages: list[dict]) -> list[int]:
         """Ids after a model turn that ended with its stop token: `messages` (tool results, user or
         environment turns) and the next assistant turn's header."""
+        if self.plain:
+            text = "".join("\n" + m["content"] for m in messages)
+            return self.tokenizer.encode(text, add_special_tokens=False) if text else []
         base = self._base
         whole = render(self.tokenizer, _BASE + list(messages), True, self.tools)
         if whole[: len(base)] != base:
@@ -93,6 +107,8 @@ def check_append_only(glue: ChatGlue, prompt: Optional[list[dict]] = None) -> No
     that drops earlier reasoning, say) fails here: the model would be trained on contexts it never
     sees at inference."""
     tok = glue.tokenizer
+    if glue.plain:  # plain text: appended, never re-rendered, by construction
+        return
     conversation = list(prompt or [{"role": "user", "content": "What is 12 * 34?"}])
     # with reasoning, as reasoning models write it: a template that drops earlier turns' reasoning
     # (Qwen3's, when user turns come between the model's) is not append-only

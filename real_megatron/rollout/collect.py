@@ -81,7 +81,9 @@ def make_trajectory_runner(inputs, cfg):
 
     spec, args = environment_spec(r)
     key = "rollout.environment" if r.environment else "rollout.tools"
-    limits = TurnLimits(r.max_turns, cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_tokens_per_turn)
+    limits = TurnLimits(
+        r.max_turns, cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_tokens_per_turn, r.max_new_tokens
+    )
     return TrajectoryRunner(load_environment_factory(spec, args, key), inputs.tokenizer, inputs.stop_ids, limits)
 
 

@@ -5,7 +5,7 @@ config.py's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -59,7 +59,7 @@ class RolloutConfig:
     # an environment class by import path (module.path:ClassName), one instance per trajectory,
     # made with `environment_args`; None with `tools` empty: single-turn rollouts
     environment: Optional[str] = None
-    environment_args: dict = field(default_factory=dict)
+    environment_args: dict[str, Any] = field(default_factory=dict)
     # tools offered to the model (`python`, or module.path:function); without `environment` they
     # make the tool environment (agents/tool_env.py)
     tools: list[str] = field(default_factory=list)

@@ -7,8 +7,10 @@ class CountingEnv:
     ("result k") until `turns` turns have run or the model writes "ANSWER"; `reward` None leaves the
     label to the run's verifier."""
 
-    def __init__(self, turns: int = 2, reward=None, role: str = "tool"):
-        self.turns, self.reward, self.role = turns, reward, role
+    def __init__(
+        self, turns: int = 2, reward=None, role: str = "tool", message: str = "result {n}", tools: bool = True
+    ):
+        self.turns, self.reward, self.role, self.message, self.offer_tools = turns, reward, role, message, tools
         self.replies: list[str] = []
         self.closed = False
         self.stats = {"tool_calls": 0}
@@ -22,9 +24,11 @@ class CountingEnv:
         if len(self.replies) >= self.turns or "ANSWER" in reply_text:
             return [], True, self.reward
         self.stats["tool_calls"] += 1
-        return [{"role": self.role, "content": f"result {len(self.replies)}"}], False, None
+        return [{"role": self.role, "content": self.message.format(n=len(self.replies))}], False, None
 
     def tools(self) -> list[dict]:
+        if not self.offer_tools:
+            return []
         return [{"type": "function", "function": {"name": "count", "parameters": {"type": "object"}}}]
 
     def close(self) -> None:

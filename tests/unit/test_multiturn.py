@@ -77,10 +77,15 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_by_name():
     glue = ChatGlue(tok, stop_ids(tok))
     with pytest.raises(TemplateError, match="not append-only: rendering the conversation turn by turn and rendering"):
         check_append_only(glue)
-    with pytest.raises(TemplateError, match="need a chat template"):
-        plain = chat_tokenizer()
-        plain.chat_template = None
-        ChatGlue(plain, stop_ids(tok))
+    plain = chat_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(TemplateError, match="tools are offered to the model through its chat template"):
+        ChatGlue(plain, stop_ids(tok), TOOLS)
+    glue = ChatGlue(plain, stop_ids(tok))  # plain text, as single-turn prompts without a template
+    assert (
+        plain.decode(glue.between([{"role": "tool", "content": "7"}, {"role": "user", "content": "ok"}])) == "\n7\nok"
+    )
+    assert render(plain, PROMPT, True, None) == plain.encode(PROMPT[0]["content"], add_special_tokens=False)
 
 
 def test_trajectory_ids_are_the_sampled_ids_and_the_glue_and_nothing_is_reencoded(tok):
@@ -121,6 +126,12 @@ def test_turn_and_token_limits_truncate_and_drop_what_follows_the_last_model_tur
         (traj,) = runner(tok, lambda: CountingEnv(turns=10), total=total).run(engine, [example], 1, SamplingParams())[0]
         assert traj.finish in ("tokens", "length") and traj.truncated
         assert len(traj.context) <= total and traj.mask[-1]
+    engine = ScriptedEngine(tok, ["Go on."])
+    limits = TurnLimits(10, 4096, 0, 30)  # 30 tokens after the prompt
+    (traj,) = TrajectoryRunner(lambda: CountingEnv(turns=10), tok, stop_ids(tok), limits).run(
+        engine, [example], 1, SamplingParams()
+    )[0]
+    assert traj.finish in ("tokens", "length") and len(traj.ids) <= 30 and traj.mask[-1]
     engine = ScriptedEngine(tok, ["A long first turn."])
     (traj,) = runner(tok, lambda: CountingEnv(turns=3), per_turn=5).run(engine, [example], 1, SamplingParams())[0]
     assert traj.finish == "length" and traj.model_turns == 1 and len(traj.ids) == 5
