@@ -79,25 +79,25 @@ def load_environment_factory(spec: str, args: Optional[dict] = None, key: str = 
     return make
 
 
-def environment_spec(settings) -> tuple[Optional[str], dict]:
+def environment_spec(rollout) -> tuple[Optional[str], dict]:
     """(the environment's import path, its constructor arguments) for a `rollout` section: the
     named environment, the tool environment when only tools are named, or (None, {}) for a
     single-turn run."""
-    if settings.environment:
-        return settings.environment, dict(settings.environment_args)
-    if settings.tools:
-        return TOOL_ENVIRONMENT, {"tools": list(settings.tools), **tool_settings(settings)}
+    if rollout.environment:
+        return rollout.environment, dict(rollout.environment_args)
+    if rollout.tools:
+        return TOOL_ENVIRONMENT, {"tools": list(rollout.tools), **tool_settings(rollout)}
     return None, {}
 
 
-def tool_settings(settings) -> dict:
+def tool_settings(rollout) -> dict:
     """The tool environment's settings from the `rollout` section (the keys starting `tool_` or
     `sandbox_`), as keyword arguments of ToolEnvironment."""
-    if callable(own := getattr(settings, "tool_settings", None)):
+    if callable(own := getattr(rollout, "tool_settings", None)):
         return own()
     return {
-        name: getattr(settings, name)
-        for name in vars(settings)
+        name: getattr(rollout, name)
+        for name in vars(rollout)
         if name.startswith(("tool_", "sandbox_")) and name != "tools"
     }
 
