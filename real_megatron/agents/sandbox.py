@@ -43,6 +43,14 @@ class CellResult:
     timed_out: bool = False  # wall clock or CPU limit
 
 
+def cut(text: str, limit: int) -> str:
+    """`text` within `limit` characters: its first and last halves, with a mark where it was cut."""
+    if len(text) <= limit:
+        return text
+    half = max(1, limit // 2)
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters cut) ...\n{text[-half:]}"
+
+
 def interpreter_dirs() -> list[str]:
     """The directories the interpreter needs visible inside the sandbox (its prefixes and libraries)."""
     dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
@@ -70,6 +78,7 @@ class LocalSandbox:
         self.workdir: Optional[str] = None
         self.isolation_used: Optional[str] = None
         self._lock = asyncio.Lock()
+        self._state_lost = False  # the last interpreter was killed: the next cell is told
 
     def _settings(self) -> dict:
         return {
@@ -133,9 +142,10 @@ class LocalSandbox:
         async with self._lock:  # one interpreter: cells of a turn run in the order they were called
             restarted = ""
             if self.proc is None or self.proc.returncode is not None:
-                if self.proc is not None:
+                if self.proc is not None or self._state_lost:
                     restarted = "(the interpreter was restarted: variables from earlier cells are gone)\n"
                     await self._kill()
+                self._state_lost = False
                 error = await self._start()
                 if error is not None:
                     return CellResult(f"the python sandbox could not start: {error}", error=True)
@@ -148,6 +158,7 @@ class LocalSandbox:
                 reply = json.loads(line)
             except TimeoutError:
                 await self._kill()
+                self._state_lost = True
                 return CellResult(
                     f"{restarted}Timed out after {self.timeout_s:g} s: the cell was stopped and the interpreter "
                     "restarted (variables from earlier cells are gone)",
@@ -157,6 +168,7 @@ class LocalSandbox:
             except (ConnectionError, OSError, ValueError) as exc:
                 code_ = self.proc.returncode if self.proc else None
                 await self._kill()
+                self._state_lost = True
                 why = "killed by its CPU limit" if code_ in (-signal.SIGXCPU, -signal.SIGKILL) else f"{exc}"
                 return CellResult(
                     f"{restarted}The interpreter died ({why}); the next cell starts a fresh one",
@@ -164,8 +176,6 @@ class LocalSandbox:
                     timed_out=code_ in (-signal.SIGXCPU, -signal.SIGKILL),
                 )
             output = reply["output"]
-            if reply["dropped"]:
-                output += f"\n... ({reply['dropped']} more characters cut)"
             timed_out = "CPU time limit reached" in output and reply["error"]
             return CellResult(restarted + output, error=reply["error"], timed_out=timed_out)
 
@@ -245,8 +255,7 @@ class RemoteSandbox:
             self.cells.append(code)
         if not run and reply.get("message"):
             output += str(reply["message"])
-        if len(output) > self.max_output:
-            output = output[: self.max_output] + f"\n... ({len(output) - self.max_output} more characters cut)"
+        output = cut(output, self.max_output)
         return CellResult(output, error=error)
 
     async def close(self) -> None:

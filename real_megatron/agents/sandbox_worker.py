@@ -14,7 +14,7 @@ Start-up, before any model code runs:
    trajectory's total as its hard limit), file size, open files, no core files, and processes
    (RLIMIT_NPROC; the kernel does not enforce it for uid 0).
 3. an audit hook (PEP 578) refuses, from Python: process creation (fork, exec, spawn, system,
-   subprocess), sockets (connect, bind, sendto), signals to other processes and ctypes' loading
+   subprocess, _posixsubprocess), sockets (connect, bind, sendto), signals to other processes and ctypes' loading
    of libraries. Audit hooks are not a security boundary on their own (code that reaches C can
    step around them); they stop the ordinary ways and back up the kernel's limits.
 
@@ -57,6 +57,7 @@ BLOCKED_EVENTS = {
     "signal.pthread_kill": "signalling processes",
     "ctypes.dlopen": "loading libraries through ctypes",
     "ctypes.dlsym": "loading libraries through ctypes",
+    "ctypes.call_function": "calling C functions through ctypes",
 }
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -164,26 +165,41 @@ def set_limits(settings: dict) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (settings["max_processes"],) * 2)
 
 
+def _no_processes(*args, **kwargs):
+    raise PermissionError("the sandbox does not allow starting processes (_posixsubprocess.fork_exec)")
+
+
 def audit(event: str, args) -> None:
+    if event == "import" and args[0] == "_posixsubprocess":  # loaded again, with its fork_exec back
+        raise PermissionError("the sandbox does not allow starting processes (_posixsubprocess)")
     what = BLOCKED_EVENTS.get(event)
     if what is not None:
         raise PermissionError(f"the sandbox does not allow {what} ({event})")
 
 
 class Output:
-    """A text stream that keeps the first `limit` characters and counts the rest."""
+    """A text stream that keeps the first and the last `limit // 2` characters and counts the rest
+    (the end of an output holds the error, or the result)."""
 
     def __init__(self, limit: int):
-        self.limit, self.parts, self.size, self.dropped = limit, [], 0, 0
+        self.half = max(1, limit // 2)
+        self.head, self.tail, self.size = "", "", 0
 
     def write(self, text) -> int:
         text = str(text)
-        room = self.limit - self.size
-        if room > 0:
-            self.parts.append(text[:room])
-            self.size += min(room, len(text))
-        self.dropped += max(0, len(text) - max(room, 0))
-        return len(text)
+        self.size += len(text)
+        if len(self.head) < self.half:
+            room = self.half - len(self.head)
+            self.head, text = self.head + text[:room], text[room:]
+        self.tail = (self.tail + text)[-self.half :]
+        return self.size
+
+    def text(self) -> tuple[str, int]:
+        """(what is kept, with a mark where characters were cut; how many were cut)."""
+        dropped = self.size - len(self.head) - len(self.tail)
+        if dropped <= 0:
+            return self.head + self.tail, 0
+        return f"{self.head}\n... ({dropped} characters cut) ...\n{self.tail}", dropped
 
     def flush(self) -> None:
         pass
@@ -249,6 +265,11 @@ def main() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     signal.signal(signal.SIGXCPU, on_sigxcpu)
+    import _posixsubprocess  # subprocess's fork and exec, which raise no audit event of their own
+
+    _posixsubprocess.fork_exec = _no_processes
+    global libc
+    libc = None  # nothing of the set-up's C functions is left for the cells
     scope = {"__name__": "__main__", "__builtins__": __builtins__}
     sys.addaudithook(audit)
     proto_out.write(json.dumps({"ready": True, "isolation": isolation, "why": settings.get("fallback_reason")}) + "\n")
@@ -265,8 +286,8 @@ def main() -> None:
             error = run_cell(job["code"], scope, out)
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-        text = "".join(out.parts)
-        proto_out.write(json.dumps({"output": text, "error": error, "dropped": out.dropped}) + "\n")
+        text, dropped = out.text()
+        proto_out.write(json.dumps({"output": text, "error": error, "dropped": dropped}) + "\n")
         proto_out.flush()
 
 
