@@ -87,9 +87,12 @@ def make_trajectory_runner(inputs, cfg):
     return TrajectoryRunner(load_environment_factory(spec, args, key), inputs.tokenizer, inputs.stop_ids, limits)
 
 
-def generate_trajectories(runner, engine, inputs, examples, n: int, params: SamplingParams, timeout_s: float):
-    """(rollouts, metrics) of a multi-turn step on rank 0: trajectories, labelled once each (the
-    environment's reward, else the verifier on the last model turn)."""
+def generate_trajectories(
+    runner, engine, tokenizer, reward_fn, examples, n: int, params: SamplingParams, timeout_s: float
+):
+    """(rollouts, metrics) of multi-turn generation on rank 0 (a step's, or an evaluation's):
+    trajectories, labelled once each (the environment's reward, else the verifier on the last
+    model turn)."""
     from ..agents.rollouts import example_dict, routed_experts_of
 
     start = time.perf_counter()
@@ -98,8 +101,8 @@ def generate_trajectories(runner, engine, inputs, examples, n: int, params: Samp
     start = time.perf_counter()
     flat = [(ex, t) for ex, group in zip(examples, groups) for t in group]
     unlabelled = [k for k, (_, t) in enumerate(flat) if t.reward is None]
-    texts = [inputs.tokenizer.decode(flat[k][1].last_turn_ids, skip_special_tokens=True) for k in unlabelled]
-    scores = score_responses(inputs.reward_fn, texts, [flat[k][0].ground_truth for k in unlabelled], timeout_s)
+    texts = [tokenizer.decode(flat[k][1].last_turn_ids, skip_special_tokens=True) for k in unlabelled]
+    scores = score_responses(reward_fn, texts, [flat[k][0].ground_truth for k in unlabelled], timeout_s)
     labels = {k: v for k, v in zip(unlabelled, scores)}
     rollouts = []
     for k, (ex, t) in enumerate(flat):
@@ -162,7 +165,14 @@ def collect_rollouts(engine, inputs, cfg, step: int, runner=None) -> tuple[list[
         )
         if runner is not None:
             rollouts, phase = generate_trajectories(
-                runner, engine, inputs, examples, r.n_samples, params, cfg.data.verifier_timeout_s
+                runner,
+                engine,
+                inputs.tokenizer,
+                inputs.reward_fn,
+                examples,
+                r.n_samples,
+                params,
+                cfg.data.verifier_timeout_s,
             )
         else:
             rollouts, phase = generate_rollouts(

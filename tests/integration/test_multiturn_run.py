@@ -84,6 +84,9 @@ def test_a_users_environment_trains_by_import_path_and_resumes_after_a_kill(tmp_
     assert two and all([t["role"] for t in r["turns"]] == ["user", "assistant", "user", "assistant"] for r in two)
     assert all(r["turns"][2]["content"] == "=" and r["model_tokens"] < r["response_tokens"] for r in two)
 
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())  # evaluated as trained: trajectories
+    assert 1.0 <= summary["baseline_turns_mean"] <= 2.0 and 1.0 <= summary["final_turns_mean"] <= 2.0
+
     train(tmp_path, "c", kill_at="after_rollouts:3")  # mid-step, after generation
     out = train(tmp_path, "c")
     assert f"resumed from {tmp_path / 'c' / 'checkpoints' / 'step_000002'} at step 2" in out
