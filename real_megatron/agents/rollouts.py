@@ -196,7 +196,9 @@ class TrajectoryRunner:
                 self.finish(traj, env)
 
         jobs = [e for e in examples for _ in range(n)]
-        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), 4 * self.max_workers))) as pool:
+        # twice the engine's requests in flight: while some trajectories wait on their tools, others generate
+        bound = 2 * getattr(engine, "max_in_flight", 2 * self.max_workers)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), bound))) as pool:
             done = list(pool.map(one, jobs))
         return [done[p * n : (p + 1) * n] for p in range(len(examples))]
 

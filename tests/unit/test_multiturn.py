@@ -339,3 +339,23 @@ def test_the_embedded_engine_trains_the_ids_it_sampled(tok):
     # the engine's log-probs ride along at the model's tokens
     flat = torch.tensor([x for r in rollouts for x in r.engine_logprobs])
     assert torch.equal(mb.engine_logprobs, flat)
+
+
+def test_rollout_tools_run_the_tool_environment_through_the_rollout_loop(tok):
+    """`rollout.tools: [python]` alone: the tool environment with the python tool, its call run in
+    the sandbox, its result a tool turn between the model's (not trained on), its counts per trajectory."""
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(environment=None, environment_args={}, tools=["python"])
+    spec, args = environment_spec(settings)
+    make = load_environment_factory(spec, args, "rollout.tools")
+    call = '<tool_call>{"name": "python", "arguments": {"code": "print(12*34)"}}</tool_call>'
+    engine = ScriptedEngine(tok, [call, "It is 408."])
+    example = {"prompt": PROMPT, "ground_truth": "408", "data_source": "", "extra_info": {}}
+    (traj,) = runner(tok, make).run(engine, [example], 1, SamplingParams())[0]
+    assert traj.finish == "done" and traj.model_turns == 2
+    assert [t["role"] for t in traj.turns] == ["user", "assistant", "tool", "assistant"]
+    assert traj.turns[2]["content"].strip() == "408"
+    assert traj.stats["tool_calls"] == 1 and traj.stats["tool_errors"] == 0
+    between = [t for t, m in zip(traj.ids, traj.mask) if not m]
+    assert "<tool_response>\n408" in tok.decode(between)
