@@ -359,3 +359,14 @@ def test_rollout_tools_run_the_tool_environment_through_the_rollout_loop(tok):
     assert traj.stats["tool_calls"] == 1 and traj.stats["tool_errors"] == 0
     between = [t for t, m in zip(traj.ids, traj.mask) if not m]
     assert "<tool_response>\n408" in tok.decode(between)
+
+
+def test_the_mismatch_metrics_count_the_model_tokens_only():
+    from real_megatron.objectives.importance import mismatch_partials
+
+    old = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    engine = torch.tensor([-1.5, 0.0, -3.0, -4.5])  # position 1: a between-turn token (engine 0.0)
+    mask = torch.tensor([True, False, True, True])
+    masked = mismatch_partials(old, engine, 0.1, mask)
+    assert masked.tolist()[0] == 1.0 and masked.tolist()[4] == 3  # sum |d| over 3 model tokens
+    assert torch.equal(masked, mismatch_partials(old[mask], engine[mask], 0.1))
