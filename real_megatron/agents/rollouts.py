@@ -78,7 +78,10 @@ class TrajectoryRunner:
 
     # --- one trajectory's steps ------------------------------------------------------------------
 
-    def start(self, example: dict) -> tuple[Trajectory, EnvironmentHandle, ChatGlue]:
+    def start(self, example: dict, max_response: int = 0) -> tuple[Trajectory, EnvironmentHandle, ChatGlue]:
+        """A trajectory of `example` with a fresh environment; max_response: the call's own bound on
+        the tokens after the prompt (the sampling parameters' max_new_tokens: eval.max_new_tokens in an
+        evaluation), within the limits'."""
         env = EnvironmentHandle(self.make_env())
         messages = env.reset(example)
         glue = self.glue(env.tools())
@@ -90,15 +93,16 @@ class TrajectoryRunner:
                 f"no room in the trajectory's budget of {self.limits.total_tokens} (data.max_prompt_tokens + "
                 "rollout.max_new_tokens)"
             )
-        traj = Trajectory(prompt)
+        traj = Trajectory(prompt, max_response=max_response)
         traj.turns = [{"role": m.get("role"), "content": m.get("content")} for m in messages]
         return traj, env, glue
 
     def room(self, traj: Trajectory) -> int:
         """Tokens the trajectory may still grow by."""
         left = self.limits.total_tokens - len(traj.context)
-        if self.limits.response_tokens:
-            left = min(left, self.limits.response_tokens - len(traj.ids))
+        for bound in (self.limits.response_tokens, traj.max_response):
+            if bound:
+                left = min(left, bound - len(traj.ids))
         return left
 
     def turn_budget(self, traj: Trajectory) -> int:
@@ -151,7 +155,8 @@ class TrajectoryRunner:
 
     def _run_lockstep(self, engine, examples, n, params) -> list[list[Trajectory]]:
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-            started = list(pool.map(lambda e: self.start(e), [e for e in examples for _ in range(n)]))
+            jobs = [e for e in examples for _ in range(n)]
+            started = list(pool.map(self.start, jobs, [params.max_new_tokens] * len(jobs)))
             live = list(range(len(started)))
             turn = 0
             while live:
@@ -181,7 +186,7 @@ class TrajectoryRunner:
 
     def _run_concurrent(self, engine, examples, n, params) -> list[list[Trajectory]]:
         def one(example: dict) -> Trajectory:
-            traj, env, glue = self.start(example)
+            traj, env, glue = self.start(example, params.max_new_tokens)
             try:
                 while True:
                     call = replace(params, max_new_tokens=self.turn_budget(traj))

@@ -141,6 +141,7 @@ class Trajectory:
     (for rollouts.jsonl), and how it ended."""
 
     prompt_ids: list[int]
+    max_response: int = 0  # at most this many ids after the prompt (0: the runner's limits only)
     ids: list[int] = field(default_factory=list)
     mask: list[bool] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

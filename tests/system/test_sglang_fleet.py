@@ -205,7 +205,7 @@ def test_multi_turn_trajectories_train_the_ids_the_servers_sampled_on_one_server
         }
         for k in range(4)
     ]
-    groups = runner.run(Recording(), examples, 2, SamplingParams(temperature=1.0, max_new_tokens=16))
+    groups = runner.run(Recording(), examples, 2, SamplingParams(temperature=1.0, max_new_tokens=300))
     trajectories = [t for g in groups for t in g]
     assert max(t.model_turns for t in trajectories) >= 2
     for t in trajectories:

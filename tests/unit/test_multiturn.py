@@ -91,7 +91,9 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_by_name():
 def test_trajectory_ids_are_the_sampled_ids_and_the_glue_and_nothing_is_reencoded(tok):
     engine = ScriptedEngine(tok, ["Let me count.", "Again.", "ANSWER 408"])
     example = {"prompt": PROMPT, "ground_truth": "408", "data_source": "t", "extra_info": {}}
-    (traj,) = runner(tok, lambda: CountingEnv(turns=5)).run(engine, [example], 1, SamplingParams(max_new_tokens=64))[0]
+    (traj,) = runner(tok, lambda: CountingEnv(turns=5)).run(engine, [example], 1, SamplingParams(max_new_tokens=1000))[
+        0
+    ]
     assert traj.model_turns == 3 and traj.finish == "done" and not traj.truncated
     # the model's ids, where the mask says, are exactly what the engine sampled, in order, with its log-probs
     ids = torch.tensor(traj.ids)
@@ -132,6 +134,9 @@ def test_turn_and_token_limits_truncate_and_drop_what_follows_the_last_model_tur
         engine, [example], 1, SamplingParams()
     )[0]
     assert traj.finish in ("tokens", "length") and len(traj.ids) <= 30 and traj.mask[-1]
+    engine = ScriptedEngine(tok, ["Go on."])  # the call's max_new_tokens bounds the response too (evaluation's)
+    (traj,) = runner(tok, lambda: CountingEnv(turns=10)).run(engine, [example], 1, SamplingParams(max_new_tokens=9))[0]
+    assert traj.finish in ("tokens", "length") and len(traj.ids) <= 9
     engine = ScriptedEngine(tok, ["A long first turn."])
     (traj,) = runner(tok, lambda: CountingEnv(turns=3), per_turn=5).run(engine, [example], 1, SamplingParams())[0]
     assert traj.finish == "length" and traj.model_turns == 1 and len(traj.ids) == 5
@@ -317,7 +322,7 @@ def test_the_embedded_engine_trains_the_ids_it_sampled(tok):
     stops = stop_ids(tok) + tuple(tok.convert_tokens_to_ids(list("0123456789")))
     run = TrajectoryRunner(lambda: CountingEnv(turns=3), tok, stops, TurnLimits(3, 400, 24))
     example = {"prompt": PROMPT, "ground_truth": "1", "data_source": "", "extra_info": {}}
-    params = SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=stops, seed=3)
+    params = SamplingParams(temperature=1.0, max_new_tokens=300, stop_token_ids=stops, seed=3)
     groups = run.run(engine, [example] * 4, 2, params)
     trajectories = [t for g in groups for t in g]
     assert max(t.model_turns for t in trajectories) >= 2
