@@ -384,6 +384,10 @@ def _fields(cls: type, *skip: str) -> tuple[str, ...]:
 # Keys that act only in some runs: (keys, whether they act in this run, why not otherwise). A value
 # other than the default where the key would do nothing is refused at load, with the reason, rather
 # than silently ignored (tests/unit/test_config_keys.py walks every key of the tree against this table).
+# multi-turn rollouts (real_megatron/agents/): with either engine; the tool environment's keys
+# (rollout.tool_*, rollout.sandbox_*) act only when rollout.tools makes that environment
+_TOOL_KEYS = tuple(f.name for f in dataclasses.fields(RolloutConfig) if f.name.startswith(("tool_", "sandbox_")))
+_MULTI_TURN_KEYS = ("environment", "environment_args", "tools", "max_turns", "max_tokens_per_turn", *_TOOL_KEYS)
 _ENGINE_KEYS = (
     "backend",
     "n_samples",
@@ -396,6 +400,7 @@ _ENGINE_KEYS = (
     "weight_sync_address",
     "weight_sync_bucket_mb",
     "max_staleness",
+    *_MULTI_TURN_KEYS,
 )  # the rest: the fleet's
 CONDITIONAL_KEYS = (
     (
@@ -426,6 +431,22 @@ CONDITIONAL_KEYS = (
         _fields(RolloutConfig, *_ENGINE_KEYS),
         lambda c: c.rollout.backend == "sglang",
         "configures the SGLang fleet, and rollout.backend is 'local'",
+    ),
+    (
+        ("rollout.environment_args", "rollout.max_turns", "rollout.max_tokens_per_turn"),
+        lambda c: c.rollout.multi_turn,
+        "shapes multi-turn rollouts (rollout.environment or rollout.tools)",
+    ),
+    (
+        ("rollout.tools",),
+        lambda c: not c.rollout.environment,
+        "makes the tool environment, and rollout.environment names another (an environment offers its own tools)",
+    ),
+    (
+        tuple(f"rollout.{k}" for k in _TOOL_KEYS),
+        lambda c: bool(c.rollout.tools) and not c.rollout.environment,
+        "configures the tool environment (rollout.tools without rollout.environment; an environment of your "
+        "own takes its settings in rollout.environment_args)",
     ),
     (
         ("rollout.weight_sync_address", "rollout.weight_sync_bucket_mb"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .data.settings import DataConfig
 from .rewards import score_groups
-from .rollout.collect import sampling_seed
+from .rollout.collect import generate_trajectories, sampling_seed, trajectory_metrics
 from .rollout.types import SamplingParams
 
 
@@ -44,9 +44,13 @@ def evaluate_sets(
     params: SamplingParams,
     timeout_s: float = DataConfig.verifier_timeout_s,
     progress: bool = False,
+    runner=None,
 ) -> dict:
     """sets: name -> list of Example. Returns per-benchmark results, their average, and the pooled
-    pass@1 over every problem (`pass1`, `stderr`), with problem and sample counts."""
+    pass@1 over every problem (`pass1`, `stderr`), with problem and sample counts. runner: the
+    multi-turn rollout loop (rollout/collect.make_trajectory_runner): each sample is then a
+    trajectory with the run's environment and turn limits, and each benchmark also reports
+    turns_mean and the environment's counts (tool_calls_mean, ...)."""
     benchmarks, pooled = {}, []
     items = sets.items()
     if progress:
@@ -55,23 +59,40 @@ def evaluate_sets(
         items = bar(list(items), desc=f"pass@1 (k={k})", unit="benchmark")
     for name, examples in items:
         start = time.perf_counter()
-        groups = engine.generate([ex.prompt_ids for ex in examples], k, params)
-        rewards = score_groups(groups, examples, tokenizer, reward_fn, timeout_s)
+        extra = {}
+        if runner is not None:
+            rollouts, _ = generate_trajectories(runner, engine, tokenizer, reward_fn, examples, k, params, timeout_s)
+            rewards = [r.reward for r in rollouts]
+            truncated = [r.truncated for r in rollouts]
+            lengths = [r.num_model_tokens for r in rollouts]
+            extra = trajectory_metrics(rollouts)
+        else:
+            groups = engine.generate([ex.prompt_ids for ex in examples], k, params)
+            rewards = score_groups(groups, examples, tokenizer, reward_fn, timeout_s)
+            truncated = [s.finish_reason == "length" for g in groups for s in g]
+            lengths = [len(s.output_ids) for g in groups for s in g]
         per_problem = [sum(rewards[i * k : (i + 1) * k]) / k for i in range(len(examples))]
         mean, stderr = pass_at_1(per_problem)
-        lengths = [len(s.output_ids) for g in groups for s in g]
         benchmarks[name] = {
             "pass1": mean,
             "stderr": stderr,
             "problems": len(examples),
             "samples": len(rewards),
-            "truncated_ratio": sum(s.finish_reason == "length" for g in groups for s in g) / len(rewards),
+            "truncated_ratio": sum(truncated) / len(rewards),
             "response_length_mean": sum(lengths) / len(lengths),
             "seconds": time.perf_counter() - start,
+            **extra,
         }
         pooled += per_problem
     mean, stderr = pass_at_1(pooled)
+    # multi-turn: the trajectory counts (turns_mean, tool_calls_mean, ...) pooled over every sample
+    counts = sorted(
+        {key for b in benchmarks.values() for key in b if key.endswith("_mean") and key != "response_length_mean"}
+    )
+    total = sum(b["samples"] for b in benchmarks.values())
+    trajectory = {key: sum(b.get(key, 0.0) * b["samples"] for b in benchmarks.values()) / total for key in counts}
     return {
+        **trajectory,
         "benchmarks": benchmarks,
         "average": sum(b["pass1"] for b in benchmarks.values()) / len(benchmarks),
         "pass1": mean,
@@ -92,9 +113,12 @@ def table_rows(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(engine, inputs, settings: EvalConfig, step: int, *, seed: int, verifier_timeout_s: float) -> dict:
+def evaluate(
+    engine, inputs, settings: EvalConfig, step: int, *, seed: int, verifier_timeout_s: float, runner=None
+) -> dict:
     """Held-out pass@1 (settings.k samples per problem), per eval set and pooled, with its standard
-    error; the samples drawn from a seed of (run seed, step), so a resumed run evaluates alike."""
+    error; the samples drawn from a seed of (run seed, step), so a resumed run evaluates alike.
+    runner: multi-turn runs' rollout loop (their samples are trajectories, as in training)."""
     params = SamplingParams(
         temperature=settings.temperature,
         top_p=1.0,
@@ -105,7 +129,14 @@ def evaluate(engine, inputs, settings: EvalConfig, step: int, *, seed: int, veri
     sets = {name: dataset.examples for name, dataset in inputs.eval_sets.items()}
     start = time.perf_counter()
     result = evaluate_sets(
-        engine, inputs.tokenizer, sets, inputs.reward_fn, settings.k, params, timeout_s=verifier_timeout_s
+        engine,
+        inputs.tokenizer,
+        sets,
+        inputs.reward_fn,
+        settings.k,
+        params,
+        timeout_s=verifier_timeout_s,
+        runner=runner,
     )
     return dict(result, eval_s=time.perf_counter() - start)
 
@@ -126,4 +157,7 @@ def run_summary(cfg, baseline: dict, final: dict, seconds: float, warmstart: dic
         "baseline_benchmarks": {n: b["pass1"] for n, b in baseline.get("benchmarks", {}).items()},
         "final_benchmarks": {n: b["pass1"] for n, b in final["benchmarks"].items()},
         "warmstart": warmstart,
+        # multi-turn runs: tool use before and after RL beside pass@1
+        **{f"baseline_{k}": v for k, v in baseline.items() if k.endswith("_mean")},
+        **{f"final_{k}": v for k, v in final.items() if k.endswith("_mean")},
     }

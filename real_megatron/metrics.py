@@ -41,8 +41,9 @@ def keep_steps_up_to(path: Path, step: int) -> None:
 
 class RolloutLog:
     """`logging.rollouts`: rollouts.jsonl, one line per rollout trained on (step, prompt's file:row,
-    the weight version it was sampled with, label, response length and text), for reading what the
-    policy wrote and checking which prompts each step used."""
+    the weight version it was sampled with, label, response length and text; multi-turn runs: the
+    turns with their roles, the model's token count and how the trajectory ended), for reading what
+    the policy wrote and checking which prompts each step used."""
 
     def __init__(self, run_dir: str | Path, tokenizer, resume_step: int):
         path = Path(run_dir) / "rollouts.jsonl"
@@ -62,6 +63,10 @@ class RolloutLog:
                 "response_tokens": len(r.response_ids),
                 "response": self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
             }
+            if r.turns is not None:  # multi-turn: the conversation, each message with its role
+                row["turns"] = r.turns
+                row["model_tokens"] = r.num_model_tokens
+                row["finish"] = r.stats.get("finish", "")
             self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 

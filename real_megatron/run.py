@@ -31,6 +31,7 @@ from .preemption import PreemptionGuard
 from .progress import progress
 from .rank0_phases import on_rank0
 from .ranks import is_rank0
+from .rollout.collect import make_trajectory_runner
 from .rollout.engines import build_engine
 from .rollout.pipeline import RolloutBatch, RolloutSource
 from .rollout.types import Engine
@@ -72,8 +73,11 @@ class Evaluator:
         verifier_timeout_s: float,
         last_step: int,
         timeout_s: float,
+        runner=None,
     ):
+        """runner: multi-turn runs' rollout loop (rollout/collect.make_trajectory_runner); None: single-turn."""
         self.engine, self.inputs, self.eval = engine, inputs, settings  # the `eval` section
+        self.runner = runner
         self.seed, self.verifier_timeout_s, self.last_step, self.timeout_s = (
             seed,
             verifier_timeout_s,
@@ -89,7 +93,13 @@ class Evaluator:
         return on_rank0(
             phase,
             lambda: evaluate(
-                self.engine, self.inputs, self.eval, step, seed=self.seed, verifier_timeout_s=self.verifier_timeout_s
+                self.engine,
+                self.inputs,
+                self.eval,
+                step,
+                seed=self.seed,
+                verifier_timeout_s=self.verifier_timeout_s,
+                runner=self.runner,
             ),
             timeout_s=self.timeout_s,
         )
@@ -284,6 +294,7 @@ def build_run(cfg: Config) -> Run:
         verifier_timeout_s=cfg.data.verifier_timeout_s,
         last_step=t.steps,
         timeout_s=p.timeout_s,
+        runner=make_trajectory_runner(inputs, cfg),
     )
     return Run(
         actor=actor,

@@ -11,7 +11,8 @@ old log-probs are recomputed, then one REAL update (tau 0.5, AdamW, fp32, grad c
 parameters, gathered to full HF-named tensors, to --out (safetensors). --steps 0 writes the initial
 parameters. Files of different layouts must agree to max relative difference <= 1e-5.
 --cp C splits each packed sequence over C context-parallel ranks; --short-rollouts adds rollouts of
-2-3 tokens (below 2C for C >= 2). --layout NAME="ARGS" (repeatable) runs several layouts in one
+2-3 tokens (below 2C for C >= 2). --multi-turn marks a middle third of each response as tokens
+between the model's turns (in the sequence, out of the loss). --layout NAME="ARGS" (repeatable) runs several layouts in one
 launch, one after another on the same processes (ARGS added to the command line's), writing
 --out/NAME.safetensors and printing "layout NAME: step ...": process start-up paid once.
 --save/--load write/read a checkpoint after/before the steps (resume check). --kl reference adds a
@@ -57,8 +58,9 @@ MODEL = dict(
 )
 
 
-def synthetic_rollouts(seed: int, step: int, short: bool = False):
-    """short: group 0's rollouts are 2-3 tokens (a 1-token prompt, 1-2 response tokens)."""
+def synthetic_rollouts(seed: int, step: int, short: bool = False, multi_turn: bool = False):
+    """short: group 0's rollouts are 2-3 tokens (a 1-token prompt, 1-2 response tokens).
+    multi_turn: each response is model / between / model tokens (a mask; the same ids)."""
     from real_megatron.rollout.types import Rollout
 
     gen = torch.Generator().manual_seed(seed * 1000 + step)
@@ -76,6 +78,9 @@ def synthetic_rollouts(seed: int, step: int, short: bool = False):
                 length = 1 + length % 2
             response = torch.randint(1, VOCAB, (length,), generator=gen).tolist()
             rollouts.append(Rollout(prompt, response, reward, g))
+            if multi_turn and length >= 3:  # a third the model's, a third between its turns, the rest its again
+                a, b = max(1, length // 3), length // 3
+                rollouts[-1].response_mask = [j < a or j >= a + b for j in range(length)]
     return rollouts
 
 
@@ -142,6 +147,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-hf", help="also write the seed's initial model as an HF checkpoint here")
     parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
     parser.add_argument("--short-rollouts", action="store_true", help="prompt group 0 of 2-3 token rollouts")
+    parser.add_argument(
+        "--multi-turn",
+        action="store_true",
+        help="responses of model and between-turn tokens (only the model's trained)",
+    )
     parser.add_argument("--hf", help="train this HF checkpoint directory instead of the seed's tiny model")
     parser.add_argument("--ep", type=int, default=1, help="expert parallel (mixture-of-experts models)")
     parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel (default: --tp)")
@@ -239,7 +249,7 @@ def run_layout(parser, args, prefix: str = "", last: bool = True) -> int:
         start = load_checkpoint(actor, args.load)["step"]
     nonzero_s = False
     for step in range(start, start + args.steps):
-        rollouts = synthetic_rollouts(args.seed, step, args.short_rollouts)
+        rollouts = synthetic_rollouts(args.seed, step, args.short_rollouts, args.multi_turn)
         if args.routing_replay:
             transformers_routing(args.hf, rollouts)
         metrics = actor.train_step(rollouts)

@@ -418,7 +418,10 @@ class Actor:
         the engine's log-probs; None off the last stage or when no rollout carries them."""
         parts = [
             mismatch_partials(
-                mb.old_logprobs, mb.engine_logprobs.to(mb.old_logprobs.device), self.settings.mismatch_threshold
+                mb.old_logprobs,
+                mb.engine_logprobs.to(mb.old_logprobs.device),
+                self.settings.mismatch_threshold,
+                None if mb.loss_mask is None else mb.loss_mask.to(mb.old_logprobs.device),
             )
             for mini in minis
             for mb in mini.micro_batches
@@ -585,7 +588,7 @@ class Actor:
         batch = PolicyBatch(
             logprobs=logprobs,
             old_logprobs=mb.old_logprobs,
-            loss_mask=torch.ones_like(logprobs, dtype=torch.bool),
+            loss_mask=torch.ones_like(logprobs, dtype=torch.bool) if mb.loss_mask is None else mb.loss_mask,
             seq_index=mb.seq_index,
             rewards=mb.rewards,
             group_ids=mb.group_index,
@@ -619,8 +622,11 @@ class Actor:
                 ),
                 "kl_sum": kl_sum,
                 "kl_tokens": kl_tokens,
-                "entropy_sum": entropy.sum(),
-                "tokens": torch.full((), float(logprobs.numel()), device=scores.device),
+                # over the model's tokens only (multi-turn: not the tokens between its turns)
+                "entropy_sum": entropy.sum() if mb.loss_mask is None else entropy.where(mb.loss_mask, 0.0).sum(),
+                "tokens": torch.full((), float(logprobs.numel()), device=scores.device)
+                if mb.loss_mask is None
+                else mb.loss_mask.sum().float(),
                 "score_pos_sum": scores.where(pos, 0.0).sum(),
                 "score_pos_n": pos.sum().float(),
                 "score_neg_sum": scores.where(~pos, 0.0).sum(),

@@ -52,6 +52,9 @@ class MicroBatch:
     old_logprobs: Optional[torch.Tensor] = None  # [N]
     ref_logprobs: Optional[torch.Tensor] = None  # [N]
     engine_logprobs: Optional[torch.Tensor] = None  # [N]
+    # [N] bool: the tokens the model sampled (multi-turn: its turns, not what came between them);
+    # None: every response token. Per token of the whole micro-batch, so the CP split leaves it as is
+    loss_mask: Optional[torch.Tensor] = None
     # context parallelism (context_parallel.py): rows/cols/targets are then this CP rank's share
     cu_seqlens_padded: Optional[torch.Tensor] = None  # int32: global padded sequence starts (cu_seqlens: real)
     cp_source: Optional[torch.Tensor] = None  # [N] each token's place in the CP-gathered [C * cp_tokens] values
@@ -271,7 +274,7 @@ def make_micro_batch(
         positions = torch.zeros((1, width), dtype=torch.long)
     else:
         positions = torch.arange(width).expand(rows_total, -1).contiguous()
-    rows, cols, targets, seq_index, starts = [], [], [], [], []
+    rows, cols, targets, seq_index, starts, mask = [], [], [], [], [], []
     engine: list[float] | None = []
     offset = 0
     for b, i in enumerate(ids):
@@ -288,6 +291,7 @@ def make_micro_batch(
         cols.extend(range(p - 1, p - 1 + len(r.response_ids)))
         targets.extend(r.response_ids)
         seq_index.extend([b] * len(r.response_ids))
+        mask.extend(r.response_mask if r.response_mask is not None else [True] * len(r.response_ids))
         offset += len(seq)
         if engine is not None and r.engine_logprobs is not None and len(r.engine_logprobs) == len(r.response_ids):
             engine.extend(r.engine_logprobs)
@@ -321,6 +325,7 @@ def make_micro_batch(
         sequence_tokens=offset,
         engine_logprobs=torch.tensor(engine, dtype=torch.float32) if engine is not None else None,
         routed_experts=routed,
+        loss_mask=None if all(mask) else torch.tensor(mask, dtype=torch.bool),
     )
 
 
@@ -378,6 +383,11 @@ def build_mini_batches(
     for i, r in enumerate(rollouts):
         if not r.response_ids or not r.prompt_ids:
             raise ValueError(f"rollout {i} (group {r.group}) has an empty {'response' if r.prompt_ids else 'prompt'}")
+        if r.response_mask is not None and len(r.response_mask) != len(r.response_ids):
+            raise ValueError(
+                f"rollout {i} (group {r.group}) has a response mask of {len(r.response_mask)} for "
+                f"{len(r.response_ids)} response tokens"
+            )
     # over each group's rollouts in the loss; those out of it get 0
     active = torch.tensor([r.in_loss for r in rollouts], dtype=torch.bool)
     advantages = torch.zeros(len(rollouts), dtype=torch.float64)
@@ -433,7 +443,7 @@ def build_mini_batches(
                 micro_batches=micro_batches,
                 num_groups=len({rollouts[i].group for i in ids}),
                 num_sequences=len(in_loss),
-                num_tokens=sum(len(rollouts[i].response_ids) for i in in_loss),
+                num_tokens=sum(rollouts[i].num_model_tokens for i in in_loss),
                 num_informative_sequences=sum(rollouts[i].group in informative for i in in_loss),
             )
         )

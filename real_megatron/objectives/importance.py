@@ -58,12 +58,17 @@ def sequence_importance_weights(
     return _weights(mean, mode, cap).to(old_logprobs.dtype)
 
 
-def mismatch_partials(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, threshold: float) -> torch.Tensor:
+def mismatch_partials(
+    old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, threshold: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """[5] partial sums of the train-inference mismatch over tokens, to merge over micro-batches
     and ranks: (sum |d|, max |d|, sum of k3, tokens with |d| > threshold, tokens), d = log pi_old -
     log pi_engine. k3 = (r - 1) - log r with r = pi_old / pi_engine estimates KL(pi_engine || pi_old)
-    from the engine's own samples, unbiased and >= 0 per token."""
+    from the engine's own samples, unbiased and >= 0 per token. mask: the tokens the engine sampled
+    (multi-turn: the model's turns); None: all."""
     d = (old_logprobs.double() - engine_logprobs.double()).detach()
+    if mask is not None:
+        d = d[mask.bool()]
     clamped = d.clamp(-20.0, 20.0)  # an engine's -inf or clamped log-prob keeps k3 finite and >= 0
     k3 = torch.expm1(clamped) - clamped
     absolute = d.abs()

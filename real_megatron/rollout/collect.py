@@ -8,6 +8,11 @@ warning: their labels carry no signal; with the default settings they add no gra
 kept or not, so the data position stays exact: a resumed step draws and samples exactly what the
 interrupted one did (each round's seed is a function of run seed, step and round).
 
+Multi-turn runs (`rollout.environment` or `rollout.tools`: real_megatron/agents/) make each
+rollout a trajectory of several model turns with an environment; the verifier (or the
+environment's reward) labels the trajectory, once, and everything after this point (truncation,
+the filter, REAL's groups) treats it as one rollout.
+
 Truncated responses (finish reason "length") are handled here too, before the filter:
 `algorithm.truncated` keep | negative (label 0) | exclude (out of the loss and out of its group),
 and DAPO's soft overlong penalty on the reward of the reward-weighted baselines.
@@ -18,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..rewards import score_groups
+from ..rewards import score_groups, score_responses
 from .types import Rollout, SamplingParams, informative_groups
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,61 @@ def generate_rollouts(engine, inputs, examples, n: int, params: SamplingParams, 
     return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start}
 
 
+def make_trajectory_runner(inputs, cfg):
+    """The multi-turn rollout loop of a run whose config names an environment or tools; None for
+    single-turn runs. Built once: it checks the chat template (append-only) on first use."""
+    r = cfg.rollout
+    if not r.multi_turn:
+        return None
+    from ..agents.environment import environment_spec, load_environment_factory
+    from ..agents.rollouts import TrajectoryRunner, TurnLimits
+
+    spec, args = environment_spec(r)
+    key = "rollout.environment" if r.environment else "rollout.tools"
+    limits = TurnLimits(
+        r.max_turns, cfg.data.max_prompt_tokens + r.max_new_tokens, r.max_tokens_per_turn, r.max_new_tokens
+    )
+    return TrajectoryRunner(load_environment_factory(spec, args, key), inputs.tokenizer, inputs.stop_ids, limits)
+
+
+def generate_trajectories(
+    runner, engine, tokenizer, reward_fn, examples, n: int, params: SamplingParams, timeout_s: float
+):
+    """(rollouts, metrics) of multi-turn generation on rank 0 (a step's, or an evaluation's):
+    trajectories, labelled once each (the environment's reward, else the verifier on the last
+    model turn)."""
+    from ..agents.rollouts import example_dict, routed_experts_of
+
+    start = time.perf_counter()
+    groups = runner.run(engine, [example_dict(ex) for ex in examples], n, params)
+    gen_s = time.perf_counter() - start
+    start = time.perf_counter()
+    flat = [(ex, t) for ex, group in zip(examples, groups) for t in group]
+    unlabelled = [k for k, (_, t) in enumerate(flat) if t.reward is None]
+    texts = [tokenizer.decode(flat[k][1].last_turn_ids, skip_special_tokens=True) for k in unlabelled]
+    scores = score_responses(reward_fn, texts, [flat[k][0].ground_truth for k in unlabelled], timeout_s)
+    labels = {k: v for k, v in zip(unlabelled, scores)}
+    rollouts = []
+    for k, (ex, t) in enumerate(flat):
+        rollouts.append(
+            Rollout(
+                t.prompt_ids,
+                t.ids,
+                labels.get(k, t.reward),
+                k // n,
+                None if t.stats.get("turns_without_logprobs") else t.logprobs,
+                t.truncated,
+                weight_version=t.weight_version or 0,
+                source=ex.source,
+                routed_experts=routed_experts_of(t),
+                response_mask=t.mask,
+                turns=t.turns,
+                stats={**t.stats, "turns": t.model_turns, "finish": t.finish},
+            )
+        )
+    return rollouts, {"generate_s": gen_s, "reward_s": time.perf_counter() - start}
+
+
 def handle_truncated(rollouts: list[Rollout], algorithm, max_new_tokens: int) -> None:
     """algorithm.truncated and the overlong penalty, in place."""
     for r in rollouts:
@@ -85,9 +145,10 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer_tokens: int, facto
     return -min(exceed / buffer_tokens, 1.0) * factor if exceed > 0 else 0.0
 
 
-def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dict]:
+def collect_rollouts(engine, inputs, cfg, step: int, runner=None) -> tuple[list[Rollout], dict]:
     """Rank 0: the rollout batch of RL step `step` (train.prompts_per_step groups of
-    rollout.n_samples) and its metrics, drawing prompts from inputs.train_set."""
+    rollout.n_samples) and its metrics, drawing prompts from inputs.train_set. runner: the
+    multi-turn rollout loop (make_trajectory_runner), None for single-turn rollouts."""
     t, r, a = cfg.train, cfg.rollout, cfg.algorithm
     kept: list[list[Rollout]] = []  # groups to train on, in the order generated
     uniform: list[list[Rollout]] = []  # groups set aside by the filter
@@ -102,7 +163,21 @@ def collect_rollouts(engine, inputs, cfg, step: int) -> tuple[list[Rollout], dic
             stop_token_ids=inputs.stop_ids,
             seed=sampling_seed(t.seed, "rollouts", step, rounds),
         )
-        rollouts, phase = generate_rollouts(engine, inputs, examples, r.n_samples, params, cfg.data.verifier_timeout_s)
+        if runner is not None:
+            rollouts, phase = generate_trajectories(
+                runner,
+                engine,
+                inputs.tokenizer,
+                inputs.reward_fn,
+                examples,
+                r.n_samples,
+                params,
+                cfg.data.verifier_timeout_s,
+            )
+        else:
+            rollouts, phase = generate_rollouts(
+                engine, inputs, examples, r.n_samples, params, cfg.data.verifier_timeout_s
+            )
         rounds += 1
         for key in timings:
             timings[key] += phase[key]
@@ -148,4 +223,24 @@ def batch_metrics(rollouts: list[Rollout], n: int, algorithm) -> dict:
         metrics["excluded_ratio"] = sum(not r.in_loss for r in rollouts) / len(rollouts)
     if algorithm.overlong_buffer_tokens:
         metrics["overlong_penalty_mean"] = sum(r.penalty for r in rollouts) / len(rollouts)
+    metrics.update(trajectory_metrics(rollouts))
     return metrics
+
+
+def trajectory_metrics(rollouts: list[Rollout]) -> dict:
+    """Multi-turn runs: turns_mean, the mean of every count the environments report (tool_calls,
+    tool_errors, sandbox_timeouts, ...: `<name>_mean`), and the shares truncated by the turn limit
+    and by the token budget; {} for single-turn rollouts."""
+    trajectories = [r for r in rollouts if r.turns is not None]
+    if not trajectories:
+        return {}
+    n = len(trajectories)
+    out = {
+        "truncated_turns_ratio": sum(r.stats.get("finish") == "turns" for r in trajectories) / n,
+        "truncated_tokens_ratio": sum(r.stats.get("finish") in ("tokens", "length") for r in trajectories) / n,
+        "model_tokens_mean": sum(r.num_model_tokens for r in trajectories) / n,
+    }
+    names = sorted({k for r in trajectories for k, v in r.stats.items() if isinstance(v, (int, float))})
+    for name in names:
+        out[f"{name}_mean"] = sum(float(r.stats.get(name, 0)) for r in trajectories) / n
+    return out

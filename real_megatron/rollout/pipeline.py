@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .collect import collect_rollouts
+from .collect import collect_rollouts, make_trajectory_runner
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class RolloutSource:
 
     def __init__(self, engine, inputs, cfg, start_step: int, last_step: int):
         self.engine, self.inputs, self.cfg = engine, inputs, cfg
+        self.runner = make_trajectory_runner(inputs, cfg)  # multi-turn runs only
         self.max_staleness = cfg.rollout.max_staleness
         self._stop = threading.Event()
         self._ready: queue.Queue = queue.Queue()
@@ -61,7 +62,7 @@ class RolloutSource:
 
     def _collect(self, step: int) -> RolloutBatch:
         start = time.perf_counter()
-        rollouts, metrics = collect_rollouts(self.engine, self.inputs, self.cfg, step)
+        rollouts, metrics = collect_rollouts(self.engine, self.inputs, self.cfg, step, self.runner)
         return RolloutBatch(step, rollouts, metrics, self.inputs.train_set.state_dict(), time.perf_counter() - start)
 
     def _generate_ahead(self, first: int, last: int) -> None:

@@ -5,7 +5,7 @@ config.py's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass
@@ -55,6 +55,50 @@ class RolloutConfig:
     # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
     # 0 = generate, then train (synchronous)
     max_staleness: int = 0
+    # --- multi-turn rollouts (real_megatron/agents/) ------------------------------------------------
+    # an environment class by import path (module.path:ClassName), one instance per trajectory,
+    # made with `environment_args`; None with `tools` empty: single-turn rollouts
+    environment: Optional[str] = None
+    environment_args: dict[str, Any] = field(default_factory=dict)
+    # tools offered to the model (`python`, or module.path:function); without `environment` they
+    # make the tool environment (agents/tool_env.py)
+    tools: list[str] = field(default_factory=list)
+    # model turns per trajectory at most; a trajectory still going after them is truncated. In a
+    # multi-turn run rollout.max_new_tokens is the trajectory's total budget after the prompt
+    # (model turns and what comes between them); one past it is truncated too.
+    max_turns: int = 8
+    # at most this many tokens per model turn (0: the rest of the trajectory's budget)
+    max_tokens_per_turn: int = 0
+    # --- the tool environment (rollout.tools; agents/tool_env.py, agents/sandbox.py) --------------
+    # deadline of one tool call (the python tool's wall clock per cell); calls of one turn run
+    # concurrently, at most tool_max_calls_per_turn of them (the rest answered with an error)
+    tool_timeout_s: float = 10.0
+    tool_max_calls_per_turn: int = 8
+    tool_max_result_chars: int = 4000  # a tool's result (a cell's output) is cut to this many characters
+    # the python tool's sandbox: CPU seconds per cell, address space, and how it is isolated:
+    # "namespaces" (no network, own PID and mount namespaces; refuses to run where the kernel does
+    # not allow them), "process" (limits and a scrubbed environment only), "auto" (namespaces where
+    # available, else process, logged once); sandbox_url: a SandboxFusion server (/run_code) instead
+    sandbox_cpu_s: float = 10.0
+    sandbox_memory_mb: int = 1024
+    sandbox_isolation: Literal["auto", "namespaces", "process"] = "auto"
+    sandbox_url: Optional[str] = None
+
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.environment or self.tools)
+
+    def tool_settings(self) -> dict:
+        """The tool environment's keyword arguments (ToolEnvironment's, beside `tools`)."""
+        return {
+            "tool_timeout_s": self.tool_timeout_s,
+            "tool_max_calls_per_turn": self.tool_max_calls_per_turn,
+            "tool_max_result_chars": self.tool_max_result_chars,
+            "sandbox_cpu_s": self.sandbox_cpu_s,
+            "sandbox_memory_mb": self.sandbox_memory_mb,
+            "sandbox_isolation": self.sandbox_isolation,
+            "sandbox_url": self.sandbox_url,
+        }
 
     def check(self) -> list[str]:
         """What is wrong inside this section alone (each a sentence naming the key); [] if nothing."""
@@ -85,4 +129,22 @@ class RolloutConfig:
             and self.num_servers < 1
         ):
             errors.append("rollout.weight_sync='distributed' needs at least one server")
+        if self.max_turns < 1:
+            errors.append(f"rollout.max_turns must be >= 1, got {self.max_turns}")
+        if self.max_tokens_per_turn < 0:
+            errors.append(
+                f"rollout.max_tokens_per_turn must be >= 0 (0: the trajectory's budget), got {self.max_tokens_per_turn}"
+            )
+        if self.environment and ":" not in self.environment:
+            errors.append(f"rollout.environment={self.environment!r}: expected module.path:ClassName")
+        if self.environment_args and not self.environment and not self.tools:
+            errors.append("rollout.environment_args is set but rollout.environment is not")
+        for key in ("tool_timeout_s", "sandbox_cpu_s"):
+            if getattr(self, key) <= 0:
+                errors.append(f"rollout.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("tool_max_calls_per_turn", "tool_max_result_chars", "sandbox_memory_mb"):
+            if getattr(self, key) < 1:
+                errors.append(f"rollout.{key} must be >= 1, got {getattr(self, key)}")
+        if self.sandbox_url and not self.sandbox_url.startswith(("http://", "https://")):
+            errors.append(f"rollout.sandbox_url={self.sandbox_url!r}: expected an http:// or https:// URL")
         return errors

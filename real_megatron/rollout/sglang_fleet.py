@@ -331,12 +331,13 @@ class SGLangFleet:
 
     # --- generation ----------------------------------------------------------------------------
 
-    def _pick(self, cost: int) -> Server:
+    def _pick(self, cost: int, prefer: Optional[int] = None) -> Server:
         with self._lock:
             live = [s for s in self.servers if s.alive]
             if not live:
                 raise FleetError("no SGLang server is left alive (" + ", ".join(s.url for s in self.servers) + ")")
-            server = min(live, key=lambda s: (s.outstanding, s.index))
+            preferred = [s for s in live if s.index == prefer]
+            server = preferred[0] if preferred else min(live, key=lambda s: (s.outstanding, s.index))
             server.outstanding += cost
             return server
 
@@ -399,9 +400,16 @@ class SGLangFleet:
             payload["return_routed_experts"] = True
         return self.call(server, "/generate", payload)
 
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Sample]]:
+    # multi-turn rollouts call generate from one thread per trajectory (agents/rollouts.py)
+    concurrent_calls = True
+
+    def generate(
+        self, prompts: list[list[int]], n: int, params: SamplingParams, prefer_server: Optional[int] = None
+    ) -> list[list[Sample]]:
         """n samples per prompt; returns when every sample is done (or raises FleetError). Safe to
-        call from several threads at once (the pipeline's generator and an evaluation)."""
+        call from several threads at once (the pipeline's generator and an evaluation).
+        prefer_server: the index of the server to send to while it lives (a multi-turn trajectory's
+        later turns go where its prefix is cached; `Sample.extra["server"]` says where one went)."""
         results: list[list[Optional[Sample]]] = [[None] * n for _ in prompts]
         queue = [(p, k) for p in range(len(prompts)) for k in range(n)]
         start, tokens = time.monotonic(), 0
@@ -412,7 +420,7 @@ class SGLangFleet:
                     p, k = queue.pop(0)
                     cost = len(prompts[p]) + params.max_new_tokens
                     with self._weights:  # not while weights change; the version this request starts on
-                        server, version = self._pick(cost), self.weight_version
+                        server, version = self._pick(cost, prefer_server), self.weight_version
                         self._count(+1)
                     running[pool.submit(self._request, server, prompts[p], params)] = (p, k, server, cost, version)
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -452,7 +460,13 @@ class SGLangFleet:
                 f"on version {version}"
             )
         sample = Sample(
-            p, k, list(ids), logprobs, "length" if kind == "length" else "stop", version, {"served_version": served}
+            p,
+            k,
+            list(ids),
+            logprobs,
+            "length" if kind == "length" else "stop",
+            version,
+            {"served_version": served, "server": server.index},
         )
         if self.routing is not None:
             if meta.get("routed_experts") is None:

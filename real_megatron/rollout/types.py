@@ -56,6 +56,16 @@ class Rollout:
     # MoE models: the engine's experts per fed token, [prompt + response - 1, MoE layers, top_k]
     # (rollout/routing.py), replayed by the actor (actor/routing_replay.py)
     routed_experts: Optional[torch.Tensor] = None
+    # multi-turn (real_megatron/agents/): True where the model sampled the response token (its turns),
+    # False between turns (tool results, environment turns, template glue); None: every token is the model's
+    response_mask: Optional[list[bool]] = None
+    turns: Optional[list[dict]] = None  # the conversation's messages with their roles (rollouts.jsonl)
+    stats: dict = field(default_factory=dict)  # per-trajectory counts (model turns, tool calls, ...)
+
+    @property
+    def num_model_tokens(self) -> int:
+        """Response tokens the model sampled (those in the loss)."""
+        return len(self.response_ids) if self.response_mask is None else sum(self.response_mask)
 
     @property
     def num_tokens(self) -> int:

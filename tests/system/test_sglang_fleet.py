@@ -171,6 +171,62 @@ def test_greedy_ids_equal_transformers_and_logprobs_equal_the_actors(fleet):
     assert fleet.last_throughput > 0
 
 
+def test_multi_turn_trajectories_train_the_ids_the_servers_sampled_on_one_server_each(fleet):
+    """Trajectories of an environment by import path through the real fleet, one thread each: a
+    trajectory's turns all go to one server, the ids at the model's positions are exactly what the
+    servers returned, and the actor's log-probs of them in the whole trajectory's context equal the
+    servers' (the between-turn ids, the template's, are context only)."""
+    from chat_tokenizer import chat_tokenizer
+
+    from real_megatron.agents.environment import load_environment_factory
+    from real_megatron.agents.rollouts import TrajectoryRunner, TurnLimits
+
+    fleet, _, _, root = fleet
+    tok = chat_tokenizer()  # 95 ids, inside the model's 128
+    calls = []
+
+    class Recording:  # the fleet, with every call's prompt, output and server noted
+        concurrent_calls = True
+
+        def generate(self, prompts, n, params, **kw):
+            groups = fleet.generate(prompts, n, params, **kw)
+            calls.extend((prompts[0], s.output_ids, s.extra["server"]) for s in groups[0])
+            return groups
+
+    stops = (tok.convert_tokens_to_ids("<|im_end|>"), *tok.convert_tokens_to_ids(list("0123456789")))
+    make = load_environment_factory("multiturn_env:CountingEnv", {"turns": 3})
+    runner = TrajectoryRunner(make, tok, stops, TurnLimits(max_turns=3, total_tokens=400, tokens_per_turn=16))
+    examples = [
+        {
+            "prompt": [{"role": "user", "content": f"Count to {k}."}],
+            "ground_truth": str(k),
+            "data_source": "",
+            "extra_info": {},
+        }
+        for k in range(4)
+    ]
+    groups = runner.run(Recording(), examples, 2, SamplingParams(temperature=1.0, max_new_tokens=300))
+    trajectories = [t for g in groups for t in g]
+    assert max(t.model_turns for t in trajectories) >= 2
+    for t in trajectories:
+        mine = [c for c in calls if t.context[: len(c[0]) + len(c[1])] == c[0] + c[1]]
+        assert len(mine) == t.model_turns and len({server for _, _, server in mine}) == 1
+        assert [x for x, m in zip(t.ids, t.mask) if m] == [i for _, out, _ in mine for i in out]
+    (root / "mt_pairs.json").write_text(json.dumps([[t.prompt_ids, t.ids] for t in trajectories]))
+    out = root / "mt_actor.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "support" / "actor_logprobs.py"), "--hf", str(root / "a")]
+        + ["--pairs", str(root / "mt_pairs.json"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    actor = json.loads(out.read_text())
+    diff = max(abs(x - y) for t, ref in zip(trajectories, actor) for x, y, m in zip(t.logprobs, ref, t.mask) if m)
+    assert diff <= 1e-4, diff
+
+
 def test_weight_update_from_disk_switches_to_the_new_model_exactly(fleet):
     fleet, model_a, model_b, root = fleet
     params = SamplingParams(temperature=0.0, max_new_tokens=10)

@@ -123,6 +123,8 @@ def _other_value(key: str):
         return [0.1, 0.2] if typing.get_args(tp)[0] is float else [1] if typing.get_args(tp)[0] is int else ["x"]
     if typing.get_origin(tp) is typing.Literal:
         return typing.get_args(tp)[0]
+    if origin is dict:
+        return {"x": 1}
     raise AssertionError(f"no other value for {key} ({tp})")
 
 
@@ -133,6 +135,7 @@ BASES = [
         ("real_r1distill_qwen_1p5b.yaml", []),
         ("baseline_grpo_r1distill_qwen_1p5b.yaml", []),
         ("quickstart.yaml", ["rollout.use_engine_logprobs=true"]),
+        ("quickstart.yaml", ["rollout.environment=my_pkg.envs:MyEnv"]),  # rollout.tools inert beside it
     )
 ]
 CONDITIONAL = [(key, acts, why) for keys, acts, why in CONDITIONAL_KEYS for key in keys]

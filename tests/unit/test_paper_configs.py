@@ -99,3 +99,25 @@ def test_qwen3_30b_a3b_configs_dry_run_their_moe_plan_and_the_one_node_split_is_
     assert one_node.returncode == 2, one_node.stdout[-2000:]
     assert "experts: 32 of 128 per rank (ep=4)" in one_node.stdout and "does NOT fit" in one_node.stdout
     assert "the layout does not fit: a trainer GPU needs about 158 GB of 80 GB" in one_node.stderr
+
+
+def test_retool_config_is_the_7b_recipe_with_the_python_tool_on_dapo17k():
+    """ReTool-style REAL: the 7B run's keys but the model, the data and the tool environment's;
+    the environment its rollouts would make is built from it (the dry run itself: test_cli.py)."""
+    from real_megatron.agents.environment import environment_spec, load_environment_factory
+
+    cfg = load_config(ROOT / "configs" / "real_retool_qwen2p5_7b.yaml")
+    base = leaves(config_to_dict(load_config(ROOT / "configs" / "real_r1distill_qwen_7b.yaml")))
+    changed = {k[:2] for k, v in leaves(config_to_dict(cfg)).items() if base[k] != v}
+    assert changed == {
+        ("model", "path"),
+        ("data", "train_files"),
+        ("train", "steps"),
+        ("train", "output_dir"),
+        ("rollout", "tools"),
+        ("rollout", "tool_max_calls_per_turn"),
+        ("rollout", "tool_max_result_chars"),
+    }
+    assert cfg.rollout.multi_turn and cfg.rollout.tools == ["python"] and cfg.rollout.max_turns == 8
+    env = load_environment_factory(*environment_spec(cfg.rollout))()
+    assert [t["function"]["name"] for t in env.tools()] == ["python"] and env.timeout_s == 10.0
