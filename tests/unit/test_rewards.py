@@ -65,7 +65,7 @@ def test_a_hung_worker_is_replaced():
 
 
 def test_custom_reward_by_import_path():
-    assert load_reward_fn("real_megatron.rewards:math_reward") is math_reward
+    assert load_reward_fn("real_megatron.rewards:math_reward").fn is math_reward
     with pytest.raises(ValueError, match="expected the form module.path:function"):
         load_reward_fn("real_megatron.rewards.math_reward")
     with pytest.raises(ValueError, match="has no callable 'nope'"):
