@@ -75,7 +75,7 @@ class Reward:
     `labels`: the objective takes 0/1 labels (REAL); `threshold`: score >= threshold is 1, else 0."""
 
     fn: Callable
-    path: str = ""  # module:function; a function named so runs in worker processes
+    path: str = ""  # module:function; a user's function named so runs in worker processes
     threshold: float | None = None
     labels: bool = False
     require_think_close: bool = False
@@ -108,9 +108,9 @@ class Reward:
         if self.fn is math_reward:
             return math_rewards(texts, truths, require_think_close=self.require_think_close, timeout_s=timeout_s)
         calls = [_call(self.fn, self.style, *row) for row in zip(texts, truths, data_sources, extra_infos)]
-        if self.path:
+        if self.path and not (getattr(self.fn, "__module__", None) or "").startswith("real_megatron."):
             replies = _pool_for(self.path).run(calls, timeout_s)
-        else:  # a function without an import path (a built-in task's, a test's) runs here
+        else:  # the package's own (a task's exact match) and functions without an import path run here
             replies = []
             for args, kwargs in calls:
                 try:

@@ -212,6 +212,12 @@ def test_custom_ground_truths_reach_the_function_and_none_or_nan_is_refused_at_l
     examples, _ = load_examples(good, math_truths=False)
     assert examples[0].ground_truth == {"tests": ["assert f(1) == 2"]} and examples[0].extra_info == {"i": 0}
     assert examples[1].ground_truth == ["3", "three"] and examples[1].data_source == "mine"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "custom.parquet")  # verl's own format
+    (row,), _ = load_examples(tmp_path / "custom.parquet", math_truths=False)
+    assert row.ground_truth == {"tests": ["assert f(1) == 2"]} and row.extra_info == {"i": 0}
     with pytest.raises(DataError, match=r"custom.jsonl: row 0: no usable ground truth .* for the math verifier"):
         load_examples(good)  # the math verifier compares strings and numbers only
     for bad_truth in (None, float("nan"), "", "None", "nan"):
