@@ -106,7 +106,7 @@ def extract_answer(response: str, require_think_close: bool = False) -> str | No
 
 _E_NOTATION = re.compile(r"(?<![\w.\\])(\d+\.?\d*|\.\d+)[eE]([+-]?\d{1,4})(?![\w.])")
 _SCIENTIFIC = re.compile(
-    r"(?<![\w.^{}\\])(\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×)\s*10\s*\^\s*(?:\{\s*([+-]?\d{1,4})\s*\}|(\d))(?![\d.])"
+    r"(?<![\w.^}\\])(\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|×)\s*10\s*\^\s*(?:\{\s*([+-]?\d{1,4})\s*\}|(\d))(?![\d.])"
 )
 _DIGIT_GROUPS = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\s|\\[,; !]|~|\{\\,\})\d{3})+(?![\d])")
 _TRAILING_POINT = re.compile(r"(?<=\d)\.(?=\s*(?:$|[,;)\]]|\\\}|\\right))")
@@ -124,11 +124,18 @@ def _exact(mantissa: str, exponent: str) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def _scientific(m: re.Match) -> str:
+    before = m.string[: m.start()].rstrip()
+    if before.endswith(("/", "\\div", "^", "_")):  # 1/2 \times 10^3 is (1/2)·1000, not 1/2000
+        return m.group(0)
+    return _exact(m.group(1), m.group(2) or m.group(3))
+
+
 def normalize_numbers(text: str) -> str:
     """Number forms math-verify misreads, rewritten: 8.7e8 -> 870000000, 2.5\\times10^{-3} -> 0.0025,
     1 000 -> 1000, 3. -> 3."""
     text = _E_NOTATION.sub(lambda m: _exact(m.group(1), m.group(2)), text)
-    text = _SCIENTIFIC.sub(lambda m: _exact(m.group(1), m.group(2) or m.group(3)), text)
+    text = _SCIENTIFIC.sub(_scientific, text)
     text = _DIGIT_GROUPS.sub(lambda m: re.sub(r"\D", "", m.group(0)), text)
     return _TRAILING_POINT.sub("", text)
 
