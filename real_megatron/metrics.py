@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 CURVES = (
@@ -107,7 +108,7 @@ class WandbLog:
 
     def __init__(self, run_dir: Path, config: dict):
         wandb = _need("wandb", "logging.wandb", "wandb")
-        run_id = _kept_id(run_dir / "wandb_run_id", lambda: wandb.util.generate_id())
+        run_id = _kept_id(run_dir / "wandb_run_id", lambda: uuid.uuid4().hex[:8])
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or "real-megatron",
             name=run_dir.name,
@@ -133,7 +134,10 @@ class MlflowLog:
         from mlflow.entities import Metric, Param
 
         self._metric = Metric
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # MLflow 3 keeps its file store, in maintenance, behind this switch
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "real-megatron"
         experiment = self.client.get_experiment_by_name(name)

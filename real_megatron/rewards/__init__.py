@@ -19,10 +19,10 @@ import atexit
 import importlib
 import inspect
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from math import isfinite, nan
 from typing import Literal
 
 from ..data.settings import DataConfig
@@ -131,8 +131,8 @@ class Reward:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number) or isinstance(value, str):
+            number = nan
+        if not isfinite(number) or isinstance(value, str):
             raise RewardError(
                 f"reward function {self.name} returned {value!r} on {source}: expected a finite number "
                 "(or verl's dict with a 'score')"
