@@ -18,14 +18,31 @@ def _log_two_steps(run_dir, **trackers):
     logger.close()
 
 
+def _wandb_records(data: bytes):
+    """The records of a .wandb file: W&B's LevelDB-style log (a 7-byte file header, 32 KiB blocks,
+    each record a 7-byte header of checksum, length and kind: full, first, middle, last)."""
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            yield pending + chunk
+
+
 def _wandb_history(path) -> list[dict]:
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
     rows = []
-    while (data := store.scan_data()) is not None:
+    for data in _wandb_records(path.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         if record.WhichOneof("record_type") == "history":
