@@ -155,6 +155,7 @@ def _eval_settings(args: argparse.Namespace) -> None:
                 + (f", and {source} names none" if source else " (or --config FILE / --run DIR that names it)")
             )
     args.settings_from = str(source) if source else "defaults"
+    args.reward_threshold, args.require_think_close = d.reward_threshold, d.require_think_close and not cfg.task.name
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -168,6 +169,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .data import PromptDataset
     from .data.dataset import DataError
+    from .data.settings import DataConfig
     from .evaluation import evaluate_sets, table_rows
     from .rewards import load_reward_fn
     from .rollout.types import SamplingParams
@@ -188,6 +190,7 @@ def _eval(args: argparse.Namespace) -> int:
                 max_prompt_tokens=args.max_prompt_tokens or 10**9,
                 prompt_key=args.prompt_key,
                 answer_key=args.answer_key,
+                math_truths=args.reward_fn == DataConfig.reward_fn,
             )
             sets[Path(path).stem] = dataset.examples[: args.limit] if args.limit else dataset.examples
     except (DataError, FileNotFoundError) as exc:
@@ -227,7 +230,13 @@ def _eval(args: argparse.Namespace) -> int:
             engine,
             tokenizer,
             sets,
-            load_reward_fn(args.reward_fn),
+            # pass@1 counts labels: a reward function's scores must be 0/1 or thresholded
+            load_reward_fn(
+                args.reward_fn,
+                threshold=args.reward_threshold,
+                labels=True,
+                require_think_close=args.require_think_close,
+            ),
             args.k,
             params,
             timeout_s=args.verifier_timeout_s,

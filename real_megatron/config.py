@@ -100,6 +100,9 @@ class LoggingConfig:
     plot: bool = True
     progress_bar: bool = True
     rollouts: bool = False  # rollouts.jsonl: every rollout trained on, with its prompt, version and label
+    # the step metrics to Weights & Biases / MLflow too (their packages installed by hand; see metrics.py)
+    wandb: bool = False
+    mlflow: bool = False
 
 
 @dataclass
@@ -424,8 +427,18 @@ CONDITIONAL_KEYS = (
     ),
     (
         ("data.verifier_timeout_s",),
+        lambda c: c.task.name is None,
+        "times the math verifier and data.reward_fn (a task's reward is exact match, in process)",
+    ),
+    (
+        ("data.require_think_close",),
         lambda c: c.task.name is None and c.data.reward_fn == DataConfig.reward_fn,
-        "times the math verifier only (data.reward_fn's default; a task or a custom function scores its own way)",
+        "is the math verifier's (data.reward_fn's default; a custom function reads responses its own way)",
+    ),
+    (
+        ("data.reward_threshold",),
+        lambda c: c.task.name is None and c.data.reward_fn != DataConfig.reward_fn,
+        "thresholds a custom data.reward_fn's scores (the math verifier's are 0/1 already)",
     ),
     (
         _fields(RolloutConfig, *_ENGINE_KEYS),

@@ -20,7 +20,7 @@ from .actor.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoi
 from .actor.distributed import init_distributed, shutdown
 from .actor.model import ArchSpec
 from .actor.reference import record_initial_model, recorded_initial_model
-from .config import Config, save_config
+from .config import Config, config_to_dict, save_config
 from .convert.convert import write_hf_checkpoint
 from .convert.hf_io import HFCheckpointReader
 from .evaluation import EvalConfig, evaluate, run_summary
@@ -128,7 +128,16 @@ class RunLog:
     def __init__(self, cfg: Config, run_dir: Path, tokenizer, logged_until: int, start_step: int):
         rank0 = is_rank0()
         self.metrics_log = (
-            MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, resume_step=logged_until) if rank0 else None
+            MetricsLogger(
+                run_dir,
+                tensorboard=cfg.logging.tensorboard,
+                resume_step=logged_until,
+                wandb=cfg.logging.wandb,
+                mlflow=cfg.logging.mlflow,
+                config=config_to_dict(cfg),
+            )
+            if rank0
+            else None
         )
         self.rollout_log = RolloutLog(run_dir, tokenizer, logged_until) if rank0 and cfg.logging.rollouts else None
         self.bar_wanted = rank0 and cfg.logging.progress_bar

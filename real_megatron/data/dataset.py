@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class Example:
     data_source: str = ""
     prompt_ids: Optional[list[int]] = None
     extra: dict = field(default_factory=dict)
+    extra_info: Any = None  # the row's extra_info, for verl-style reward functions
 
 
 def _lookup(row: dict, dotted: str):
@@ -60,16 +62,28 @@ def _messages(value, where: str) -> list[dict]:
     )
 
 
-def _usable_truth(truth) -> bool:
+_NO_TRUTH = {"none", "nan", "null"}  # what None and NaN become when a file is written as text
+
+
+def usable_truth(truth) -> bool:
+    """A ground truth the math verifier can compare with: a non-empty string (not "None", "nan" or
+    "null"), a finite number, or a non-empty list of them."""
     if isinstance(truth, bool):
         return False
     if isinstance(truth, (int, float)):
-        return True
+        return math.isfinite(truth)
     if isinstance(truth, str):
-        return bool(truth.strip())
+        return bool(truth.strip()) and truth.strip().lower() not in _NO_TRUTH
     if isinstance(truth, (list, tuple)):
-        return bool(truth) and all(_usable_truth(t) for t in truth)
+        return bool(truth) and all(usable_truth(t) for t in truth)
     return False
+
+
+def _any_truth(truth) -> bool:
+    """A ground truth for a reward function of one's own: anything but None, NaN or empty."""
+    if truth is None or (isinstance(truth, float) and math.isnan(truth)):
+        return False
+    return bool(truth.strip()) if isinstance(truth, str) else not (isinstance(truth, (list, tuple, dict)) and not truth)
 
 
 def read_rows(path: str | Path) -> list:
@@ -114,8 +128,13 @@ def load_examples(
     prompt_key: str = "prompt",
     answer_key: str = "reward_model.ground_truth",
     skip_malformed: bool = False,
+    math_truths: bool = True,
 ) -> tuple[list[Example], int]:
-    """All examples of one file, and how many malformed rows were skipped."""
+    """All examples of one file, and how many malformed rows were skipped. math_truths: ground
+    truths the math verifier can compare with (strings, finite numbers, lists of them; not None,
+    NaN, "None", "nan"); otherwise anything but None, NaN or empty (a reward function of one's
+    own gets dicts and lists as they are)."""
+    usable = usable_truth if math_truths else _any_truth
     examples, skipped = [], 0
     for number, row in enumerate(read_rows(path)):
         where = f"{path}: row {number}"
@@ -134,14 +153,24 @@ def load_examples(
                 truth = row.get("answer")
             if hasattr(truth, "tolist"):
                 truth = truth.tolist()
-            if not _usable_truth(truth):
+            if not usable(truth):
                 found = "none" if truth is None else repr(truth)[:80]
+                expected = (
+                    "a non-empty string, a finite number, or a list of them, for the math verifier"
+                    if math_truths
+                    else "anything but None, NaN or empty"
+                )
                 raise DataError(
-                    f"{where}: no usable ground truth at {answer_key!r} or 'answer' (found {found}; "
-                    "expected a non-empty string, a number, or a list of them)"
+                    f"{where}: no usable ground truth at {answer_key!r} or 'answer' (found {found}; expected {expected})"
                 )
             examples.append(
-                Example(_messages(prompt, where), truth, f"{path}:{number}", str(row.get("data_source", "")))
+                Example(
+                    _messages(prompt, where),
+                    truth,
+                    f"{path}:{number}",
+                    str(row.get("data_source", "")),
+                    extra_info=row.get("extra_info"),
+                )
             )
         except DataError:
             if not skip_malformed:
@@ -175,13 +204,18 @@ class PromptDataset:
         prompt_key: str = "prompt",
         answer_key: str = "reward_model.ground_truth",
         skip_malformed: bool = False,
+        math_truths: bool = True,
     ):
         self.examples: list[Example] = []
         self.skipped_malformed = 0
         self.dropped_long = 0
         for file in files:
             examples, skipped = load_examples(
-                file, prompt_key=prompt_key, answer_key=answer_key, skip_malformed=skip_malformed
+                file,
+                prompt_key=prompt_key,
+                answer_key=answer_key,
+                skip_malformed=skip_malformed,
+                math_truths=math_truths,
             )
             self.skipped_malformed += skipped
             for ex in examples:

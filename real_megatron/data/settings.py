@@ -1,9 +1,10 @@
-"""The data's settings: the `data` section (prompt files, their keys, the reward function and its
-verifier's deadline) and its defaults."""
+"""The data's settings: the `data` section (prompt files, their keys, the reward function, its
+deadline and what it may return) and its defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -16,3 +17,8 @@ class DataConfig:
     shuffle: bool = True
     reward_fn: str = "real_megatron.rewards:math_reward"  # module:function
     verifier_timeout_s: float = 5.0  # per response, training and evaluation alike (a timeout scores 0)
+    # the math verifier reads the answer after </think> only: a response without it (reasoning cut
+    # off by the token limit) scores 0; for R1-style models, whose responses are a think block
+    require_think_close: bool = False
+    # a reward function's score >= threshold is label 1, else 0 (REAL takes 0/1 labels only)
+    reward_threshold: Optional[float] = None

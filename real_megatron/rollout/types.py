@@ -73,12 +73,13 @@ class Rollout:
 
 
 def informative_groups(rollouts: list[Rollout]) -> set[int]:
-    """Groups whose rollouts in the loss carry both labels (a uniform group gives no signal)."""
-    labels: dict[int, set] = {}
+    """Groups whose rollouts in the loss differ in reward (both labels, for 0/1 rewards; a uniform
+    group gives no signal to any objective)."""
+    rewards: dict[int, set] = {}
     for r in rollouts:
         if r.in_loss:
-            labels.setdefault(r.group, set()).add(r.reward > 0.5)
-    return {g for g, seen in labels.items() if len(seen) == 2}
+            rewards.setdefault(r.group, set()).add(r.reward)
+    return {g for g, seen in rewards.items() if len(seen) >= 2}
 
 
 class Engine(Protocol):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..data.settings import DataConfig
+from ..objectives.settings import REAL_OBJECTIVES
 from ..rank0_phases import on_rank0
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,20 @@ def prepare_inputs(cfg: Config) -> Inputs:
         prompt_key=cfg.data.prompt_key,
         answer_key=cfg.data.answer_key,
         skip_malformed=cfg.data.skip_malformed,
+        math_truths=cfg.data.reward_fn == DataConfig.reward_fn,  # a function of one's own takes any truth
+    )
+    reward = load_reward_fn(
+        cfg.data.reward_fn,
+        threshold=cfg.data.reward_threshold,
+        labels=cfg.algorithm.name in REAL_OBJECTIVES,
+        require_think_close=cfg.data.require_think_close,
     )
     train_set = PromptDataset(cfg.data.train_files, tokenizer, seed=cfg.train.seed, shuffle=cfg.data.shuffle, **common)
     evals = {Path(f).stem: PromptDataset([f], tokenizer, shuffle=False, **common) for f in cfg.eval.files}
     stop = tuple(cfg.rollout.stop_token_ids) or (
         (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     )
-    return Inputs(Path(cfg.model.path), tokenizer, train_set, evals, load_reward_fn(cfg.data.reward_fn), stop)
+    return Inputs(Path(cfg.model.path), tokenizer, train_set, evals, reward, stop)
 
 
 def _arithmetic_inputs(cfg: Config) -> Inputs:
