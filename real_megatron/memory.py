@@ -266,6 +266,18 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.total_gb <= self.capacity_gb
 
+    def dominant(self) -> str:
+        """The largest part and what shrinks it: the model's state (weights, gradients, optimizer)
+        needs more GPUs to shard it; activations need recompute, a smaller micro-batch or CP."""
+        what, gb, _ = max(self.rows, key=lambda r: r[1])
+        state = sum(r[1] for r in self.rows if r[0].split()[0] in ("weights", "gradients", "optimizer"))
+        if state >= self.total_gb / 2:
+            return (
+                f"{what} is the largest part ({gb:.0f} GB; weights, gradients and optimizer state {state:.0f} GB): "
+                "shard the model's state over more GPUs (more nodes, or higher tp/pp/ep); recompute does not shrink it"
+            )
+        return f"{what} is the largest part ({gb:.0f} GB): enable recompute, shrink the micro-batch, or raise tp/cp"
+
     def describe(self) -> str:
         active = f", {_count(self.params_active)} active per token" if self.params_active else ""
         lines = [
@@ -273,7 +285,7 @@ class MemoryEstimate:
         ]
         width = max(len(r[0]) for r in self.rows)
         lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
-        verdict = "fits" if self.fits else "does NOT fit: raise tp/pp/cp, enable recompute or shrink the micro-batch"
+        verdict = "fits" if self.fits else f"does NOT fit: {self.dominant()}"
         lines.append(f"  {'total':<{width}}  {self.total_gb:7.1f} GB  of {self.capacity_gb:.0f} GB per GPU: {verdict}")
         if self.without_te:
             lines.append(f"  {self.without_te}")

@@ -16,3 +16,16 @@ class DataConfig:
     shuffle: bool = True
     reward_fn: str = "real_megatron.rewards:math_reward"  # module:function
     verifier_timeout_s: float = 5.0  # per response, training and evaluation alike (a timeout scores 0)
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.max_prompt_tokens <= 0:
+            errors.append(
+                f"data.max_prompt_tokens must be > 0 (prompts longer are dropped), got {self.max_prompt_tokens}"
+            )
+        if self.verifier_timeout_s <= 0:
+            errors.append(f"data.verifier_timeout_s must be > 0, got {self.verifier_timeout_s}")
+        module, sep, function = self.reward_fn.partition(":")
+        if not (sep and module and function):
+            errors.append(f"data.reward_fn={self.reward_fn!r}: expected the form module.path:function")
+        return errors
