@@ -528,9 +528,8 @@ def _expert_layout_errors(cfg: Config) -> list[str]:
 
 def _placement_errors(cfg: Config) -> list[str]:
     """Whether the trainer's processes fit a node and megatron-core can cut the model over them
-    (parallel_layout.split_problems, the check convert runs too); every later error follows from these."""
-    from .memory import architecture_of
-    from .parallel_layout import split_problems
+    (memory.split_problems, the check convert runs too); every later error follows from these."""
+    from .memory import architecture_of, split_problems
 
     p, errors = cfg.parallel, []
     if p.gpus_per_node > p.node_gpus:
@@ -539,7 +538,8 @@ def _placement_errors(cfg: Config) -> list[str]:
         )
     arch = architecture_of(cfg)
     if arch is not None and p.ep >= 1 and (p.etp is None or p.etp >= 1):
-        split = split_problems(arch, p.tp, p.pp, p.vpp, p.ep, p.etp)
+        expert = (p.ep, p.etp) if arch.experts else (1, None)  # a dense model's ep: CONDITIONAL_KEYS says why
+        split = split_problems(arch, p.tp, p.pp, p.vpp, *expert)
         if split:
             errors.append("megatron-core cannot split the model this way: " + "; ".join(split))
     return errors

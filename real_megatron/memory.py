@@ -146,6 +146,36 @@ def architecture_of(cfg) -> Architecture | None:
     return Architecture.from_hf(facts) if all(k in facts for k in needed + (mlp,)) else None
 
 
+def split_problems(
+    arch: Architecture, tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None
+) -> list[str]:
+    """What megatron-core refuses when it cuts this model over tp x pp (x vpp) and ep x etp, one
+    sentence each ([] when it splits): the one check behind --dry-run, launch-plan and convert.
+    `arch` is an Architecture (from an HF config.json; no torch). The vocabulary needs no check:
+    the output layer pads it to a multiple of tp (ArchSpec.padded_vocab)."""
+    problems = []
+    if not arch.experts and (ep > 1 or (etp or 1) > 1):
+        problems.append(f"ep={ep}, etp={etp}: expert parallelism needs a mixture-of-experts model")
+    elif arch.experts:
+        etp = tp if etp is None else etp
+        if arch.experts % ep:
+            problems.append(f"num_experts={arch.experts} is not divisible by ep={ep}")
+        if arch.moe_ffn % etp:
+            problems.append(f"moe_intermediate_size={arch.moe_ffn} is not divisible by etp={etp}")
+        if arch.shared_ffn and arch.shared_ffn % tp:
+            problems.append(f"shared_expert_intermediate_size={arch.shared_ffn} is not divisible by tp={tp}")
+    if arch.heads % tp:
+        problems.append(f"num_attention_heads={arch.heads} is not divisible by tp={tp}")
+    if arch.kv_heads % tp:
+        problems.append(f"num_key_value_heads={arch.kv_heads} is not divisible by tp={tp}")
+    if arch.ffn % tp and arch.moe_layers < arch.layers:  # a dense MLP somewhere
+        problems.append(f"intermediate_size={arch.ffn} is not divisible by tp={tp}")
+    stages = pp * (vpp or 1)
+    if arch.layers % stages:
+        problems.append(f"num_hidden_layers={arch.layers} is not divisible by pp*vpp={stages}")
+    return problems
+
+
 @dataclass
 class MicroBatchShape:
     """What one (micro-batch, rank) feeds the model: the memory of a step follows from it."""

@@ -4,7 +4,7 @@ own dry run refuses.
 
 `check_run(cfg)` returns the report the dry run prints and the problems that stop a run, the
 dominant cause first: where the processes go (GPUs per node), how megatron-core cuts the model
-(heads, KV heads, MLP, layers by pp x vpp, experts by ep: parallel_layout.split_problems, refused
+(heads, KV heads, MLP, layers by pp x vpp, experts by ep: memory.split_problems, refused
 with the config itself, config.py), memory
 per trainer GPU and per server GPU, then what the run reads (checkpoint.resume, the reward
 function, the data files' columns and first rows). Torch is not imported.
@@ -70,13 +70,13 @@ def _memory(cfg, arch, check: RunCheck) -> None:
     ]
     if not estimate.fits:
         check.problems.append(
-            f"a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB; {estimate.dominant()}"
+            f"the layout does not fit: a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB; {estimate.dominant()}"
         )
     if cfg.rollout.backend == "sglang":
         text, fits = server_memory(cfg, arch, capacity)
         check.report.append(text)
         if not fits:
-            check.problems.append("an SGLang server GPU has no KV-cache room for one rollout")
+            check.problems.append("the layout does not fit: an SGLang server GPU has no KV-cache room for one rollout")
 
 
 def input_problems(cfg) -> list[str]:
@@ -120,7 +120,7 @@ def check_run(cfg, *, data: bool = True) -> RunCheck:
     nodes, problem = describe_nodes(cfg)
     check.report.append(f"# GPUs: {nodes}")
     if problem:
-        check.problems.append(problem)
+        check.problems.append(f"the layout does not fit: {problem}")
     arch, where, warnings = architecture(cfg)
     check.warnings += warnings
     if arch is None:

@@ -116,8 +116,7 @@ class ArchSpec:
         return math.ceil(self.vocab_size / tp) * tp
 
     def check_parallel(self, tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None) -> None:
-        from ..memory import Architecture
-        from ..parallel_layout import split_problems
+        from ..memory import Architecture, split_problems
 
         moe = self.moe
         arch = Architecture(
