@@ -104,8 +104,6 @@ def test_qwen3_30b_a3b_configs_dry_run_their_moe_plan_and_the_one_node_split_is_
 def test_configs_generating_ahead_correct_for_it():
     """docs/running.md: one version ahead without a per-token correction drifts after 100-150 steps;
     every shipped config that generates ahead sets what the docs recommend."""
-    from real_megatron.config import load_config
-
     ahead = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if load_config(p).rollout.max_staleness >= 1]
     assert len(ahead) >= 4
     for path in ahead:
