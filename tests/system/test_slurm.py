@@ -94,7 +94,7 @@ class Job:
             REAL_MEGATRON_HOME=str(ROOT),
             SGLANG_USE_CPU_ENGINE="1",
             OMP_NUM_THREADS="1",
-            PYTHONPATH=str(ROOT / "tests" / "support"),
+            PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "support"), str(ROOT)]),  # this checkout
         )
         submit_env.pop("SERVER_HOST", None)
         submit_env.pop("RUN_DIR", None)  # the run directory follows the config: train.output_dir below
