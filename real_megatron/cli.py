@@ -301,6 +301,9 @@ def _launch_plan(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    if args.dry_run:  # the same plan as `train --dry-run`: launch runs that config's ranks and servers
+        args.output_dir = None
+        return _train(args)
     from .launch import launch
 
     return launch(args.config, list(args.overrides))
@@ -451,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("launch", help="run a config on this machine: SGLang servers and trainer ranks, GPUs split")
     run.add_argument("config", help="YAML config file (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="a.b=c")
+    run.add_argument(
+        "--dry-run", action="store_true", help="check and print the plan (as train --dry-run), start nothing"
+    )
     run.set_defaults(func=_launch)
 
     serve = sub.add_parser("serve", help="run one SGLang server for a config's trainer and register its URL")

@@ -69,6 +69,8 @@ def test_launch_plan_refuses_what_the_dry_run_refuses_with_the_dominant_cause():
         assert "recompute does not shrink it" in out.stderr and "TRAINER_NODES" not in out.stdout
     out = run("launch-plan", "configs/real_r1distill_qwen_1p5b_1node.yaml")
     assert out.returncode == 0 and "TRAINER_TASKS_PER_NODE=4" in out.stdout, out.stderr
+    out = run("launch", "configs/real_r1distill_qwen_1p5b_1node.yaml", "--dry-run")  # as the docs say
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("config OK"), out.stderr
 
 
 def test_what_the_run_reads_is_checked(tmp_path):
