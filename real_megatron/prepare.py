@@ -20,6 +20,7 @@ INSTRUCTION = "Let's think step by step and output the final answer within \\box
 MODELS = {  # model.path's directory name -> Hub repository
     "DeepSeek-R1-Distill-Qwen-1.5B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
     "DeepSeek-R1-Distill-Qwen-7B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    "Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B",
 }
 
 
