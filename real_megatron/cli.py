@@ -61,6 +61,16 @@ def _train(args: argparse.Namespace) -> int:
     problems = input_problems(cfg)
     if problems:
         raise ConfigError(f"{args.config}: {'; '.join(problems)}")
+    from .actor.distributed import launch_env
+
+    started, wanted = launch_env(), cfg.parallel.world_size
+    if started.world_size != wanted:  # one line, before any process group waits for ranks that never come
+        raise ConfigError(
+            f"{args.config}: the config runs parallel.nodes x parallel.gpus_per_node = {wanted} trainer process(es), "
+            f"but {started.world_size} started ({started.source}); on one machine run `real-megatron launch "
+            f"{args.config}` (servers and ranks), or `torchrun --nproc_per_node={cfg.parallel.gpus_per_node} -m "
+            f"real_megatron.cli train {args.config}`; on Slurm `sbatch slurm/train.sbatch {args.config}`"
+        )
     from .actor.distributed import trainer_environment
     from .ranks import is_rank0
     from .rollout.engine_setup import apply_trainer_fleet_environment

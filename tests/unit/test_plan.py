@@ -119,3 +119,13 @@ def test_architecture_comes_from_the_checkpoint_and_ignored_overrides_are_named(
     assert arch.hidden == 1536 and where.startswith("model.hf_config_overrides (model.path elsewhere/Qwen-7B is not")
     out = run("train", str(PAPER), "--dry-run", f"model.path={tmp_path}", "parallel.gpus_per_node=8")
     assert f"# architecture: from {tmp_path / 'config.json'}" in out.stdout and "are ignored" in out.stderr
+
+
+def test_train_on_a_two_process_config_started_once_says_which_command_to_use():
+    out = run("train", "configs/quickstart_moe.yaml")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert (
+        "= 2 trainer process(es), but 1 started" in line and "real-megatron launch configs/quickstart_moe.yaml" in line
+    )
+    assert "torchrun --nproc_per_node=2 -m real_megatron.cli train configs/quickstart_moe.yaml" in line
