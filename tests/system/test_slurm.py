@@ -232,12 +232,10 @@ def test_one_node_async_job_usr1_checkpoints_requeues_and_resumes_to_the_same_fi
         server_host=None,
     )
     job.wait_for("step 2 in metrics.jsonl", lambda: len(job.steps_logged()) >= 2)
-    # a second job on the same run directory (the other node) refuses, naming the first
+    # a second job on the same run directory (the other node) refuses, naming the first (checked
+    # below: the first holds its lock while running and while requeued)
     (tmp_path / "second").mkdir()
     second = Job(cluster, tmp_path / "second", 8, f"train.output_dir={job.run_dir}", layout=ONE_NODE, server_host=None)
-    assert second.wait(timeout=300) != 0
-    refusal = (tmp_path / "second" / "job.out").read_text()
-    assert f"the run directory {job.run_dir} is in use by job {job.id}" in refusal, refusal
     # what --signal=B:USR1@300 does before the time limit: USR1 to the batch script only
     run(["scancel", "--signal=USR1", "--batch", job.id], env=cluster)
     job.wait_for("requeue", lambda: job.field("Restarts") == "1")
@@ -246,6 +244,9 @@ def test_one_node_async_job_usr1_checkpoints_requeues_and_resumes_to_the_same_fi
     run(["scontrol", "update", f"jobid={job.id}", "StartTime=now"], env=cluster, check=False)
     assert job.wait() == 0, job.diagnostics()
     assert job.field("JobState") == "COMPLETED" and job.field("Restarts") == "1"
+    assert second.wait(timeout=120) != 0
+    refusal = (tmp_path / "second" / "job.out").read_text()
+    assert f"the run directory {job.run_dir} is in use by job {job.id}" in refusal, refusal
     checkpoints = sorted(p.name for p in (job.run_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 1, checkpoints
     stopped_at = int(checkpoints[0].split("_")[1])
