@@ -9,7 +9,7 @@ import yaml
 
 from . import __version__
 from .config import ConfigError, config_to_dict, load_config
-from .parallel_layout import describe_layout, describe_nodes, launched_servers
+from .parallel_layout import describe_layout, launched_servers
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,33 +22,25 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         print("# parallel layout")
         print(describe_layout(cfg.parallel))
-        nodes, problem = describe_nodes(cfg)
-        print(f"# GPUs: {nodes}")
+        from .plan import check_run
+
+        check = check_run(cfg)
+        print(check.report[0])  # the GPUs
         if cfg.rollout.backend == "sglang":
             from .rollout.engine_setup import describe_fleet
 
             print(f"# fleet: {describe_fleet(cfg)}")
-        nccl_problem = None
-        if cfg.rollout.backend == "sglang" and cfg.rollout.weight_sync == "distributed":
-            from .rollout.nccl_check import check_weight_sync_nccl, query_build, server_build
-
-            # both asked in subprocesses (no torch in --dry-run); the servers' even where the trainer has no NCCL
-            compared, nccl_problem = check_weight_sync_nccl(cfg, query_build(sys.executable), server_build(cfg))
-            print(f"# weight broadcast: {compared}")
-        report, problems = _memory_report(cfg)
-        print(report)
+        print("\n".join(check.report[1:]))
         from .prepare import missing_inputs
 
         missing = missing_inputs(cfg)
         print(
             f"# inputs: {'missing here: ' + '; '.join(missing) + ' (real-megatron prepare fetches them)' if missing else 'present'}"
         )
-        problems = ([problem] if problem else []) + problems
-        if nccl_problem:
-            print(f"config error: {args.config}: {nccl_problem}", file=sys.stderr)
-            return 2
-        if problems:
-            print(f"config error: {args.config}: the layout does not fit: {'; '.join(problems)}", file=sys.stderr)
+        for warning in check.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if check.problems:
+            print(f"config error: {args.config}: {_problems_text(check.problems)}", file=sys.stderr)
             return 2
         print("config OK")
         return 0
@@ -57,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .plan import input_problems
     from .prepare import missing_inputs
 
     missing = missing_inputs(cfg)
@@ -64,6 +57,19 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.config}: missing {'; '.join(missing)}; `real-megatron prepare {args.config}` "
             "downloads and converts them"
+        )
+    problems = input_problems(cfg)
+    if problems:
+        raise ConfigError(f"{args.config}: {'; '.join(problems)}")
+    from .actor.distributed import launch_env
+
+    started, wanted = launch_env(), cfg.parallel.world_size
+    if started.world_size != wanted:  # one line, before any process group waits for ranks that never come
+        raise ConfigError(
+            f"{args.config}: the config runs parallel.nodes x parallel.gpus_per_node = {wanted} trainer process(es), "
+            f"but {started.world_size} started ({started.source}); on one machine run `real-megatron launch "
+            f"{args.config}` (servers and ranks), or `torchrun --nproc_per_node={cfg.parallel.gpus_per_node} -m "
+            f"real_megatron.cli train {args.config}`; on Slurm `sbatch slurm/train.sbatch {args.config}`"
         )
     from .actor.distributed import trainer_environment
     from .ranks import is_rank0
@@ -289,9 +295,20 @@ def _launch_plan(args: argparse.Namespace) -> int:
     """What a launcher needs from a config, as shell assignments (slurm/train.sbatch evals them)."""
     import shlex
 
+    from .plan import check_run
     from .rollout.engine_setup import trainer_fleet_environment
 
     cfg = load_config(args.config, list(args.overrides))
+    check = check_run(cfg)  # the dry run's own check: a launcher never starts what it refuses
+    for warning in check.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if check.problems:
+        print(
+            f"config error: {args.config}: {_problems_text(check.problems)} "
+            f"(`real-megatron train {args.config} --dry-run` shows the plan)",
+            file=sys.stderr,
+        )
+        return 2
     p, r = cfg.parallel, cfg.rollout
     plan = {
         "TRAINER_NODES": p.nodes,
@@ -309,6 +326,9 @@ def _launch_plan(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    if args.dry_run:  # the same plan as `train --dry-run`: launch runs that config's ranks and servers
+        args.output_dir = None
+        return _train(args)
     from .launch import launch
 
     return launch(args.config, list(args.overrides))
@@ -331,31 +351,11 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(cfg, registry, index, args.host, Path(args.log_dir or run_dir / "logs"))
 
 
-def _memory_report(cfg) -> tuple[str, list[str]]:
-    """The estimate per trainer GPU and per server GPU, and what does not fit."""
-    from .memory import architecture_of, estimate_memory, optimizer_format, server_memory
-
-    arch = architecture_of(cfg)
-    if arch is None:
-        return (
-            "# memory per GPU: unknown (model.path has no config.json here and model.hf_config_overrides "
-            "lacks the architecture)"
-        ), []
-    capacity = cfg.parallel.gpu_memory_gb
-    estimate = estimate_memory(cfg, arch, capacity)
-    chosen, why = optimizer_format(cfg, arch)
-    lines = [
-        f"# memory per trainer GPU (estimate, {capacity:.0f} GB GPUs)",
-        estimate.describe(),
-        f"# checkpoints: optimizer state {chosen} ({why})",
-    ]
-    problems = [] if estimate.fits else [f"a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB"]
-    if cfg.rollout.backend == "sglang":
-        text, fits = server_memory(cfg, arch, capacity)
-        lines.append(text)
-        if not fits:
-            problems.append("an SGLang server GPU has no KV-cache room for one rollout")
-    return "\n".join(lines), problems
+def _problems_text(problems: list[str]) -> str:
+    """One line, the dominant problem first (check_run orders them)."""
+    if len(problems) == 1:
+        return problems[0]
+    return problems[0] + "; also: " + "; ".join(problems[1:])
 
 
 def closing_table(summary: dict, run_dir: str) -> str:
@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("launch", help="run a config on this machine: SGLang servers and trainer ranks, GPUs split")
     run.add_argument("config", help="YAML config file (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="a.b=c")
+    run.add_argument(
+        "--dry-run", action="store_true", help="check and print the plan (as train --dry-run), start nothing"
+    )
     run.set_defaults(func=_launch)
 
     serve = sub.add_parser("serve", help="run one SGLang server for a config's trainer and register its URL")

@@ -175,6 +175,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
+        if value is None:  # `key: null` (or key=null on the command line) clears an inherited mapping
+            return {}
         if not isinstance(value, dict):
             raise bad()
         return dict(value)
@@ -328,7 +330,11 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return data if data is not None else {}
+    if data is None:
+        raise ConfigError(
+            f"{path}: the file is empty (a config names at least its base or one section, e.g. `base: quickstart.yaml`)"
+        )
+    return data
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -540,9 +546,7 @@ def _expert_layout_errors(cfg: Config) -> list[str]:
             "(megatron's expert groups: each pipeline stage's ranks split into ep x etp x expert-data)"
         )
     arch = architecture_of(cfg)
-    if arch is not None and arch.experts > 0:
-        if arch.experts % p.ep:
-            errors.append(f"parallel.ep={p.ep} does not divide the model's {arch.experts} experts")
+    if arch is not None and arch.experts > 0:  # experts by ep: _placement_errors
         if p.tp > 1 and not p.sequence_parallel:
             errors.append(
                 f"parallel.tp={p.tp} with a mixture-of-experts model needs parallel.sequence_parallel: true "
@@ -553,6 +557,25 @@ def _expert_layout_errors(cfg: Config) -> list[str]:
                 f"parallel.cp={p.cp} with a mixture-of-experts model is not supported yet (routing replay's "
                 "experts are not split over the context-parallel ranks); use parallel.cp=1"
             )
+    return errors
+
+
+def _placement_errors(cfg: Config) -> list[str]:
+    """Whether the trainer's processes fit a node and megatron-core can cut the model over them
+    (memory.split_problems, the check convert runs too); every later error follows from these."""
+    from .memory import architecture_of, split_problems
+
+    p, errors = cfg.parallel, []
+    if p.gpus_per_node > p.node_gpus:
+        errors.append(
+            f"parallel.gpus_per_node={p.gpus_per_node} exceeds parallel.node_gpus={p.node_gpus} (the GPUs of one node)"
+        )
+    arch = architecture_of(cfg)
+    if arch is not None and p.ep >= 1 and (p.etp is None or p.etp >= 1):
+        expert = (p.ep, p.etp) if arch.experts else (1, None)  # a dense model's ep: CONDITIONAL_KEYS says why
+        split = split_problems(arch, p.tp, p.pp, p.vpp, *expert)
+        if split:
+            errors.append("megatron-core cannot split the model this way: " + "; ".join(split))
     return errors
 
 
@@ -608,8 +631,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             errors.append("task.dev_prompts must be > 0 when task.warmstart_target is set")
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
+    errors = _placement_errors(cfg)  # the dominant cause when the layout is wrong: said alone, first
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
 
-    for section in (cfg.model, cfg.optim, a, r):  # each section's own checks, beside its owner
+    for section in (cfg.model, cfg.optim, cfg.eval, cfg.data, a, r):  # each section's own checks, beside its owner
         errors += section.check()
 
     model_parallel = p.tp * p.pp * p.cp

@@ -26,6 +26,16 @@ class EvalConfig:
     temperature: float = 0.6
     max_new_tokens: int = 8192
 
+    def check(self) -> list[str]:
+        errors = [
+            f"eval.{k} must be > 0, got {getattr(self, k)}" for k in ("k", "max_new_tokens") if getattr(self, k) <= 0
+        ]
+        if self.every_steps < 0:
+            errors.append(f"eval.every_steps must be >= 0 (0: never during training), got {self.every_steps}")
+        if self.temperature < 0:
+            errors.append(f"eval.temperature must be >= 0, got {self.temperature}")
+        return errors
+
 
 def pass_at_1(per_problem: list[float]) -> tuple[float, float]:
     """Mean over problems of the per-problem fraction correct, and its standard error."""

@@ -146,6 +146,36 @@ def architecture_of(cfg) -> Architecture | None:
     return Architecture.from_hf(facts) if all(k in facts for k in needed + (mlp,)) else None
 
 
+def split_problems(
+    arch: Architecture, tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None
+) -> list[str]:
+    """What megatron-core refuses when it cuts this model over tp x pp (x vpp) and ep x etp, one
+    sentence each ([] when it splits): the one check behind --dry-run, launch-plan and convert.
+    `arch` is an Architecture (from an HF config.json; no torch). The vocabulary needs no check:
+    the output layer pads it to a multiple of tp (ArchSpec.padded_vocab)."""
+    problems = []
+    if not arch.experts and (ep > 1 or (etp or 1) > 1):
+        problems.append(f"ep={ep}, etp={etp}: expert parallelism needs a mixture-of-experts model")
+    elif arch.experts:
+        etp = tp if etp is None else etp
+        if arch.experts % ep:
+            problems.append(f"num_experts={arch.experts} is not divisible by ep={ep}")
+        if arch.moe_ffn % etp:
+            problems.append(f"moe_intermediate_size={arch.moe_ffn} is not divisible by etp={etp}")
+        if arch.shared_ffn and arch.shared_ffn % tp:
+            problems.append(f"shared_expert_intermediate_size={arch.shared_ffn} is not divisible by tp={tp}")
+    if arch.heads % tp:
+        problems.append(f"num_attention_heads={arch.heads} is not divisible by tp={tp}")
+    if arch.kv_heads % tp:
+        problems.append(f"num_key_value_heads={arch.kv_heads} is not divisible by tp={tp}")
+    if arch.ffn % tp and arch.moe_layers < arch.layers:  # a dense MLP somewhere
+        problems.append(f"intermediate_size={arch.ffn} is not divisible by tp={tp}")
+    stages = pp * (vpp or 1)
+    if arch.layers % stages:
+        problems.append(f"num_hidden_layers={arch.layers} is not divisible by pp*vpp={stages}")
+    return problems
+
+
 @dataclass
 class MicroBatchShape:
     """What one (micro-batch, rank) feeds the model: the memory of a step follows from it."""
@@ -266,6 +296,18 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.total_gb <= self.capacity_gb
 
+    def dominant(self) -> str:
+        """The largest part and what shrinks it: the model's state (weights, gradients, optimizer)
+        needs more GPUs to shard it; activations need recompute, a smaller micro-batch or CP."""
+        what, gb, _ = max(self.rows, key=lambda r: r[1])
+        state = sum(r[1] for r in self.rows if r[0].split()[0] in ("weights", "gradients", "optimizer"))
+        if state >= self.total_gb / 2:
+            return (
+                f"{what} is the largest part ({gb:.0f} GB; weights, gradients and optimizer state {state:.0f} GB): "
+                "shard the model's state over more GPUs (more nodes, or higher tp/pp/ep); recompute does not shrink it"
+            )
+        return f"{what} is the largest part ({gb:.0f} GB): enable recompute, shrink the micro-batch, or raise tp/cp"
+
     def describe(self) -> str:
         active = f", {_count(self.params_active)} active per token" if self.params_active else ""
         lines = [
@@ -273,7 +315,7 @@ class MemoryEstimate:
         ]
         width = max(len(r[0]) for r in self.rows)
         lines += [f"  {what:<{width}}  {gb:7.1f} GB  {how}" for what, gb, how in self.rows]
-        verdict = "fits" if self.fits else "does NOT fit: raise tp/pp/cp, enable recompute or shrink the micro-batch"
+        verdict = "fits" if self.fits else f"does NOT fit: {self.dominant()}"
         lines.append(f"  {'total':<{width}}  {self.total_gb:7.1f} GB  of {self.capacity_gb:.0f} GB per GPU: {verdict}")
         if self.without_te:
             lines.append(f"  {self.without_te}")

@@ -21,6 +21,7 @@ MODELS = {  # model.path's directory name -> Hub repository
     "DeepSeek-R1-Distill-Qwen-1.5B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
     "DeepSeek-R1-Distill-Qwen-7B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
     "Qwen2.5-7B-Instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B",
 }
 
 

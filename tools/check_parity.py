@@ -42,6 +42,7 @@ def main() -> int:
     from real_megatron.actor.model import ArchSpec, build_model_chunks, transformer_config
     from real_megatron.actor.weights import load_hf_weights
     from real_megatron.convert.hf_io import HFCheckpointReader
+    from real_megatron.rollout.local import dtype_kwarg
 
     init_distributed(tp=args.tp, ep=args.ep, etp=args.etp, timeout_s=300)
     spec = ArchSpec.from_pretrained(args.hf)
@@ -53,7 +54,9 @@ def main() -> int:
     for chunk in chunks:
         chunk.eval()  # inference: no MoE aux loss, and MoE under TP needs no sequence parallelism
     device = next(chunks[0].parameters()).device  # the GPU this rank is bound to, or the CPU
-    reference = transformers.AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval().to(device)
+    reference = (
+        transformers.AutoModelForCausalLM.from_pretrained(args.hf, **dtype_kwarg(torch.float32)).eval().to(device)
+    )
 
     ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(
         device

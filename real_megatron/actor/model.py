@@ -116,20 +116,25 @@ class ArchSpec:
         return math.ceil(self.vocab_size / tp) * tp
 
     def check_parallel(self, tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None) -> None:
-        problems = []
-        if self.moe is None and (ep > 1 or (etp or 1) > 1):
-            problems.append(f"ep={ep}, etp={etp}: expert parallelism needs a mixture-of-experts model")
-        elif self.moe is not None:
-            problems += self.moe.check_parallel(tp, ep, tp if etp is None else etp)
-        if self.num_heads % tp:
-            problems.append(f"num_attention_heads={self.num_heads} is not divisible by tp={tp}")
-        if self.num_kv_heads % tp:
-            problems.append(f"num_key_value_heads={self.num_kv_heads} is not divisible by tp={tp}")
-        if self.intermediate_size % tp and (self.moe is None or not all(self.moe.layer_pattern)):
-            problems.append(f"intermediate_size={self.intermediate_size} is not divisible by tp={tp}")
-        stages = pp * (vpp or 1)
-        if self.num_layers % stages:
-            problems.append(f"num_hidden_layers={self.num_layers} is not divisible by pp*vpp={stages}")
+        from ..memory import Architecture, split_problems
+
+        moe = self.moe
+        arch = Architecture(
+            hidden=self.hidden_size,
+            layers=self.num_layers,
+            heads=self.num_heads,
+            kv_heads=self.num_kv_heads,
+            ffn=self.intermediate_size,
+            vocab=self.vocab_size,
+            tied=self.tie_word_embeddings,
+            head_dim=self.head_dim,
+            experts=moe.num_experts if moe else 0,
+            top_k=moe.top_k if moe else 0,
+            moe_ffn=moe.moe_intermediate_size if moe else 0,
+            shared_ffn=(moe.shared_expert_intermediate_size or 0) if moe else 0,
+            moe_layers=len(moe.moe_layers) if moe else 0,
+        )
+        problems = split_problems(arch, tp, pp, vpp, ep, etp)
         if problems:
             raise ValueError(f"{self.family} model cannot be split this way: " + "; ".join(problems))
 

@@ -105,18 +105,6 @@ class MoESpec:
             layer_pattern=pattern,
         )
 
-    def check_parallel(self, tp: int, ep: int, etp: int) -> list[str]:
-        problems = []
-        if self.num_experts % ep:
-            problems.append(f"num_experts={self.num_experts} is not divisible by ep={ep}")
-        if self.moe_intermediate_size % etp:
-            problems.append(f"moe_intermediate_size={self.moe_intermediate_size} is not divisible by etp={etp}")
-        if self.shared_expert_intermediate_size and self.shared_expert_intermediate_size % tp:
-            problems.append(
-                f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is not divisible by tp={tp}"
-            )
-        return problems
-
 
 def moe_config_kwargs(
     moe: MoESpec,

@@ -58,7 +58,14 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
     def check(self) -> list[str]:
-        return [f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}"] if self.min_lr > self.lr else []
+        errors = [f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}"] if self.min_lr > self.lr else []
+        if self.clip_grad < 0:
+            errors.append(
+                f"optim.clip_grad must be >= 0 (the gradient norm's bound; 0: no clipping), got {self.clip_grad}"
+            )
+        if self.weight_decay < 0:
+            errors.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        return errors
 
 
 @dataclass

@@ -86,9 +86,9 @@ def _any_truth(truth) -> bool:
     return bool(truth.strip()) if isinstance(truth, str) else not (isinstance(truth, (list, tuple, dict)) and not truth)
 
 
-def read_rows(path: str | Path) -> list:
-    """The rows of one file: mappings, or a DataError in place of a row that cannot be read (so
-    skip_malformed can count it and keep the others)."""
+def read_rows(path: str | Path, max_rows: int | None = None) -> list:
+    """The rows of one file (its first max_rows when given): mappings, or a DataError in place of a
+    row that cannot be read (so skip_malformed can count it and keep the others)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -99,14 +99,19 @@ def read_rows(path: str | Path) -> list:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            if max_rows is None:
+                rows = pq.read_table(path).to_pylist()
+            else:
+                batch = next(pq.ParquetFile(path).iter_batches(batch_size=max_rows), None)
+                rows = batch.to_pylist() if batch is not None else []
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
-        rows = table.to_pylist()
     elif path.suffix in (".jsonl", ".json"):
         rows = []
         with path.open("rb") as f:
             for number, raw in enumerate(f):
+                if max_rows is not None and len(rows) >= max_rows:
+                    break
                 if not raw.strip():
                     continue
                 try:
@@ -129,14 +134,15 @@ def load_examples(
     answer_key: str = "reward_model.ground_truth",
     skip_malformed: bool = False,
     math_truths: bool = True,
+    max_rows: int | None = None,
 ) -> tuple[list[Example], int]:
-    """All examples of one file, and how many malformed rows were skipped. math_truths: ground
-    truths the math verifier can compare with (strings, finite numbers, lists of them; not None,
-    NaN, "None", "nan"); otherwise anything but None, NaN or empty (a reward function of one's
-    own gets dicts and lists as they are)."""
+    """All examples of one file (its first max_rows: --dry-run's look), and how many malformed rows
+    were skipped. math_truths: ground truths the math verifier can compare with (strings, finite
+    numbers, lists of them; not None, NaN, "None", "nan"); otherwise anything but None, NaN or empty
+    (a reward function of one's own gets dicts and lists as they are)."""
     usable = usable_truth if math_truths else _any_truth
     examples, skipped = [], 0
-    for number, row in enumerate(read_rows(path)):
+    for number, row in enumerate(read_rows(path, max_rows)):
         where = f"{path}: row {number}"
         try:
             if isinstance(row, Exception):

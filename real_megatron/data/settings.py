@@ -22,3 +22,16 @@ class DataConfig:
     require_think_close: bool = False
     # a reward function's score >= threshold is label 1, else 0 (REAL takes 0/1 labels only)
     reward_threshold: Optional[float] = None
+
+    def check(self) -> list[str]:
+        errors = []
+        if self.max_prompt_tokens <= 0:
+            errors.append(
+                f"data.max_prompt_tokens must be > 0 (prompts longer are dropped), got {self.max_prompt_tokens}"
+            )
+        if self.verifier_timeout_s <= 0:
+            errors.append(f"data.verifier_timeout_s must be > 0, got {self.verifier_timeout_s}")
+        module, sep, function = self.reward_fn.partition(":")
+        if not (sep and module and function):
+            errors.append(f"data.reward_fn={self.reward_fn!r}: expected the form module.path:function")
+        return errors

@@ -45,6 +45,15 @@ def _slices(tensor: torch.Tensor, name: str) -> int:
     return tensor.shape[0] * (2 if name.endswith("gate_up_proj") else 1)
 
 
+def dtype_kwarg(dtype) -> dict:
+    """transformers' dtype argument: `dtype` since 4.56 (`torch_dtype` is deprecated there, with a
+    warning on every load), `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 class InMemoryWeights:
     """The embedded engine's path: the whole model on rank 0, handed over in memory (small models)."""
 
@@ -74,7 +83,7 @@ class LocalEngine:
             import transformers
 
             config = hf_config if not isinstance(hf_config, dict) else transformers.AutoConfig.for_model(**hf_config)
-            model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwarg(dtype))
         self.model = model.eval()
         self.pad_token_id = pad_token_id
         self.max_batch_sequences = max_batch_sequences
@@ -98,7 +107,7 @@ class LocalEngine:
         import transformers
 
         return cls(
-            model=transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype),
+            model=transformers.AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype)),
             pad_token_id=pad_token_id,
             max_batch_sequences=max_batch_sequences,
             seed=seed,

@@ -103,6 +103,13 @@ class RolloutConfig:
     def check(self) -> list[str]:
         """What is wrong inside this section alone (each a sentence naming the key); [] if nothing."""
         errors = []
+        if self.temperature <= 0:
+            errors.append(
+                f"rollout.temperature must be > 0, got {self.temperature}: greedy or no sampling makes every group "
+                "uniform (nothing to learn), and the actor's log-probs are taken at this temperature"
+            )
+        if not 0 < self.top_p <= 1:
+            errors.append(f"rollout.top_p must lie in (0, 1], got {self.top_p}")
         if self.weight_sync == "distributed" and self.backend != "sglang":
             errors.append(
                 "rollout.weight_sync='distributed' broadcasts to SGLang servers: it needs rollout.backend='sglang'"

@@ -138,7 +138,7 @@ def test_round_trip_across_expert_layouts_is_bit_identical(tmp_path, family, dty
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["parallel.ep=3", "parallel.gpus_per_node=3"], "parallel.ep=3 does not divide the model's"),
+        (["parallel.ep=3", "parallel.gpus_per_node=3"], "num_experts=4 is not divisible by ep=3"),
         (["parallel.ep=4"], "not divisible by parallel.ep x etp x pp"),
         (["parallel.tp=2"], "needs parallel.sequence_parallel: true"),
     ],

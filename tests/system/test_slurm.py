@@ -91,13 +91,13 @@ class Job:
             overrides = tuple(o for o in overrides if not o.startswith(fleet_only))
         submit_env = dict(
             env,
-            RUN_DIR=str(self.run_dir),
             REAL_MEGATRON_HOME=str(ROOT),
             SGLANG_USE_CPU_ENGINE="1",
             OMP_NUM_THREADS="1",
-            PYTHONPATH=str(ROOT / "tests" / "support"),
+            PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "support"), str(ROOT)]),  # this checkout
         )
         submit_env.pop("SERVER_HOST", None)
+        submit_env.pop("RUN_DIR", None)  # the run directory follows the config: train.output_dir below
         if server_host:
             submit_env["SERVER_HOST"] = server_host
         out = run(
@@ -111,6 +111,7 @@ class Job:
                 str(ROOT / "configs" / "quickstart.yaml"),
                 f"task.cache_dir={tmp.parent / 'task-cache'}",
                 f"train.steps={steps}",
+                f"train.output_dir={self.run_dir}",
                 *SHORT,
                 *backend,
                 *overrides,
@@ -178,6 +179,18 @@ def test_quickstart_job_completes_with_checkpoint_metrics_and_a_log_per_componen
         assert "POST /update_weights_from_distributed" in (run_dir / "logs" / "sglang_0.log").read_text()
         assert not list((run_dir / "servers").glob("*.json"))  # the server unregistered itself
     assert "trainer exited with code 0" in (run_dir / "logs" / "job.log").read_text()
+    # The same command, resubmitted (a new job id), resumes in the config's run directory; a lock
+    # left by a job that no longer runs (as kill -9 leaves it) is taken over.
+    assert not (run_dir / "job.lock").exists()  # released when the job ended
+    (run_dir / "job.lock").write_text(f"{job.id}\n")
+    again = Job(cluster, tmp_path, 6, "checkpoint.every_steps=2", "rollout.weight_sync=distributed")
+    assert again.id != job.id and again.wait() == 0, again.diagnostics()
+    assert again.steps_logged() == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 only, appended
+    assert (
+        f"resumed from {run_dir / 'checkpoints' / 'step_000004'} at step 4"
+        in (run_dir / "logs" / "trainer.log").read_text()
+    )
+    assert f"lock of job {job.id} found, which no longer runs" in (run_dir / "logs" / "job.log").read_text()
 
 
 @pytest.mark.skipif(
@@ -219,6 +232,10 @@ def test_one_node_async_job_usr1_checkpoints_requeues_and_resumes_to_the_same_fi
         server_host=None,
     )
     job.wait_for("step 2 in metrics.jsonl", lambda: len(job.steps_logged()) >= 2)
+    # a second job on the same run directory (the other node) refuses, naming the first (checked
+    # below: the first holds its lock while running and while requeued)
+    (tmp_path / "second").mkdir()
+    second = Job(cluster, tmp_path / "second", 8, f"train.output_dir={job.run_dir}", layout=ONE_NODE, server_host=None)
     # what --signal=B:USR1@300 does before the time limit: USR1 to the batch script only
     run(["scancel", "--signal=USR1", "--batch", job.id], env=cluster)
     job.wait_for("requeue", lambda: job.field("Restarts") == "1")
@@ -227,6 +244,9 @@ def test_one_node_async_job_usr1_checkpoints_requeues_and_resumes_to_the_same_fi
     run(["scontrol", "update", f"jobid={job.id}", "StartTime=now"], env=cluster, check=False)
     assert job.wait() == 0, job.diagnostics()
     assert job.field("JobState") == "COMPLETED" and job.field("Restarts") == "1"
+    assert second.wait(timeout=120) != 0
+    refusal = (tmp_path / "second" / "job.out").read_text()
+    assert f"the run directory {job.run_dir} is in use by job {job.id}" in refusal, refusal
     checkpoints = sorted(p.name for p in (job.run_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 1, checkpoints
     stopped_at = int(checkpoints[0].split("_")[1])

@@ -93,6 +93,20 @@ def test_ints_are_accepted_as_floats_and_yaml_exponents_are_numbers(tmp_path):
         ),
         ("train:\n  steps: 0\n", "train.steps must be > 0"),
         ("optim:\n  lr: 1.0e-6\n  min_lr: 1.0e-5\n  lr_schedule: cosine\n", "above optim.lr"),
+        ("rollout:\n  temperature: 0\n", r"rollout.temperature must be > 0, got 0.0: greedy .* uniform"),
+        ("rollout:\n  temperature: -1\n", "rollout.temperature must be > 0"),
+        ("rollout:\n  top_p: 1.5\n", r"rollout.top_p must lie in \(0, 1\], got 1.5"),
+        ("rollout:\n  top_p: 0\n", r"rollout.top_p must lie in \(0, 1\]"),
+        ("optim:\n  clip_grad: -1\n", "optim.clip_grad must be >= 0"),
+        ("optim:\n  weight_decay: -0.1\n", "optim.weight_decay must be >= 0"),
+        ("eval:\n  k: 0\n", "eval.k must be > 0, got 0"),
+        ("data:\n  max_prompt_tokens: 0\n", "data.max_prompt_tokens must be > 0"),
+        ("data:\n  reward_fn: just_a_module\n", "expected the form module.path:function"),
+        # the dominant cause alone: 16 trainer processes on an 8-GPU node, not the token budget that follows
+        (
+            "parallel:\n  gpus_per_node: 16\nrollout:\n  n_samples: 8\nactor:\n  max_tokens_per_micro_batch: 99999\n",
+            r"^[^;]*parallel.gpus_per_node=16 exceeds parallel.node_gpus=8 \(the GPUs of one node\)$",
+        ),
     ],
 )
 def test_impossible_combinations_say_why(tmp_path, text, reason):
@@ -120,6 +134,10 @@ def test_overrides(tmp_path):
     assert cfg.optim.lr == 2e-6 and cfg.parallel.dp == 2
     assert cfg.data.train_files == ["a.parquet", "b.jsonl"] and cfg.model.path is None
     assert cfg.algorithm.name == "gspo" and cfg.model.hf_config_overrides == {"hidden_size": 64}
+    # key=null clears an inherited mapping (a model of one's own on a shipped config)
+    paper = ROOT / "configs" / "real_r1distill_qwen_1p5b.yaml"
+    assert load_config(paper).model.hf_config_overrides["hidden_size"] == 1536
+    assert load_config(paper, ["model.hf_config_overrides=null"]).model.hf_config_overrides == {}
     with pytest.raises(
         ConfigError, match=r"with overrides optim.lrr=1: unknown key 'optim.lrr'; did you mean 'optim.lr'"
     ):
@@ -147,6 +165,8 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path, "optim: [1, 2\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(write(tmp_path, "# nothing but a comment\n"))
 
 
 def test_parallel_layout_follows_megatron_order():

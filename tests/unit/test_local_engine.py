@@ -1,5 +1,8 @@
 """The embedded engine: batched, left-padded generation equals one-by-one transformers, with log-probs."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -103,3 +106,26 @@ def test_an_moe_model_takes_the_exports_per_expert_tensors_into_its_stacked_expe
         engine.update_weights(
             [(k, v) for k, v in exported.items() if k != "model.layers.1.mlp.experts.2.up_proj.weight"], 2
         )
+
+
+def test_loading_a_checkpoint_prints_no_dtype_deprecation(tmp_path):
+    """transformers >= 4.56 warns "`torch_dtype` is deprecated" on every load given that name (a
+    fresh process: transformers' logger writes to the stderr it found at import)."""
+    config = transformers.AutoConfig.for_model(
+        "qwen2",
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        vocab_size=50,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    code = (
+        "import torch; from real_megatron.rollout.local import LocalEngine; "
+        f"e = LocalEngine.from_pretrained({str(tmp_path)!r}, dtype=torch.bfloat16); "
+        "assert next(e.model.parameters()).dtype == torch.bfloat16"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch_dtype" not in out.stdout + out.stderr, out.stderr

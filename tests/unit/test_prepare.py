@@ -131,3 +131,13 @@ def test_a_file_with_the_wrong_row_count_is_refused_by_name(tmp_path):
     assert proc.returncode == 2
     assert "data/minerva.parquet: 271 rows" in proc.stderr and "has 272" in proc.stderr, proc.stderr
     assert not (tmp_path / "data" / "minerva.parquet").exists() and (tmp_path / "data" / "math.parquet").exists()
+
+
+def test_every_shipped_configs_model_has_a_source():
+    from real_megatron.config import load_config
+    from real_megatron.prepare import MODELS
+
+    root = Path(__file__).resolve().parents[2]
+    configs = [load_config(p) for p in sorted((root / "configs").glob("*.yaml"))]
+    names = {Path(c.model.path).name for c in configs if c.task.name is None}
+    assert names and names <= MODELS.keys(), names - MODELS.keys()

@@ -1,0 +1,131 @@
+"""The one pre-flight check behind `train --dry-run` and `launch-plan` (plan.py, memory.split_problems):
+what megatron-core would refuse, refused with the config and the dominant cause first; what the run
+reads (resume path, reward function, data columns) checked; the architecture's source said."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from real_megatron.config import ConfigError, load_config
+from real_megatron.memory import Architecture, split_problems
+from real_megatron.plan import architecture, check_run
+
+ROOT = Path(__file__).resolve().parents[2]
+EXE = shutil.which("real-megatron", path=str(Path(sys.executable).parent))
+PAPER = ROOT / "configs" / "real_r1distill_qwen_1p5b.yaml"  # 12 heads, 2 KV heads, 28 layers
+MOE = ROOT / "configs" / "real_qwen3_30b_a3b.yaml"  # 128 experts, 48 layers
+
+
+def run(*args):
+    return subprocess.run([EXE, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "config,overrides,reason",
+    [
+        (PAPER, ["parallel.tp=8"], "num_attention_heads=12 is not divisible by tp=8; num_key_value_heads=2"),
+        (PAPER, ["parallel.tp=4"], "num_key_value_heads=2 is not divisible by tp=4"),
+        (PAPER, ["parallel.pp=3"], "num_hidden_layers=28 is not divisible by pp*vpp=3"),
+        (PAPER, ["parallel.pp=2", "parallel.vpp=4", "parallel.gpus_per_node=8"], "by pp*vpp=8"),
+        (MOE, ["parallel.ep=3", "parallel.gpus_per_node=6"], "num_experts=128 is not divisible by ep=3"),
+    ],
+)
+def test_megatron_cores_split_is_refused_at_load_and_first(config, overrides, reason):
+    """tp=8 on the 1.5B passed the dry run before (only convert checked); now it is the only error
+    shown, ahead of the token budget it also breaks."""
+    with pytest.raises(ConfigError) as err:
+        load_config(config, overrides)
+    message = str(err.value)
+    assert "megatron-core cannot split the model this way: " in message and reason in message, message
+    assert "max_tokens_per_micro_batch" not in message
+
+
+def test_convert_uses_the_same_split_check():
+    arch = Architecture(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936, tied=False, head_dim=128)
+    assert split_problems(arch, tp=2, pp=2) == []
+    assert split_problems(arch, tp=8, pp=1) == [
+        "num_attention_heads=12 is not divisible by tp=8",
+        "num_key_value_heads=2 is not divisible by tp=8",
+    ]
+    assert split_problems(arch, tp=1, pp=1, ep=2) == [
+        "ep=2, etp=None: expert parallelism needs a mixture-of-experts model"
+    ]
+
+
+def test_launch_plan_refuses_what_the_dry_run_refuses_with_the_dominant_cause():
+    """The 30B one-node split: launch-plan (the sbatch's first step) refuses it as the dry run does,
+    and the reason is the optimizer state, which recompute cannot shrink."""
+    for args in (["launch-plan"], ["train", "--dry-run"]):
+        out = run(args[0], "configs/real_qwen3_30b_a3b_1node.yaml", *args[1:])
+        assert out.returncode == 2, out.stdout
+        assert (
+            "the layout does not fit: a trainer GPU needs about 158 GB of 80 GB; optimizer (Adam) is the largest"
+            in out.stderr
+        )
+        assert "recompute does not shrink it" in out.stderr and "TRAINER_NODES" not in out.stdout
+    out = run("launch-plan", "configs/real_r1distill_qwen_1p5b_1node.yaml")
+    assert out.returncode == 0 and "TRAINER_TASKS_PER_NODE=4" in out.stdout, out.stderr
+    out = run("launch", "configs/real_r1distill_qwen_1p5b_1node.yaml", "--dry-run")  # as the docs say
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("config OK"), out.stderr
+
+
+def test_what_the_run_reads_is_checked(tmp_path):
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"checkpoint.resume={tmp_path / 'nowhere'}"])
+    assert any("checkpoint.resume=" in p and "no such checkpoint" in p for p in check_run(cfg).problems)
+    cfg = load_config(PAPER, ["data.reward_fn=no_such_module:score"])
+    problems = check_run(cfg, data=False).problems
+    assert problems == [
+        "data.reward_fn: reward function 'no_such_module:score': cannot import 'no_such_module' "
+        "(No module named 'no_such_module')"
+    ]
+    # the data's columns and first rows, as the trainer reads them
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
+    cfg = load_config(PAPER, [f"data.train_files=[{rows}]", "eval.files=[]"])
+    (problem,) = check_run(cfg).problems
+    assert f"data.train_files: {rows}: row 0: no 'prompt' or 'messages' field (fields: question, solution)" in problem
+    assert "data.prompt_key='prompt'" in problem
+    cfg = load_config(
+        PAPER, [f"data.train_files=[{rows}]", "eval.files=[]", "data.prompt_key=question", "data.answer_key=solution"]
+    )
+    assert check_run(cfg).problems == []
+
+
+def test_architecture_comes_from_the_checkpoint_and_ignored_overrides_are_named(tmp_path):
+    """A 7B of one's own on the 1.5B config: its config.json wins, the inherited numbers are named as ignored."""
+    seven = {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "intermediate_size": 18944,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(seven))
+    arch, where, warnings = architecture(load_config(PAPER, [f"model.path={tmp_path}"]))
+    assert arch.hidden == 3584 and where == str(tmp_path / "config.json")
+    (warning,) = warnings
+    assert "hidden_size=1536 (checkpoint: 3584)" in warning and "model.hf_config_overrides=null" in warning
+    cfg = load_config(PAPER, [f"model.path={tmp_path}", "model.hf_config_overrides=null"])
+    assert architecture(cfg)[2] == []
+    # not on this machine: the overrides' numbers, said so
+    arch, where, _ = architecture(load_config(PAPER, ["model.path=elsewhere/Qwen-7B"]))
+    assert arch.hidden == 1536 and where.startswith("model.hf_config_overrides (model.path elsewhere/Qwen-7B is not")
+    out = run("train", str(PAPER), "--dry-run", f"model.path={tmp_path}", "parallel.gpus_per_node=8")
+    assert f"# architecture: from {tmp_path / 'config.json'}" in out.stdout and "are ignored" in out.stderr
+
+
+def test_train_on_a_two_process_config_started_once_says_which_command_to_use():
+    out = run("train", "configs/quickstart_moe.yaml")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert (
+        "= 2 trainer process(es), but 1 started" in line and "real-megatron launch configs/quickstart_moe.yaml" in line
+    )
+    assert "torchrun --nproc_per_node=2 -m real_megatron.cli train configs/quickstart_moe.yaml" in line
