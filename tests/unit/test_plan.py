@@ -76,7 +76,7 @@ def test_launch_plan_refuses_what_the_dry_run_refuses_with_the_dominant_cause():
 def test_what_the_run_reads_is_checked(tmp_path):
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"checkpoint.resume={tmp_path / 'nowhere'}"])
     assert any("checkpoint.resume=" in p and "no such checkpoint" in p for p in check_run(cfg).problems)
-    cfg = load_config(PAPER, ["data.reward_fn=no_such_module:score"])
+    cfg = load_config(PAPER, ["data.reward_fn=no_such_module:score", "data.require_think_close=false"])
     problems = check_run(cfg, data=False).problems
     assert problems == [
         "data.reward_fn: reward function 'no_such_module:score': cannot import 'no_such_module' "
