@@ -141,6 +141,42 @@ class PeakSampler:
         self.peak = max(self.peak, self.rss())
 
 
+class AllocatorPeak:
+    """The most bytes torch's CPU allocator held at once over a block, above what it held at the
+    start (every allocation and free, recorded by torch's profiler: exact, where RSS is sampled);
+    `compute_peak` leaves out the optimizer's step like PeakSampler."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.peak = self.compute_peak = 0
+
+    def pause_during(self, fn):
+        def wrapped(*args, **kwargs):
+            import torch
+
+            with torch.profiler.record_function("bench_actor:optimizer_step"):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def __enter__(self):
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        events = list(self._profile.profiler.kineto_results.events())
+        paused = [(e.start_ns(), e.end_ns()) for e in events if e.name() == "bench_actor:optimizer_step"]
+        live = 0
+        for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            self.peak = max(self.peak, live)
+            if not any(a <= e.start_ns() <= b for a, b in paused):
+                self.compute_peak = max(self.compute_peak, live)
+
+
 def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
     """real_megatron.memory's activation + output-layer terms for this micro-batch's real shape."""
     from real_megatron.actor.model import use_transformer_engine
@@ -223,6 +259,7 @@ def worker(args) -> dict:
         optim=OptimConfig(lr=1e-6),
         groups_per_mini_batch=groups,
         total_steps=10,
+        recompute_activations=args.recompute,
         actor=ActorConfig(
             prompts_per_micro_batch=args.groups_per_micro if args.padded else groups,
             max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
@@ -261,15 +298,21 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    sampler = PeakSampler()
-    actor.optimizer.step = sampler.pause_during(actor.optimizer.step)
+    sampler = AllocatorPeak() if args.allocator_peak else PeakSampler()
+    step = actor.optimizer.step
+    actor.optimizer.step = sampler.pause_during(step)
     with sampler:
         metrics = actor.train_step(batch)
         if args.device == "cuda":
             torch.cuda.synchronize()
+    actor.optimizer.step = step
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() - base) if args.device == "cuda" else sampler.peak - sampler.start
-    compute_peak = peak if args.device == "cuda" else sampler.compute_peak - sampler.start
+    if args.device == "cuda":
+        peak = compute_peak = torch.cuda.max_memory_allocated() - base
+    elif args.allocator_peak:
+        peak, compute_peak = sampler.peak, sampler.compute_peak
+    else:
+        peak, compute_peak = sampler.peak - sampler.start, sampler.compute_peak - sampler.start
     tokens = sum(r.num_tokens for r in batch)
     result = {
         "tokens": tokens,
@@ -288,7 +331,7 @@ def worker(args) -> dict:
     return result
 
 
-def main() -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -320,7 +363,12 @@ def main() -> int:
     parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     if args.worker_out:
         result = worker(args)
         rank = int(os.environ.get("RANK", 0))
