@@ -364,6 +364,9 @@ def parse_args(argv=None):
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
+    parser.add_argument(
+        "--allocator-peak", action="store_true", help="CPU: the peak of torch's allocator (profiler) instead of RSS"
+    )
     return parser.parse_args(argv)
 
 
