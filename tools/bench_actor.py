@@ -197,6 +197,7 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
             layers=arch.layers,
             dtype_bytes=dtype.itemsize,
             flash_attention=use_transformer_engine(settings.dtype),
+            attention_area=area,
         )
     elif mb.packed:
         lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
