@@ -216,10 +216,9 @@ def test_the_local_specs_attention_is_modelled_beside_flash_attention():
         arch,
     )
     act_bf16, act_fp32 = (next(gb for what, gb, _ in e.rows if what == "activations") for e in (bf16, fp32))
-    # the local spec keeps more per token than flash attention, and no scores: 12 heads x 32768 tokens
-    # x 9216 (the longest sequence) x 4 bytes x 28 layers would be 406 GB
-    scores = 12 * 32768 * 9216 * 4 * 28 / 1e9
-    assert 2 * act_bf16 < act_fp32 < 2 * act_bf16 + scores / 10
+    # fp32 and megatron's unfused layers keep more per token than flash attention in bf16 (3.3x), and
+    # no scores: 12 heads x 32768 tokens x 9216 (the longest sequence) x 4 bytes x 28 layers = 406 GB
+    assert 2 * act_bf16 < act_fp32 < 4 * act_bf16 < 12 * 32768 * 9216 * 4 * 28 / 1e9
     assert "local spec attention" in fp32.describe() and fp32.without_te is None
     assert bf16.without_te and "without Transformer Engine" in bf16.describe()
 
