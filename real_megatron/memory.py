@@ -14,9 +14,9 @@ distributed optimizer:
                (all of them with sequence parallelism); with full recompute only each layer's input
                (h) plus one layer's set; 1F1B keeps up to pp micro-batches in flight. Measured
                against torch's allocator on CPU (tests/integration/test_memory_measured.py,
-               docs/actor.md): activations and output layer within 10% of the real peak without
-               recompute; with recompute up to 1.7x above it (the recomputed layer's set and the
-               output layer's tiles are added, though they never coexist)
+               docs/actor.md): activations and output layer at most 5% below the real peak and
+               up to 1.5x above it without recompute; with recompute up to 1.7x above it (the
+               recomputed layer's set and the output layer's tiles are added, though they never coexist)
   output layer the fused path (default): a tile of logits and its gradient, the picked hidden states and their
                fp32 gradient, the output weight's gradient; the naive path: [tokens, V/tp] logits
                and GPTModel's transposed copy (or one of them with the picked [response, V/tp] rows
@@ -509,10 +509,9 @@ def expert_parallel(cfg) -> tuple[int, int]:
 
 
 # room sized recompute leaves for the estimate's error, as a share of what it estimates (activations,
-# output layer): on CPU the estimate came within 10% of torch's allocator peak without recompute (at
-# most 5% below it) and above it with recompute (tests/integration/test_memory_measured.py), within
-# 25% of the resident peak at the real vocabulary (tests/unit/test_memory.py); the rest of the 25%
-# is for what a CPU cannot show (GPU kernels' workspaces, bf16 copies, allocator fragmentation)
+# output layer): on CPU the estimate came at most 5% below torch's allocator peak over every shape
+# measured (tests/integration/test_memory_measured.py, docs/actor.md); the rest of the 25% is for
+# what a CPU cannot show (GPU kernels' workspaces, bf16 copies, allocator fragmentation)
 ESTIMATE_BAND = 0.25
 FULLY_RESHARDABLE_MAX_GB = 8.0  # host memory one rank may gather for a fully reshardable optimizer save
 

@@ -4,8 +4,8 @@ One process runs a real actor step (old log-probs + one update, world size 1) fo
 through tools/bench_actor.py's worker, the peak of its forward/backward passes taken from torch's
 allocator (every allocation and free, recorded by the profiler; the optimizer's step left out) and
 compared with the estimate's activation and output-layer terms for the micro-batches it ran. The
-stated band (docs/actor.md, memory.py): within 10% without recompute; with recompute above the
-measurement, at most 1.7x (conservative by construction)."""
+band on these shapes (docs/actor.md, memory.py): within 10% without recompute; with recompute
+above the measurement, at most 1.7x (conservative by construction)."""
 
 import json
 import subprocess

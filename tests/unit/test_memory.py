@@ -128,9 +128,11 @@ def test_dry_run_of_the_one_node_configs_splits_the_gpus_and_refuses_what_does_n
 @pytest.mark.slow
 def test_the_estimate_holds_for_a_measured_actor_step_at_the_real_vocabulary():
     """A real actor step (old log-probs + one update) at vocabulary 151,936 on CPU: the peak
-    resident memory of its forward/backward passes, above the model and optimizer state, is within
-    25% of the estimate's activation and output-layer terms for the micro-batches it ran, on both
-    data paths (tools/bench_actor.py measures; real_megatron.memory estimates)."""
+    resident memory of its forward/backward passes, above the model and optimizer state, is at most
+    10% above and 40% below the estimate's activation and output-layer terms for the micro-batches it
+    ran, on both data paths (tools/bench_actor.py measures; real_megatron.memory estimates). RSS,
+    sampled every 2 ms, misses short-lived temporaries such as the CPU kernels' second logit tile that
+    the estimate counts (torch's allocator sees them: tests/integration/test_memory_measured.py)."""
     cmd = [
         sys.executable,
         str(ROOT / "tools" / "bench_actor.py"),
@@ -150,7 +152,7 @@ def test_the_estimate_holds_for_a_measured_actor_step_at_the_real_vocabulary():
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout)
     for name, r in results.items():
-        assert r["compute_peak_gb"] == pytest.approx(r["estimate_gb"], rel=0.25), (name, r)
+        assert 0.6 <= r["compute_peak_gb"] / r["estimate_gb"] <= 1.1, (name, r)
     # the two paths differ by far more than the tolerance: the estimate tells them apart
     assert results["padded+naive"]["estimate_gb"] > 3 * results["packed+fused"]["estimate_gb"]
 
