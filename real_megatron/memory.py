@@ -8,12 +8,16 @@ distributed optimizer:
   optimizer    fp32 master copy (when the model is not fp32) + Adam m and v, sharded over DP
   activations  the tensors one layer keeps for backward, per token: 7h + 2 kv_dim + 3 ffn elements
                with Transformer Engine (flash attention keeps q, k, v, its output and the softmax
-               statistics); 12h + 5 ffn elements plus the softmax probabilities (heads x sequence
-               length) with megatron-core's local spec (counted with saved-tensor hooks on CPU);
-               divided by tp where TP splits them (all of them with sequence parallelism); with
-               full recompute only each layer's input (h) plus one layer's set; 1F1B keeps up to
-               pp micro-batches in flight
-  output layer the fused path (default): one tile of logits, the picked hidden states and their
+               statistics); 12h + 5 ffn elements and the fp32 softmax statistics (heads) with the
+               local spec, whose attention is torch's scaled_dot_product_attention (no [L, L]
+               scores; measured on CPU: 3-4% within the count); divided by tp where TP splits them
+               (all of them with sequence parallelism); with full recompute only each layer's input
+               (h) plus one layer's set; 1F1B keeps up to pp micro-batches in flight. Measured
+               against torch's allocator on CPU (tests/integration/test_memory_measured.py,
+               docs/actor.md): activations and output layer at most 5% below the real peak and
+               up to 1.5x above it without recompute; with recompute up to 1.7x above it (the
+               recomputed layer's set and the output layer's tiles are added, though they never coexist)
+  output layer the fused path (default): a tile of logits and its gradient, the picked hidden states and their
                fp32 gradient, the output weight's gradient; the naive path: [tokens, V/tp] logits
                and GPTModel's transposed copy (or one of them with the picked [response, V/tp] rows
                and their gradient)
@@ -24,7 +28,8 @@ distributed optimizer:
   context par. parallel.cp > 1: each rank holds 1/cp of every sequence, so activations and the
                attention scores shrink with it (for a given micro-batch); what CP adds is K/V of the
                whole row: the local spec gathers every layer's K/V over the CP group and keeps them for
-               backward; Transformer Engine's ring passes two K/V chunks per layer at a time
+               backward, and one attention mask (a rank's queries x their sequences' length, model
+               dtype) per micro-batch; Transformer Engine's ring passes two K/V chunks per layer at a time
   reserve      CUDA context, NCCL buffers, allocator fragmentation
 Mixture-of-experts models (Qwen3-MoE, Qwen2-MoE): expert weights are split over parallel.ep x etp
 (each rank holds E/ep experts, each cut etp ways), the rest over tp; the distributed optimizer
@@ -182,7 +187,7 @@ class MicroBatchShape:
 
     tokens: int  # token slots of the row(s), padding included
     response_tokens: int  # positions whose next-token log-prob is taken
-    attention_area: int  # sum over attention blocks of length^2 (packed: each sequence; padded: each row)
+    attention_area: int  # sum over attention blocks of queries x keys (packed: each sequence's length^2; padded: each row's; CP: a rank's queries x length)
 
 
 def activation_bytes(
@@ -204,8 +209,8 @@ def activation_bytes(
     outside_tp = 4 * h  # the norms' and the column-parallel linears' inputs: replicated unless SP
     inside_tp = (3 * h + 2 * kv + 3 * f) if flash_attention else (8 * h + 5 * f)
     per_token = (outside_tp / (tp if sequence_parallel else 1) + inside_tp / tp) * dtype_bytes
-    probabilities = 0 if flash_attention else shape.attention_area * arch.heads / tp * 4  # fp32 softmax
-    layer = shape.tokens * per_token + probabilities
+    statistics = 0 if flash_attention else arch.heads / tp * 4  # scaled_dot_product_attention's fp32 log-sum-exp
+    layer = shape.tokens * (per_token + statistics)
     if arch.experts:  # the MoE layers' share of `layers`: their MLP keeps routed copies, not 3 ffn
         moe_count = min(layers, round(layers * arch.moe_layers / arch.layers))
         moe_layer = layer + shape.tokens * (
@@ -252,7 +257,7 @@ def output_layer_bytes(
     vocab = math.ceil(arch.vocab / tp)
     if fused:
         tile = min(LOGITS_TILE_ELEMENTS, vocab * max(1, shape.response_tokens))
-        tile_bytes = tile * (dtype_bytes + (4 if dtype_bytes < 4 else 0))  # + its fp32 copy in bf16
+        tile_bytes = 2 * tile * (dtype_bytes + (4 if dtype_bytes < 4 else 0))  # and its gradient; + fp32 copies in bf16
         hidden = shape.response_tokens * arch.hidden * (dtype_bytes + 4)  # picked, and its fp32 gradient
         return tile_bytes + hidden + vocab * arch.hidden * 4  # + the output weight's gradient
     logits = shape.tokens * vocab * dtype_bytes
@@ -270,16 +275,18 @@ def context_parallel_kv_bytes(
     dtype_bytes: int = 2,
     flash_attention: bool = True,
     kept_layers: int | None = None,
+    attention_area: int = 0,
 ) -> float:
     """K/V that context parallelism adds on one rank for a micro-batch of `tokens` per rank: the local
     spec keeps the gathered K/V of the row (cp x tokens) for each layer that keeps activations
-    (`kept_layers`, all by default); TE's ring holds two K/V chunks of one layer in flight."""
+    (`kept_layers`, all by default) and one additive mask of `attention_area` (a rank's queries x
+    their sequences' length) that every layer shares; TE's ring holds two K/V chunks of one layer in flight."""
     if cp <= 1:
         return 0.0
     row_kv = 2 * tokens * arch.kv_heads * arch.head_dim / tp * dtype_bytes  # one layer's K and V of a rank's share
     if flash_attention:
         return 2 * row_kv
-    return (layers if kept_layers is None else kept_layers) * cp * row_kv
+    return (layers if kept_layers is None else kept_layers) * cp * row_kv + attention_area * dtype_bytes
 
 
 @dataclass
@@ -328,8 +335,8 @@ def _count(n: int) -> str:
 
 def recompute_layers(cfg, arch: Architecture | None, capacity_gb: float | None = None) -> int | None:
     """Layers per pipeline stage to recompute: 0 without recompute; model.recompute_layers when
-    given; else the fewest whose estimate stays within RECOMPUTE_HEADROOM of the GPU (all of them
-    when none does). None = all (the architecture unknown)."""
+    given; else the fewest whose estimate fits the GPU with room (recompute_margin_gb) for the
+    estimate's error (all of them when none does). None = all (the architecture unknown)."""
     if not cfg.model.recompute_activations:
         return 0
     if cfg.model.recompute_layers is not None:
@@ -341,9 +348,18 @@ def recompute_layers(cfg, arch: Architecture | None, capacity_gb: float | None =
     if cfg.parallel.vpp and cfg.parallel.vpp > 1:
         return per_stage  # block recompute counts per virtual chunk: keep the simple plan there
     for n in range(per_stage + 1):
-        if estimate_memory(cfg, arch, capacity, recompute=n).total_gb <= RECOMPUTE_HEADROOM * capacity:
+        estimate = estimate_memory(cfg, arch, capacity, recompute=n)
+        if estimate.total_gb + recompute_margin_gb(estimate) <= capacity:
             return n
     return per_stage
+
+
+def recompute_margin_gb(estimate: MemoryEstimate) -> float:
+    """Room a sized recompute plan leaves for the estimate's error: ESTIMATE_BAND of what is
+    estimated rather than counted (activations, output layer, CP's K/V, MoE buffers); weights,
+    gradients and optimizer state are exact counts and the reserve row is its own margin."""
+    counted = ("weights", "gradients", "optimizer", "reserve", "reference")
+    return ESTIMATE_BAND * sum(gb for what, gb, _ in estimate.rows if not what.startswith(counted))
 
 
 def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recompute: int | None = -1) -> MemoryEstimate:
@@ -397,7 +413,7 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
     )
     in_flight = min(pp, max(1, micro_batches))  # a token budget's count varies: assume enough to fill the pipeline
     # Transformer Engine's flash attention for 16-bit models; float32 runs take the local spec
-    # (actor/model.py), whose core attention keeps fp32 scores of every head
+    # (actor/model.py), whose core attention is torch's scaled_dot_product_attention
     flash = cfg.model.dtype != "float32"
 
     def activations_with(flash_attention: bool) -> float:
@@ -423,7 +439,11 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         how_act = f"block recompute of {recompute} of {per_stage_layers} layers per stage" + (
             "" if cfg.model.recompute_layers is not None else " (the fewest that fit)"
         )
-    attention = "flash attention (Transformer Engine)" if flash else "local spec attention (fp32 scores, float32 model)"
+    attention = (
+        "flash attention (Transformer Engine)"
+        if flash
+        else "local spec attention (torch's scaled_dot_product_attention, float32 model)"
+    )
     logits = output_layer_bytes(arch, shape, tp=tp, dtype_bytes=dtype_bytes, fused=actor.fused_output_layer)
     experts_how = (
         f"; experts: {arch.experts // ep} of {arch.experts} per rank (ep={ep}), each cut etp={etp} ways, "
@@ -471,6 +491,7 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
             dtype_bytes=dtype_bytes,
             flash_attention=flash_attention,
             kept_layers=kept,
+            attention_area=area,
         )
 
     if cp > 1:
@@ -512,8 +533,9 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
     if flash:  # the same run on GPUs without Transformer Engine: the local spec's attention scores
         extra = (activations_with(False) - activations + gathered_kv(False) - gathered_kv(True)) / GB
         without_te = (
-            f"without Transformer Engine (local spec: fp32 attention scores, {arch.heads} heads x the "
-            f"blocks' length^2): activations +{extra:.1f} GB, total {total + extra:.1f} GB"
+            "without Transformer Engine (local spec: torch's scaled_dot_product_attention, megatron's "
+            f"unfused layers{', K/V gathered over CP' if cp > 1 else ''}): activations +{extra:.1f} GB, "
+            f"total {total + extra:.1f} GB"
         )
     return MemoryEstimate(
         rows, total, capacity_gb, arch.total_params(), here, without_te, arch.active_params() if arch.experts else None
@@ -528,8 +550,11 @@ def expert_parallel(cfg) -> tuple[int, int]:
     return ep, (p.tp if etp is None else etp)
 
 
-# sized recompute aims below the GPU's memory by this factor: the estimate is first-order
-RECOMPUTE_HEADROOM = 0.9
+# room sized recompute leaves for the estimate's error, as a share of what it estimates (activations,
+# output layer): on CPU the estimate came at most 5% below torch's allocator peak over every shape
+# measured (tests/integration/test_memory_measured.py, docs/actor.md); the rest of the 25% is for
+# what a CPU cannot show (GPU kernels' workspaces, bf16 copies, allocator fragmentation)
+ESTIMATE_BAND = 0.25
 FULLY_RESHARDABLE_MAX_GB = 8.0  # host memory one rank may gather for a fully reshardable optimizer save
 
 

@@ -11,9 +11,17 @@ Model: Qwen2-shaped (GQA, qkv bias, SwiGLU, RMSNorm, untied output layer) with t
 log-normal (sigma 1) scaled to a mean of 400 tokens and capped at 2,048 (seeded: both variants get
 the same batch). Padded + naive cuts micro-batches of --groups-per-micro groups (right-padded
 rows); packed + fused cuts them by --max-tokens per micro-batch. Before the timed step, each
-process runs one small step so that Adam's state exists: the peak is memory above the model,
-gradients and optimizer state (resident set size on CPU, sampled every 2 ms; torch's allocator
-peak on CUDA).
+process runs the same step once (Adam's state then exists, and nothing is compiled or first
+allocated in the timed step): the peak is memory above the model, gradients and optimizer state
+(resident set size on CPU, sampled every 2 ms; torch's allocator peak on CUDA).
+
+    .venv/bin/python tools/bench_actor.py --lengths 1024,4096,16384 --vocab 32000
+
+--lengths compares the local spec's attention (torch's scaled_dot_product_attention, the default)
+with megatron-core's DotProductAttention way (fp32 scores and probabilities of every head, what the
+local spec ran before; `--attention megatron`), packed + fused, on one group of two rollouts of each
+length (one micro-batch). A "before" run whose scores would not fit this machine's free memory is
+not run, its need printed instead.
 
     .venv/bin/python tools/bench_actor.py --cp 2 --groups 1 --group-size 2 --mean-response 3000 --max-response 6000
 
@@ -39,6 +47,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VOCAB = 151936
 VARIANTS = {"padded+naive": ["--padded", "--naive"], "packed+fused": []}
+ATTENTION = {"before": ["--attention", "megatron"], "after": []}
+
+
+def megatron_attention(query, key, value, *, scale: float, dropout: float = 0.0, mask=None):
+    """What megatron-core's local DotProductAttention computes (kept here to measure against):
+    keys and values repeated per head, [n, heads, Lq, Lk] scores in the model's dtype, masked and
+    softmaxed in fp32, probabilities back in the model's dtype times the values."""
+    import torch
+
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if mask is None:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.float().masked_fill(causal, float("-inf"))
+    else:
+        scores = scores.float() + mask
+    probs = torch.nn.functional.dropout(scores.softmax(-1), dropout).to(value.dtype)
+    return torch.matmul(probs, value)
 
 
 def response_lengths(n: int, seed: int, mean: float = 400.0, cap: int = 2048, sigma: float = 1.0) -> list[int]:
@@ -114,6 +141,42 @@ class PeakSampler:
         self.peak = max(self.peak, self.rss())
 
 
+class AllocatorPeak:
+    """The most bytes torch's CPU allocator held at once over a block, above what it held at the
+    start (every allocation and free, recorded by torch's profiler: exact, where RSS is sampled);
+    `compute_peak` leaves out the optimizer's step like PeakSampler."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.peak = self.compute_peak = 0
+
+    def pause_during(self, fn):
+        def wrapped(*args, **kwargs):
+            import torch
+
+            with torch.profiler.record_function("bench_actor:optimizer_step"):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def __enter__(self):
+        self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profile.__exit__(*exc)
+        events = list(self._profile.profiler.kineto_results.events())
+        paused = [(e.start_ns(), e.end_ns()) for e in events if e.name() == "bench_actor:optimizer_step"]
+        live = 0
+        for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            self.peak = max(self.peak, live)
+            if not any(a <= e.start_ns() <= b for a, b in paused):
+                self.compute_peak = max(self.compute_peak, live)
+
+
 def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
     """real_megatron.memory's activation + output-layer terms for this micro-batch's real shape."""
     from real_megatron.actor.model import use_transformer_engine
@@ -134,6 +197,7 @@ def estimated_step_bytes(hf_config: dict, mb, settings, dtype) -> float:
             layers=arch.layers,
             dtype_bytes=dtype.itemsize,
             flash_attention=use_transformer_engine(settings.dtype),
+            attention_area=area,
         )
     elif mb.packed:
         lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()
@@ -168,18 +232,22 @@ def worker(args) -> dict:
     from real_megatron.objectives import build_objective
 
     torch.set_num_threads(args.threads)
+    if args.attention == "megatron":
+        from real_megatron.actor import attention_batches, cp_attention, packed_attention
+
+        attention_batches.attend = cp_attention.attend = packed_attention.attend = megatron_attention
     init_distributed(tp=1, pp=1, cp=args.cp_ranks, timeout_s=600, seed=args.seed)
     cp_rank = torch.distributed.get_rank() if args.cp_ranks > 1 else 0
     heads = max(2, args.hidden // 64)
     hf_config = dict(
         model_type="qwen2",
-        vocab_size=VOCAB,
+        vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=4096,
+        max_position_embeddings=max(4096, 2 * (args.response_tokens or args.max_response)),
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
         tie_word_embeddings=False,
@@ -192,6 +260,7 @@ def worker(args) -> dict:
         optim=OptimConfig(lr=1e-6),
         groups_per_mini_batch=groups,
         total_steps=10,
+        recompute_activations=args.recompute,
         actor=ActorConfig(
             prompts_per_micro_batch=args.groups_per_micro if args.padded else groups,
             max_tokens_per_micro_batch=None if args.padded else args.max_tokens,
@@ -204,13 +273,14 @@ def worker(args) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
 
-    # a small first step: Adam's state and every buffer exist before the measured step
-    warm = rollout_batch(groups, args.group_size, args.seed + 7, mean=args.mean_response, cap=args.max_response)
-    for r in warm:
-        r.response_ids = r.response_ids[:8]
-    actor.train_step(warm)
-
-    batch = rollout_batch(groups, args.group_size, args.seed, mean=args.mean_response, cap=args.max_response)
+    batch = rollout_batch(groups, args.group_size, args.seed, args.vocab, args.mean_response, args.max_response)
+    if args.response_tokens:
+        for r in batch:
+            r.response_ids = (r.response_ids * (args.response_tokens // len(r.response_ids) + 1))[
+                : args.response_tokens
+            ]
+    # the same step first: Adam's state and every buffer exist, and nothing compiles in the timed step
+    actor.train_step(batch)
     minis = build_mini_batches(
         batch,
         groups,
@@ -229,15 +299,21 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    sampler = PeakSampler()
-    actor.optimizer.step = sampler.pause_during(actor.optimizer.step)
+    sampler = AllocatorPeak() if args.allocator_peak else PeakSampler()
+    step = actor.optimizer.step
+    actor.optimizer.step = sampler.pause_during(step)
     with sampler:
         metrics = actor.train_step(batch)
         if args.device == "cuda":
             torch.cuda.synchronize()
+    actor.optimizer.step = step
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() - base) if args.device == "cuda" else sampler.peak - sampler.start
-    compute_peak = peak if args.device == "cuda" else sampler.compute_peak - sampler.start
+    if args.device == "cuda":
+        peak = compute_peak = torch.cuda.max_memory_allocated() - base
+    elif args.allocator_peak:
+        peak, compute_peak = sampler.peak, sampler.compute_peak
+    else:
+        peak, compute_peak = sampler.peak - sampler.start, sampler.compute_peak - sampler.start
     tokens = sum(r.num_tokens for r in batch)
     result = {
         "tokens": tokens,
@@ -256,7 +332,7 @@ def worker(args) -> dict:
     return result
 
 
-def main() -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -271,13 +347,32 @@ def main() -> int:
     parser.add_argument("--mean-response", type=float, default=400.0, help="response lengths' mean (log-normal)")
     parser.add_argument("--max-response", type=int, default=2048, help="response lengths' cap")
     parser.add_argument("--cp", type=int, default=1, help="compare cp=1 with this context parallelism instead")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size")
+    parser.add_argument("--response-tokens", type=int, help="every response this long (else log-normal)")
+    parser.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "megatron"],
+        help="the local spec's attention kernel: sdpa (the actor's), megatron (fp32 scores, as before)",
+    )
+    parser.add_argument(
+        "--lengths", help="compare the attention before/after on rollouts of these lengths, e.g. 1024,4096"
+    )
     parser.add_argument("--only", choices=list(VARIANTS), help="run one variant")
     parser.add_argument("--cp-ranks", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--recompute", action="store_true", help="recompute every layer's activations in backward")
+    parser.add_argument(
+        "--allocator-peak", action="store_true", help="CPU: the peak of torch's allocator (profiler) instead of RSS"
+    )
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     if args.worker_out:
         result = worker(args)
         rank = int(os.environ.get("RANK", 0))
@@ -285,6 +380,8 @@ def main() -> int:
         return 0
     if args.cp > 1:
         return compare_cp(args)
+    if args.lengths:
+        return compare_lengths(args)
 
     shared = [a for a in sys.argv[1:] if a not in ("--json",)]
     if args.only:
@@ -343,6 +440,77 @@ def main() -> int:
         elif key in ("peak_gb", "compute_peak_gb"):
             ratio = f"1/{base[key] / max(new[key], 1e-9):.1f}"
         print(f"| {label:42} | {fmt.format(base[key]):>12} | {fmt.format(new[key]):>12} | {ratio:>7} |")
+    return 0
+
+
+def free_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+
+
+def compare_lengths(args) -> int:
+    """The attention before (megatron's fp32 scores) and after (scaled_dot_product_attention), packed
+    + fused, on one group of two rollouts of each length: peak memory and step time."""
+    skip = {"--lengths", "--max-tokens", "--groups", "--group-size", "--response-tokens", "--attention"}
+    shared = []
+    argv = [a for a in sys.argv[1:] if a != "--json"]
+    i = 0
+    while i < len(argv):
+        if argv[i] in skip:
+            i += 2
+            continue
+        shared.append(argv[i])
+        i += 1
+    heads = max(2, args.hidden // 64)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS: RSS tracks use
+    results = {}
+    for length in [int(x) for x in args.lengths.split(",")]:
+        response = length - 100  # prompts of 80-120 tokens
+        flags = ["--groups", "1", "--group-size", "2", "--response-tokens", str(response)]
+        flags += ["--max-tokens", str(2 * length + 64)]  # one micro-batch (a group is never split)
+        for name, variant in ATTENTION.items():
+            # megatron's way keeps ~3 [heads, L, L] fp32 tensors per layer for backward
+            need = 3 * args.layers * heads * length**2 * 4
+            if name == "before" and need > 0.7 * free_bytes():
+                results[(length, name)] = {"skipped": need}
+                continue
+            out = Path(f"/tmp/bench_actor_{os.getpid()}_{length}_{name}.json")
+            proc = subprocess.run(
+                [sys.executable, __file__, *shared, *flags, *variant, "--worker-out", str(out)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if proc.returncode:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                return 1
+            results[(length, name)] = json.loads(out.read_text())
+            out.unlink()
+    if args.json:
+        print(json.dumps({f"{n}@{k}": r for (k, n), r in results.items()}, indent=1))
+        return 0
+    print(
+        f"model: Qwen2-shaped, hidden {args.hidden}, {args.layers} layers, {heads} heads, vocabulary {args.vocab:,}, "
+        f"{args.dtype} on {args.device}, {args.threads} threads; packed rows, fused output layer; "
+        "one group of two rollouts of each length in one micro-batch\n"
+    )
+    print(
+        "| rollout tokens | before: peak GB | after: peak GB | after / before | before: step s | after: step s "
+        "| estimate GB (after) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for length in [int(x) for x in args.lengths.split(",")]:
+        before, after = results[(length, "before")], results[(length, "after")]
+        if "skipped" in before:
+            b_peak, ratio, b_step = f"not run (~{before['skipped'] / 1e9:.0f} GB of scores)", "", ""
+        else:
+            b_peak = f"{before['compute_peak_gb']:.3f}"
+            ratio = f"1/{before['compute_peak_gb'] / max(after['compute_peak_gb'], 1e-9):.1f}"
+            b_step = f"{before['step_s']:.1f}"
+        print(
+            f"| {length:,} | {b_peak} | {after['compute_peak_gb']:.3f} | {ratio} | {b_step} | {after['step_s']:.1f} "
+            f"| {after['estimate_gb']:.3f} |"
+        )
     return 0
 
 

@@ -62,6 +62,9 @@ class MicroBatch:
     # the engine's experts at each token slot of `tokens`, int16 [b, s, MoE layers, top_k]; -1 where
     # the engine routed nothing (each rollout's last token, padding); None when no rollout carries them
     routed_experts: Optional[torch.Tensor] = None
+    # packed: the host copy of the segment bounds attention reads (cu_seqlens_padded where set, else
+    # cu_seqlens), taken by to() before the tensors leave the host: no layer reads them from the device
+    attention_bounds: tuple[int, ...] = ()
 
     @property
     def num_response_tokens(self) -> int:
@@ -75,9 +78,10 @@ class MicroBatch:
         """megatron-core's PackedSeqParams for a packed row (None for padded rows)."""
         if self.cu_seqlens is None:
             return None
-        from megatron.core.packed_seq_params import PackedSeqParams
+        from .packed_attention import PackedRow
 
-        return PackedSeqParams(
+        return PackedRow(
+            bounds=self.attention_bounds or self._bounds(),
             qkv_format="thd",
             cu_seqlens_q=self.cu_seqlens,
             cu_seqlens_kv=self.cu_seqlens,
@@ -87,9 +91,15 @@ class MicroBatch:
             max_seqlen_kv=self.max_seqlen,
         )
 
+    def _bounds(self) -> tuple[int, ...]:
+        cu = self.cu_seqlens if self.cu_seqlens_padded is None else self.cu_seqlens_padded
+        return tuple(cu.tolist())
+
     def to(self, device: torch.device) -> MicroBatch:
         """This micro-batch with every tensor on `device` (batches are built on the host)."""
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.packed:
+            moved["attention_bounds"] = self._bounds()  # from the host tensors: no sync
         for name, value in moved.items():
             if isinstance(value, torch.Tensor) and value.device != device:
                 if device.type == "cuda":  # staged through pinned memory: the copy does not block the host

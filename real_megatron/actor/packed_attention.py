@@ -2,31 +2,57 @@
 
 Several rollouts share one row (megatron's THD format: tokens [1, T], `PackedSeqParams` with
 cu_seqlens). Transformer Engine's attention reads cu_seqlens itself; megatron-core's local
-DotProductAttention refuses packed input. This subclass computes the block-diagonal causal
-attention: each sequence attends causally to itself only. Sequences of similar length are batched
-(sorted by length, a batch padded to its longest, each batch wasting at most as much area as it
-uses), so a row of hundreds of short rollouts costs a few batched calls, and a long-tailed mix
-neither pays T^2 nor pads every sequence to the longest. RoPE positions restart at each sequence
-before this point (megatron applies THD RoPE per cu_seqlens segment), so a packed rollout sees
-exactly what it would see alone in a padded row.
+DotProductAttention refuses packed input and builds fp32 [L, L] scores and probabilities of every
+head. This subclass computes the block-diagonal causal attention with torch's
+scaled_dot_product_attention (attention_batches.py): each sequence attends causally to itself
+only, sequences of similar length batched (sorted by length, a batch padded to its longest, each
+batch wasting at most as much area as it uses), so a row of hundreds of short rollouts costs a few
+batched calls, a long-tailed mix neither pays T^2 nor pads every sequence to the longest, and the
+memory is linear in the length (flash or memory-efficient kernels on GPUs, the flash kernel on
+CPU). Padded rows ([b, s], no mask: right padding) take the same kernel. RoPE positions restart at
+each sequence before this point (megatron applies THD RoPE per cu_seqlens segment), so a packed
+rollout sees exactly what it would see alone in a padded row.
+
+The segment bounds come from the host (`PackedRow.bounds`, read once per micro-batch by
+MicroBatch.to): no layer waits for the device to read cu_seqlens.
 
 Under context parallelism (parallel.cp > 1) a rank holds two chunks of each sequence
 (context_parallel.py); megatron's own DotProductAttention refuses CP, so this class builds it as
 cp = 1 and attends across the CP group itself: keys and values are all-gathered (backward: their
 gradients summed back to their owners), each sequence's keys put back in order, and the rank's
-queries attend causally to the keys at or before their original position (cp_attention.py).
+queries attend to the keys at or before their original position (cp_attention.py, the same
+kernel with a mask).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from dataclasses import dataclass
 
-import torch
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from .attention_batches import length_batches
+from .attention_batches import attend, packed_causal_attention
 from .cp_attention import context_parallel_attention
+
+
+@dataclass
+class PackedRow(PackedSeqParams):
+    """megatron's PackedSeqParams and the host copy of the segment bounds the attention reads
+    (cu_seqlens_q_padded where set, else cu_seqlens_q)."""
+
+    bounds: tuple[int, ...] = ()
+
+
+def host_bounds(params: PackedSeqParams) -> tuple[int, ...]:
+    """The segment bounds on the host: carried by PackedRow, else read from the device (a sync)."""
+    if getattr(params, "bounds", None):
+        return params.bounds
+    cu = params.cu_seqlens_q if params.cu_seqlens_q_padded is None else params.cu_seqlens_q_padded
+    return tuple(cu.tolist())
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -36,47 +62,50 @@ class PackedDotProductAttention(DotProductAttention):
             config = copy.copy(config)
             config.context_parallel_size = 1
         super().__init__(config, *args, **kwargs)
+        if config.softmax_type != "vanilla" or self.scale_mask_softmax.window_size is not None:
+            raise ValueError(
+                "the local spec's packed attention computes plain causal softmax attention; "
+                f"softmax_type={config.softmax_type!r}, window_size={config.window_size} need Transformer Engine"
+            )
+        # the parent splits the scale as softmax_scale / layer_number x layer_number (query-key layer scaling)
+        self.scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
+
+    def _dropout(self):
+        """(dropout probability, the RNG context megatron's own attention draws it in)."""
+        p = self.attention_dropout.p if self.training else 0.0
+        if p and not self.config.sequence_parallel:
+            return p, tensor_parallel.get_cuda_rng_tracker().fork()
+        return p, contextlib.nullcontext()
 
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
+        if attention_bias is not None:
+            raise ValueError("the local spec's attention takes no attention bias")
+        dropout, rng = self._dropout()
         if self.cp_size > 1:
             if packed_seq_params is None or packed_seq_params.cu_seqlens_q_padded is None:
                 raise ValueError(
                     "context parallelism needs packed sequences with padded cu_seqlens (context_parallel.py)"
                 )
-            return context_parallel_attention(
-                super().forward, query, key, value, packed_seq_params.cu_seqlens_q_padded, self.cp_size
-            )
+            with rng:
+                return context_parallel_attention(
+                    query, key, value, host_bounds(packed_seq_params), self.cp_size, scale=self.scale, dropout=dropout
+                )
         if packed_seq_params is None:
-            return super().forward(
-                query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias
-            )
+            if attention_mask is not None or (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type)  # megatron's
+            # padded rows [s, b, heads, d], right-padded: causal attention needs no mask
+            with rng:
+                context = attend(
+                    *(x.permute(1, 2, 0, 3) for x in (query, key, value)), scale=self.scale, dropout=dropout
+                )
+            return context.permute(2, 0, 1, 3).flatten(2)  # [s, b, heads * d]
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"packed sequences must use the 'thd' format, got {packed_seq_params.qkv_format!r}")
-        cu = packed_seq_params.cu_seqlens_q_padded
-        cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-        bounds = cu.tolist()  # a few dozen ints per micro-batch
-        total = query.shape[0]
-        if bounds[-1] != total:
-            raise ValueError(f"cu_seqlens end at {bounds[-1]} but the packed row holds {total} tokens")
-        starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-        device = query.device
-        pieces, positions = [], []
         # query/key/value arrive as [t, heads, dim] (THD)
-        for batch in length_batches(lengths):
-            longest = lengths[batch[0]]
-            offsets = torch.arange(longest, device=device)
-            start = torch.tensor([starts[i] for i in batch], device=device)
-            length = torch.tensor([lengths[i] for i in batch], device=device)
-            valid = offsets[None, :] < length[:, None]  # [n, L]
-            index = torch.where(valid, start[:, None] + offsets[None, :], 0)  # padding reads token 0, masked
-            q, k, v = (x[index].transpose(0, 1) for x in (query, key, value))  # [L, n, heads, dim]
-            # masked (True): later positions (causal) and the batch's padding keys
-            mask = (offsets[None, :] > offsets[:, None])[None] | ~valid[:, None, :]
-            context = super().forward(q, k, v, mask[:, None], attn_mask_type=AttnMaskType.causal)  # [L, n, heads * dim]
-            pieces.append(context.transpose(0, 1)[valid])  # the batch's real tokens, in (sequence, position) order
-            positions.append(index[valid])
-        out = torch.cat(pieces)
-        where = torch.cat(positions)
-        return out.new_zeros(total, out.shape[-1]).index_put((where,), out).unsqueeze(1)  # [t, 1, heads * dim]
+        with rng:
+            out = packed_causal_attention(
+                query, key, value, host_bounds(packed_seq_params), scale=self.scale, dropout=dropout
+            )
+        return out.unsqueeze(1)  # [t, 1, heads * dim]

@@ -192,7 +192,8 @@ def test_context_parallel_layouts_match_one_process_and_resume_at_cp1(tmp_path):
 
 def test_memory_estimate_divides_what_cp_divides_and_adds_the_gathered_kv():
     """Micro-batches by prompt count: a rank holds 1/cp of each sequence, so activations halve at
-    cp=2 (same dp); the local spec (float32) adds every layer's K/V of the whole row."""
+    cp=2 (same dp); the local spec (float32) adds every layer's K/V of the whole row and one
+    attention mask (a rank's queries x the sequence's length)."""
     from real_megatron.config import load_config
     from real_megatron.memory import architecture_of, estimate_memory
 
@@ -202,7 +203,7 @@ def test_memory_estimate_divides_what_cp_divides_and_adds_the_gathered_kv():
         "actor.prompts_per_micro_batch=1",
         "model.dtype=float32",
         "rollout.max_new_tokens=3072",
-    ]  # 4k sequences: the local spec's fp32 scores stay a modest term
+    ]  # 4k sequences
     rows = {}
     for cp, nodes in ((1, 2), (2, 4)):  # dp = 8 both
         cfg = load_config(path, common + [f"parallel.cp={cp}", f"parallel.nodes={nodes}"])
@@ -210,6 +211,7 @@ def test_memory_estimate_divides_what_cp_divides_and_adds_the_gathered_kv():
     assert rows[2]["activations"] == pytest.approx(rows[1]["activations"] / 2, rel=1e-3)
     arch = architecture_of(cfg)
     kv = 28 * 2 * 4096 * arch.kv_heads * arch.head_dim / 2 * 4 / 1e9  # layers x K,V x row tokens x kv dim / tp x fp32
+    kv += 2048 * 4096 * 4 / 1e9  # the mask: a rank's 2,048 queries x 4,096 keys, fp32
     assert rows[2]["context-parallel K/V"] == pytest.approx(kv, rel=1e-3) and "context-parallel K/V" not in rows[1]
 
 

@@ -128,9 +128,11 @@ def test_dry_run_of_the_one_node_configs_splits_the_gpus_and_refuses_what_does_n
 @pytest.mark.slow
 def test_the_estimate_holds_for_a_measured_actor_step_at_the_real_vocabulary():
     """A real actor step (old log-probs + one update) at vocabulary 151,936 on CPU: the peak
-    resident memory of its forward/backward passes, above the model and optimizer state, is within
-    25% of the estimate's activation and output-layer terms for the micro-batches it ran, on both
-    data paths (tools/bench_actor.py measures; real_megatron.memory estimates)."""
+    resident memory of its forward/backward passes, above the model and optimizer state, is at most
+    10% above and 40% below the estimate's activation and output-layer terms for the micro-batches it
+    ran, on both data paths (tools/bench_actor.py measures; real_megatron.memory estimates). RSS,
+    sampled every 2 ms, misses short-lived temporaries such as the CPU kernels' second logit tile that
+    the estimate counts (torch's allocator sees them: tests/integration/test_memory_measured.py)."""
     cmd = [
         sys.executable,
         str(ROOT / "tools" / "bench_actor.py"),
@@ -150,7 +152,7 @@ def test_the_estimate_holds_for_a_measured_actor_step_at_the_real_vocabulary():
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout)
     for name, r in results.items():
-        assert r["compute_peak_gb"] == pytest.approx(r["estimate_gb"], rel=0.25), (name, r)
+        assert 0.6 <= r["compute_peak_gb"] / r["estimate_gb"] <= 1.1, (name, r)
     # the two paths differ by far more than the tolerance: the estimate tells them apart
     assert results["padded+naive"]["estimate_gb"] > 3 * results["packed+fused"]["estimate_gb"]
 
@@ -158,17 +160,19 @@ def test_the_estimate_holds_for_a_measured_actor_step_at_the_real_vocabulary():
 def test_recompute_is_sized_from_the_estimate_and_dry_run_says_what_it_chose():
     """Full recompute of every layer costs a forward per layer where memory allows less: with
     model.recompute_layers null the fewest layers per stage (block recompute) that keep the estimate
-    within RECOMPUTE_HEADROOM of the GPU; given, as given; refused without recompute."""
+    within the GPU with ESTIMATE_BAND of its estimated rows to spare; given, as given; refused without recompute."""
     from real_megatron.config import ConfigError
-    from real_megatron.memory import RECOMPUTE_HEADROOM, recompute_layers
+    from real_megatron.memory import ESTIMATE_BAND, recompute_layers, recompute_margin_gb
 
     cfg = load_config(ROOT / "configs/real_r1distill_qwen_7b.yaml")
     arch = architecture_of(cfg)
     n = recompute_layers(cfg, arch)
     assert 0 < n < arch.layers
-    room = RECOMPUTE_HEADROOM * cfg.parallel.gpu_memory_gb
-    assert estimate_memory(cfg, arch, cfg.parallel.gpu_memory_gb, recompute=n).total_gb <= room
-    assert estimate_memory(cfg, arch, cfg.parallel.gpu_memory_gb, recompute=n - 1).total_gb > room
+    gpu = cfg.parallel.gpu_memory_gb
+    chosen, fewer = (estimate_memory(cfg, arch, gpu, recompute=k) for k in (n, n - 1))
+    assert chosen.total_gb + recompute_margin_gb(chosen) <= gpu < fewer.total_gb + recompute_margin_gb(fewer)
+    estimated = sum(gb for what, gb, _ in chosen.rows if what in ("activations", "output layer and loss"))
+    assert recompute_margin_gb(chosen) == pytest.approx(ESTIMATE_BAND * estimated)
     # a smaller GPU needs more layers recomputed; a huge one none
     small = load_config(ROOT / "configs/real_r1distill_qwen_7b.yaml", ["parallel.gpu_memory_gb=64"])
     assert recompute_layers(small, arch) > n
@@ -202,8 +206,8 @@ def test_recompute_is_sized_from_the_estimate_and_dry_run_says_what_it_chose():
 
 
 def test_the_local_specs_attention_is_modelled_beside_flash_attention():
-    """A float32 run takes the local spec (fp32 attention scores, heads x length^2); a 16-bit run's
-    estimate is Transformer Engine's, with the local spec's figure beside it."""
+    """A float32 run takes the local spec (scaled_dot_product_attention: no heads x length^2 scores);
+    a 16-bit run's estimate is Transformer Engine's, with the local spec's figure beside it."""
     cfg = load_config(ROOT / "configs/real_r1distill_qwen_1p5b.yaml", ["model.recompute_activations=false"])
     arch = architecture_of(cfg)
     bf16 = estimate_memory(cfg, arch)
@@ -214,9 +218,9 @@ def test_the_local_specs_attention_is_modelled_beside_flash_attention():
         arch,
     )
     act_bf16, act_fp32 = (next(gb for what, gb, _ in e.rows if what == "activations") for e in (bf16, fp32))
-    # the scores alone: 12 heads x 32768 tokens x 9216 (the longest sequence) x 4 bytes x 28 layers
-    scores = 12 * 32768 * 9216 * 4 * 28 / 1e9
-    assert act_fp32 > 2 * act_bf16 + scores * 0.99
+    # fp32 and megatron's unfused layers keep more per token than flash attention in bf16 (3.3x), and
+    # no scores: 12 heads x 32768 tokens x 9216 (the longest sequence) x 4 bytes x 28 layers = 406 GB
+    assert 2 * act_bf16 < act_fp32 < 4 * act_bf16 < 12 * 32768 * 9216 * 4 * 28 / 1e9
     assert "local spec attention" in fp32.describe() and fp32.without_te is None
     assert bf16.without_te and "without Transformer Engine" in bf16.describe()
 
