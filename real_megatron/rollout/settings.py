@@ -55,6 +55,10 @@ class RolloutConfig:
     # trains, and no rollout trained on was sampled more than max_staleness weight versions ago;
     # 0 = generate, then train (synchronous)
     max_staleness: int = 0
+    # the servers run on the trainer's own GPUs (one per rollout.server_tp of them) and the two take
+    # turns: the servers release their memory while the actor trains, the actor moves its state to
+    # host memory while they generate; weights go in as tensors (rollout/colocate.py). Synchronous only.
+    colocate: bool = False
 
     def check(self) -> list[str]:
         """What is wrong inside this section alone (each a sentence naming the key); [] if nothing."""
@@ -73,6 +77,22 @@ class RolloutConfig:
             errors.append(
                 f"rollout.max_staleness={self.max_staleness} needs rollout.backend='sglang': the embedded engine generates "
                 "in the trainer's own process on the trainer's own devices, so there is nothing to overlap training with"
+            )
+        if self.colocate and self.backend != "sglang":
+            errors.append(
+                "rollout.colocate needs rollout.backend='sglang': the embedded engine already generates in the "
+                "trainer's own process on the trainer's own devices, so there is nothing to colocate"
+            )
+        if self.colocate and self.max_staleness > 0:
+            errors.append(
+                f"rollout.colocate with rollout.max_staleness={self.max_staleness}: generating ahead means the servers "
+                "generate while the actor trains, and colocated they share the same GPU memory, which one of them holds "
+                "at a time; use the split layout (rollout.colocate: false) for asynchronous rollouts"
+            )
+        if self.colocate and self.weight_sync == "distributed":
+            errors.append(
+                "rollout.colocate takes weights from tensors on the servers' own GPUs (/update_weights_from_tensor); "
+                "rollout.weight_sync='distributed' (an NCCL broadcast) applies to the split layout only"
             )
         if self.fleet_nodes < 0:
             errors.append(f"rollout.fleet_nodes must be >= 0, got {self.fleet_nodes}")
