@@ -428,9 +428,14 @@ CONDITIONAL_KEYS = (
         "configures the SGLang fleet, and rollout.backend is 'local'",
     ),
     (
-        ("rollout.weight_sync_address", "rollout.weight_sync_bucket_mb"),
+        ("rollout.weight_sync_address",),
         lambda c: c.rollout.backend == "sglang" and c.rollout.weight_sync == "distributed",
         "configures the broadcast weight sync (rollout.weight_sync: distributed with rollout.backend: sglang)",
+    ),
+    (
+        ("rollout.weight_sync_bucket_mb",),
+        lambda c: c.rollout.backend == "sglang" and (c.rollout.weight_sync == "distributed" or c.rollout.colocate),
+        "sizes the buckets of the broadcast (rollout.weight_sync: distributed) or of the colocated tensor updates",
     ),
     (
         ("algorithm.tau", "algorithm.skip_uniform_groups"),
