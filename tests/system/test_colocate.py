@@ -42,6 +42,9 @@ def overrides(tmp_path: Path) -> list[str]:
         "eval.every_steps=0",
         "optim.warmup_steps=0",
         "optim.lr=1.0e-3",
+        # the short warm-start solves nothing (uniform groups: no gradient), so the weights move by
+        # decoupled weight decay alone: 2% per optimizer step, enough for a stale engine to show
+        "optim.weight_decay=20.0",
         "rollout.max_new_tokens=16",
         "eval.max_new_tokens=16",
         f"train.prompts_per_step={PROMPTS}",
@@ -119,6 +122,9 @@ def test_colocated_run_releases_resumes_takes_tensor_weights_and_resumes_after_a
         assert all(m[k] >= 0 for k in ("release_s", "onload_s", "offload_s", "resume_s", "weight_update_s")), m
         # the engine sampled with the actor's current weights: pi_old recomputed agrees token by token
         assert m["mismatch_abs_max"] < 1e-3, m
+        # one optimizer step moves log-probs by far more (the step's second mini-batch's scores): an
+        # engine a version behind would be off by two such steps
+        assert max(abs(m["score_neg_min"]), abs(m["score_neg_max"])) > 1e-2, m
 
     rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == list(range(1, STEPS + 1))
