@@ -324,6 +324,13 @@ def _memory_report(cfg) -> tuple[str, list[str]]:
         estimate.describe(),
         f"# checkpoints: optimizer state {chosen} ({why})",
     ]
+    if cfg.rollout.colocate:  # the phases take turns on each GPU: each must fit, not their sum
+        from .memory import colocated_plan
+
+        rows, problems = colocated_plan(cfg, arch, estimate)
+        lines.append("# colocated, per phase (rollout.colocate)")
+        lines += [f"  {what:<32}  {gb:7.1f} GB  {how}" for what, gb, how in rows]
+        return "\n".join(lines), problems
     problems = [] if estimate.fits else [f"a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB"]
     if cfg.rollout.backend == "sglang":
         text, fits = server_memory(cfg, arch, capacity)

@@ -13,10 +13,11 @@ storage into host buffers kept between steps, the device storage released and re
 way back, so every tensor object and view (the distributed optimizer's shards among them) stays the
 same. megatron-core's own `MegatronOptimizer.offload_to_cpu` / `restore_from_cpu` (0.16) is not
 used: it only moves CUDA tensors (nothing at all on a CPU run, so nothing a CPU test could check)
-and makes fresh pageable copies at each offload. Storages of the DDP parameter buffers (the main
+and makes fresh pageable copies at each offload. The APIs named here are the same in megatron-core
+0.16.1 and 0.19.2 (this project's two tiers). Storages of the DDP parameter buffers (the main
 parameters of an fp32 model are views into them) move with the buffers, not twice.
 
-Nothing here changes a number: a cycle is bit-identical (tests/unit/test_actor_offload.py).
+Nothing here changes a number: a cycle is bit-identical (tests/integration/test_actor_offload.py).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def describe_fleet(cfg: Config) -> str:
     )
     return (
         f"{servers} SGLang server(s), up to {bound} requests in flight each ({why}); "
-        f"key {key_file_of(cfg)}, weights by {r.weight_sync}"
+        f"key {key_file_of(cfg)}, weights by {'tensors (colocated)' if r.colocate else r.weight_sync}"
     )
 
 
@@ -72,12 +72,18 @@ MEMORY_SAVER_FLAG = "--enable-memory-saver"
 
 def server_args(cfg: Config, environ: dict | None = None) -> list[str]:
     """rollout.server_args, and for colocated servers on GPUs SGLang's memory saver (torch_memory_saver:
-    what lets /release_memory_occupation hand the GPU memory back). Without a GPU SGLang has no saver
+    what lets /release_memory_occupation hand the GPU memory back) and a static memory fraction that
+    leaves the actor's resident share free (memory.colocated_mem_fraction). Without a GPU SGLang has no saver
     (torch_memory_saver is CUDA's); its release and resume calls then run and free nothing."""
     r = cfg.rollout
     args = list(r.server_args)
-    if r.colocate and visible_gpus(environ) and MEMORY_SAVER_FLAG not in args:
-        args.append(MEMORY_SAVER_FLAG)
+    if r.colocate and visible_gpus(environ):
+        if MEMORY_SAVER_FLAG not in args:
+            args.append(MEMORY_SAVER_FLAG)
+        if "--mem-fraction-static" not in args:  # beside the actor's resident share (memory.py)
+            from ..memory import colocated_mem_fraction
+
+            args += ["--mem-fraction-static", str(colocated_mem_fraction(cfg.parallel.gpu_memory_gb))]
     return args
 
 
