@@ -7,6 +7,7 @@ offload_to_cpu/reload_from_cpu) and without it (parameters standalone)."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,16 +79,18 @@ def _cycles(rank, world_size, out):
             )
         record["state_tensors"] = sum(k.startswith("state.") for k in _state(moved))
         result[dist_opt] = record
-    torch.save(result, out)
+    torch.save(result, f"{out}.{rank}")
 
 
-def test_offload_cycles_are_bit_identical_and_change_no_step(tmp_path):
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_offload_cycles_are_bit_identical_and_change_no_step(tmp_path, world_size):
+    """One process, and DP=2 (the distributed optimizer's state sharded over the two ranks)."""
     from multiprocess import run_processes
 
     out = tmp_path / "offload.pt"
-    run_processes(_cycles, 1, str(out))
-    result = torch.load(out)
-    for dist_opt, r in result.items():
+    run_processes(_cycles, world_size, str(out))
+    for dist_opt, r in (kv for rank in range(world_size) for kv in torch.load(f"{out}.{rank}").items()):
         assert r["state_tensors"] > 0, dist_opt  # Adam's moments exist and were compared
         assert r["held"] > 0 and r["out_bytes"] == [0, 0, 0], (dist_opt, r)  # every storage released while out
         assert r["identical_cycle"] == [True] * 3, (dist_opt, r)
