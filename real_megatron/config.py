@@ -470,6 +470,11 @@ CONDITIONAL_KEYS = (
     ),
     (("optim.min_lr",), lambda c: c.optim.lr_schedule != "constant", "is where a decaying optim.lr_schedule ends"),
     (
+        ("optim.cpu_offload_fraction", "optim.overlap_cpu_optimizer_d2h_h2d"),
+        lambda c: c.optim.cpu_offload,
+        "configures the optimizer's CPU offload (optim.cpu_offload: true)",
+    ),
+    (
         ("actor.prompts_per_micro_batch",),
         lambda c: c.actor.max_tokens_per_micro_batch is None,
         "is replaced by actor.max_tokens_per_micro_batch (micro-batches by tokens)",
