@@ -317,6 +317,7 @@ def _launch_plan(args: argparse.Namespace) -> int:
         "FLEET_SERVERS": launched_servers(cfg),
         "SERVER_TP": r.server_tp,
         "CONFIG_FLEET_NODES": r.fleet_nodes,
+        "COLOCATE": int(r.colocate),
         "OUTPUT_DIR": cfg.train.output_dir,
         "TRAINER_ENV": " ".join(f"{k}={v}" for k, v in trainer_fleet_environment(cfg).items()),
     }

@@ -468,9 +468,14 @@ CONDITIONAL_KEYS = (
         "own takes its settings in rollout.environment_args)",
     ),
     (
-        ("rollout.weight_sync_address", "rollout.weight_sync_bucket_mb"),
+        ("rollout.weight_sync_address",),
         lambda c: c.rollout.backend == "sglang" and c.rollout.weight_sync == "distributed",
         "configures the broadcast weight sync (rollout.weight_sync: distributed with rollout.backend: sglang)",
+    ),
+    (
+        ("rollout.weight_sync_bucket_mb",),
+        lambda c: c.rollout.backend == "sglang" and (c.rollout.weight_sync == "distributed" or c.rollout.colocate),
+        "sizes the buckets of the broadcast (rollout.weight_sync: distributed) or of the colocated tensor updates",
     ),
     (
         ("algorithm.tau", "algorithm.skip_uniform_groups"),
@@ -504,6 +509,11 @@ CONDITIONAL_KEYS = (
         "measures pi_old against the engine's log-probs; with rollout.use_engine_logprobs they are the same",
     ),
     (("optim.min_lr",), lambda c: c.optim.lr_schedule != "constant", "is where a decaying optim.lr_schedule ends"),
+    (
+        ("optim.cpu_offload_fraction", "optim.overlap_cpu_optimizer_d2h_h2d"),
+        lambda c: c.optim.cpu_offload,
+        "configures the optimizer's CPU offload (optim.cpu_offload: true)",
+    ),
     (
         ("actor.prompts_per_micro_batch",),
         lambda c: c.actor.max_tokens_per_micro_batch is None,

@@ -3,7 +3,8 @@
 The node's GPUs are split without any CUDA_VISIBLE_DEVICES by hand: the first
 parallel.gpus_per_node go to the trainer ranks (local rank i takes GPU i), the next
 rollout.num_servers x rollout.server_tp to the SGLang servers, server_tp each, in order; a layout
-that does not fit the GPUs this process sees is refused before anything starts. Each server is a
+that does not fit the GPUs this process sees is refused before anything starts (colocated,
+rollout.colocate: the servers take the trainer's own GPUs instead). Each server is a
 `real-megatron serve` process bound to 127.0.0.1 that registers in RUN_DIR/servers; the trainer
 ranks (RANK / WORLD_SIZE / LOCAL_RANK, a free rendezvous port) attach to them.
 
@@ -108,9 +109,13 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
     env = dict(os.environ if environ is None else environ)
     fleet = launched_servers(cfg) > 0 and not r.server_registry  # servers of this launch (none when attached)
     gpus = visible_gpus(env)
-    trainer_gpus, server_gpus = (
-        split_node(gpus, p.gpus_per_node, r.num_servers if fleet else 0, r.server_tp) if gpus else (None, None)
-    )
+    if gpus and r.colocate:  # the servers time-share the trainer's GPUs
+        trainer_gpus, server_gpus = split_node(gpus, p.gpus_per_node, 0, 1)[0], None
+        server_gpus = split_gpus(trainer_gpus, r.num_servers if fleet else 0, r.server_tp)
+    else:
+        trainer_gpus, server_gpus = (
+            split_node(gpus, p.gpus_per_node, r.num_servers if fleet else 0, r.server_tp) if gpus else (None, None)
+        )
     private_run(cfg)  # before anything is written; a wrong key file stops here
     run_dir = Path(cfg.train.output_dir).resolve()
     logs = run_dir / "logs"
@@ -149,6 +154,7 @@ def launch(config: str, overrides: list[str], environ: Optional[dict] = None) ->
     print(
         f"launch: trainer {p.gpus_per_node} rank(s) on GPU(s) {','.join(trainer_gpus) if trainer_gpus else 'none (CPU)'}, "
         f"{len(servers)} SGLang server(s)"
+        + (" colocated" if r.colocate else "")
         + (f" on {';'.join(','.join(g) for g in server_gpus)}" if server_gpus else "")
         + f"; logs in {logs}",
         flush=True,

@@ -616,3 +616,67 @@ def server_memory(cfg, arch: Architecture, capacity_gb: float = 80.0) -> tuple[s
         + ("" if fits else ": does NOT fit one rollout (raise rollout.server_tp)"),
         fits,
     )
+
+
+# --- the colocated layout (rollout.colocate): the servers and the actor take turns on each GPU -------
+
+SERVER_RELEASED_GB = 1.5  # a released SGLang server keeps its CUDA context and allocator's bookkeeping
+COLOCATED_MARGIN_GB = 2.0  # kept free between the actor's resident share and the servers' static fraction
+
+
+def colocated_mem_fraction(capacity_gb: float) -> float:
+    """SGLang's --mem-fraction-static for a server beside an offloaded actor: the GPU less the actor's
+    resident share (RESERVE_GB: CUDA context, NCCL's buffers, which stay) and a margin."""
+    return round((capacity_gb - RESERVE_GB - COLOCATED_MARGIN_GB) / capacity_gb, 3)
+
+
+def colocated_plan(cfg, arch: Architecture, estimate: MemoryEstimate) -> tuple[list[tuple[str, float, str]], list[str]]:
+    """The colocated layout per phase: rows (what, GB, how) for one GPU's training peak (servers
+    released) and generation peak (server weights, KV cache, the actor's resident share), and for one
+    node's host memory (the actor's parameters and optimizer state while the servers generate; its
+    gradients are dropped); and what does not fit, naming the phase and what to change."""
+    r, p = cfg.rollout, cfg.parallel
+    capacity = estimate.capacity_gb
+    row = {what: gb for what, gb, _ in estimate.rows}
+    train_peak = estimate.total_gb + SERVER_RELEASED_GB
+    fraction = colocated_mem_fraction(capacity)
+    server_weights = arch.total_params() * 2 / r.server_tp / GB
+    kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 / r.server_tp
+    kv_room = max(0.0, capacity * fraction - server_weights)
+    tokens = kv_room * GB / kv_per_token
+    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    generation_peak = RESERVE_GB + capacity * fraction
+    weights = next(gb for what, gb in row.items() if what.startswith("weights"))
+    host = p.gpus_per_node * (weights + row["optimizer (Adam)"])
+    rows = [
+        (
+            "training peak (servers released)",
+            train_peak,
+            f"the actor's estimate above + {SERVER_RELEASED_GB} GB a released server keeps",
+        ),
+        (
+            "generation peak",
+            generation_peak,
+            f"server weights {server_weights:.1f} GB (bf16, tp={r.server_tp}) + KV cache {kv_room:.1f} GB "
+            f"(--mem-fraction-static {fraction}) + the actor's resident {RESERVE_GB:.0f} GB (CUDA context, NCCL); "
+            f"{tokens / 1e3:.0f}k tokens = {tokens / longest:.0f} rollouts of {longest}",
+        ),
+        (
+            "host memory per node",
+            host,
+            f"{p.gpus_per_node} ranks x (weights {weights:.1f} + optimizer {row['optimizer (Adam)']:.1f} GB), "
+            "pinned, kept between steps; gradients are dropped",
+        ),
+    ]
+    problems = []
+    if train_peak > capacity:
+        problems.append(
+            f"the colocated training phase (servers released) needs about {train_peak:.0f} GB of {capacity:.0f} GB "
+            "per GPU: raise tp/pp/ep, shard the optimizer over more ranks, or enable recompute"
+        )
+    if tokens < longest:
+        problems.append(
+            f"the colocated generation phase has KV-cache room for {tokens:.0f} tokens per server, fewer than one "
+            f"rollout of {longest}: raise rollout.server_tp"
+        )
+    return rows, problems

@@ -65,6 +65,19 @@ def describe_nodes(cfg) -> tuple[str, str | None]:
     parallel.node_gpus (None when it does)."""
     p, r = cfg.parallel, cfg.rollout
     servers, tp = launched_servers(cfg), r.server_tp
+    if servers and r.colocate:  # the servers on the trainer's own GPUs, server_tp each
+        per_node = -(-servers // p.nodes)
+        text = (
+            f"{p.nodes} node(s) of {p.node_gpus} GPUs, each: GPUs 0-{p.gpus_per_node - 1} trainer ranks and, "
+            f"colocated on them, {per_node} SGLang server(s) x tp={tp}"
+        )
+        if per_node * tp != p.gpus_per_node or p.gpus_per_node > p.node_gpus:
+            return text, (
+                f"colocated, the {per_node} SGLang server(s) per node x rollout.server_tp={tp} must cover the "
+                f"parallel.gpus_per_node={p.gpus_per_node} trainer GPUs exactly (one server rank per GPU), "
+                f"within parallel.node_gpus={p.node_gpus}"
+            )
+        return text, None
     if servers and r.fleet_nodes == 0:  # the servers share the trainer's node(s), on the GPUs after its ranks
         per_node = -(-servers // p.nodes)
         used = p.gpus_per_node + per_node * tp

@@ -69,6 +69,14 @@ def _memory(cfg, arch, check: RunCheck) -> None:
         estimate.describe(),
         f"# checkpoints: optimizer state {chosen} ({why})",
     ]
+    if cfg.rollout.colocate:  # the phases take turns on each GPU: each must fit, not their sum
+        from .memory import colocated_plan
+
+        rows, problems = colocated_plan(cfg, arch, estimate)
+        check.report.append("# colocated, per phase (rollout.colocate)")
+        check.report += [f"  {what:<32}  {gb:7.1f} GB  {how}" for what, gb, how in rows]
+        check.problems += [f"the layout does not fit: {problem}" for problem in problems]
+        return
     if not estimate.fits:
         check.problems.append(
             f"the layout does not fit: a trainer GPU needs about {estimate.total_gb:.0f} GB of {capacity:.0f} GB; {estimate.dominant()}"

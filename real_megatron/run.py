@@ -35,6 +35,7 @@ from .rollout.collect import make_trajectory_runner
 from .rollout.engines import build_engine
 from .rollout.pipeline import RolloutBatch, RolloutSource
 from .rollout.types import Engine
+from .rollout.weight_sync import colocated, release_for_training
 from .tasks.inputs import Inputs, prepare_inputs, warmstart_record
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,17 @@ class Run:
         self.rollouts.start()
         self.log.start_progress()
 
+    def save_checkpoint(self, step: int, state: dict) -> None:
+        """The actor's checkpoint at `step`. Colocated, the actor's state is in host memory between
+        steps: the servers release their memory, the actor comes back for the save, and the servers
+        get their memory and the same weights back afterwards."""
+        if not colocated(self.engine):
+            self.checkpoints.save(self.actor, step, state)
+            return
+        release_for_training(self.engine, self.actor)
+        self.checkpoints.save(self.actor, step, state)
+        self.engine.load_weights(self.actor, step)
+
     def stop_for_requeue(self, step: int) -> dict:
         """After a cluster's signal: the checkpoint of `step` is saved; close everything for a requeue."""
         if is_rank0():
@@ -215,6 +227,7 @@ class Run:
         """The final model (HF), summary.json, the curves; everything closed. Returns the summary."""
         cfg, run_dir = self.cfg, self.run_dir
         if cfg.checkpoint.save_hf_final:
+            release_for_training(self.engine, self.actor)  # colocated: the actor's weights back first
             write_hf_checkpoint(
                 self.actor.chunks, self.spec, run_dir / "final_hf", self.inputs.model_dir, self.actor.settings.dtype
             )

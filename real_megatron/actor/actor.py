@@ -210,6 +210,10 @@ class Actor:
                 fp16=s.dtype == torch.float16,
                 params_dtype=s.dtype,
                 use_distributed_optimizer=o.use_distributed_optimizer,
+                optimizer_cpu_offload=o.cpu_offload,
+                optimizer_offload_fraction=o.cpu_offload_fraction if o.cpu_offload else 0.0,
+                overlap_cpu_optimizer_d2h_h2d=o.overlap_cpu_optimizer_d2h_h2d,
+                use_precision_aware_optimizer=o.use_precision_aware_optimizer,
             ),
             self.chunks,
         )

@@ -121,6 +121,70 @@ def _enable_moe() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = split_sizes_on_host
 
 
+def _enable_hybrid_optimizer() -> None:
+    """megatron-core's HybridDeviceOptimizer (optim.cpu_offload) on a machine without CUDA.
+
+    _get_sub_optimizer_param_groups puts on the "GPU" side exactly the parameters that are CUDA
+    tensors and makes the offloaded ones pinned host clones (`.cpu().pin_memory()`): on CPU no
+    parameter is a CUDA tensor and nothing can be pinned. Here the parameters it is given are the
+    "device" side and the offloaded ones plain host clones, so the same fraction of them goes to the
+    CPU optimizers through the same copies (gradients out, parameters back); its CUDA streams
+    (overlap_cpu_optimizer_d2h_h2d) are the already-synchronous _NullStream."""
+    from megatron.core.optimizer.cpu_offloading import hybrid_optimizer
+
+    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    plain = hybrid_optimizer.HybridDeviceOptimizer._get_sub_optimizer_param_groups
+
+    class _DeviceSide:
+        """A parameter as megatron-core's grouping sees it: `is_cuda` true (it is on the device side),
+        `.cpu().pin_memory()` a host clone (the offloaded copy)."""
+
+        def __init__(self, param):
+            self.param = param
+            self.is_cuda = True
+            self.dtype = param.dtype
+
+        def numel(self):
+            return self.param.numel()
+
+        def detach(self):
+            return self
+
+        def clone(self):
+            return self
+
+        def cpu(self):
+            return self
+
+        def pin_memory(self):
+            return self.param.detach().clone()
+
+        def float(self):  # param_update_in_fp32: the fp32 copy of a 16-bit parameter
+            return self.param.detach().clone().float()
+
+    def groups(self, offload_fraction):
+        self.pin_cpu_grads = self.pin_cpu_params = False  # the host gradient copies: no pinned allocator
+        # run megatron-core's own grouping over stand-ins, then put the real parameters back
+        originals = [group["params"] for group in self.param_groups]
+        side = {}
+        for group in self.param_groups:
+            group["params"] = [side.setdefault(id(p), _DeviceSide(p)) for p in group["params"]]
+        try:
+            cpu_groups, gpu_groups, gpu_to_cpu, cpu_to_gpu, to_fp32 = plain(self, offload_fraction)
+        finally:
+            for group, params in zip(self.param_groups, originals):
+                group["params"] = params
+        real = lambda t: t.param if isinstance(t, _DeviceSide) else t  # noqa: E731
+        for group in cpu_groups + gpu_groups:
+            group["params"] = [real(p) for p in group["params"]]
+        gpu_to_cpu = {real(k): v for k, v in gpu_to_cpu.items()}
+        cpu_to_gpu = {k: real(v) for k, v in cpu_to_gpu.items()}
+        to_fp32 = {real(k): v for k, v in to_fp32.items()}
+        return cpu_groups, gpu_groups, gpu_to_cpu, cpu_to_gpu, to_fp32
+
+    hybrid_optimizer.HybridDeviceOptimizer._get_sub_optimizer_param_groups = groups
+
+
 def enable() -> bool:
     """Install the redirects when CUDA is unavailable; return whether they are active."""
     global _enabled
@@ -187,6 +251,7 @@ def enable() -> bool:
     transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = cpu_causal_mask
 
     _enable_moe()
+    _enable_hybrid_optimizer()
 
     # Literal device="cuda" in factory calls, for the rest of the process (main thread).
     _CudaFactoryToCpu().__enter__()

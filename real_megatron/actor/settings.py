@@ -56,6 +56,16 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # megatron-core's HybridDeviceOptimizer: this fraction of the optimizer's main parameters and Adam
+    # state lives in host memory and is stepped there (torch's AdamW); the rest on the GPU
+    cpu_offload: bool = False
+    cpu_offload_fraction: float = 1.0
+    # the host part's gradient copies out and parameter copies back on their own CUDA streams,
+    # one CPU optimizer per parameter so each steps as soon as its gradient is on the host
+    overlap_cpu_optimizer_d2h_h2d: bool = False
+    # megatron-core's precision-aware optimizer (distributed optimizer only; with cpu_offload the
+    # HybridDeviceOptimizer keeps the fp32 master copies, without it Transformer Engine's FusedAdam)
+    use_precision_aware_optimizer: bool = False
 
     def check(self) -> list[str]:
         errors = [f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}"] if self.min_lr > self.lr else []
@@ -65,6 +75,15 @@ class OptimConfig:
             )
         if self.weight_decay < 0:
             errors.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 < self.cpu_offload_fraction <= 1.0:
+            errors.append(f"optim.cpu_offload_fraction must be in (0, 1], got {self.cpu_offload_fraction}")
+        if self.use_precision_aware_optimizer and not self.use_distributed_optimizer:
+            errors.append("optim.use_precision_aware_optimizer needs optim.use_distributed_optimizer: true")
+        if self.use_precision_aware_optimizer and not self.cpu_offload:
+            errors.append(
+                "optim.use_precision_aware_optimizer without optim.cpu_offload needs Transformer Engine's "
+                "FusedAdam, which this project does not install: use it with optim.cpu_offload: true"
+            )
         return errors
 
 

@@ -37,7 +37,7 @@ def describe_fleet(cfg: Config) -> str:
     )
     return (
         f"{servers} SGLang server(s), up to {bound} requests in flight each ({why}); "
-        f"key {key_file_of(cfg)}, weights by {r.weight_sync}"
+        f"key {key_file_of(cfg)}, weights by {'tensors (colocated)' if r.colocate else r.weight_sync}"
     )
 
 
@@ -67,12 +67,35 @@ def apply_trainer_fleet_environment(cfg: Config, environ=None) -> None:
         environ[key] = value
 
 
+MEMORY_SAVER_FLAG = "--enable-memory-saver"
+
+
+def server_args(cfg: Config, environ: dict | None = None) -> list[str]:
+    """rollout.server_args, and for colocated servers on GPUs SGLang's memory saver (torch_memory_saver:
+    what lets /release_memory_occupation hand the GPU memory back) and a static memory fraction that
+    leaves the actor's resident share free (memory.colocated_mem_fraction). Without a GPU SGLang has no saver
+    (torch_memory_saver is CUDA's); its release and resume calls then run and free nothing."""
+    r = cfg.rollout
+    args = list(r.server_args)
+    if r.colocate and visible_gpus(environ):
+        if MEMORY_SAVER_FLAG not in args:
+            args.append(MEMORY_SAVER_FLAG)
+        if "--mem-fraction-static" not in args:  # beside the actor's resident share (memory.py)
+            from ..memory import colocated_mem_fraction
+
+            args += ["--mem-fraction-static", str(colocated_mem_fraction(cfg.parallel.gpu_memory_gb))]
+    return args
+
+
 def launched_server_gpus(cfg: Config, environ: dict | None = None) -> list[str] | None:
     """GPUs for the servers this trainer launches: rollout.server_gpus, else this node's GPUs after
-    the trainer ranks' (local rank i uses GPU i). None on a machine without GPUs."""
+    the trainer ranks' (local rank i uses GPU i), or the trainer's own GPUs when colocated. None on
+    a machine without GPUs."""
     visible = visible_gpus(environ)
     if not visible:
         return None
+    if cfg.rollout.colocate:
+        return visible[: cfg.parallel.gpus_per_node]
     if cfg.rollout.server_gpus:
         unknown = [g for g in cfg.rollout.server_gpus if g >= len(visible)]
         if unknown:

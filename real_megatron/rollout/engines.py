@@ -3,7 +3,8 @@
 `rollout.backend: local` is the embedded engine (weights handed over in memory); `sglang` the
 fleet, launched by the trainer on this node's spare GPUs, attached by URL, or found in the job's
 server registry (slurm/train.sbatch starts servers as their own job step). Weights go to the fleet
-from disk (safetensors, servers reload) or by NCCL broadcast in buckets (rollout.weight_sync): the
+from disk (safetensors, servers reload) or by NCCL broadcast in buckets (rollout.weight_sync), or,
+colocated on the trainer's GPUs (rollout.colocate), as tensors passed by handle: the
 path is chosen here, once, and the engine carries it (weight_sync.py), so the loop only ever calls
 `engine.load_weights(actor, version)`.
 """
@@ -18,14 +19,14 @@ from ..config import Config
 from ..rank0_phases import on_rank0
 from ..ranks import is_rank0
 from .broadcast_sync import BroadcastWeightSync
-from .engine_setup import launched_server_gpus, requests_per_server
+from .engine_setup import launched_server_gpus, requests_per_server, server_args
 from .fleet_auth import fleet_key
 from .local import InMemoryWeights, LocalEngine
 from .registry import wait_for_servers
 from .routing import sglang_routing
 from .sglang_env import default_server_python
 from .sglang_fleet import SGLangFleet
-from .weight_sync import BroadcastWeights, DiskWeights, PeerEngine
+from .weight_sync import BroadcastWeights, DiskWeights, PeerEngine, TensorWeights
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def weight_path(cfg: Config, run_dir: Path, model_dir: Path):
     r = cfg.rollout
     if r.backend == "local":
         return InMemoryWeights()
+    if r.colocate:  # the servers on the trainer's GPUs: tensors by handle, the actor offloaded between
+        return TensorWeights(r.weight_sync_bucket_mb * 2**20, cfg.parallel.timeout_s)
     if r.weight_sync == "distributed":
         return BroadcastWeights()  # rank 0's joins the fleet's group in make_engine
     return DiskWeights(run_dir / "weights", model_dir, cfg.parallel.timeout_s)
@@ -80,7 +83,7 @@ def make_engine(cfg: Config, inputs, run_dir: Path, weights=None):
         host=r.server_host,
         base_port=r.server_base_port,
         server_python=r.server_python or default_server_python(),
-        server_args=r.server_args,
+        server_args=server_args(cfg),
         log_dir=run_dir / "logs",
         health_timeout_s=r.health_timeout_s,
         request_timeout_s=r.request_timeout_s,

@@ -21,6 +21,7 @@ import socket
 import time
 from pathlib import Path
 
+from .engine_setup import server_args
 from .fleet_auth import fleet_key
 from .registry import register_server, unregister_server
 from .routing import sglang_routing
@@ -116,7 +117,7 @@ def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
         host=bind,
         base_port=port,
         server_python=r.server_python or default_server_python(),
-        server_args=r.server_args,
+        server_args=server_args(cfg),
         log_dir=log_dir,
         health_timeout_s=r.health_timeout_s,
         api_key=key,

@@ -84,6 +84,11 @@ class RolloutConfig:
     sandbox_isolation: Literal["auto", "namespaces", "process"] = "auto"
     sandbox_url: Optional[str] = None
 
+    # the servers run on the trainer's own GPUs (one per rollout.server_tp of them) and the two take
+    # turns: the servers release their memory while the actor trains, the actor moves its state to
+    # host memory while they generate; weights go in as tensors (rollout/colocate.py). Synchronous only.
+    colocate: bool = False
+
     @property
     def multi_turn(self) -> bool:
         return bool(self.environment or self.tools)
@@ -124,6 +129,22 @@ class RolloutConfig:
             errors.append(
                 f"rollout.max_staleness={self.max_staleness} needs rollout.backend='sglang': the embedded engine generates "
                 "in the trainer's own process on the trainer's own devices, so there is nothing to overlap training with"
+            )
+        if self.colocate and self.backend != "sglang":
+            errors.append(
+                "rollout.colocate needs rollout.backend='sglang': the embedded engine already generates in the "
+                "trainer's own process on the trainer's own devices, so there is nothing to colocate"
+            )
+        if self.colocate and self.max_staleness > 0:
+            errors.append(
+                f"rollout.colocate with rollout.max_staleness={self.max_staleness}: generating ahead means the servers "
+                "generate while the actor trains, and colocated they share the same GPU memory, which one of them holds "
+                "at a time; use the split layout (rollout.colocate: false) for asynchronous rollouts"
+            )
+        if self.colocate and self.weight_sync == "distributed":
+            errors.append(
+                "rollout.colocate takes weights from tensors on the servers' own GPUs (/update_weights_from_tensor); "
+                "rollout.weight_sync='distributed' (an NCCL broadcast) applies to the split layout only"
             )
         if self.fleet_nodes < 0:
             errors.append(f"rollout.fleet_nodes must be >= 0, got {self.fleet_nodes}")

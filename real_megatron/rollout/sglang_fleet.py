@@ -46,6 +46,9 @@ class FleetError(RuntimeError):
     pass
 
 
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # what an SGLang server releases and resumes
+
+
 def http_json(url: str, payload: Optional[dict] = None, timeout: float = 30.0, key: Optional[str] = None) -> dict:
     """GET (no payload) or POST JSON; `key` goes as `Authorization: Bearer`."""
     data = None if payload is None else json.dumps(payload).encode()
@@ -107,6 +110,7 @@ class Server:
     awaiting_weights: bool = False  # restarted, healthy, not in rotation until the next broadcast
     gpus: Optional[list[str]] = None  # its CUDA_VISIBLE_DEVICES when launched (None: inherited)
     auth_file: Optional[Path] = None  # the key for SGLang to read at start; removed once it is up
+    released: set = field(default_factory=set)  # memory tags it released (colocated), until resumed
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -224,6 +228,7 @@ class SGLangFleet:
         os.fchmod(log_file.fileno(), 0o600)
         env = self._env if server.gpus is None else dict(self._env, CUDA_VISIBLE_DEVICES=",".join(server.gpus))
         self._drop_auth_file(server)
+        server.released = set()  # a fresh process holds all its memory
         server.auth_file = server_auth_file(self.api_key)
         server.process = subprocess.Popen(
             server.command + ["--config", str(server.auth_file)],
@@ -542,6 +547,85 @@ class SGLangFleet:
             self.weight_version, self.weights_path, self.weights_set = version, path, True
             if not any(s.alive for s in self.servers):
                 raise FleetError(f"no SGLang server took the weights of version {version}")
+
+    # --- colocated: memory handed back and forth, weights from tensors -------------------------
+
+    def release_memory(self) -> None:
+        """Every live server releases its GPU memory (SGLang's /release_memory_occupation: KV cache,
+        weights, CUDA graphs), all at once, each within request_timeout_s; only while no request is in
+        flight (SGLang refuses otherwise). A server that fails or does not answer in time is named and
+        taken out (restarted if launched; it gets the current weights at the next update)."""
+        with self._weights:
+            if self.in_flight:
+                raise FleetError(f"{self.in_flight} request(s) in flight: the servers release memory only when idle")
+            self._memory_call("/release_memory_occupation", list(MEMORY_TAGS), release=True)
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Every live server takes back the memory of `tags` it released (/resume_memory_occupation)."""
+        with self._weights:
+            self._memory_call("/resume_memory_occupation", tags, release=False)
+
+    def _memory_call(self, path: str, tags: list[str], release: bool) -> None:
+        def call(server: Server) -> None:
+            todo = [t for t in tags if (t not in server.released) == release]
+            if todo:
+                self.call(server, path, {"tags": todo})
+                server.released = server.released | set(todo) if release else server.released - set(todo)
+
+        for server, error in self._on_each([s for s in self.servers if s.alive], call, self.request_timeout_s):
+            if error is not None:
+                self._fail(server, f"{path} {tags} failed: {error}")
+        if not any(s.alive for s in self.servers):
+            raise FleetError(f"no SGLang server is left after {path} {tags}")
+
+    def update_weights_from_tensors(self, buckets, version: int) -> None:
+        """Weights version `version` into every live server (and every restarted one waiting for
+        weights), bucket by bucket through SGLang's /update_weights_from_tensor between
+        /begin_weight_update and /end_weight_update. `buckets` yields serialized buckets (one
+        MultiprocessingSerializer payload each: shared memory on CPU, CUDA IPC handles on GPUs), each
+        sent to all servers before the next is made. A server that fails is named and taken out."""
+        with self.changing_weights():
+            if self.in_flight:
+                raise FleetError(f"{self.in_flight} request(s) in flight during a weight update")
+            targets = [s for s in self.servers if s.alive or s.awaiting_weights]
+
+            def each(work, what: str) -> None:
+                for server, error in self._on_each(
+                    [s for s in targets if s.alive or s.awaiting_weights], work, self.request_timeout_s
+                ):
+                    if error is not None:
+                        server.awaiting_weights = False
+                        self._fail(server, f"{what} failed: {error}")
+
+            def begin(server: Server) -> None:
+                self.call(server, "/begin_weight_update", {})
+
+            each(begin, "/begin_weight_update")
+            for payload, last in buckets:
+
+                def send(server: Server, payload=payload, last=last) -> None:
+                    reply = self.call(
+                        server,
+                        "/update_weights_from_tensor",
+                        {
+                            "serialized_named_tensors": [payload] * server.tp,
+                            "weight_version": str(version),
+                            "flush_cache": last,
+                        },
+                    )
+                    if reply.get("success") is False:
+                        raise FleetError(f"SGLang server {server.url} refused a weight bucket: {reply.get('message')}")
+
+                each(send, "/update_weights_from_tensor")
+
+            def end(server: Server) -> None:
+                self.call(server, "/end_weight_update", {})
+
+            each(end, "/end_weight_update")
+            done = [s for s in targets if s.alive or s.awaiting_weights]
+            if not done:
+                raise FleetError(f"no SGLang server took the weights of version {version}")
+            self.weights_received(done, version)
 
     def _on_each(self, servers: list[Server], work, deadline_s: float) -> list[tuple[Server, object]]:
         """work(server) for every server at once, each in a daemon thread (a hung server's thread
