@@ -33,6 +33,13 @@ class _NullStream:
         return _NullEvent()
 
 
+class _NewNullStream(_NullStream):
+    """torch.cuda.Stream(...) on CPU: a new stream that is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
 class _NullEvent:
     """Stands in for a CUDA event recorded on a _NullStream: already complete."""
 
@@ -132,7 +139,7 @@ def _enable_hybrid_optimizer() -> None:
     (overlap_cpu_optimizer_d2h_h2d) are the already-synchronous _NullStream."""
     from megatron.core.optimizer.cpu_offloading import hybrid_optimizer
 
-    torch.cuda.Stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.Stream = _NewNullStream  # a class: annotations such as `torch.cuda.Stream | None` still work
     plain = hybrid_optimizer.HybridDeviceOptimizer._get_sub_optimizer_param_groups
 
     class _DeviceSide:
