@@ -35,9 +35,12 @@ def test_moe_update_agrees_across_expert_tensor_pipeline_and_data_parallel_layou
         "pp2": ["--pp", "2"],
     }
     aux_of = lambda out: float(re.search(r"moe_aux_loss (\S+)", out).group(1))  # noqa: E731
+    # fp32 rounding: TP=2 halves the heads each attention call sees, and the attention kernel
+    # (scaled_dot_product_attention) then blocks its reductions differently (measured 1.13e-6 there)
+    tolerance = {"ep2-tp2-sp-alltoall": 2e-6}
     for name, args in layouts.items():
         params, out = run(tmp_path, name, 2, base + AUX + args)
-        assert max_rel_diff(reference, params) <= 1e-6, name
+        assert max_rel_diff(reference, params) <= tolerance.get(name, 1e-6), name
         assert aux_of(out) == pytest.approx(aux_of(log), rel=1e-6), name  # the step's statistic: padding left out
     assert any(".mlp.experts.3.down_proj" in k for k in reference) and any("shared_expert_gate" in k for k in reference)
     # micro-batches by a token budget (their number then varies with the layout): the policy loss alone
