@@ -12,14 +12,13 @@ SGLang's own and run (cache flushed, weights' static state stashed and restored)
 """
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env
 
 from real_megatron.config import ConfigError, load_config
 from real_megatron.rollout.sglang_env import default_server_python
@@ -52,29 +51,19 @@ def overrides(tmp_path: Path) -> list[str]:
         "actor.prompts_per_micro_batch=2",
         f"train.steps={STEPS}",
         "checkpoint.every_steps=2",
-        "checkpoint.save_hf_final=false",
-        "logging.plot=false",
-        "logging.tensorboard=false",
-        "logging.progress_bar=false",
+        *QUIET,
         "logging.rollouts=true",
         "rollout.backend=sglang",
-        "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
-        "--dtype, float32, --skip-tokenizer-init]",
+        CPU_SGLANG_SERVER,
         "rollout.colocate=true",
     ]
 
 
 def launch(tmp_path: Path, kill_at: str = "") -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        REAL_MEGATRON_KILL_AT=kill_at,
-        SGLANG_USE_CPU_ENGINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT / "tests" / "support"),
-    )
+    env = sglang_env(REAL_MEGATRON_KILL_AT=kill_at)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return subprocess.run(
-        [sys.executable, "-m", "real_megatron.cli", "launch", str(CONFIG), *overrides(tmp_path)],
+        cli("launch", str(CONFIG), *overrides(tmp_path)),
         capture_output=True,
         text=True,
         env=env,
