@@ -134,17 +134,21 @@ def test_staleness_needs_the_fleet_and_launch_needs_one_node(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # 300 RL steps: ~10 minutes alone, longer beside other jobs (its run has its own deadline)
+@pytest.mark.timeout(
+    1500
+)  # 100 RL steps: ~5 minutes alone, ~3 more for a fresh warm-start (its run has its own deadline)
 @pytest.mark.skipif(not HAVE_SGLANG, reason="needs SGLang's environment: run tools/install_sglang.sh")
 def test_the_async_quickstart_still_learns(tmp_path):
-    """configs/quickstart_async.yaml as docs/RESULTS.md runs it: the quickstart's 300 REAL steps through a
-    real SGLang server, each batch generated one weight version ahead; held-out pass@1 gains at
-    least 0.05 (three runs here: +0.084, +0.101, +0.087; synchronous +0.092)."""
+    """configs/quickstart_async.yaml's first 100 REAL steps through a real SGLang server, each batch
+    generated one weight version ahead: held-out pass@1 (500 problems x 4) gains at least 0.05. Three
+    runs of this length on 2026-12-06 gained +0.083, +0.131 and +0.129 (+0.10 to +0.115 already at step
+    50); the whole 300 steps (+0.084 to +0.101, and that they do not drift later) are in docs/RESULTS.md."""
     out = subprocess.run(
         cli(
             "launch",
             str(ROOT / "configs" / "quickstart_async.yaml"),
             f"train.output_dir={tmp_path / 'run'}",
+            "train.steps=100",
             "eval.every_steps=0",
             "logging.plot=false",
             "logging.tensorboard=false",
@@ -153,11 +157,11 @@ def test_the_async_quickstart_still_learns(tmp_path):
         capture_output=True,
         text=True,
         env=sglang_env(),
-        timeout=2400,
+        timeout=1500,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "step_s" in s]
-    assert len(steps) == 300 and max(s["staleness_max"] for s in steps) == 1
+    assert len(steps) == 100 and max(s["staleness_max"] for s in steps) == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_pass1"] - summary["baseline_pass1"] >= 0.05, summary
