@@ -133,7 +133,7 @@ if (( dry )); then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 REAL_MEGATRON_GPU_DRY_RUN=1
   log "gpu_check: CPU dry run (toy sizes, Triton interpreted); budget $budget s"
   bench=(--device cpu --tokens 256 --hidden 128 --vocab 8192) step=(--tiny) block=(--recompute-layers 1) resume_tol=0
-  actor=(--device cpu --hidden 64 --layers 1 --groups 1 --group-size 2)
+  actor=(--device cpu --hidden 64 --layers 1 --groups 1 --group-size 2 --vocab 8192)
 else
   "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || die "no CUDA device (use --cpu-dry-run)"
   unset TRITON_INTERPRET

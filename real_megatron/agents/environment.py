@@ -25,11 +25,12 @@ settings as its arguments (tool_env.py).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
+
+from ..import_path import import_object
 
 TOOL_ENVIRONMENT = "real_megatron.agents.tool_env:ToolEnvironment"
 
@@ -52,16 +53,8 @@ class StepResult:
 def load_environment_factory(spec: str, args: Optional[dict] = None, key: str = "rollout.environment") -> Callable:
     """`module.path:ClassName` -> a function that makes one environment (with `args`) per call.
     `key` names the config key in errors."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{key}={spec!r}: expected the form module.path:ClassName")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{key}={spec!r}: cannot import {module_name!r} ({exc})") from exc
-    cls = getattr(module, attr, None)
-    if cls is None or not callable(cls):
-        raise ValueError(f"{key}={spec!r}: {module_name!r} has no class or callable {attr!r}")
+    cls = import_object(spec, who=f"{key}={spec!r}", what="class or callable", form="module.path:ClassName")
+    attr = spec.partition(":")[2]
     for method in ("reset", "step"):
         if isinstance(cls, type) and not callable(getattr(cls, method, None)):
             raise ValueError(

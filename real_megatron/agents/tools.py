@@ -19,7 +19,6 @@ from a Google-style `Args:` section or `:param name:` lines. A function may be `
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 import types
@@ -27,6 +26,8 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from ..import_path import import_object
 
 PYTHON = "python"
 PYTHON_SCHEMA = {
@@ -151,13 +152,7 @@ def load_tool(spec: str, key: str = "rollout.tools") -> Tool:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"{key}: {spec!r} is neither 'python' nor of the form module.path:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{key}: {spec!r}: cannot import {module_name!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"{key}: {spec!r}: {module_name!r} has no function {attr!r}")
+    fn = import_object(spec, who=f"{key}: {spec!r}", what="function")
     try:
         return Tool(attr, function_schema(fn, attr), fn)
     except ValueError as exc:

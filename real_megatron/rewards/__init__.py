@@ -16,7 +16,6 @@ labels (score >= threshold is 1).
 from __future__ import annotations
 
 import atexit
-import importlib
 import inspect
 import logging
 import os
@@ -26,6 +25,7 @@ from math import isfinite, nan
 from typing import Literal
 
 from ..data.settings import DataConfig
+from ..import_path import import_object
 from .answers import extract_answer
 from .math import math_reward, math_rewards
 from .pool import TIMED_OUT, WorkerPool
@@ -152,16 +152,7 @@ def load_reward_fn(
     path: str, *, threshold: float | None = None, labels: bool = False, require_think_close: bool = False
 ) -> Reward:
     """`module:function` -> the Reward that calls it (its signature says how)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {path!r}: expected the form module.path:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward function {path!r}: cannot import {module_name!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward function {path!r}: {module_name!r} has no callable {attr!r}")
+    fn = import_object(path, who=f"reward function {path!r}")
     if require_think_close and fn is not math_reward:
         raise ValueError(f"data.require_think_close is the math verifier's; {path} reads responses its own way")
     return Reward(fn, path, threshold=threshold, labels=labels, require_think_close=require_think_close)

@@ -23,6 +23,7 @@ SHAPES = {
     "packed+fused, full recompute": ["--recompute"],
     "padded+naive": ["--padded", "--naive", "--groups-per-micro", "2"],
     "packed+fused, two 1.6k-token rollouts": ["--response-tokens", "1500", "--groups", "1", "--group-size", "2"],
+    "packed+fused, vocabulary 151,936": ["--vocab", "151936"],
 }
 BASE = ["--hidden", "128", "--layers", "2", "--vocab", "4096", "--groups", "2", "--group-size", "4"]
 BASE += ["--max-tokens", "4096", "--allocator-peak", "--threads", "2"]
