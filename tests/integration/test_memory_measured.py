@@ -5,7 +5,8 @@ through tools/bench_actor.py's worker, the peak of its forward/backward passes t
 allocator (every allocation and free, recorded by the profiler; the optimizer's step left out) and
 compared with the estimate's activation and output-layer terms for the micro-batches it ran. The
 band on these shapes (docs/actor.md, memory.py): within 10% without recompute; with recompute
-above the measurement, at most 1.7x (conservative by construction)."""
+above the measurement, at most 1.7x (conservative by construction); at the real vocabulary (151,936)
+at most 10% below and 1.5x above (measured: 1.39x above)."""
 
 import json
 import subprocess
@@ -50,7 +51,8 @@ def test_the_estimate_holds_against_the_allocators_peak_for_several_shapes():
     results = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     for name, r in results.items():
         ratio = r["compute_peak_gb"] / r["estimate_gb"]
-        band = (1 / 1.7, 1.0) if "recompute" in name else (0.9, 1.1)
+        # at the real vocabulary the estimate's second logit tile is a whole 2^25-element tile: above
+        band = (1 / 1.7, 1.0) if "recompute" in name else (1 / 1.5, 1.1) if "vocabulary" in name else (0.9, 1.1)
         assert band[0] <= ratio <= band[1], (name, ratio, r)
     # the shapes differ by more than the band: the estimate tells them apart
     peaks = sorted(r["compute_peak_gb"] for r in results.values())

@@ -2,7 +2,7 @@
 cannot silently break a benchmark (the figures themselves are for humans; docs/RESULTS.md).
 tools/bench_kernels.py's run is tests/unit/test_bench_kernels.py; tools/bench_actor.py's is item (f)
 of the GPU check's CPU dry run, whose table tests/system/test_gpu_check.py asserts (and
-tests/unit/test_memory.py holds its figures to the memory estimate); bench_kernels runs there too."""
+tests/integration/test_memory_measured.py holds its figures to the memory estimate); bench_kernels runs there too."""
 
 import importlib.util
 import subprocess
