@@ -65,10 +65,11 @@ class ParallelConfig:
 class TaskConfig:
     """A built-in synthetic task: its data, tokenizer and warm-start model are made offline."""
 
-    name: Optional[Literal["arithmetic"]] = None  # None: use data.* files and model.path
+    # None: use data.* files and model.path; tool_products: a×b with the python tool (tool_products.py)
+    name: Optional[Literal["arithmetic", "tool_products"]] = None
     train_prompts: int = 20000
     eval_prompts: int = 500
-    max_operand: int = 55  # operands drawn from 1..max_operand
+    max_operand: int = 55  # operands drawn from 1..max_operand (tool_products: b from 10..max_operand)
     tokenizer_vocab: int = 48
     # the supervised warm-start trains until sampled pass@1 on dev_prompts (disjoint from training
     # and held-out prompts) lies in warmstart_target, checked every warmstart_check_every steps

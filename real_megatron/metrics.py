@@ -229,8 +229,11 @@ def plot_curves(metrics_file: str | Path, out: str | Path, title: str = "") -> P
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for ax, (key, label) in zip(axes, CURVES):
+    curves = CURVES
+    if any("tool_calls_mean" in r for r in rows):  # a tool-using run: its tool calls beside pass@1
+        curves = (*CURVES, ("tool_calls_mean", "tool calls per trajectory"))
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2))
+    for ax, (key, label) in zip(axes, curves):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             steps, values = zip(*points)

@@ -135,7 +135,7 @@ class _Trainer:
     """The supervised loop's state (model, AdamW, sampling of examples), which can be saved at a
     check and rolled back to it."""
 
-    def __init__(self, model_config: dict, tokenizer, train, plan: WarmStartPlan, seed: int):
+    def __init__(self, model_config: dict, tokenizer, train, plan: WarmStartPlan, seed: int, encode=None):
         import transformers
 
         torch.manual_seed(seed)
@@ -145,17 +145,24 @@ class _Trainer:
         self.eos = tokenizer.convert_tokens_to_ids(EOS)
         self.rng = random.Random(seed)
         self.step = 0
+        self.encode = encode or self.encode_solution
+
+    def encode_solution(self, item) -> tuple[list[int], list[int]]:
+        """(ids, labels) of one example: the prompt (no loss), then the solution and eos."""
+        prompt, solution, _ = item
+        p = self.tokenizer.encode(prompt, add_special_tokens=False)
+        s = self.tokenizer.encode(solution, add_special_tokens=False) + [self.eos]
+        return p + s, [-100] * len(p) + s
 
     def one_step(self) -> float:
         lr_now = self.plan.lr * min(1.0, (self.step + 1) / 100)  # constant after warm-up: RL continues from a live lr
         for group in self.opt.param_groups:
             group["lr"] = lr_now
         rows, labels = [], []
-        for prompt, solution, _ in self.rng.sample(self.train, self.plan.batch):
-            p = self.tokenizer.encode(prompt, add_special_tokens=False)
-            s = self.tokenizer.encode(solution, add_special_tokens=False) + [self.eos]
-            rows.append(p + s)
-            labels.append([-100] * len(p) + s)
+        for item in self.rng.sample(self.train, self.plan.batch):
+            ids, lab = self.encode(item)
+            rows.append(ids)
+            labels.append(lab)
         width = max(map(len, rows))
         ids = torch.tensor([r + [self.eos] * (width - len(r)) for r in rows])
         lab = torch.tensor([l + [-100] * (width - len(l)) for l in labels])
@@ -187,7 +194,17 @@ class _Trainer:
 
 
 def warm_start(
-    out_dir: Path, model_config: dict, tokenizer, train, dev, plan: WarmStartPlan, *, seed: int, progress: bool = True
+    out_dir: Path,
+    model_config: dict,
+    tokenizer,
+    train,
+    dev,
+    plan: WarmStartPlan,
+    *,
+    seed: int,
+    progress: bool = True,
+    encode=None,
+    evaluate=None,
 ) -> dict:
     """Supervised warm-start from scratch (prompt + solution + eos, loss on the solution), cached:
     a directory that already holds the checkpoint is reused. Returns what it did (also saved as
@@ -195,11 +212,14 @@ def warm_start(
 
     Checks come every `check_every` steps, every quarter of that once dev pass@1 is within 0.2 of
     the band. A check past the band goes back to the previous check and continues with checks
-    four times as frequent (down to every 5 steps), so the run lands in the band rather than past it."""
+    four times as frequent (down to every 5 steps), so the run lands in the band rather than past it.
+
+    encode(item) -> (ids, labels) and evaluate(model, seed) -> dev pass@1 replace the single-turn
+    example and check (the tool task's traces and its multi-turn dev check)."""
     record_file = out_dir / "warmstart.json"
     if (out_dir / "model.safetensors").exists():
         return json.loads(record_file.read_text()) if record_file.exists() else {}
-    run = _Trainer(model_config, tokenizer, train, plan, seed)
+    run = _Trainer(model_config, tokenizer, train, plan, seed, encode)
     checks: list[tuple[int, float]] = []
     interval, next_check, below, reached = plan.check_every, plan.check_every, None, None
     bar = None
@@ -216,7 +236,12 @@ def warm_start(
         if plan.target is None or run.step < next_check:
             continue
         low, high = plan.target
-        score = dev_pass1(run.model, tokenizer, dev, plan.dev_k, plan.max_new_tokens, seed=seed * 100_003 + run.step)
+        check_seed = seed * 100_003 + run.step
+        if evaluate is not None:
+            score = evaluate(run.model, check_seed)
+            run.model.train()
+        else:
+            score = dev_pass1(run.model, tokenizer, dev, plan.dev_k, plan.max_new_tokens, seed=check_seed)
         checks.append((run.step, score))
         log.info("warm-start step %d: dev pass@1 %.3f (target %.2f-%.2f)", run.step, score, low, high)
         if low <= score <= high:

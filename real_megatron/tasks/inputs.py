@@ -35,8 +35,8 @@ def prepare_inputs(cfg: Config) -> Inputs:
     from ..data import PromptDataset
     from ..rewards import load_reward_fn
 
-    if cfg.task.name == "arithmetic":
-        return _arithmetic_inputs(cfg)
+    if cfg.task.name:
+        return _task_inputs(cfg)
     if not cfg.model.path:
         raise ValueError("model.path is required (an HF checkpoint directory) unless task.name is set")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
@@ -61,10 +61,18 @@ def prepare_inputs(cfg: Config) -> Inputs:
     return Inputs(Path(cfg.model.path), tokenizer, train_set, evals, reward, stop)
 
 
-def _arithmetic_inputs(cfg: Config) -> Inputs:
-    from ..data import PromptDataset
-    from . import arithmetic as task
+def _task_module(cfg: Config):
+    from . import arithmetic, tool_products
 
+    return {"arithmetic": arithmetic, "tool_products": tool_products}[cfg.task.name]
+
+
+def _task_inputs(cfg: Config) -> Inputs:
+    from ..data import PromptDataset
+    from . import arithmetic
+
+    task = _task_module(cfg)
+    tools = cfg.task.name == "tool_products"
     t = cfg.task
     model_config = dict(cfg.model.hf_config_overrides)
     root = task_root(cfg)
@@ -78,16 +86,17 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
     model_dir = root / "warmstart"
 
     def make_task_files():
-        tokenizer = task.build_tokenizer(root / "tokenizer", [p + s for p, s, _ in train[:4000]], t.tokenizer_vocab)
-        task.write_jsonl(root / "train.jsonl", train)
-        task.write_jsonl(root / "heldout.jsonl", held)
+        corpus = task.corpus(train) if tools else [p + s for p, s, _ in train[:4000]]
+        tokenizer = task.build_tokenizer(root / "tokenizer", corpus, t.tokenizer_vocab)
+        arithmetic.write_jsonl(root / "train.jsonl", train)
+        arithmetic.write_jsonl(root / "heldout.jsonl", held)
         model_config.update(
             vocab_size=len(tokenizer),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=None,
         )
-        plan = task.WarmStartPlan(
+        plan = arithmetic.WarmStartPlan(
             max_steps=t.warmstart_max_steps,
             batch=t.warmstart_batch,
             lr=t.warmstart_lr,
@@ -95,8 +104,28 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
             check_every=t.warmstart_check_every,
             max_new_tokens=cfg.eval.max_new_tokens,
         )
-        record = task.warm_start(
-            model_dir, model_config, tokenizer, train, dev, plan, seed=cfg.train.seed, progress=cfg.logging.progress_bar
+        hooks = {}
+        if tools:  # tool-using traces, and a dev check through the run's tool environment
+            from ..rollout.collect import make_trajectory_runner
+
+            stop = tuple(cfg.rollout.stop_token_ids) or (tokenizer.eos_token_id,)
+            runner = make_trajectory_runner(Inputs(model_dir, tokenizer, None, {}, arithmetic.reward, stop), cfg)
+            if runner is None:
+                raise ValueError(
+                    "task.name=tool_products needs rollout.tools: [python] (its traces call the python tool)"
+                )
+            evaluate = task.dev_evaluator(tokenizer, dev, runner, plan.dev_k, cfg.eval.max_new_tokens)
+            hooks = dict(encode=task.TraceEncoder(tokenizer), evaluate=evaluate)
+        record = arithmetic.warm_start(
+            model_dir,
+            model_config,
+            tokenizer,
+            train,
+            dev,
+            plan,
+            seed=cfg.train.seed,
+            progress=cfg.logging.progress_bar,
+            **hooks,
         )
         if record.get("dev_pass1") is not None:
             log.info(
@@ -121,7 +150,7 @@ def _arithmetic_inputs(cfg: Config) -> Inputs:
         [root / "heldout.jsonl"], tokenizer, shuffle=False, max_prompt_tokens=cfg.data.max_prompt_tokens
     )
     stop = tuple(cfg.rollout.stop_token_ids) or (tokenizer.eos_token_id,)
-    return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, task.reward, stop)
+    return Inputs(model_dir, tokenizer, train_set, {"heldout": held_set}, arithmetic.reward, stop)
 
 
 def task_root(cfg: Config) -> Path:
@@ -130,6 +159,11 @@ def task_root(cfg: Config) -> Path:
 
     t = cfg.task
     cache = Path(t.cache_dir or Path.home() / ".cache" / "real-megatron" / "tasks")
+    extra = []
+    if t.name == "tool_products":  # its traces, and the tool settings its dev check runs with
+        from . import tool_products
+
+        extra = [tool_products.RECIPE, tool_products.DIRECT_PERCENT, cfg.rollout.max_turns, cfg.rollout.max_new_tokens]
     key = task.settings_key(
         t.train_prompts,
         t.eval_prompts,
@@ -144,13 +178,14 @@ def task_root(cfg: Config) -> Path:
         cfg.eval.max_new_tokens,
         dict(cfg.model.hf_config_overrides),
         cfg.train.seed,
+        *extra,
     )
-    return cache / f"arithmetic-{key}"
+    return cache / f"{t.name}-{key}"
 
 
 def initial_model_dir(cfg: Config) -> Path:
     """The HF checkpoint RL starts from: model.path, or the task's warm-start (made by the trainer)."""
-    if cfg.task.name == "arithmetic":
+    if cfg.task.name:
         return task_root(cfg) / "warmstart"
     if not cfg.model.path:
         raise ValueError("model.path is required (an HF checkpoint directory) unless task.name is set")

@@ -91,3 +91,47 @@ def test_a_users_environment_trains_by_import_path_and_resumes_after_a_kill(tmp_
     out = train(tmp_path, "c")
     assert f"resumed from {tmp_path / 'c' / 'checkpoints' / 'step_000002'} at step 2" in out
     assert rows(tmp_path / "c") == reference, "the resumed multi-turn run differs from the uninterrupted one"
+
+
+def test_the_tool_quickstart_builds_its_task_and_its_rl_steps_call_the_sandboxed_python_tool(tmp_path):
+    """configs/quickstart_tools.yaml at toy sizes: its task (tokenizer with a chat template, tool-using
+    warm-start traces) builds, and two RL steps run trajectories whose calls the real sandbox answers."""
+    import re
+
+    cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(ROOT / "configs" / "quickstart_tools.yaml")]
+    cmd += [
+        "--output-dir",
+        str(tmp_path / "t"),
+        f"task.cache_dir={tmp_path / 'cache'}",
+        "task.warmstart_target=null",
+        "task.warmstart_max_steps=250",
+        "task.train_prompts=400",
+        "task.eval_prompts=8",
+        "eval.k=1",
+        "eval.every_steps=100",
+        "train.steps=2",
+        "optim.warmup_steps=1",
+        "train.prompts_per_step=4",
+        "train.prompts_per_mini_batch=4",
+        "actor.prompts_per_micro_batch=2",
+        "rollout.n_samples=4",
+        "logging.rollouts=true",
+        "logging.plot=false",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "checkpoint.save_hf_final=false",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [r for r in rows(tmp_path / "t") if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["tool_calls_mean"] > 0 and r["turns_mean"] > 1.0 for r in steps), steps
+    logged = [json.loads(line) for line in (tmp_path / "t" / "rollouts.jsonl").read_text().splitlines()]
+    answered = []  # tool turns that hold the product the model's code asked for, computed by the sandbox
+    for r in logged:
+        roles = [t["role"] for t in r["turns"]]
+        if roles[:3] == ["user", "assistant", "tool"]:
+            code = re.search(r'"code":"(\d+)\*(\d+)"', r["turns"][1]["content"])
+            if code and r["turns"][2]["content"].strip() == str(int(code[1]) * int(code[2])):
+                answered.append(r)
+    assert answered, [r["turns"] for r in logged[:4]]
