@@ -196,6 +196,10 @@ class Actor:
             for index, chunk in enumerate(chunks)
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
+        if o.cpu_offload and o.use_distributed_optimizer:
+            from .cpu_compat import hybrid_optimizer_fp32_shards_as_leaves
+
+            hybrid_optimizer_fp32_shards_as_leaves()
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

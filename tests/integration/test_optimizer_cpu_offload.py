@@ -79,7 +79,7 @@ def _train(rank, world_size, out):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [1])
+@pytest.mark.parametrize("world_size", [1, 2])
 def test_cpu_offloaded_optimizer_trains_to_the_plain_parameters(tmp_path, world_size):
     from multiprocess import run_processes
 

@@ -57,16 +57,24 @@ def test_convert_uses_the_same_split_check():
 
 
 def test_launch_plan_refuses_what_the_dry_run_refuses_with_the_dominant_cause():
-    """The 30B one-node split: launch-plan (the sbatch's first step) refuses it as the dry run does,
-    and the reason is the optimizer state, which recompute cannot shrink."""
+    """The 30B on one node split 4 + 4 without the optimizer's CPU offload (what the one-node config
+    was before it became colocated): launch-plan (the sbatch's first step) refuses it as the dry run
+    does, and the reason is the optimizer state, which recompute cannot shrink."""
+    split = [
+        *("parallel.gpus_per_node=4", "parallel.tp=1", "parallel.sequence_parallel=false", "parallel.ep=4"),
+        *("parallel.etp=null", "rollout.colocate=false", "rollout.num_servers=2", "rollout.server_tp=2"),
+        *("optim.cpu_offload=false", "optim.use_precision_aware_optimizer=false"),
+        "optim.overlap_cpu_optimizer_d2h_h2d=false",
+    ]
     for args in (["launch-plan"], ["train", "--dry-run"]):
-        out = run(args[0], "configs/real_qwen3_30b_a3b_1node.yaml", *args[1:])
+        out = run(args[0], "configs/real_qwen3_30b_a3b_1node.yaml", *args[1:], *split)
         assert out.returncode == 2, out.stdout
         assert (
-            "the layout does not fit: a trainer GPU needs about 158 GB of 80 GB; optimizer (Adam) is the largest"
+            "the layout does not fit: a trainer GPU needs about 165 GB of 80 GB; optimizer (Adam) is the largest"
             in out.stderr
         )
-        assert "recompute does not shrink it" in out.stderr and "TRAINER_NODES" not in out.stdout
+        assert "optim.cpu_offload: true" in out.stderr and "recompute does not shrink it" in out.stderr
+        assert "TRAINER_NODES" not in out.stdout
     out = run("launch-plan", "configs/real_r1distill_qwen_1p5b_1node.yaml")
     assert out.returncode == 0 and "TRAINER_TASKS_PER_NODE=4" in out.stdout, out.stderr
     out = run("launch", "configs/real_r1distill_qwen_1p5b_1node.yaml", "--dry-run")  # as the docs say
