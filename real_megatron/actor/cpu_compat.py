@@ -4,6 +4,10 @@ megatron-core (0.16-0.19) hard-codes CUDA in a handful of places that the CPU pa
 redirect below names the megatron-core call that needs it. `enable()` does nothing when CUDA is
 available, so GPU runs take megatron-core's own paths untouched. It must run before megatron-core
 builds models, optimizers or schedules (the actor calls it first).
+
+Two functions here are not CPU redirects but megatron-core gaps a GPU meets too, installed by the
+actor only where a setting reaches them: hybrid_optimizer_fp32_shards_as_leaves (optim.cpu_offload
+with the distributed optimizer) and precision_aware_optimizer_without_te.
 """
 
 from __future__ import annotations
@@ -191,9 +195,14 @@ def _enable_hybrid_optimizer() -> None:
 
     hybrid_optimizer.HybridDeviceOptimizer._get_sub_optimizer_param_groups = groups
 
-    # OptimizerConfig.__post_init__ with use_precision_aware_optimizer asks is_te_min_version("2.1.0"),
-    # which compares None with a version when Transformer Engine is absent (a TypeError in 0.16): an
-    # absent TE is no minimum version (store_param_remainders off, as for an old TE).
+
+def precision_aware_optimizer_without_te() -> None:
+    """OptimizerConfig.__post_init__ with use_precision_aware_optimizer asks is_te_min_version("2.1.0"),
+    which compares None with a version when Transformer Engine is absent (a TypeError in 0.16): an
+    absent TE is no minimum version (store_param_remainders off, as for an old TE). Not a CPU
+    redirect: a GPU machine without TE needs it as much (with optim.cpu_offload the
+    HybridDeviceOptimizer, not TE's FusedAdam, keeps the master copies). Nothing changes where TE is
+    installed. The actor calls it for optim.use_precision_aware_optimizer."""
     from megatron.core import utils
     from megatron.core.optimizer import optimizer_config
 
