@@ -135,7 +135,7 @@ def test_configs_generating_ahead_correct_for_it():
     """docs/running.md: one version ahead without a per-token correction drifts after 100-150 steps;
     every shipped config that generates ahead sets what the docs recommend."""
     ahead = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if load_config(p).rollout.max_staleness >= 1]
-    assert len(ahead) >= 4
+    assert len(ahead) >= 3  # quickstart_async and the split one-node configs (the colocated ones are synchronous)
     for path in ahead:
         a = load_config(path).algorithm
         assert (a.importance_correction, a.importance_unit) == ("mis", "token"), path.name
