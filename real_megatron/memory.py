@@ -5,7 +5,13 @@ A first-order estimate for the heaviest pipeline stage, in the style of Korthika
 distributed optimizer:
   weights      params on this GPU x bytes of model.dtype
   gradients    fp32 main_grad buffer (Megatron DDP accumulates and reduces in fp32)
-  optimizer    fp32 master copy (when the model is not fp32) + Adam m and v, sharded over DP
+  optimizer    fp32 master copy (when the model is not fp32) + Adam m and v, sharded over DP;
+               with optim.cpu_offload (megatron-core's HybridDeviceOptimizer) the offloaded share
+               (optim.cpu_offload_fraction) moves to pinned host memory: there 16 B per parameter
+               (an fp32 master copy, Adam m and v, the fp32 gradient copied out), while the GPU keeps
+               of that share only the distributed optimizer's fp32 main shard (4 B; none with
+               use_precision_aware_optimizer, which hands the offload the 16-bit shards, or for an
+               fp32 model, whose main parameters are its weights)
   activations  the tensors one layer keeps for backward, per token: 7h + 2 kv_dim + 3 ffn elements
                with Transformer Engine (flash attention keeps q, k, v, its output and the softmax
                statistics); 12h + 5 ffn elements and the fp32 softmax statistics (heads) with the
@@ -56,6 +62,8 @@ from pathlib import Path
 GB = 1e9
 RESERVE_GB = 4.0
 LOGITS_TILE_ELEMENTS = 2**25  # linear_token_logprobs' largest tile
+# optim.cpu_offload: host bytes per offloaded parameter (fp32 master copy, Adam m and v, fp32 gradient copy)
+HOST_OPTIMIZER_BYTES = 16
 
 
 @dataclass
@@ -298,6 +306,7 @@ class MemoryEstimate:
     params_here: int
     without_te: str | None = None  # the local spec's figure, where it differs
     params_active: int | None = None  # mixture of experts: what one token passes through
+    host_gb: float = 0.0  # optim.cpu_offload: the CPU optimizer's pinned host memory per rank
 
     @property
     def fits(self) -> bool:
@@ -311,7 +320,9 @@ class MemoryEstimate:
         if state >= self.total_gb / 2:
             return (
                 f"{what} is the largest part ({gb:.0f} GB; weights, gradients and optimizer state {state:.0f} GB): "
-                "shard the model's state over more GPUs (more nodes, or higher tp/pp/ep); recompute does not shrink it"
+                "shard the model's state over more GPUs (more nodes, or higher tp/pp/ep)"
+                + ("" if self.host_gb else ", or move the optimizer to the host (optim.cpu_offload: true)")
+                + "; recompute does not shrink it"
             )
         return f"{what} is the largest part ({gb:.0f} GB): enable recompute, shrink the micro-batch, or raise tp/cp"
 
@@ -326,6 +337,10 @@ class MemoryEstimate:
         lines.append(f"  {'total':<{width}}  {self.total_gb:7.1f} GB  of {self.capacity_gb:.0f} GB per GPU: {verdict}")
         if self.without_te:
             lines.append(f"  {self.without_te}")
+        if self.host_gb:
+            lines.append(
+                f"  host memory per rank: {self.host_gb:.1f} GB, the CPU optimizer's (optim.cpu_offload, pinned)"
+            )
         return "\n".join(lines)
 
 
@@ -387,7 +402,14 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
     shard = dp if cfg.optim.use_distributed_optimizer else 1
     # expert state is sharded over the expert-data-parallel ranks (the ranks holding the same experts)
     expert_dp = max(1, p.world_size // (pp * ep * etp)) if cfg.optim.use_distributed_optimizer else 1
-    optimizer = dense_here * optimizer_per_param / shard + experts_here * optimizer_per_param / expert_dp
+    sharded = dense_here / shard + experts_here / expert_dp  # the parameters this rank's optimizer steps
+    optimizer = sharded * optimizer_per_param
+    o = cfg.optim
+    offloaded = o.cpu_offload_fraction if o.cpu_offload else 0.0
+    # of the offloaded share the GPU keeps the distributed optimizer's fp32 main shard (see the docstring)
+    resident = 4 if model_bytes == 2 and not o.use_precision_aware_optimizer else 0
+    optimizer_gpu = sharded * (optimizer_per_param * (1 - offloaded) + resident * offloaded)
+    host = sharded * HOST_OPTIMIZER_BYTES * offloaded
 
     seq_len = cfg.data.max_prompt_tokens + r.max_new_tokens
     response_share = r.max_new_tokens / seq_len
@@ -460,10 +482,16 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
         ("gradients (fp32 main_grad)", grads / GB, "full buffer on every DP rank"),
         (
             "optimizer (Adam)",
-            optimizer / GB,
+            optimizer_gpu / GB,
             f"{optimizer_per_param} B/param"
             + (f", sharded over dp={dp}" if shard > 1 else ", not sharded")
-            + (f" (experts over expert-dp={expert_dp})" if arch.experts and shard > 1 else ""),
+            + (f" (experts over expert-dp={expert_dp})" if arch.experts and shard > 1 else "")
+            + (
+                f"; {'all' if offloaded == 1 else f'{offloaded:g}'} of it on the host (optim.cpu_offload; "
+                f"{optimizer / GB:.1f} GB in all), {resident} B/param of that share kept here"
+                if offloaded
+                else ""
+            ),
         ),
         ("activations", activations / GB, f"{how_tokens}, {how_act}, {in_flight} in flight, {attention}"),
         (
@@ -538,7 +566,14 @@ def estimate_memory(cfg, arch: Architecture, capacity_gb: float = 80.0, recomput
             f"total {total + extra:.1f} GB"
         )
     return MemoryEstimate(
-        rows, total, capacity_gb, arch.total_params(), here, without_te, arch.active_params() if arch.experts else None
+        rows,
+        total,
+        capacity_gb,
+        arch.total_params(),
+        here,
+        without_te,
+        arch.active_params() if arch.experts else None,
+        host / GB,
     )
 
 
@@ -630,16 +665,30 @@ def colocated_mem_fraction(capacity_gb: float) -> float:
     return round((capacity_gb - RESERVE_GB - COLOCATED_MARGIN_GB) / capacity_gb, 3)
 
 
+def server_mem_fraction(cfg) -> tuple[float, str]:
+    """The static fraction a colocated server runs with and where it comes from: rollout.server_args'
+    --mem-fraction-static when given (engine_setup.server_args passes it unchanged), else
+    colocated_mem_fraction."""
+    args = list(cfg.rollout.server_args)
+    for i, arg in enumerate(args):
+        if arg == "--mem-fraction-static" and i + 1 < len(args):
+            return float(args[i + 1]), "rollout.server_args"
+        if arg.startswith("--mem-fraction-static="):
+            return float(arg.split("=", 1)[1]), "rollout.server_args"
+    return colocated_mem_fraction(cfg.parallel.gpu_memory_gb), "the plan's"
+
+
 def colocated_plan(cfg, arch: Architecture, estimate: MemoryEstimate) -> tuple[list[tuple[str, float, str]], list[str]]:
     """The colocated layout per phase: rows (what, GB, how) for one GPU's training peak (servers
     released) and generation peak (server weights, KV cache, the actor's resident share), and for one
-    node's host memory (the actor's parameters and optimizer state while the servers generate; its
-    gradients are dropped); and what does not fit, naming the phase and what to change."""
+    node's host memory (the actor's parameters and optimizer state while the servers generate, and
+    the CPU optimizer's share with optim.cpu_offload; its gradients are dropped); and what does not
+    fit, naming the phase and what to change."""
     r, p = cfg.rollout, cfg.parallel
     capacity = estimate.capacity_gb
     row = {what: gb for what, gb, _ in estimate.rows}
     train_peak = estimate.total_gb + SERVER_RELEASED_GB
-    fraction = colocated_mem_fraction(capacity)
+    fraction, fraction_from = server_mem_fraction(cfg)
     server_weights = arch.total_params() * 2 / r.server_tp / GB
     kv_per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * 2 / r.server_tp
     kv_room = max(0.0, capacity * fraction - server_weights)
@@ -647,7 +696,8 @@ def colocated_plan(cfg, arch: Architecture, estimate: MemoryEstimate) -> tuple[l
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
     generation_peak = RESERVE_GB + capacity * fraction
     weights = next(gb for what, gb in row.items() if what.startswith("weights"))
-    host = p.gpus_per_node * (weights + row["optimizer (Adam)"])
+    # what the actor moves out while the servers generate, and the CPU optimizer's share (always there)
+    host = p.gpus_per_node * (weights + row["optimizer (Adam)"] + estimate.host_gb)
     rows = [
         (
             "training peak (servers released)",
@@ -658,14 +708,15 @@ def colocated_plan(cfg, arch: Architecture, estimate: MemoryEstimate) -> tuple[l
             "generation peak",
             generation_peak,
             f"server weights {server_weights:.1f} GB (bf16, tp={r.server_tp}) + KV cache {kv_room:.1f} GB "
-            f"(--mem-fraction-static {fraction}) + the actor's resident {RESERVE_GB:.0f} GB (CUDA context, NCCL); "
+            f"(--mem-fraction-static {fraction}, {fraction_from}) + the actor's resident {RESERVE_GB:.0f} GB (CUDA context, NCCL); "
             f"{tokens / 1e3:.0f}k tokens = {tokens / longest:.0f} rollouts of {longest}",
         ),
         (
             "host memory per node",
             host,
-            f"{p.gpus_per_node} ranks x (weights {weights:.1f} + optimizer {row['optimizer (Adam)']:.1f} GB), "
-            "pinned, kept between steps; gradients are dropped",
+            f"{p.gpus_per_node} ranks x (weights {weights:.1f} + optimizer {row['optimizer (Adam)']:.1f} GB"
+            + (f" + the CPU optimizer {estimate.host_gb:.1f} GB" if estimate.host_gb else "")
+            + "), pinned, kept between steps; gradients are dropped",
         ),
     ]
     problems = []

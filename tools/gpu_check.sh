@@ -23,6 +23,10 @@
 # (d) checkpoint save, load and resume in the optimizer format `auto` picks at 1.5B and 7B:
 #     2 steps == 1 step + checkpoint + new process + 1 step; bit for bit on CPU, max relative
 #     difference <= 1e-6 on CUDA (the Triton segment sums' atomic adds vary a float32 sum's last bits)
+# (i) the colocated layout's actor offload: one bf16 rank of the 1.5B shape after a step, its
+#     gradients, optimizer state and parameters to host memory and back (actor/offload.py): seconds of
+#     each move, GPU memory freed against what the actor holds, bit-identical after the cycle
+#     (tools/gpu_offload_check.py)
 # (a) kernel benchmark: matmul TFLOP/s against the card's peak, HBM bandwidth of the bandwidth-bound
 #     kernels alone (tools/bench_kernels.py)
 # (f) the actor's data path at the real vocabulary: padded rows + GPTModel's logits against packed
@@ -35,7 +39,7 @@
 # is made (a venv made from a python that is itself a venv does not see that venv's packages).
 # Output: OUT/gpu_check.log, appended as each item ends (PASS / FAIL / SKIP, seconds, its figures,
 # then its whole output), so a run cut short keeps what finished; OUT/gpu_step.json,
-# OUT/gpu_step_block.json and OUT/bench_kernels.json. Scratch files (checkpoints, parameter files) go under /tmp.
+# OUT/gpu_step_block.json, OUT/gpu_offload.json and OUT/bench_kernels.json. Scratch files (checkpoints, parameter files) go under /tmp.
 # Exit 0 when every item passed, 1 if any failed or was skipped, 2 when the machine lacks something.
 # --cpu-dry-run: all of it on CPU at toy sizes (Triton interpreted), to check the script itself.
 set -uo pipefail
@@ -49,7 +53,7 @@ while [[ $# -gt 0 ]]; do
     --out) out="$(realpath -m "$2")"; shift ;;
     --python) py="$2"; shift ;;
     --budget-s) budget="$2"; shift ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -133,7 +137,7 @@ if (( dry )); then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 REAL_MEGATRON_GPU_DRY_RUN=1
   log "gpu_check: CPU dry run (toy sizes, Triton interpreted); budget $budget s"
   bench=(--device cpu --tokens 256 --hidden 128 --vocab 8192) step=(--tiny) block=(--recompute-layers 1) resume_tol=0
-  actor=(--device cpu --hidden 64 --layers 1 --groups 1 --group-size 2 --vocab 8192)
+  actor=(--device cpu --hidden 64 --layers 1 --groups 1 --group-size 2 --vocab 8192) offload=(--tiny)
 else
   "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || die "no CUDA device (use --cpu-dry-run)"
   unset TRITON_INTERPRET
@@ -141,7 +145,7 @@ else
   log "gpu_check: $name, $("$py" -c 'import torch; print(f"{torch.cuda.mem_get_info()[1] / 2**30:.1f} GiB")'), driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1); budget $budget s"
   # the card's peaks come from tools/bench_kernels.py's PEAKS table, by device name
   bench=(--device cuda --dtype bfloat16 --repeats 5) step=() block=(--recompute-layers 14) resume_tol=1e-6
-  actor=(--device cuda --dtype bfloat16 --hidden 1536 --layers 4 --groups 8 --group-size 8 --max-tokens 16384)
+  actor=(--device cuda --dtype bfloat16 --hidden 1536 --layers 4 --groups 8 --group-size 8 --max-tokens 16384) offload=()
 fi
 versions 2>&1 | tail -2 | sed 's/^python /gpu_check: python /' | tee -a "$logf"
 
@@ -228,6 +232,8 @@ item "(e) logits against transformers" 30 120 "max" \
   "$py" "$root/tools/check_parity.py" --hf "$bundle/tiny_hf" --tolerance 1e-4
 item "(d) checkpoint resume in the optimizer format auto picks" 45 150 "max relative|optimizer format|auto picks" \
   bash -c "resume $resume_tol"
+item "(i) colocated actor offload to host and back, 1.5B shape" 40 150 '"(held_gb|offload_state_s|offload_params_s|onload_s|freed_gb|bit_identical|ok)"' \
+  "$py" "$root/tools/gpu_offload_check.py" "${offload[@]}" --json "$out/gpu_offload.json"
 item "(a) kernel benchmark" 45 150 "^(naive|token|linear|lse|grad) " \
   "$py" "$root/tools/bench_kernels.py" "${bench[@]}" --json "$out/bench_kernels.json"
 item "(f) actor data path benchmark" 60 180 "^\| (tokens/s|peak memory GB)" \

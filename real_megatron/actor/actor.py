@@ -196,6 +196,14 @@ class Actor:
             for index, chunk in enumerate(chunks)
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
+        if o.cpu_offload and o.use_distributed_optimizer:  # megatron-core's own gaps, GPU and CPU alike
+            from .cpu_compat import hybrid_optimizer_fp32_shards_as_leaves
+
+            hybrid_optimizer_fp32_shards_as_leaves()
+        if o.use_precision_aware_optimizer:
+            from .cpu_compat import precision_aware_optimizer_without_te
+
+            precision_aware_optimizer_without_te()
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

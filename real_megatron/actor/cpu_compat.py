@@ -4,6 +4,10 @@ megatron-core (0.16-0.19) hard-codes CUDA in a handful of places that the CPU pa
 redirect below names the megatron-core call that needs it. `enable()` does nothing when CUDA is
 available, so GPU runs take megatron-core's own paths untouched. It must run before megatron-core
 builds models, optimizers or schedules (the actor calls it first).
+
+Two functions here are not CPU redirects but megatron-core gaps a GPU meets too, installed by the
+actor only where a setting reaches them: hybrid_optimizer_fp32_shards_as_leaves (optim.cpu_offload
+with the distributed optimizer) and precision_aware_optimizer_without_te.
 """
 
 from __future__ import annotations
@@ -190,6 +194,62 @@ def _enable_hybrid_optimizer() -> None:
         return cpu_groups, gpu_groups, gpu_to_cpu, cpu_to_gpu, to_fp32
 
     hybrid_optimizer.HybridDeviceOptimizer._get_sub_optimizer_param_groups = groups
+
+
+def precision_aware_optimizer_without_te() -> None:
+    """OptimizerConfig.__post_init__ with use_precision_aware_optimizer asks is_te_min_version("2.1.0"),
+    which compares None with a version when Transformer Engine is absent (a TypeError in 0.16): an
+    absent TE is no minimum version (store_param_remainders off, as for an old TE). Not a CPU
+    redirect: a GPU machine without TE needs it as much (with optim.cpu_offload the
+    HybridDeviceOptimizer, not TE's FusedAdam, keeps the master copies). Nothing changes where TE is
+    installed. The actor calls it for optim.use_precision_aware_optimizer."""
+    from megatron.core import utils
+    from megatron.core.optimizer import optimizer_config
+
+    if utils.get_te_version() is None:
+        optimizer_config.is_te_min_version = lambda version, check_equality=True: False
+
+
+def hybrid_optimizer_fp32_shards_as_leaves() -> None:
+    """The distributed optimizer's fp32 parameter shards as leaf tensors, so that it can rebuild the
+    HybridDeviceOptimizer (optim.cpu_offload with use_distributed_optimizer) over them.
+
+    Not a CPU redirect: a GPU needs it as much. DistributedOptimizer._build_model_and_main_param_groups
+    shards a 16-bit parameter as `model_param.detach().view(-1)[a:b]` (a leaf) but an fp32 one as
+    `model_param.view(-1)[a:b]`, a view of a parameter that requires grad: a non-leaf tensor. The plain
+    optimizer takes it (its param_groups are assigned directly); the HybridDeviceOptimizer is rebuilt
+    through torch.optim.Optimizer.__init__, whose add_param_group refuses it ("can't optimize a non-leaf
+    Tensor"). Any fp32 parameter reaches this: every parameter of an fp32 model, and in a 16-bit model
+    the fp32 ones (the local spec's torch RMSNorm weights; megatron-core 0.16-0.19 alike). The shard is
+    replaced by `shard.detach()`: the same storage (the optimizer's in-place update still lands in the
+    model parameter, and the gradient is still set on the shard's `.grad`), with the same
+    tensor-parallel attributes. Installed by the actor only for that combination; idempotent."""
+    from megatron.core import tensor_parallel
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    plain = DistributedOptimizer._build_model_and_main_param_groups.__func__
+    if getattr(plain, "_fp32_shards_as_leaves", False):
+        return
+
+    def build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        groups = plain(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        _, model_fp32_groups, _, shard_fp32_groups, _ = groups
+        for group_range, models, shards in zip(opt_group_ranges, model_fp32_groups, shard_fp32_groups):
+            leaves = {}
+            for i, (model_param, shard) in enumerate(zip(models, shards)):
+                if shard.is_leaf:
+                    continue
+                leaf = shard.detach()
+                tensor_parallel.copy_tensor_model_parallel_attributes(leaf, model_param)
+                if hasattr(model_param, "shared"):
+                    leaf.shared = model_param.shared
+                leaves[id(shard)] = shards[i] = leaf
+            params = group_range["orig_group"]["params"]
+            group_range["orig_group"]["params"] = [leaves.get(id(p), p) for p in params]
+        return groups
+
+    build._fp32_shards_as_leaves = True
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(build)
 
 
 def enable() -> bool:

@@ -23,6 +23,7 @@ ITEMS = (
     "(h) Qwen3-MoE step",
     "(e) logits",
     "(d) checkpoint resume",
+    "(i) colocated actor offload",
     "(a) kernel benchmark",
     "(f) actor data path",
 )
@@ -147,11 +148,13 @@ def test_the_check_on_a_machine_laid_out_like_the_gpu_machine(tmp_path):
     assert "host syncs: not counted (torch.cuda.set_sync_debug_mode needs CUDA)" in log  # (c) on CPU
     assert all(k in log for k in ("lse ", "grad ", "TFLOP/s", "GB/s"))  # the kernel benchmark's two tables
     assert "| tokens/s" in log and "packed+fused" in log  # (f): the data path table
+    assert '"bit_identical": true' in log and '"ok": true' in log  # (i): offloaded and back, bit for bit
     # what comes back is a few files, no deeper than one folder; scratch stayed under /tmp
     returned = [p for p in (tmp_path / "out").rglob("*")]
     assert sorted(p.name for p in returned) == [
         "bench_kernels.json",
         "gpu_check.log",
+        "gpu_offload.json",
         "gpu_step.json",
         "gpu_step_block.json",
     ], returned

@@ -27,14 +27,7 @@ def test_version_and_help():
     assert out.returncode == 0 and "--dry-run" in out.stdout
 
 
-# refused by its own dry run, on purpose: no one-node split of 8 x 80 GB holds Adam over 30.5B
-# parameters (tests/unit/test_paper_configs.py checks the refusal and its figure)
-REFUSED_BY_DESIGN = {"real_qwen3_30b_a3b_1node.yaml"}
-
-
-@pytest.mark.parametrize(
-    "config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name not in REFUSED_BY_DESIGN)
-)
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_dry_run_prints_resolved_config_and_layout(config):
     out = run("train", f"configs/{config}", "--dry-run", "optim.weight_decay=0.02")
     assert out.returncode == 0, out.stderr

@@ -3,6 +3,7 @@ what megatron-core would refuse, refused with the config and the dominant cause 
 reads (resume path, reward function, data columns) checked; the architecture's source said."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,16 +58,24 @@ def test_convert_uses_the_same_split_check():
 
 
 def test_launch_plan_refuses_what_the_dry_run_refuses_with_the_dominant_cause():
-    """The 30B one-node split: launch-plan (the sbatch's first step) refuses it as the dry run does,
-    and the reason is the optimizer state, which recompute cannot shrink."""
+    """The 30B on one node split 4 + 4 without the optimizer's CPU offload (what the one-node config
+    was before it became colocated): launch-plan (the sbatch's first step) refuses it as the dry run
+    does, and the reason is the optimizer state, which recompute cannot shrink."""
+    split = [
+        *("parallel.gpus_per_node=4", "parallel.tp=1", "parallel.sequence_parallel=false", "parallel.ep=4"),
+        *("parallel.etp=null", "rollout.colocate=false", "rollout.num_servers=2", "rollout.server_tp=2"),
+        *("optim.cpu_offload=false", "optim.use_precision_aware_optimizer=false"),
+        "optim.overlap_cpu_optimizer_d2h_h2d=false",
+    ]
     for args in (["launch-plan"], ["train", "--dry-run"]):
-        out = run(args[0], "configs/real_qwen3_30b_a3b_1node.yaml", *args[1:])
+        out = run(args[0], "configs/real_qwen3_30b_a3b_1node.yaml", *args[1:], *split)
         assert out.returncode == 2, out.stdout
         assert (
-            "the layout does not fit: a trainer GPU needs about 158 GB of 80 GB; optimizer (Adam) is the largest"
+            "the layout does not fit: a trainer GPU needs about 165 GB of 80 GB; optimizer (Adam) is the largest"
             in out.stderr
         )
-        assert "recompute does not shrink it" in out.stderr and "TRAINER_NODES" not in out.stdout
+        assert "optim.cpu_offload: true" in out.stderr and "recompute does not shrink it" in out.stderr
+        assert "TRAINER_NODES" not in out.stdout
     out = run("launch-plan", "configs/real_r1distill_qwen_1p5b_1node.yaml")
     assert out.returncode == 0 and "TRAINER_TASKS_PER_NODE=4" in out.stdout, out.stderr
     out = run("launch", "configs/real_r1distill_qwen_1p5b_1node.yaml", "--dry-run")  # as the docs say
@@ -129,3 +138,70 @@ def test_train_on_a_two_process_config_started_once_says_which_command_to_use():
         "= 2 trainer process(es), but 1 started" in line and "real-megatron launch configs/quickstart_moe.yaml" in line
     )
     assert "torchrun --nproc_per_node=2 -m real_megatron.cli train configs/quickstart_moe.yaml" in line
+
+
+# srun, scontrol and squeue as slurm/train.sbatch calls them inside a one-node job of 8 GPUs: each
+# step's command line recorded, launch-plan run for real (the real cluster: tests/system/test_slurm.py)
+FAKE_SLURM = {
+    "srun": """echo "srun $*" >>"$SRUN_LOG"
+while [[ $# -gt 0 && $1 == -* ]]; do shift; done
+[[ " $* " == *" launch-plan "* ]] && exec "$@"
+exit 0""",
+    "scontrol": """case "$1 $2" in
+  "show hostnames") echo n1 ;;
+  "show node") echo "NodeName=n1 NodeAddr=127.0.0.1" ;;
+esac""",
+    "squeue": "exit 0",
+}
+
+
+def sbatch_steps(tmp_path, config, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "srun.log"
+    log.unlink(missing_ok=True)
+    job = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "SRUN_LOG": str(log),
+        "REAL_MEGATRON_HOME": str(ROOT),
+        "REAL_MEGATRON": EXE,
+        "SLURM_JOB_ID": "123",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_NTASKS": "8",
+        "SLURM_CPUS_PER_TASK": "12",
+        "SLURM_GPUS_PER_NODE": "8",
+        **env,
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "train.sbatch"), f"configs/{config}", f"train.output_dir={tmp_path / 'run'}"],
+        env={**{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}, **job},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    steps = log.read_text().splitlines()[1:] if log.exists() else []  # after launch-plan's own step
+    return out, steps
+
+
+def test_train_sbatch_runs_a_colocated_config_as_one_launch_step(tmp_path):
+    """A colocated config: no fleet step; one step of one task holding the node's 8 GPUs and the 8
+    ranks' CPUs runs `real-megatron launch`, which places the servers on the trainer's GPUs."""
+    out, steps = sbatch_steps(tmp_path, "real_qwen3_30b_a3b_1node.yaml")
+    assert out.returncode == 0, out.stderr
+    assert len(steps) == 1, steps
+    assert "--nodes=1 --relative=0 --ntasks=1 --gpus-per-node=8 --gpu-bind=none --cpus-per-task=96" in steps[0]
+    assert f"--job-name=trainer --output={tmp_path / 'run' / 'logs' / 'launch.log'}" in steps[0]
+    assert f"{EXE} launch configs/real_qwen3_30b_a3b_1node.yaml" in steps[0]
+    assert "launch starts the colocated ones" in (tmp_path / "run" / "logs" / "job.log").read_text()
+    # the split one-node config keeps its two steps: the servers' and the trainer ranks'
+    out, steps = sbatch_steps(tmp_path, "real_r1distill_qwen_1p5b_1node.yaml")
+    assert out.returncode == 0, out.stderr
+    assert len(steps) == 2 and sum(" serve configs/" in s for s in steps) == 1, steps  # started in the background:
+    assert sum(" train configs/" in s for s in steps) == 1, steps  # either may reach srun first
+    # a heterogeneous job cannot colocate: refused before any step, with the reason
+    out, steps = sbatch_steps(tmp_path, "real_qwen3_30b_a3b_1node.yaml", SLURM_HET_SIZE="2")
+    assert out.returncode == 2 and steps == [] and "submit a plain one-node job" in out.stderr, out.stderr
