@@ -287,13 +287,29 @@ def job_processes(job_id: str) -> list[str]:
 
 
 def test_scancel_mid_run_leaves_no_process_of_the_job(cluster, tmp_path):
-    job = Job(cluster, tmp_path, 50, layout=[a.replace("--cpus-per-task=1", "--cpus-per-task=2") for a in PLAIN])
+    """A colocated config where SGLang is installed (one step running `real-megatron launch`, which
+    starts the server on the trainer's node itself: the processes Slurm must still reach), else the
+    embedded engine on two nodes."""
+    if HAVE_SGLANG:
+        layout, extra = (
+            ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2"],
+            ["rollout.colocate=true"],
+        )
+    else:
+        layout, extra = [a.replace("--cpus-per-task=1", "--cpus-per-task=2") for a in PLAIN], []
+    job = Job(cluster, tmp_path, 50, *extra, layout=layout)
     job.wait_for("step 1 in metrics.jsonl", lambda: len(job.steps_logged()) >= 1)
     assert job_processes(job.id), "the running job's processes should be visible"
     # each step's tasks get the job's --cpus-per-task (Slurm >= 22.05 would give srun steps one CPU)
     steps = run(["scontrol", "-o", "show", "step", job.id], env=cluster).stdout
     cpus = {m.group(2): int(m.group(1)) for m in re.finditer(r"CPUs=(\d+) Tasks=\d+ Name=(\S+)", steps)}
     assert cpus.get("trainer") == 2 and cpus.get("fleet", 2) == 2, steps
+    if HAVE_SGLANG:  # no fleet step: the launch in the trainer's step started the colocated server
+        assert "fleet" not in cpus, steps
+        assert "launch starts the colocated ones" in (job.run_dir / "logs" / "job.log").read_text()
+        assert any("real_megatron.cli serve" in p or " serve " in p for p in job_processes(job.id)), job_processes(
+            job.id
+        )
     run(["scancel", job.id], env=cluster)
     job.wait()
     assert job.field("JobState") == "CANCELLED"
