@@ -107,18 +107,29 @@ def input_problems(cfg) -> list[str]:
     return problems
 
 
-def data_problems(cfg) -> list[str]:
-    """Each data file's columns and first rows, read as the trainer reads them."""
+def data_problems(cfg, max_rows: int | None = DATA_ROWS_CHECKED) -> list[str]:
+    """Each data file's columns and first max_rows rows (None: every row, as `train` checks them
+    before any process group starts), read as the trainer reads them."""
     from .data.dataset import DataError, load_examples
+    from .data.settings import DataConfig
 
     problems = []
     d = cfg.data
+    if cfg.task.name:  # a task makes its own files
+        return problems
     for key, paths in (("data.train_files", d.train_files), ("eval.files", cfg.eval.files)):
         for path in paths:
             if not Path(path).exists():
                 continue  # listed as missing (prepare fetches it)
             try:
-                load_examples(path, prompt_key=d.prompt_key, answer_key=d.answer_key, max_rows=DATA_ROWS_CHECKED)
+                load_examples(
+                    path,
+                    prompt_key=d.prompt_key,
+                    answer_key=d.answer_key,
+                    skip_malformed=d.skip_malformed,
+                    math_truths=d.reward_fn == DataConfig.reward_fn,  # a function of one's own takes any truth
+                    max_rows=max_rows,
+                )
             except DataError as exc:
                 problems.append(f"{key}: {exc} (data.prompt_key={d.prompt_key!r}, data.answer_key={d.answer_key!r})")
     return problems
