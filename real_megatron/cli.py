@@ -47,6 +47,12 @@ def _train(args: argparse.Namespace) -> int:
             return 2
         print("config OK")
         return 0
+    from .hub import resolve_model
+
+    local = resolve_model(cfg.model.path) if cfg.model.path and not cfg.task.name else cfg.model.path
+    if local != cfg.model.path:  # a Hub id: its snapshot in Hugging Face's cache, checked as a checkpoint here is
+        print(f"model.path {cfg.model.path}: the Hugging Face Hub snapshot in {local}", file=sys.stderr)
+        cfg = load_config(args.config, overrides + [f"model.path={local}"])
     import logging
     import os
 
@@ -183,10 +189,15 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import PromptDataset
     from .data.settings import DataConfig
     from .evaluation import evaluate_sets, table_rows
+    from .hub import resolve_model
     from .rewards import load_reward_fn
     from .rollout.types import SamplingParams
 
     _eval_settings(args)
+    local, name = resolve_model(args.model, "--model"), Path(args.model).name
+    if local != args.model:  # a Hugging Face Hub id: its snapshot in Hugging Face's cache
+        print(f"--model {args.model}: the Hugging Face Hub snapshot in {local}", file=sys.stderr)
+        args.model = local
     if args.out:
         args.error_dir = str(Path(args.out).parent)  # a run-time mistake's traceback goes beside the report
     model = Path(args.model)
@@ -268,7 +279,7 @@ def _eval(args: argparse.Namespace) -> int:
         verifier_timeout_s=args.verifier_timeout_s,
         settings_from=args.settings_from,
     )
-    print(table_rows({model.name: report}))
+    print(table_rows({name: report}))
     for name, b in report["benchmarks"].items():
         print(
             f"{name}: pass@1 {b['pass1']:.4f} ± {b['stderr']:.4f} over {b['problems']} problems x {args.k} "
@@ -347,11 +358,14 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from .hub import resolve_model
     from .rollout.fleet_auth import private_run
     from .rollout.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, list(args.overrides))
+    if not cfg.task.name and cfg.model.path:  # a Hub id: its snapshot in Hugging Face's cache
+        cfg.model.path = resolve_model(cfg.model.path)
     private_run(cfg)
     index = args.index if args.index is not None else int(os.environ.get("SLURM_PROCID", 0))
     run_dir = Path(cfg.train.output_dir)

@@ -32,10 +32,19 @@ class RunCheck:
 def architecture(cfg):
     """(Architecture or None, where it came from, warnings): model.path's config.json when it is on
     this machine (the overrides a real checkpoint ignores are named), else model.hf_config_overrides."""
+    from .hub import hub_config_json, is_hub_id
     from .memory import Architecture, architecture_of
 
     m, warnings = cfg.model, []
     config_json = Path(m.path) / "config.json" if m.path else None
+    source = str(config_json)
+    hub_id = bool(m.path) and not cfg.task.name and is_hub_id(m.path)
+    if hub_id:  # config.json alone (no weights): from the cache, or fetched
+        config_json, source = hub_config_json(m.path, fetch=True)
+        if config_json is None:
+            warnings.append(
+                f"model.path {m.path} is read as a Hugging Face Hub id; its architecture is unknown here: {source}"
+            )
     if config_json is not None and config_json.exists():
         hf = json.loads(config_json.read_text())
         ignored = {k: v for k, v in m.hf_config_overrides.items() if hf.get(k) != v}
@@ -45,12 +54,12 @@ def architecture(cfg):
                 f"model.hf_config_overrides are ignored: the checkpoint {config_json} is authoritative for the "
                 f"architecture: {shown}; `model.hf_config_overrides=null` clears inherited ones"
             )
-        return Architecture.from_hf(hf), f"{config_json}", warnings
+        return Architecture.from_hf(hf), source, warnings
     arch = architecture_of(cfg)
     if arch is None:
         return None, "unknown", warnings
     where = "model.hf_config_overrides"
-    if m.path and not cfg.task.name:
+    if m.path and not cfg.task.name and not hub_id:
         where += (
             f" (model.path {m.path} is not on this machine; if it is another model than these numbers describe, "
             "give its numbers, or `model.hf_config_overrides=null`)"
