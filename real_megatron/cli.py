@@ -595,8 +595,8 @@ def _keep_traceback(directory: str | None) -> str | None:
 
 def _user_error(exc: UserError, directory: str | None) -> int:
     """One line on stderr (a rank > 0 says which it is), exit 2. A mistake found while running keeps
-    its traceback in a file the line names; a config error needs none."""
-    where = None if isinstance(exc, ConfigError) else _keep_traceback(directory)
+    its traceback in a file the line names; one found before anything runs needs none."""
+    where = _keep_traceback(directory) if exc.keep_traceback else None
     rank = _rank()
     print(
         ("" if rank == 0 else f"rank {rank}: ") + f"{exc.kind}: {exc}" + (f" (traceback: {where})" if where else ""),

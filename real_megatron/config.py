@@ -35,6 +35,7 @@ class ConfigError(UserError):
     """A configuration that cannot be used; the message names the key and the source."""
 
     kind = "config error"
+    keep_traceback = False  # found before anything runs: the line says it all
 
 
 @dataclass

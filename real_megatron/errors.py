@@ -10,3 +10,4 @@ class UserError(ValueError):
     """A mistake the user fixes; the message names the file, row or key and the fix."""
 
     kind = "error"  # the line's prefix
+    keep_traceback = True  # found while running: the traceback goes to a file the line names

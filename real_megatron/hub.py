@@ -29,6 +29,7 @@ class ModelSourceError(UserError):
     """A model path that is neither a checkpoint here nor a Hub id that can be had."""
 
     kind = "model error"
+    keep_traceback = False  # found before anything runs: the line says it all
 
 
 def is_hub_id(value) -> bool:
