@@ -183,34 +183,25 @@ def test_a_reward_function_that_raises_stops_the_run_with_one_line(tmp_path):
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(4)))
     run = tmp_path / "run"
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        f"""
+model: {{path: {model}, dtype: float32}}
+data: {{train_files: [{data}], answer_key: answer, reward_fn: "reward_fns:raises"}}
+rollout: {{backend: local, n_samples: 2, max_new_tokens: 4}}
+train: {{steps: 1, prompts_per_step: 2, prompts_per_mini_batch: 2, output_dir: {run}}}
+actor: {{prompts_per_micro_batch: 2}}
+optim: {{use_distributed_optimizer: false}}
+eval: {{files: [{data}], k: 1, max_new_tokens: 4, every_steps: 0}}
+"""
+    )
     support = str(ROOT / "tests" / "support")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [support, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(ROOT / "configs" / "quickstart.yaml")]
-    cmd += [
-        f"{k}={v}"
-        for k, v in {
-            "task.name": "null",
-            "model.path": model,
-            "model.hf_config_overrides": "null",
-            "data.train_files": f"[{data}]",
-            "eval.files": f"[{data}]",
-            "data.answer_key": "answer",
-            "data.reward_fn": "reward_fns:raises",
-            "rollout.n_samples": 2,
-            "rollout.max_new_tokens": 4,
-            "eval.max_new_tokens": 4,
-            "eval.k": 1,
-            "train.steps": 1,
-            "train.prompts_per_step": 2,
-            "train.prompts_per_mini_batch": 2,
-            "actor.prompts_per_micro_batch": 2,
-            "train.output_dir": run,
-        }.items()
-    ]
+    cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(config)]
     proc = subprocess.run(cmd + QUIET, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    (line,) = [text for text in proc.stderr.splitlines() if "reward_fns:raises" in text]
+    (line,) = [text for text in proc.stderr.splitlines() if text.startswith("reward error:")]
     assert line.startswith(f"reward error: reward function reward_fns:raises raised on {data}:"), line
     assert "KeyError: 'no such test case'" in line and "return a number for every response" in line
     assert line.endswith(f"(traceback: {run / 'logs' / 'traceback.rank0.txt'})")
