@@ -1,7 +1,8 @@
 """`real-megatron prepare CONFIG`: from a new machine to the files a config reads.
 
 For every path a config names (model.path, data.train_files, eval.files) that is not there yet:
-a model is downloaded from the Hugging Face Hub into model.path; a data file is converted, from its
+a model is downloaded from the Hugging Face Hub into model.path (a model.path that is a Hub id, into
+Hugging Face's cache, where `train` finds it: hub.py); a data file is converted, from its
 published source, into the verl parquet the trainer reads (prompt = one user message ending with
 the paper's instruction, reward_model.ground_truth = the answer), and its row count is checked
 against the paper's. Sources are fetched into RAW_DIR (next to the target: data/raw/aime/ for
