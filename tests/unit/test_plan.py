@@ -115,8 +115,10 @@ def test_architecture_comes_from_the_checkpoint_and_ignored_overrides_are_named(
     cfg = load_config(PAPER, [f"model.path={tmp_path}", "model.hf_config_overrides=null"])
     assert architecture(cfg)[2] == []
     # not on this machine: the overrides' numbers, said so
-    arch, where, _ = architecture(load_config(PAPER, ["model.path=elsewhere/Qwen-7B"]))
-    assert arch.hidden == 1536 and where.startswith("model.hf_config_overrides (model.path elsewhere/Qwen-7B is not")
+    arch, where, _ = architecture(load_config(PAPER, ["model.path=elsewhere/models/Qwen-7B"]))
+    assert arch.hidden == 1536 and where.startswith(
+        "model.hf_config_overrides (model.path elsewhere/models/Qwen-7B is not"
+    )
     out = run("train", str(PAPER), "--dry-run", f"model.path={tmp_path}", "parallel.gpus_per_node=8")
     assert f"# architecture: from {tmp_path / 'config.json'}" in out.stdout and "are ignored" in out.stderr
 
