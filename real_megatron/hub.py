@@ -71,6 +71,27 @@ def _hub_error(repo: str, exc: Exception, what: str) -> ModelSourceError:
     )
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub's host answers within timeout_s (huggingface_hub itself retries a dead network
+    for half a minute); True behind a proxy, which is left to huggingface_hub."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_model(value: str, what: str = "model.path") -> str:
     """A local checkpoint directory for `value`: itself unless it is a Hub id, whose snapshot is
     downloaded once into Hugging Face's cache (or found there)."""
@@ -83,7 +104,7 @@ def resolve_model(value: str, what: str = "model.path") -> str:
             f"{what} {value}: a Hub id needs huggingface_hub (pip install huggingface_hub)"
         ) from None
     try:
-        path = snapshot_download(repo_id=value, allow_patterns=WEIGHTS)
+        path = snapshot_download(repo_id=value, allow_patterns=WEIGHTS, local_files_only=not hub_reachable())
     except Exception as exc:  # noqa: BLE001 - every failure is said as one line with the fix
         raise _hub_error(value, exc, what) from exc
     if not (Path(path) / "config.json").exists():
@@ -102,8 +123,10 @@ def hub_config_json(value: str, *, fetch: bool) -> tuple[Path | None, str]:
     cached = try_to_load_from_cache(value, "config.json")
     if isinstance(cached, str):
         return Path(cached), f"{value}'s config.json in the Hugging Face cache"
-    if not fetch:
-        return None, f"{value}'s config.json is not in the Hugging Face cache"
+    if not fetch or not hub_reachable():
+        return None, f"{value}'s config.json is not in the Hugging Face cache" + (
+            "" if not fetch else " and the Hugging Face Hub cannot be reached"
+        )
     try:
         return Path(hf_hub_download(value, "config.json")), f"{value}'s config.json from the Hugging Face Hub"
     except Exception as exc:  # noqa: BLE001
