@@ -112,6 +112,8 @@ def test_published_files_become_the_configs_verl_parquet_with_the_papers_counts(
     assert "model.path checkpoints/hf/DeepSeek-R1-Distill-Qwen-1.5B" in proc.stderr
     assert "data.train_files" not in proc.stderr and "eval.files" not in proc.stderr, proc.stderr
     for target, source in DATASETS.items():
+        if target == "dapo-math-17k.parquet":  # not this config's (its own test: below)
+            continue
         path = tmp_path / "data" / target
         examples, skipped = load_examples(path)  # the trainer's own reader
         assert len(examples) == source.rows and skipped == 0, target
