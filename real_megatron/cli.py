@@ -9,6 +9,8 @@ import yaml
 
 from . import __version__
 from .config import ConfigError, config_to_dict, load_config
+from .data.dataset import DataError
+from .errors import UserError
 from .parallel_layout import describe_layout, launched_servers
 
 
@@ -17,6 +19,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
+    args.error_dir = f"{cfg.train.output_dir}/logs"  # a run-time mistake's traceback goes there
     if args.dry_run:
         print(f"# resolved config of {args.config}")
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
@@ -44,12 +47,18 @@ def _train(args: argparse.Namespace) -> int:
             return 2
         print("config OK")
         return 0
+    from .hub import resolve_model
+
+    local = resolve_model(cfg.model.path) if cfg.model.path and not cfg.task.name else cfg.model.path
+    if local != cfg.model.path:  # a Hub id: its snapshot in Hugging Face's cache, checked as a checkpoint here is
+        print(f"model.path {cfg.model.path}: the Hugging Face Hub snapshot in {local}", file=sys.stderr)
+        cfg = load_config(args.config, overrides + [f"model.path={local}"])
     import logging
     import os
 
     import torch
 
-    from .plan import input_problems
+    from .plan import data_problems, input_problems
     from .prepare import missing_inputs
 
     missing = missing_inputs(cfg)
@@ -61,6 +70,9 @@ def _train(args: argparse.Namespace) -> int:
     problems = input_problems(cfg)
     if problems:
         raise ConfigError(f"{args.config}: {'; '.join(problems)}")
+    problems = data_problems(cfg, max_rows=None)  # every row (the dry run reads the first few)
+    if problems:
+        raise DataError(f"{args.config}: {_problems_text(problems)}")
     from .actor.distributed import launch_env
 
     started, wanted = launch_env(), cfg.parallel.world_size
@@ -162,6 +174,7 @@ def _eval_settings(args: argparse.Namespace) -> None:
             )
     args.settings_from = str(source) if source else "defaults"
     args.reward_threshold, args.require_think_close = d.reward_threshold, d.require_think_close and not cfg.task.name
+    args.skip_malformed = d.skip_malformed  # as training reads the rows
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -174,21 +187,26 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .data import PromptDataset
-    from .data.dataset import DataError
     from .data.settings import DataConfig
     from .evaluation import evaluate_sets, table_rows
+    from .hub import resolve_model
     from .rewards import load_reward_fn
     from .rollout.types import SamplingParams
 
     _eval_settings(args)
+    local, name = resolve_model(args.model, "--model"), Path(args.model).name
+    if local != args.model:  # a Hugging Face Hub id: its snapshot in Hugging Face's cache
+        print(f"--model {args.model}: the Hugging Face Hub snapshot in {local}", file=sys.stderr)
+        args.model = local
+    if args.out:
+        args.error_dir = str(Path(args.out).parent)  # a run-time mistake's traceback goes beside the report
     model = Path(args.model)
     if not (model / "config.json").exists():
-        print(f"eval error: {model} is not an HF checkpoint directory (no config.json)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"eval: --model {model} is not an HF checkpoint directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
     sets = {}
-    try:
-        for path in args.data:
+    for path in args.data:
+        try:
             dataset = PromptDataset(
                 [path],
                 tokenizer,
@@ -196,12 +214,12 @@ def _eval(args: argparse.Namespace) -> int:
                 max_prompt_tokens=args.max_prompt_tokens or 10**9,
                 prompt_key=args.prompt_key,
                 answer_key=args.answer_key,
+                skip_malformed=args.skip_malformed,
                 math_truths=args.reward_fn == DataConfig.reward_fn,
             )
-            sets[Path(path).stem] = dataset.examples[: args.limit] if args.limit else dataset.examples
-    except (DataError, FileNotFoundError) as exc:
-        print(f"eval error: {exc}", file=sys.stderr)
-        return 2
+        except FileNotFoundError as exc:
+            raise DataError(f"data file not found: {exc.filename or path}") from exc
+        sets[Path(path).stem] = dataset.examples[: args.limit] if args.limit else dataset.examples
     stop = tuple(args.stop_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop_token_ids=stop
@@ -261,7 +279,7 @@ def _eval(args: argparse.Namespace) -> int:
         verifier_timeout_s=args.verifier_timeout_s,
         settings_from=args.settings_from,
     )
-    print(table_rows({model.name: report}))
+    print(table_rows({name: report}))
     for name, b in report["benchmarks"].items():
         print(
             f"{name}: pass@1 {b['pass1']:.4f} ± {b['stderr']:.4f} over {b['problems']} problems x {args.k} "
@@ -340,11 +358,14 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
+    from .hub import resolve_model
     from .rollout.fleet_auth import private_run
     from .rollout.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, list(args.overrides))
+    if not cfg.task.name and cfg.model.path:  # a Hub id: its snapshot in Hugging Face's cache
+        cfg.model.path = resolve_model(cfg.model.path)
     private_run(cfg)
     index = args.index if args.index is not None else int(os.environ.get("SLURM_PROCID", 0))
     run_dir = Path(cfg.train.output_dir)
@@ -534,9 +555,54 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:  # a config key, a data row, a reward function, a model id: one line
+        return _user_error(exc, getattr(args, "error_dir", None))
+    except Exception as exc:
+        from .rank0_phases import Rank0Failed
+
+        if isinstance(exc, Rank0Failed) and exc.user_error:  # rank 0 says it, in one line
+            _keep_traceback(getattr(args, "error_dir", None))
+            return 2
+        raise
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def _keep_traceback(directory: str | None) -> str | None:
+    """The current exception's traceback in DIRECTORY/traceback.rank<N>.txt (a temporary file
+    without one); its path, or None where nothing could be written."""
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    text = traceback.format_exc()
+    try:
+        if directory:
+            path = Path(directory) / f"traceback.rank{_rank()}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return str(path)
+        with tempfile.NamedTemporaryFile("w", prefix="real-megatron-", suffix=".txt", delete=False) as f:
+            f.write(text)
+            return f.name
+    except OSError:
+        return None
+
+
+def _user_error(exc: UserError, directory: str | None) -> int:
+    """One line on stderr (a rank > 0 says which it is), exit 2. A mistake found while running keeps
+    its traceback in a file the line names; one found before anything runs needs none."""
+    where = _keep_traceback(directory) if exc.keep_traceback else None
+    rank = _rank()
+    print(
+        ("" if rank == 0 else f"rank {rank}: ") + f"{exc.kind}: {exc}" + (f" (traceback: {where})" if where else ""),
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import yaml
 
 from .actor.settings import ActorConfig, CheckpointConfig, ModelConfig, OptimConfig
 from .data.settings import DataConfig
+from .errors import UserError
 from .evaluation import EvalConfig
 from .objectives.settings import CLIP_RANGES, REAL_OBJECTIVES, AlgorithmConfig
 from .rollout.settings import RolloutConfig
@@ -30,8 +31,11 @@ from .rollout.settings import RolloutConfig
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot be used; the message names the key and the source."""
+
+    kind = "config error"
+    keep_traceback = False  # found before anything runs: the line says it all
 
 
 @dataclass

@@ -98,8 +98,14 @@ def _cli(*args: str) -> list[str]:
 
 def launch(config: str, overrides: list[str], environ: Optional[dict] = None) -> int:
     from .actor.distributed import free_port
+    from .hub import resolve_model
 
     cfg = load_config(config, overrides)
+    local = resolve_model(cfg.model.path) if cfg.model.path and not cfg.task.name else cfg.model.path
+    if local != cfg.model.path:  # a Hub id: resolved once here, every child reads the snapshot
+        print(f"launch: model.path {cfg.model.path}: the Hugging Face Hub snapshot in {local}", flush=True)
+        overrides = list(overrides) + [f"model.path={local}"]
+        cfg = load_config(config, overrides)
     p, r = cfg.parallel, cfg.rollout
     if p.nodes != 1:
         raise ConfigError(

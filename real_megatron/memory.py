@@ -148,9 +148,22 @@ class Architecture:
         return self.total_params() - self.moe_layers * (self.experts - self.top_k) * self.expert_params()
 
 
+def model_config_json(path: str | None) -> Path | None:
+    """model.path's config.json on this machine: in the directory, or, for a Hugging Face Hub id,
+    in Hugging Face's cache (nothing is fetched here)."""
+    if not path:
+        return None
+    if (Path(path) / "config.json").exists():
+        return Path(path) / "config.json"
+    from .hub import hub_config_json, is_hub_id
+
+    return hub_config_json(path, fetch=False)[0] if is_hub_id(path) else None
+
+
 def architecture_of(cfg) -> Architecture | None:
-    if cfg.model.path and (Path(cfg.model.path) / "config.json").exists():
-        return Architecture.from_hf(json.loads((Path(cfg.model.path) / "config.json").read_text()))
+    config_json = model_config_json(cfg.model.path)
+    if config_json is not None:
+        return Architecture.from_hf(json.loads(config_json.read_text()))
     facts = dict(cfg.model.hf_config_overrides)
     if cfg.task.name:  # a built-in task's vocabulary is its tokenizer's
         facts.setdefault("vocab_size", cfg.task.tokenizer_vocab)

@@ -32,10 +32,19 @@ class RunCheck:
 def architecture(cfg):
     """(Architecture or None, where it came from, warnings): model.path's config.json when it is on
     this machine (the overrides a real checkpoint ignores are named), else model.hf_config_overrides."""
+    from .hub import hub_config_json, is_hub_id
     from .memory import Architecture, architecture_of
 
     m, warnings = cfg.model, []
     config_json = Path(m.path) / "config.json" if m.path else None
+    source = str(config_json)
+    hub_id = bool(m.path) and not cfg.task.name and is_hub_id(m.path)
+    if hub_id:  # config.json alone (no weights): from the cache, or fetched
+        config_json, source = hub_config_json(m.path, fetch=True)
+        if config_json is None:
+            warnings.append(
+                f"model.path {m.path} is read as a Hugging Face Hub id; its architecture is unknown here: {source}"
+            )
     if config_json is not None and config_json.exists():
         hf = json.loads(config_json.read_text())
         ignored = {k: v for k, v in m.hf_config_overrides.items() if hf.get(k) != v}
@@ -45,12 +54,12 @@ def architecture(cfg):
                 f"model.hf_config_overrides are ignored: the checkpoint {config_json} is authoritative for the "
                 f"architecture: {shown}; `model.hf_config_overrides=null` clears inherited ones"
             )
-        return Architecture.from_hf(hf), f"{config_json}", warnings
+        return Architecture.from_hf(hf), source, warnings
     arch = architecture_of(cfg)
     if arch is None:
         return None, "unknown", warnings
     where = "model.hf_config_overrides"
-    if m.path and not cfg.task.name:
+    if m.path and not cfg.task.name and not hub_id:
         where += (
             f" (model.path {m.path} is not on this machine; if it is another model than these numbers describe, "
             "give its numbers, or `model.hf_config_overrides=null`)"
@@ -107,18 +116,29 @@ def input_problems(cfg) -> list[str]:
     return problems
 
 
-def data_problems(cfg) -> list[str]:
-    """Each data file's columns and first rows, read as the trainer reads them."""
+def data_problems(cfg, max_rows: int | None = DATA_ROWS_CHECKED) -> list[str]:
+    """Each data file's columns and first max_rows rows (None: every row, as `train` checks them
+    before any process group starts), read as the trainer reads them."""
     from .data.dataset import DataError, load_examples
+    from .data.settings import DataConfig
 
     problems = []
     d = cfg.data
+    if cfg.task.name:  # a task makes its own files
+        return problems
     for key, paths in (("data.train_files", d.train_files), ("eval.files", cfg.eval.files)):
         for path in paths:
             if not Path(path).exists():
                 continue  # listed as missing (prepare fetches it)
             try:
-                load_examples(path, prompt_key=d.prompt_key, answer_key=d.answer_key, max_rows=DATA_ROWS_CHECKED)
+                load_examples(
+                    path,
+                    prompt_key=d.prompt_key,
+                    answer_key=d.answer_key,
+                    skip_malformed=d.skip_malformed,
+                    math_truths=d.reward_fn == DataConfig.reward_fn,  # a function of one's own takes any truth
+                    max_rows=max_rows,
+                )
             except DataError as exc:
                 problems.append(f"{key}: {exc} (data.prompt_key={d.prompt_key!r}, data.answer_key={d.answer_key!r})")
     return problems

@@ -1,7 +1,8 @@
 """`real-megatron prepare CONFIG`: from a new machine to the files a config reads.
 
 For every path a config names (model.path, data.train_files, eval.files) that is not there yet:
-a model is downloaded from the Hugging Face Hub into model.path; a data file is converted, from its
+a model is downloaded from the Hugging Face Hub into model.path (a model.path that is a Hub id, into
+Hugging Face's cache, where `train` finds it: hub.py); a data file is converted, from its
 published source, into the verl parquet the trainer reads (prompt = one user message ending with
 the paper's instruction, reward_model.ground_truth = the answer), and its row count is checked
 against the paper's. Sources are fetched into RAW_DIR (next to the target: data/raw/aime/ for
@@ -13,6 +14,7 @@ end with where to get it and where to put it, and the command exits 2.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +30,21 @@ MODELS = {  # model.path's directory name -> Hub repository
 @dataclass(frozen=True)
 class Source:
     repo: str  # Hub dataset repository
-    rows: int  # the paper's row count (DeepScaleR's released splits)
+    rows: int  # the paper's row count (DeepScaleR's released splits; DAPO's unique problems)
     split: str  # extra_info.split
     question: tuple[str, ...] = ("problem", "question")  # the first column present holds the problem
     answer: tuple[str, ...] = ("answer", "final_answer")
+    # "verl": published as verl rows already (prompt messages, reward_model.ground_truth), each
+    # problem repeated (DAPO-Math-17k holds each of its 17,917 problems 100 times): kept once per
+    # extra_info.index, the problem taken out of the publisher's instruction and given the paper's
+    layout: str = "records"
+
+
+# DAPO-Math-17k's instruction around each problem (its answers come as "Answer: ...", the verifier reads \boxed)
+DAPO_BEFORE = re.compile(
+    r"^\s*Solve the following math problem step by step\..*?where \$Answer is the answer to the problem\.\s*", re.S
+)
+DAPO_AFTER = re.compile(r'\s*Remember to put your answer on its own line after "Answer:"\.\s*$')
 
 
 DATASETS = {  # the config's file (its last path parts) -> published source
@@ -41,6 +54,7 @@ DATASETS = {  # the config's file (its last path parts) -> published source
     "math.parquet": Source("HuggingFaceH4/MATH-500", 500, "test"),
     "minerva.parquet": Source("math-ai/minervamath", 272, "test"),
     "olympiad_bench.parquet": Source("math-ai/olympiadbench", 675, "test"),
+    "dapo-math-17k.parquet": Source("BytedTsinghua-SIA/DAPO-Math-17k", 17917, "train", layout="verl"),
 }
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -70,6 +84,26 @@ def _read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _verl_problems(records: list[dict], where: Path) -> list[dict]:
+    """verl rows -> {problem, answer}, once per extra_info.index (or prompt), in their first order."""
+    seen, out = set(), []
+    for index, record in enumerate(records):
+        try:
+            text = record["prompt"][-1]["content"]
+            answer = record["reward_model"]["ground_truth"]
+        except (KeyError, IndexError, TypeError):
+            raise PrepareError(
+                f"{where}: record {index} is not a verl row (prompt messages, reward_model.ground_truth); "
+                f"keys: {', '.join(record)}"
+            ) from None
+        key = (record.get("extra_info") or {}).get("index") or text
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"problem": DAPO_AFTER.sub("", DAPO_BEFORE.sub("", text)).strip(), "answer": answer})
+    return out
+
+
 def _answer(value):
     """Ground truth as the verifier takes it: text, or a list of texts (any of them is right)."""
     if isinstance(value, (list, tuple)):
@@ -83,6 +117,8 @@ def convert(source: Source, files: list[Path], target: Path) -> int:
     import pyarrow.parquet as pq
 
     records = [r for f in sorted(files) for r in _read_records(f)]
+    if source.layout == "verl":
+        records = _verl_problems(records, files[0])
     if len(records) != source.rows:
         raise PrepareError(
             f"{target}: {len(records)} rows in {', '.join(map(str, files))}, the paper's split has "
@@ -119,11 +155,13 @@ def convert(source: Source, files: list[Path], target: Path) -> int:
 
 def missing_inputs(cfg) -> list[str]:
     """The files `cfg` reads that are not here (a task makes its own): key and path of each."""
+    from .hub import is_hub_id
+
     if cfg.task.name is not None:
         return []
     missing = (
-        []
-        if cfg.model.path and (Path(cfg.model.path) / "config.json").exists()
+        []  # a Hub id: downloaded into Hugging Face's cache when the run starts (hub.py)
+        if cfg.model.path and ((Path(cfg.model.path) / "config.json").exists() or is_hub_id(cfg.model.path))
         else [f"model.path {cfg.model.path} (no config.json)"]
     )
     for key, paths in (("data.train_files", cfg.data.train_files), ("eval.files", cfg.eval.files)):
@@ -141,9 +179,19 @@ def _download(repo: str, directory: Path, repo_type: str, patterns: list[str] | 
 
 def prepare(cfg, *, download: bool = True, log=print) -> list[str]:
     """Make every missing file `cfg` reads; returns what is still missing, each with how to get it."""
+    from .hub import ModelSourceError, is_hub_id, resolve_model
+
     problems = []
     model = cfg.model.path
-    if cfg.task.name is None and model and not (Path(model) / "config.json").exists():
+    if cfg.task.name is None and model and is_hub_id(model):  # into Hugging Face's cache, as `train` reads it
+        try:
+            if not download:
+                raise ModelSourceError(f"model.path {model}: a Hugging Face Hub id, and downloads are off")
+            log(f"model.path {model}: a Hugging Face Hub id; downloading into the Hugging Face cache (HF_HOME)")
+            log(f"model.path {model}: {resolve_model(model)}")
+        except ModelSourceError as exc:
+            problems.append(str(exc))
+    elif cfg.task.name is None and model and not (Path(model) / "config.json").exists():
         repo = MODELS.get(Path(model).name)
         if repo is None:
             problems.append(

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 PREFIX = "real_megatron/"
 BEAT_KEY = PREFIX + "rank0_heartbeat"
@@ -53,6 +55,15 @@ class _Heartbeat(threading.Thread):
                     log.warning("rank 0 heartbeat: the rendezvous store did not answer (%s); retrying", exc)
                 if failures >= 10:
                     return
+
+
+class Rank0Failed(RuntimeError):
+    """On a rank > 0: rank 0 failed in a phase. user_error: with a mistake of the user's (a
+    UserError: a reward function that raised, a bad row), which rank 0 reports as one line."""
+
+    def __init__(self, message: str, user_error: bool):
+        super().__init__(message)
+        self.user_error = user_error
 
 
 _heartbeat: _Heartbeat | None = None
@@ -101,7 +112,8 @@ def on_rank0(phase: str, fn: Callable[[], Any], *, timeout_s: float, share: bool
         try:
             result = fn()
         except BaseException as exc:
-            store.set(done_key, f"failed {type(exc).__name__}: {exc}"[:1000])
+            user = "user " if isinstance(exc, UserError) else ""
+            store.set(done_key, f"failed {user}{type(exc).__name__}: {exc}"[:1000])
             _linger_until_read(store, done_key, min(timeout_s, 60.0))  # the store dies with this process
             raise
         finally:
@@ -165,7 +177,11 @@ def _wait_for_rank0(store, done_key: str, phase: str, timeout_s: float) -> None:
                     store.add(done_key + "/read", 1)
                 except Exception:  # noqa: BLE001 - rank 0 is gone already; the reason is known
                     pass
-                raise RuntimeError(f"rank {me}: rank 0 failed in phase '{phase}': {status.removeprefix('failed ')}")
+                reason = status.removeprefix("failed ")
+                raise Rank0Failed(
+                    f"rank {me}: rank 0 failed in phase '{phase}': {reason.removeprefix('user ')}",
+                    user_error=reason.startswith("user "),
+                )
             if error is not None:
                 raise RuntimeError(
                     f"rank {me} lost contact with rank 0 while waiting for its phase '{phase}' after "

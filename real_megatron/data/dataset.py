@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    pass
+class DataError(UserError):
+    """A data file or row that cannot be read as a prompt and its ground truth (file and row named)."""
+
+    kind = "data error"
 
 
 @dataclass
@@ -178,9 +182,11 @@ def load_examples(
                     extra_info=row.get("extra_info"),
                 )
             )
-        except DataError:
+        except DataError as exc:
             if not skip_malformed:
-                raise
+                raise DataError(
+                    f"{exc}; fix or drop the row, or set data.skip_malformed=true to skip such rows"
+                ) from None
             skipped += 1
     if skipped:
         log.warning("%s: skipped %d malformed rows", path, skipped)

@@ -25,6 +25,7 @@ from math import isfinite, nan
 from typing import Literal
 
 from ..data.settings import DataConfig
+from ..errors import UserError
 from ..import_path import import_object
 from .answers import extract_answer
 from .math import math_reward, math_rewards
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[..., float]
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
     """A reward function's failure that must stop the run (it raised, or returned what cannot be a label)."""
+
+    kind = "reward error"
 
 
 def call_style(fn: Callable) -> Literal["plain", "verl"]:
@@ -124,7 +127,10 @@ class Reward:
             log.warning("reward function %s timed out after %.1fs on %s: scored 0", self.name, timeout_s, source)
             return 0.0
         if "error" in reply:
-            raise RewardError(f"reward function {self.name} raised on {source}: {reply['error']}")
+            raise RewardError(
+                f"reward function {self.name} raised on {source}: {reply['error']}; it must return a number for "
+                "every response (catch what it cannot score and return 0)"
+            )
         value = reply["value"]
         if isinstance(value, dict) and "score" in value:  # verl's {"score": ..., "acc": ...}
             value = value["score"]

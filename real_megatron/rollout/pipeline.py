@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .collect import collect_rollouts, make_trajectory_runner
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class RolloutSource:
             except queue.Empty:
                 if not self._thread.is_alive():
                     raise RolloutError(f"the rollout generator stopped before step {step}'s batch") from None
+        if isinstance(item, UserError):  # a reward function's or a data row's: said as it is, one line
+            raise item
         if isinstance(item, BaseException):
             raise RolloutError(
                 f"generating the rollouts of step {step} (or a step before it) failed: {type(item).__name__}: {item}"

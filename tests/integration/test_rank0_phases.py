@@ -61,4 +61,7 @@ def test_a_failing_rank0_phase_is_reported_to_the_waiting_rank():
     procs = start("fail")
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert procs[1].returncode == 3, outs
-    assert "rank 0 failed in phase 'evaluation after step 7': ValueError: the verifier crashed" in outs[1], outs[1]
+    assert (
+        "Rank0Failed: rank 1: rank 0 failed in phase 'evaluation after step 7': DataError: data/x.parquet: row 3: "
+        "no usable ground truth (user_error=True)" in outs[1]
+    ), outs[1]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny_run_overrides
+from tiny_run import QUIET, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow]
@@ -154,3 +154,55 @@ def test_two_ranks_outlast_a_collective_deadline_far_shorter_than_the_evaluation
     baseline = next(r for r in rows if "eval_s" in r)
     assert baseline["eval_s"] > 3 * 2, baseline  # the evaluation alone outlasts the deadline three times
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2]
+
+
+def test_a_reward_function_that_raises_stops_the_run_with_one_line(tmp_path):
+    """A real run (a tiny model of one's own, data files, data.reward_fn) whose reward function
+    raises: one line naming the function, the row and the fix, exit 2; the traceback in the run's
+    logs/, not on the terminal (`eval` says the same line: tests/unit/test_eval.py)."""
+    import os
+
+    import transformers
+    from chat_tokenizer import chat_tokenizer
+
+    model = tmp_path / "model"
+    tokenizer = chat_tokenizer()
+    tokenizer.save_pretrained(model)
+    transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(model)
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    run = tmp_path / "run"
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        f"""
+model: {{path: {model}, dtype: float32}}
+data: {{train_files: [{data}], answer_key: answer, reward_fn: "reward_fns:raises"}}
+rollout: {{backend: local, n_samples: 2, max_new_tokens: 4}}
+train: {{steps: 1, prompts_per_step: 2, prompts_per_mini_batch: 2, output_dir: {run}}}
+actor: {{prompts_per_micro_batch: 2}}
+optim: {{use_distributed_optimizer: false}}
+eval: {{files: [{data}], k: 1, max_new_tokens: 4, every_steps: 0}}
+"""
+    )
+    support = str(ROOT / "tests" / "support")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [support, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "real_megatron.cli", "train", str(config)]
+    proc = subprocess.run(cmd + QUIET, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    (line,) = [text for text in proc.stderr.splitlines() if text.startswith("reward error:")]
+    assert line.startswith(f"reward error: reward function reward_fns:raises raised on {data}:"), line
+    assert "KeyError: 'no such test case'" in line and "return a number for every response" in line
+    assert line.endswith(f"(traceback: {run / 'logs' / 'traceback.rank0.txt'})")
+    assert "RewardError" in (run / "logs" / "traceback.rank0.txt").read_text()

@@ -3,7 +3,8 @@
 
 slow: rank 0's phase lasts 4 x TIMEOUT_S; both ranks must finish with its result.
 hang: rank 0 freezes (SIGSTOP) inside the phase; rank 1 must fail, naming the phase and rank 0.
-fail: rank 0's phase raises; rank 1 must fail with rank 0's reason.
+fail: rank 0's phase raises a user's mistake (a DataError); rank 1 must fail with rank 0's reason,
+knowing it is one rank 0 reports (Rank0Failed.user_error: the CLI then prints nothing more on rank 1).
 """
 
 import datetime
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from real_megatron.data.dataset import DataError  # noqa: E402
 from real_megatron.rank0_phases import on_rank0, start_heartbeat, stop_heartbeat  # noqa: E402
 
 
@@ -28,7 +30,7 @@ def main():
         if mode == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)
         if mode == "fail":
-            raise ValueError("the verifier crashed")
+            raise DataError("data/x.parquet: row 3: no usable ground truth")
         time.sleep(4 * timeout_s)
         return {"rollouts": 42}
 
@@ -37,7 +39,8 @@ def main():
         result = on_rank0("evaluation after step 7", phase, timeout_s=timeout_s)
     except Exception as exc:  # noqa: BLE001 - printed for the test to read
         print(
-            f"rank {dist.get_rank()} error after {time.monotonic() - begun:.1f}s: {type(exc).__name__}: {exc}",
+            f"rank {dist.get_rank()} error after {time.monotonic() - begun:.1f}s: {type(exc).__name__}: {exc} "
+            f"(user_error={getattr(exc, 'user_error', None)})",
             flush=True,
         )
         os._exit(3)

@@ -96,35 +96,47 @@ def test_eval_cli_covers_every_row_and_writes_the_table_and_json(tiny_model, tmp
     assert f"wrote {out}" in proc.stdout
 
 
-def test_eval_cli_names_a_bad_input(tiny_model, tmp_path):
+def test_eval_cli_names_a_bad_input(tiny_model, tmp_path, capsys):
+    """A bad row, a model directory without config.json: one line each (the kind, the file and row,
+    the fix), exit 2, no traceback; in-process, as `real-megatron eval` runs it."""
+    from real_megatron.cli import main
+
     model, _ = tiny_model
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" + json.dumps({"answer": "3"}) + "\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "real_megatron.cli",
-            "eval",
-            "--model",
-            str(model),
-            "--data",
-            str(bad),
-            "--answer-key",
-            "answer",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "row 1:" in proc.stderr, proc.stderr[-2000:]
-    proc = subprocess.run(
-        [sys.executable, "-m", "real_megatron.cli", "eval", "--model", str(tmp_path), "--data", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    assert main(["eval", "--model", str(model), "--data", str(bad), "--answer-key", "answer"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [text for text in err.splitlines() if "error" in text]
+    assert line.startswith(f"data error: {bad}: row 1: no 'prompt' or 'messages' field") and "Traceback" not in err
+    assert "data.skip_malformed=true" in line and "(traceback: " in line
+    assert main(["eval", "--model", str(tmp_path), "--data", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"config error: eval: --model {tmp_path} is not an HF checkpoint")
+
+
+@pytest.mark.parametrize(
+    "reward_fn,says",
+    [
+        ("reward_fns:raises", "reward function reward_fns:raises raised on {data}:0: KeyError: 'no such test case'"),
+        ("reward_fns:half", "reward function reward_fns:half returned 0.5 on {data}:0: REAL's rewards are"),
+    ],
+)
+def test_a_failing_reward_function_is_one_line_in_eval_as_in_train(tiny_model, tmp_path, capsys, reward_fn, says):
+    """The same RewardError, said the same way, as `train` says it (tests/integration/test_train_loop.py):
+    a function that raises, one that returns what is not a 0/1 label."""
+    from real_megatron.cli import main
+
+    model, _ = tiny_model
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(2)))
+    out = tmp_path / "report.json"
+    argv = ["eval", "--model", str(model), "--data", str(data), "--answer-key", "answer", "--k", "1"]
+    argv += ["--max-new-tokens", "2", "--reward-fn", reward_fn, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # the progress lines, then the error's
+    (line,) = [text for text in err.splitlines() if "error" in text]
+    assert line.startswith("reward error: " + says.format(data=data)) and "Traceback" not in err, err
+    assert line.endswith(f"(traceback: {tmp_path / 'traceback.rank0.txt'})")
+    assert "Traceback" in (tmp_path / "traceback.rank0.txt").read_text() and not out.exists()
 
 
 class ScriptedEngine:

@@ -124,8 +124,10 @@ def test_architecture_comes_from_the_checkpoint_and_ignored_overrides_are_named(
     cfg = load_config(PAPER, [f"model.path={tmp_path}", "model.hf_config_overrides=null"])
     assert architecture(cfg)[2] == []
     # not on this machine: the overrides' numbers, said so
-    arch, where, _ = architecture(load_config(PAPER, ["model.path=elsewhere/Qwen-7B"]))
-    assert arch.hidden == 1536 and where.startswith("model.hf_config_overrides (model.path elsewhere/Qwen-7B is not")
+    arch, where, _ = architecture(load_config(PAPER, ["model.path=elsewhere/models/Qwen-7B"]))
+    assert arch.hidden == 1536 and where.startswith(
+        "model.hf_config_overrides (model.path elsewhere/models/Qwen-7B is not"
+    )
     out = run("train", str(PAPER), "--dry-run", f"model.path={tmp_path}", "parallel.gpus_per_node=8")
     assert f"# architecture: from {tmp_path / 'config.json'}" in out.stdout and "are ignored" in out.stderr
 
@@ -205,3 +207,31 @@ def test_train_sbatch_runs_a_colocated_config_as_one_launch_step(tmp_path):
     # a heterogeneous job cannot colocate: refused before any step, with the reason
     out, steps = sbatch_steps(tmp_path, "real_qwen3_30b_a3b_1node.yaml", SLURM_HET_SIZE="2")
     assert out.returncode == 2 and steps == [] and "submit a plain one-node job" in out.stderr, out.stderr
+
+
+def test_a_bad_row_past_the_dry_runs_look_stops_train_before_anything_starts(tmp_path, capsys):
+    """The dry run reads each file's first rows; `train` reads every row before any process group or
+    model: a bad row 7 is one line naming file, row and the fix, exit 2, no traceback (in-process)."""
+    from real_megatron.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    tiny = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=100)
+    (model / "config.json").write_text(json.dumps(dict(tiny, num_attention_heads=2, num_key_value_heads=1)))
+    rows = [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(9)]
+    rows[7] = {"prompt": "8 + 1 =", "answer": None}
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        f"model: {{path: {model}, dtype: float32}}\n"
+        f"data: {{train_files: [{data}], answer_key: answer}}\n"
+        "rollout: {backend: local}\n"
+        f"train: {{output_dir: {tmp_path / 'run'}}}\n"
+    )
+    assert main(["train", str(config), "--dry-run"]) == 0  # rows 0-4 are fine
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"data error: {config}: data.train_files: {data}: row 7: no usable ground truth"), line
+    assert "set data.skip_malformed=true to skip such rows" in line and "traceback: " in line

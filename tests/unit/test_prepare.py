@@ -99,7 +99,8 @@ def test_offline_without_files_names_every_source_and_destination(tmp_path):
     assert "https://huggingface.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" in err
     assert "checkpoints/hf/DeepSeek-R1-Distill-Qwen-1.5B" in err
     for target, source in DATASETS.items():
-        assert f"https://huggingface.co/datasets/{source.repo}" in err, target
+        if target != "dapo-math-17k.parquet":  # the DAPO-17K configs' training set, not this config's
+            assert f"https://huggingface.co/datasets/{source.repo}" in err, target
     assert "data/deepscaler/raw/deepscaler/" in err and "data/raw/aime/" in err
     assert not list(tmp_path.rglob("*.parquet"))
 
@@ -111,6 +112,8 @@ def test_published_files_become_the_configs_verl_parquet_with_the_papers_counts(
     assert "model.path checkpoints/hf/DeepSeek-R1-Distill-Qwen-1.5B" in proc.stderr
     assert "data.train_files" not in proc.stderr and "eval.files" not in proc.stderr, proc.stderr
     for target, source in DATASETS.items():
+        if target == "dapo-math-17k.parquet":  # not this config's (its own test: below)
+            continue
         path = tmp_path / "data" / target
         examples, skipped = load_examples(path)  # the trainer's own reader
         assert len(examples) == source.rows and skipped == 0, target
@@ -133,11 +136,53 @@ def test_a_file_with_the_wrong_row_count_is_refused_by_name(tmp_path):
     assert not (tmp_path / "data" / "minerva.parquet").exists() and (tmp_path / "data" / "math.parquet").exists()
 
 
-def test_every_shipped_configs_model_has_a_source():
+def test_every_shipped_configs_model_and_data_have_a_known_source():
+    """The table, offline: `prepare` knows where every shipped config's model and data files come from."""
     from real_megatron.config import load_config
-    from real_megatron.prepare import MODELS
+    from real_megatron.prepare import MODELS, source_for
 
-    root = Path(__file__).resolve().parents[2]
-    configs = [load_config(p) for p in sorted((root / "configs").glob("*.yaml"))]
-    names = {Path(c.model.path).name for c in configs if c.task.name is None}
+    configs = {p.name: load_config(p) for p in sorted((ROOT / "configs").glob("*.yaml"))}
+    names = {Path(c.model.path).name for c in configs.values() if c.task.name is None}
     assert names and names <= MODELS.keys(), names - MODELS.keys()
+    unknown = {
+        (name, path)
+        for name, c in configs.items()
+        if c.task.name is None
+        for path in c.data.train_files + c.eval.files
+        if source_for(Path(path)) is None
+    }
+    assert not unknown, unknown
+    assert {"Qwen3-30B-A3B", "DeepSeek-R1-Distill-Qwen-1.5B"} <= names
+    assert source_for(Path("data/dapo-math-17k.parquet")).repo == "BytedTsinghua-SIA/DAPO-Math-17k"
+
+
+def test_dapo_math_17k_is_kept_once_per_problem_with_the_papers_instruction(tmp_path):
+    """DAPO-Math-17k is published as verl rows, each problem 100 times inside DAPO's own "Answer:"
+    instruction; prepare keeps each problem once (17,917), with the boxed instruction the verifier reads."""
+    from real_megatron.prepare import convert
+
+    source = DATASETS["dapo-math-17k.parquet"]
+    before = (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+    )
+    after = '\n\nRemember to put your answer on its own line after "Answer:".'
+    n = source.rows
+    table = pa.table(
+        {
+            "data_source": ["math_dapo"] * (2 * n),
+            "prompt": [[{"content": f"{before}What is {i % n} + 1?{after}", "role": "user"}] for i in range(2 * n)],
+            "ability": ["MATH"] * (2 * n),
+            "reward_model": [{"ground_truth": str(i % n + 1), "style": "rule-lighteval/MATH_v2"} for i in range(2 * n)],
+            "extra_info": [{"index": f"id-{i % n}"} for i in range(2 * n)],
+        }
+    )
+    raw = tmp_path / "data" / "raw" / "dapo-math-17k" / "data"
+    raw.mkdir(parents=True)
+    pq.write_table(table, raw / "dapo-math-17k.parquet")
+    target = tmp_path / "data" / "dapo-math-17k.parquet"
+    assert convert(source, [raw / "dapo-math-17k.parquet"], target) == n
+    examples, _ = load_examples(target)
+    assert len(examples) == n
+    assert examples[5].messages == [{"role": "user", "content": f"What is 5 + 1? {INSTRUCTION}"}]
+    assert examples[5].ground_truth == "6" and examples[5].data_source == "dapo-math-17k"
