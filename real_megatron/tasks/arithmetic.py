@@ -36,16 +36,17 @@ def problem(rng: random.Random, max_operand: int = 99) -> tuple[str, str, int]:
     return prompt, solution, answer
 
 
-def split(n_train: int, n_eval: int, seed: int, max_operand: int = 99, n_dev: int = 0):
+def split(n_train: int, n_eval: int, seed: int, max_operand: int = 99, n_dev: int = 0, make=problem):
     """(train, held-out, dev) lists of (prompt, solution, answer), pairwise disjoint by prompt: dev
-    steers the warm-start, held-out measures RL, train feeds both."""
+    steers the warm-start, held-out measures RL, train feeds both. `make(rng, max_operand)` draws
+    one problem (another task's generator for its own split)."""
     rng = random.Random(seed)
     seen: set[str] = set()
 
     def fresh(count: int) -> list:
         out = []
         while len(out) < count:
-            p = problem(rng, max_operand)
+            p = make(rng, max_operand)
             if p[0] not in seen:
                 seen.add(p[0])
                 out.append(p)

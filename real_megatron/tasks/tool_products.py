@@ -28,6 +28,7 @@ import string
 from pathlib import Path
 
 from .arithmetic import EOS, PAD
+from .arithmetic import split as arithmetic_split
 
 DIRECT_PERCENT = 30  # share of warm-start traces that answer without the tool
 RECIPE = 1  # bump when the traces or the tokenizer change, so cached warm-starts are not reused
@@ -53,22 +54,7 @@ def problem(rng: random.Random, max_operand: int = 999) -> tuple[str, str, int]:
 
 def split(n_train: int, n_eval: int, seed: int, max_operand: int = 999, n_dev: int = 0):
     """(train, held-out, dev) lists of (prompt, first turn, answer), pairwise disjoint by prompt."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-
-    def fresh(count: int) -> list:
-        out = []
-        while len(out) < count:
-            p = problem(rng, max_operand)
-            if p[0] not in seen:
-                seen.add(p[0])
-                out.append(p)
-        return out
-
-    held = fresh(n_eval)
-    train = fresh(n_train)
-    dev = fresh(n_dev)
-    return train, held, dev
+    return arithmetic_split(n_train, n_eval, seed, max_operand, n_dev, make=problem)
 
 
 def direct(prompt: str) -> bool:
