@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Tests sit in tier folders (unit, integration, system, gpu); what they share is in tests/support
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
@@ -40,3 +42,36 @@ def pytest_configure(config):
         raise pytest.UsageError(
             f"megatron.core was imported from {where}, not from REAL_MEGATRON_EXPECT_MCORE_DIR={folder}"
         )
+
+
+# The whole suite (`pytest` without paths) runs on two workers, one test file on each at a time:
+# most tests wait on processes they start (imports, a server coming up, a rank-0 phase) and leave
+# a core idle, which the other worker's file uses. A file stays on one worker, so what its tests
+# share (a module's SGLang server, a Slurm cluster, a cache they fill) is never used twice at once;
+# the servers a worker's runs launch take that worker's own ports (tests/support/tiny_run.py).
+# Paths on the command line, or -n, choose otherwise (`pytest -n 0` runs in one process).
+SUITE_WORKERS = 2
+# the longest tier first, so that the two workers finish together (unit files fill the end)
+TIER_ORDER = ("system", "integration", "unit", "gpu")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if not hasattr(config.option, "numprocesses") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # without pytest-xdist, or inside one of its workers
+    if config.option.numprocesses is None and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        if not config.option.collectonly and not config.getoption("usepdb", False):
+            config.option.numprocesses = SUITE_WORKERS
+            config.option.dist = "loadfile"
+            config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def tier(item) -> int:
+        parts = Path(str(item.path)).parts
+        return next((i for i, name in enumerate(TIER_ORDER) if name in parts[-2:-1]), len(TIER_ORDER))
+
+    items.sort(key=tier)  # stable: files keep their order within a tier

@@ -42,6 +42,7 @@ CPU_SERVER_ARGS = [
     "--dtype",
     "float32",
     "--skip-tokenizer-init",
+    "--sleep-on-idle",  # an idle scheduler otherwise spins a core the trainer needs
 ]
 
 # Projection inputs for DeepSeek-R1-Distill-Qwen-1.5B on one node of 8 x H100 80 GB, 4 GPUs training
@@ -195,7 +196,7 @@ def main() -> int:
     with SGLangFleet(
         model_path=str(initial_model_dir(cfg)),
         num_servers=1,
-        base_port=32400,
+        base_port=cfg.rollout.server_base_port,
         server_python=server_python_on_core(cores[-1], work),
         server_args=CPU_SERVER_ARGS,
         env=env,

@@ -26,21 +26,9 @@ from .fleet_auth import fleet_key
 from .registry import register_server, unregister_server
 from .routing import sglang_routing
 from .sglang_env import default_server_python
-from .sglang_fleet import FleetError, SGLangFleet
+from .sglang_fleet import FleetError, SGLangFleet, free_port
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str, start: int, tries: int = 200) -> int:
-    """The first port from `start` that `host` can bind (SGLang also opens a few ports above it)."""
-    for port in range(start, start + tries * 8, 8):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-                return port
-            except OSError:
-                continue
-    raise FleetError(f"no free port on {host} in {start}..{start + tries * 8}")
 
 
 def wait_for_model(path: Path, timeout_s: float) -> None:

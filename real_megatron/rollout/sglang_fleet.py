@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -44,6 +45,18 @@ log = logging.getLogger(__name__)
 
 class FleetError(RuntimeError):
     pass
+
+
+def free_port(host: str, start: int, tries: int = 200) -> int:
+    """The first port from `start` that `host` can bind (SGLang also opens a few ports above it)."""
+    for port in range(start, start + tries * 8, 8):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+                return port
+            except OSError:
+                continue
+    raise FleetError(f"no free port on {host} in {start}..{start + tries * 8}")
 
 
 MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # what an SGLang server releases and resumes
@@ -184,8 +197,12 @@ class SGLangFleet:
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             devices = split_gpus(gpus, num_servers, server_tp) if gpus is not None else [None] * num_servers
+            next_port = base_port
             for i, own in zip(range(first_index, first_index + num_servers), devices):
-                port = base_port + (i - first_index) * max(1, server_tp) * 2
+                # the first free port past the previous server's: another run's server (or one
+                # left behind) on this machine may hold the base port
+                port = free_port(host, next_port)
+                next_port = port + 8 * max(1, server_tp)
                 command = [
                     server_python,
                     "-m",

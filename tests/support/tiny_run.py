@@ -10,11 +10,23 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 SUPPORT = ROOT / "tests" / "support"
 
-# SGLang on this CPU (docs/testing.md): the torch-native attention, a small KV cache, fp32 like the actor
+# SGLang on this CPU (docs/testing.md): the torch-native attention, a small KV cache, fp32 like the actor,
+# and a scheduler that sleeps when idle (it would otherwise spin a core the trainer needs)
 CPU_SGLANG_SERVER = (
     "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
-    "--dtype, float32, --skip-tokenizer-init]"
+    "--dtype, float32, --skip-tokenizer-init, --sleep-on-idle]"
 )
+
+
+def server_ports() -> int:
+    """The first of the ports this pytest worker's SGLang servers use: the suite runs on two workers
+    (tests/conftest.py), and two servers starting at once would both find the same port free."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return 21000 + 4000 * int(worker.removeprefix("gw") or 0)
+
+
+# a fleet launched by a test's run: its server arguments and its ports
+CPU_SGLANG = [CPU_SGLANG_SERVER, f"rollout.server_base_port={server_ports()}"]
 QUIET = [
     "logging.progress_bar=false",
     "logging.plot=false",

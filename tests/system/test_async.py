@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env, tiny_run_overrides
+from tiny_run import CPU_SGLANG, QUIET, cli, server_ports, sglang_env, tiny_run_overrides
 
 from real_megatron.config import ConfigError, load_config
 from real_megatron.launch import split_node
@@ -35,7 +35,7 @@ def overrides(tmp_path: Path) -> list[str]:
         *QUIET,
         "logging.rollouts=true",
         "rollout.backend=sglang",
-        CPU_SGLANG_SERVER,
+        *CPU_SGLANG,
         "rollout.max_staleness=1",
     ]
 
@@ -148,6 +148,7 @@ def test_the_async_quickstart_still_learns(tmp_path):
             "launch",
             str(ROOT / "configs" / "quickstart_async.yaml"),
             f"train.output_dir={tmp_path / 'run'}",
+            f"rollout.server_base_port={server_ports()}",
             "train.steps=100",
             "eval.every_steps=0",
             "logging.plot=false",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_run import server_ports
 
 from real_megatron.rollout.sglang_env import default_server_python
 
@@ -39,7 +40,7 @@ def test_bench_async_runs_several_runs_against_one_server_with_one_key(tmp_path)
     assert default_server_python() != "python3", "SGLang's environment is missing: run tools/install_sglang.sh"
     out = subprocess.run(
         [sys.executable, "tools/bench_async.py", "--steps", "1", "--warmup", "0", "--staleness", "0", "1"]
-        + ["--out", str(tmp_path / "out"), *tiny_quickstart(tmp_path)],
+        + ["--out", str(tmp_path / "out"), *tiny_quickstart(tmp_path), f"rollout.server_base_port={server_ports()}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

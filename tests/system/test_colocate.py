@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env
+from tiny_run import CPU_SGLANG, QUIET, cli, sglang_env
 
 from real_megatron.config import ConfigError, load_config
 from real_megatron.rollout.sglang_env import default_server_python
@@ -54,7 +54,7 @@ def overrides(tmp_path: Path) -> list[str]:
         *QUIET,
         "logging.rollouts=true",
         "rollout.backend=sglang",
-        CPU_SGLANG_SERVER,
+        *CPU_SGLANG,
         "rollout.colocate=true",
     ]
 

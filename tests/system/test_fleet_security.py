@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env, tiny_run_overrides
+from tiny_run import CPU_SGLANG, QUIET, cli, sglang_env, tiny_run_overrides
 
 from real_megatron.config import load_config
 from real_megatron.rollout.engine_setup import (
@@ -218,7 +218,7 @@ def test_a_launch_with_the_key_trains_and_keeps_its_files_private(tmp_path):
         "checkpoint.every_steps=2",
         *QUIET,
         "rollout.backend=sglang",
-        CPU_SGLANG_SERVER,
+        *CPU_SGLANG,
     ]
     out = subprocess.run(
         cli("launch", str(CONFIG), *overrides), capture_output=True, text=True, env=sglang_env(), timeout=900

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_run import CPU_SGLANG_SERVER, QUIET, cli, sglang_env, tiny_run_overrides, torchrun
+from tiny_run import CPU_SGLANG, QUIET, cli, sglang_env, tiny_run_overrides, torchrun
 
 from real_megatron.rollout.sglang_env import default_server_python
 
@@ -35,7 +35,7 @@ def test_a_launch_trains_the_moe_model_through_sglang_replaying_its_routed_exper
         "checkpoint.every_steps=0",
         "rollout.backend=sglang",
         *QUIET,
-        CPU_SGLANG_SERVER,
+        *CPU_SGLANG,
     ]
     out = subprocess.run(
         cli("launch", str(CONFIG), *overrides), capture_output=True, text=True, env=sglang_env(), timeout=1200

@@ -9,6 +9,7 @@ and duplicates nothing.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tiny_run import server_ports
 
 from real_megatron.rollout.sglang_env import default_server_python
 from real_megatron.rollout.sglang_fleet import FleetError, SGLangFleet
@@ -36,6 +38,7 @@ CPU_SERVER_ARGS = [
     "--dtype",
     "float32",
     "--skip-tokenizer-init",
+    "--sleep-on-idle",  # an idle scheduler otherwise spins a core the trainer needs
 ]
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23]]
 
@@ -93,10 +96,13 @@ def fleet(tmp_path_factory):
     # one compute thread per server: two servers with a thread per core each oversubscribe a 2-core
     # machine, and spinning OpenMP threads then slow generation down a hundredfold
     env = {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(ROOT / "tests" / "support"), "OMP_NUM_THREADS": "1"}
+    base = server_ports() + 2000  # clear of the ports this worker's runs take
+    taken = socket.socket()  # another run's server on the base port: the fleet takes the next free ones
+    taken.bind(("127.0.0.1", base))
     fleet = SGLangFleet(
         model_path=str(root / "a"),
         num_servers=2,
-        base_port=31200 + os.getpid() % 500 * 4,
+        base_port=base,
         server_python=python,
         server_args=CPU_SERVER_ARGS,
         env=env,
@@ -106,6 +112,9 @@ def fleet(tmp_path_factory):
         max_requests_per_server=4,
         gpus=["3", "5"],
     )  # CPU servers ignore them; each must get its own
+    taken.close()
+    ports = [int(s.url.rsplit(":", 1)[1]) for s in fleet.servers]
+    assert base < ports[0] < ports[1], (base, ports)
     if previous is None:
         os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS")
     else:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_run import CPU_SGLANG
 
 from real_megatron.rollout.sglang_env import default_server_python
 
@@ -37,10 +38,6 @@ SHORT = [
     "actor.prompts_per_micro_batch=2",
     "logging.progress_bar=false",
 ]
-CPU_SERVER = (
-    "rollout.server_args=[--device, cpu, --attention-backend, torch_native, --max-total-tokens, '4096', "
-    "--dtype, float32, --skip-tokenizer-init]"
-)
 HAVE_SGLANG = default_server_python() != "python3"
 
 
@@ -85,7 +82,7 @@ HETEROGENEOUS = [
 class Job:
     def __init__(self, env, tmp: Path, steps: int, *overrides, layout=PLAIN, server_host="127.0.0.1"):
         self.env, self.run_dir = env, tmp / "run"
-        backend = ["rollout.backend=sglang", CPU_SERVER] if HAVE_SGLANG else ["rollout.backend=local"]
+        backend = ["rollout.backend=sglang", *CPU_SGLANG] if HAVE_SGLANG else ["rollout.backend=local"]
         if not HAVE_SGLANG:
             fleet_only = ("rollout.weight_sync", "rollout.max_staleness", "rollout.fleet_nodes")
             overrides = tuple(o for o in overrides if not o.startswith(fleet_only))
