@@ -185,7 +185,7 @@ def main() -> int:
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(CONFIG, args.overrides)
+    cfg = load_config(CONFIG, ["rollout.backend=sglang", *args.overrides])  # as every run: the fleet's settings
     prepare_inputs(cfg)  # the warm-start model (cached) the server starts from
     key_file = ensure_run_key(work)
     cores = sorted(os.sched_getaffinity(0))

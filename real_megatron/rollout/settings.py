@@ -28,6 +28,8 @@ class RolloutConfig:
     # `serve --host node` (slurm/train.sbatch on several nodes) listens on this network interface's
     # address (e.g. ib0); None: the address this node's hostname resolves to. Never 0.0.0.0.
     server_interface: Optional[str] = None
+    # launched servers take the first free ports from here (8 x server_tp apart): another run on the
+    # same machine, or a server left behind, moves them up rather than failing the run
     server_base_port: int = 30000
     server_python: Optional[str] = None  # interpreter of SGLang's own environment
     server_args: list[str] = field(default_factory=list)  # passed through to sglang.launch_server
