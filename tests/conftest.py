@@ -13,8 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 # test and every process a test starts, the training step's included (real runs turn them off there).
 os.environ.setdefault("REAL_MEGATRON_KERNEL_CHECKS", "1")
 
+# On one of the suite's two workers (below), a test and every process it starts compute on one
+# thread unless the test says otherwise: two workers with a thread per core each would
+# oversubscribe the machine, and waiting OpenMP threads then spin on the cores the other needs.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 try:
     import torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
