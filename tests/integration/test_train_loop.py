@@ -162,24 +162,13 @@ def test_a_reward_function_that_raises_stops_the_run_with_one_line(tmp_path):
     logs/, not on the terminal (`eval` says the same line: tests/unit/test_eval.py)."""
     import os
 
-    import transformers
     from chat_tokenizer import chat_tokenizer
+    from tiny_models import tiny_qwen2
 
     model = tmp_path / "model"
     tokenizer = chat_tokenizer()
     tokenizer.save_pretrained(model)
-    transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    ).save_pretrained(model)
+    tiny_qwen2(len(tokenizer), positions=256, eos_token_id=tokenizer.eos_token_id).save_pretrained(model)
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) + "\n" for i in range(4)))
     run = tmp_path / "run"

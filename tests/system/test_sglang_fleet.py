@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from tiny_models import tiny_qwen2
 from tiny_run import server_ports
 
 from real_megatron.rollout.sglang_env import default_server_python
@@ -44,20 +44,17 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [20, 21, 22, 23]]
 
 
 def make_model(path, seed):
-    config = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    model = tiny_qwen2(
+        128,
+        seed=seed,
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
         tie_word_embeddings=False,
         initializer_range=0.1,
         torch_dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(config).eval()
     model.save_pretrained(path)
     return model
 

@@ -4,7 +4,7 @@ position it leaves, its exactness on a repeat, and the handling of truncated res
 import logging
 
 import pytest
-import transformers
+from tiny_models import tiny_qwen2_config
 
 from real_megatron.config import Config
 from real_megatron.data import PromptDataset
@@ -25,16 +25,7 @@ def setup(tmp_path_factory):
     train, _, _ = task.split(200, 10, seed=2, max_operand=20)
     tok = task.build_tokenizer(root / "tok", [p + s for p, s, _ in train], 40)
     task.write_jsonl(root / "train.jsonl", train)
-    config = transformers.Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    config = tiny_qwen2_config(len(tok), hidden=16, positions=64, tie_word_embeddings=True)
     engine = LocalEngine(config, pad_token_id=tok.pad_token_id, seed=0)
     return root, tok, engine
 

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 from shared_data import BENCHMARKS, data_file
+from tiny_models import tiny_qwen2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from real_megatron.data import load_examples
@@ -47,18 +47,7 @@ def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     corpus = [ex.messages[-1]["content"] for ex in load_examples(data_file("math"))[0][:200]]
     tokenizer = byte_tokenizer(path, corpus + ["\\boxed{12}", "The answer is \\boxed{x^2}"])
-    config = transformers.Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    tiny_qwen2(len(tokenizer), positions=4096, eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
     return path, tokenizer
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import transformers
+from tiny_models import tiny_qwen2
 
 from real_megatron.rollout.local import LocalEngine
 from real_megatron.rollout.types import SamplingParams
@@ -13,18 +14,7 @@ from real_megatron.rollout.types import SamplingParams
 
 @pytest.fixture(scope="module")
 def reference():
-    config = transformers.Qwen2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers.Qwen2ForCausalLM(config).eval()
+    return tiny_qwen2(97, layers=2, heads=4, kv_heads=2, positions=128, tie_word_embeddings=True)
 
 
 def test_greedy_batch_equals_one_by_one_and_logprobs_are_the_models(reference):

@@ -291,22 +291,11 @@ def test_rollout_log_shows_the_turns_with_their_roles(tmp_path, tok):
 def test_the_embedded_engine_trains_the_ids_it_sampled(tok):
     """A real LocalEngine (tiny random Qwen2) through the rollout loop: the batch builder's targets
     at the model's tokens are the engine's sampled ids, its log-probs at them the engine's."""
-    import transformers
+    from tiny_models import tiny_qwen2
 
     from real_megatron.rollout.local import LocalEngine
 
-    config = transformers.Qwen2Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model = tiny_qwen2(96, layers=2, heads=4, kv_heads=2, tie_word_embeddings=True)
 
     class Recording(LocalEngine):
         sampled: list = []
@@ -316,7 +305,7 @@ def test_the_embedded_engine_trains_the_ids_it_sampled(tok):
             self.sampled += [s.output_ids for g in groups for s in g]
             return groups
 
-    engine = Recording(config, pad_token_id=tok.pad_token_id)
+    engine = Recording(model.config, pad_token_id=tok.pad_token_id)
     engine.update_weights(model.state_dict().items(), version=1)
     # the random model stops on any digit too (rollout.stop_token_ids), so its turns end early
     stops = stop_ids(tok) + tuple(tok.convert_tokens_to_ids(list("0123456789")))
