@@ -13,16 +13,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 # test and every process a test starts, the training step's included (real runs turn them off there).
 os.environ.setdefault("REAL_MEGATRON_KERNEL_CHECKS", "1")
 
+ON_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))  # inside one of pytest-xdist's workers
+
 # On one of the suite's two workers (below), a test and every process it starts compute on one
 # thread unless the test says otherwise: two workers with a thread per core each would
 # oversubscribe the machine, and waiting OpenMP threads then spin on the cores the other needs.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if ON_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 try:
     import torch
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if ON_WORKER:
         torch.set_num_threads(1)
 
     if not torch.cuda.is_available():
@@ -66,7 +68,7 @@ TIER_ORDER = ("system", "integration", "unit", "gpu")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    if not hasattr(config.option, "numprocesses") or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not hasattr(config.option, "numprocesses") or ON_WORKER:
         return  # without pytest-xdist, or inside one of its workers
     if config.option.numprocesses is None and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
         if not config.option.collectonly and not config.getoption("usepdb", False):
@@ -76,11 +78,11 @@ def pytest_cmdline_main(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not ON_WORKER:
         return
 
     def tier(item) -> int:
-        parts = Path(str(item.path)).parts
-        return next((i for i, name in enumerate(TIER_ORDER) if name in parts[-2:-1]), len(TIER_ORDER))
+        folder = Path(str(item.path)).parent.name
+        return TIER_ORDER.index(folder) if folder in TIER_ORDER else len(TIER_ORDER)
 
     items.sort(key=tier)  # stable: files keep their order within a tier

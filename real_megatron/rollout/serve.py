@@ -26,7 +26,7 @@ from .fleet_auth import fleet_key
 from .registry import register_server, unregister_server
 from .routing import sglang_routing
 from .sglang_env import default_server_python
-from .sglang_fleet import FleetError, SGLangFleet, free_port
+from .sglang_fleet import FleetError, SGLangFleet
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,15 @@ def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    slot = int(os.environ.get("SLURM_LOCALID", index))  # servers starting together probe different ports
-    port = free_port(bind, r.server_base_port + slot * 8 * max(1, r.server_tp))
+    # servers starting together probe different ports (the fleet takes the first free one from here)
+    slot = int(os.environ.get("SLURM_LOCALID", index))
     fleet = SGLangFleet(
         model_path=str(model),
         num_servers=1,
         first_index=index,
         server_tp=r.server_tp,
         host=bind,
-        base_port=port,
+        base_port=r.server_base_port + slot * 8 * max(1, r.server_tp),
         server_python=r.server_python or default_server_python(),
         server_args=server_args(cfg),
         log_dir=log_dir,
@@ -114,6 +114,7 @@ def serve(cfg, registry: Path, index: int, host: str, log_dir: Path) -> int:
     )
     server = fleet.servers[0]
     # a server bound to every interface (a user's explicit choice) is reached through this node's name
+    port = server.url.rsplit(":", 1)[1]
     url = server.url if bind not in ("0.0.0.0", "::") else f"http://{socket.getfqdn()}:{port}"
     name = f"server-{index}"
     try:
